@@ -1,0 +1,99 @@
+"""Every knob of the engine in one dataclass, with the defaults of the ModuSeg paper (arXiv 2604.07021)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import InputError
+
+VOTES = ("count", "balanced")
+EROSIONS = ("fixed", "adaptive")
+
+
+@dataclass
+class Config:
+    """Knobs of bank building and inference.
+
+    Bank building (semantic boundary purification, soft-masked aggregation, outlier rejection):
+        erosion_kernel: side of the square structuring element of SBP's erosion (3 = 3x3).
+        erosion_iterations: how many times SBP erodes each class mask (20 x 3x3 = one 41x41 erosion). Raising it
+            purifies boundaries more but erases thin objects.
+        erosion: "fixed" is the paper's erosion; "adaptive" shrinks the erosion for a region it would erase whole.
+        min_area: regions (bank masks after erosion, and inference proposals) smaller than this many pixels are dropped.
+        outlier_ratio: fraction of each foreground class's bank vectors farthest from the class mean that is dropped.
+        background_outlier_ratio: the same for background vectors (the paper never filters background: 0).
+        smfa_eps: added to the summed soft-mask weight before dividing, as in the paper (1e-8).
+        min_vector_norm: bank vectors with a smaller L2 norm before normalisation (empty masks) are dropped.
+
+    Inference:
+        objectness_threshold: proposals with a lower objectness score are dropped (tau_obj).
+        nms_iou_threshold: a proposal whose mask IoU with a kept, more confident proposal of the same class is above
+            this is suppressed (tau_nms).
+        top_k: neighbours retrieved from the bank per proposal (K). Larger K smooths the vote but lets classes with
+            many bank vectors (background) outvote small classes.
+        vote: "count" is the paper's vote (most neighbours wins); "balanced" divides each class's votes by its number
+            of bank vectors, which keeps small banks usable.
+        index: FAISS index factory string over inner product ("Flat" is exact; "IVF4096,Flat" for large banks).
+        nprobe: inverted lists visited per query by IVF indexes.
+        batch_size: images per backbone call (images are bucketed by padded size first).
+        num_threads: threads for the compiled ops and the model runtime; 0 lets each library choose.
+    """
+
+    erosion_kernel: int = 3
+    erosion_iterations: int = 20
+    erosion: str = "fixed"
+    min_area: int = 300
+    outlier_ratio: float = 0.25
+    background_outlier_ratio: float = 0.0
+    smfa_eps: float = 1e-8
+    min_vector_norm: float = 1e-6
+
+    objectness_threshold: float = 0.6
+    nms_iou_threshold: float = 0.4
+    top_k: int = 25
+    vote: str = "count"
+    index: str = "Flat"
+    nprobe: int = 16
+    batch_size: int = 4
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.erosion_kernel < 1 or self.erosion_kernel % 2 == 0:
+            raise InputError(f"Config.erosion_kernel must be a positive odd integer, got {self.erosion_kernel}")
+        for name in ("erosion_iterations", "min_area", "num_threads"):
+            if getattr(self, name) < 0:
+                raise InputError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("top_k", "batch_size", "nprobe"):
+            if getattr(self, name) < 1:
+                raise InputError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("outlier_ratio", "background_outlier_ratio", "objectness_threshold", "nms_iou_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"Config.{name} must be in [0, 1], got {value}")
+        if self.vote not in VOTES:
+            raise InputError(f"Config.vote must be one of {VOTES}, got {self.vote!r}")
+        if self.erosion not in EROSIONS:
+            raise InputError(f"Config.erosion must be one of {EROSIONS}, got {self.erosion!r}")
+
+    @property
+    def erosion_size(self) -> int:
+        """Side of the single square erosion equivalent to `erosion_iterations` erosions by the small kernel."""
+        return 1 + (self.erosion_kernel - 1) * self.erosion_iterations
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown Config fields {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)

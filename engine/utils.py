@@ -1,0 +1,61 @@
+"""Small pure helpers shared by the bank, the pipeline and the models: input checks, padding, bucketing."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+
+def check_image(image, name: str = "image") -> np.ndarray:
+    """Return `image` as a C-contiguous HxWx3 uint8 RGB array, or raise InputError saying what is wrong."""
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"{name}: expected a numpy array HxWx3 uint8 RGB, got {type(image).__name__}")
+    if image.ndim == 2:
+        raise InputError(f"{name}: grayscale image of shape {image.shape}; convert it to RGB (HxWx3) first")
+    if image.ndim != 3 or image.shape[2] != 3:
+        extra = " (RGBA? drop the alpha channel)" if image.ndim == 3 and image.shape[2] == 4 else ""
+        raise InputError(f"{name}: expected shape HxWx3 (RGB), got {image.shape}{extra}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"{name}: empty image of shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise InputError(f"{name}: expected dtype uint8, got {image.dtype}")
+    return np.ascontiguousarray(image)
+
+
+def check_masks(masks, height: int, width: int, name: str = "masks") -> np.ndarray:
+    """Return `masks` as a C-contiguous (N, height, width) bool array, or raise InputError."""
+    masks = np.asarray(masks)
+    if masks.ndim != 3 or masks.shape[1:] != (height, width):
+        raise InputError(f"{name}: expected shape (N, {height}, {width}), got {masks.shape}")
+    if masks.dtype != np.bool_:
+        if masks.dtype.kind not in "biu":
+            raise InputError(f"{name}: expected bool or integer 0/1 masks, got dtype {masks.dtype}")
+        masks = masks != 0
+    return np.ascontiguousarray(masks)
+
+
+def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """Size after zero-padding bottom/right to a multiple of `multiple`."""
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int) -> np.ndarray:
+    """Zero-pad the first two axes of `array` bottom/right to a multiple of `multiple` (no resize, as the method)."""
+    height, width = array.shape[:2]
+    target_h, target_w = padded_size(height, width, multiple)
+    if (target_h, target_w) == (height, width):
+        return array
+    padding = [(0, target_h - height), (0, target_w - width)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, padding)
+
+
+def bucket_by_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Group indices of equal (padded) size into batches of at most `batch_size`, in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, size in enumerate(sizes):
+        groups[size].append(index)
+    return [members[i:i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
