@@ -1,0 +1,77 @@
+"""Plain NumPy references of the compiled ops, written straight from the method's equations.
+
+They define what engine.ops must return; tests compare the two on random inputs and bench/ times them side by side.
+Slow on purpose: clarity over speed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def soft_mask_weights(mask: np.ndarray, stride: int) -> np.ndarray:
+    """Area interpolation of one HxW binary mask onto the ceil(H/s) x ceil(W/s) patch grid.
+
+    The mask is zero-padded bottom/right to a multiple of the stride (as the image is before the backbone), then each
+    patch's weight is the fraction of its s x s pixels covered by the mask.
+    """
+    height, width = mask.shape
+    grid_h, grid_w = -(-height // stride), -(-width // stride)
+    padded = np.zeros((grid_h * stride, grid_w * stride), np.float64)
+    padded[:height, :width] = mask
+    return padded.reshape(grid_h, stride, grid_w, stride).mean(axis=(1, 3))
+
+
+def soft_mask_pool_reference(features: np.ndarray, masks: np.ndarray, stride: int, eps: float = 1e-8,
+                             normalize: bool = True) -> np.ndarray:
+    """SMFA: for each mask, sum_p w_p F_p / (sum_p w_p + eps), then L2-normalised (a zero vector stays zero).
+
+    features: (h, w, D) float32 patch features; masks: (N, H, W) binary with h = ceil(H/s), w = ceil(W/s).
+    Returns (N, D) float32.
+    """
+    grid_h, grid_w, dim = features.shape
+    out = np.zeros((len(masks), dim), np.float32)
+    for n, mask in enumerate(masks):
+        weights = soft_mask_weights(mask, stride)
+        assert weights.shape == (grid_h, grid_w)
+        pooled = (weights[:, :, None] * features.astype(np.float64)).sum(axis=(0, 1)) / (weights.sum() + eps)
+        if normalize:
+            pooled = pooled / max(np.linalg.norm(pooled), 1e-12)
+        out[n] = pooled
+    return out
+
+
+def processing_order(scores: np.ndarray) -> np.ndarray:
+    """Highest score first; equal scores keep index order (a stable sort)."""
+    return np.argsort(-np.asarray(scores, np.float64), kind="stable")
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def mask_nms_raster_reference(masks: np.ndarray, classes: np.ndarray, scores: np.ndarray, iou_threshold: float,
+                              background: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class-specific greedy mask NMS, then confidence-priority rasterisation.
+
+    In processing order (score descending, ties by index), a mask is suppressed when its IoU with an already kept mask
+    of the same class is > iou_threshold. Kept masks then paint in the same order; a pixel keeps the first label it
+    gets; unpainted pixels are `background`.
+    Returns keep (N,) bool, label_map (H, W) int32, owner (H, W) int32 (index of the painting mask, -1 if none).
+    """
+    count, height, width = masks.shape
+    masks = masks.astype(bool)
+    keep = np.zeros(count, bool)
+    kept: list[int] = []
+    for i in processing_order(scores):
+        if all(classes[j] != classes[i] or mask_iou(masks[i], masks[j]) <= iou_threshold for j in kept):
+            keep[i] = True
+            kept.append(i)
+    label_map = np.full((height, width), background, np.int32)
+    owner = np.full((height, width), -1, np.int32)
+    for i in kept:
+        free = masks[i] & (owner < 0)
+        label_map[free] = classes[i]
+        owner[free] = i
+    return keep, label_map, owner
