@@ -1,0 +1,132 @@
+"""Reader for datasets in the PASCAL VOC layout: JPEGImages/, SegmentationClass/ (index PNGs, 255 = void),
+ImageSets/Segmentation/{split}.txt, optional image_labels.json (weak labels) and class_names.txt (class i on line i)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InputError
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+IGNORE = 255
+
+
+def _voc_palette() -> list[int]:
+    """The standard VOC colour map (bit-interleaved class index), 256 RGB entries."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        value = index
+        for bit in range(8):
+            r |= ((value >> 0) & 1) << (7 - bit)
+            g |= ((value >> 1) & 1) << (7 - bit)
+            b |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+VOC_PALETTE = _voc_palette()
+
+
+def load_image(path) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB (grayscale and RGBA files are converted)."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read image {path}: {error}") from error
+
+
+def load_label_map(path) -> np.ndarray:
+    """Read a class-index PNG (palette or grayscale) as HxW uint8."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise InputError(f"{path}: expected a palette or grayscale class-index PNG, got mode {image.mode}")
+            return np.asarray(image, dtype=np.uint8)
+    except OSError as error:
+        raise InputError(f"cannot read label map {path}: {error}") from error
+
+
+def save_label_map(label_map: np.ndarray, path) -> None:
+    """Write an HxW class-index map as a VOC-palette PNG."""
+    image = Image.fromarray(np.asarray(label_map, dtype=np.uint8), mode="P")
+    image.putpalette(VOC_PALETTE)
+    image.save(path)
+
+
+@dataclass
+class Sample:
+    """One dataset image: `labels` are the class ids named by its image-level labels (background excluded);
+    `mask` is the HxW ground truth (None when the split has none)."""
+
+    id: str
+    image: np.ndarray
+    labels: list[int]
+    mask: np.ndarray | None
+
+
+class VOCDataset:
+    """A split of a dataset in the VOC layout. Class names come from `class_names.txt` when the root has one,
+    the 21 VOC names otherwise; class 0 is background."""
+
+    def __init__(self, root, split: str = "train"):
+        self.root = Path(root)
+        self.split = split
+        split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not split_file.is_file():
+            raise InputError(f"dataset {self.root}: no split file {split_file}")
+        self.ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        names_file = self.root / "class_names.txt"
+        if names_file.is_file():
+            self.class_names = tuple(n.strip() for n in names_file.read_text().splitlines() if n.strip())
+        else:
+            self.class_names = VOC_CLASSES
+        self._class_index = {name: i for i, name in enumerate(self.class_names)}
+        labels_file = self.root / "image_labels.json"
+        self._weak_labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index: int) -> Sample:
+        image_id = self.ids[index]
+        mask = self.mask(image_id)
+        return Sample(image_id, self.image(image_id), self.labels(image_id, mask), mask)
+
+    def image(self, image_id: str) -> np.ndarray:
+        return load_image(self.root / "JPEGImages" / f"{image_id}.jpg")
+
+    def mask(self, image_id: str) -> np.ndarray | None:
+        path = self.root / "SegmentationClass" / f"{image_id}.png"
+        return load_label_map(path) if path.is_file() else None
+
+    def class_ids(self, names, where: str = "labels") -> list[int]:
+        """Class ids of class names; an unknown name is an InputError listing the known ones."""
+        unknown = [n for n in names if n not in self._class_index]
+        if unknown:
+            raise InputError(f"{where}: unknown class names {unknown}; this dataset's classes: {list(self.class_names)}")
+        return sorted({self._class_index[n] for n in names} - {0})
+
+    def labels(self, image_id: str, mask: np.ndarray | None = None) -> list[int]:
+        """Image-level labels: from image_labels.json when present, else the classes present in the mask."""
+        if self._weak_labels is not None:
+            if image_id not in self._weak_labels:
+                raise InputError(f"{self.root / 'image_labels.json'}: no labels for image {image_id}")
+            return self.class_ids(self._weak_labels[image_id], where=f"image_labels.json[{image_id}]")
+        if mask is None:
+            raise InputError(f"image {image_id}: no image_labels.json and no mask to derive labels from")
+        present = np.unique(mask)
+        return [int(c) for c in present if 0 < c < len(self.class_names)]
