@@ -1,0 +1,18 @@
+"""ModuSeg engine: training-free weakly supervised semantic segmentation.
+
+    bank = engine.FeatureBank.build(samples, backbone, class_names)   # offline, from image-level labels
+    results = engine.Engine(bank, proposer=...).segment_batch(images)  # inference by retrieval
+"""
+
+from .bank import FeatureBank
+from .config import Config
+from .errors import BankError, InputError, ModelError, ModuSegError
+from .models import Proposals, create_backbone
+from .pipeline import Engine, Result, segment_batch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "Engine", "FeatureBank", "Proposals", "Result", "segment_batch", "create_backbone",
+    "ModuSegError", "InputError", "BankError", "ModelError", "__version__",
+]

@@ -1,0 +1,349 @@
+"""The offline feature bank: class prototypes from images with image-level labels, the method's first stage.
+
+Per image and class mask: semantic boundary purification (SBP: erosion, small regions dropped) → soft-masked feature
+aggregation (SMFA: area-interpolated mask weights over the backbone's patch grid, weighted mean, L2-normalised) → one
+vector per (image, class) plus one background vector per image → per-class outlier rejection. Saved as a versioned
+directory with checksums, so a truncated or corrupt bank, or one built with another backbone, is refused on load.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import ops
+from .config import Config
+from .errors import BankError, InputError
+from .utils import check_image
+
+FORMAT = "moduseg-feature-bank"
+FORMAT_VERSION = 1
+IGNORE = 255
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Semantic boundary purification
+
+
+def erode(mask: np.ndarray, size: int) -> np.ndarray:
+    """Erosion by a size x size square; outside the image counts as inside the mask, so image edges do not erode
+    (OpenCV's default border, the same as iterating a 3x3 erosion)."""
+    if size <= 1:
+        return mask.astype(bool)
+    kernel = np.ones((size, size), np.uint8)
+    return cv2.erode(mask.astype(np.uint8), kernel).astype(bool)
+
+
+def purify(mask: np.ndarray, config: Config) -> np.ndarray | None:
+    """SBP of one class mask: erosion, then the mask is dropped (None) if fewer than `min_area` pixels remain.
+
+    With `config.erosion == "adaptive"` the erosion shrinks, one 3x3 step at a time, to the largest number of steps
+    (at most `erosion_iterations`) that still leaves `min_area` pixels, so a thin region is purified less rather than
+    erased; a mask already smaller than `min_area` is still dropped.
+    """
+    steps = config.erosion_iterations
+    kernel_step = config.erosion_kernel - 1
+
+    def eroded(n_steps: int) -> np.ndarray:
+        return erode(mask, 1 + kernel_step * n_steps)
+
+    result = eroded(steps)
+    if config.erosion == "adaptive" and result.sum() < config.min_area:
+        # Eroded area is non-increasing in the number of steps: binary search the largest step count that keeps it.
+        low, high = 0, steps  # invariant: eroded(low) may pass, eroded(high) fails
+        if mask.sum() < config.min_area:
+            return None
+        while high - low > 1:
+            middle = (low + high) // 2
+            if eroded(middle).sum() >= config.min_area:
+                low = middle
+            else:
+                high = middle
+        result = eroded(low)
+    return result if result.sum() >= config.min_area else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The bank
+
+
+@dataclass
+class BankEntry:
+    """Where one bank vector came from."""
+
+    image_id: str
+    class_id: int
+
+
+@dataclass
+class FeatureBank:
+    """L2-normalised prototypes (M, dim) with their class ids (0 = background) and provenance.
+
+    `backbone` is the backbone's `describe()` dict (id, dim, stride, padding); an engine refuses a bank whose backbone
+    id or dimension differs from its own.
+    """
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    backbone: dict
+    config: Config = field(default_factory=Config)
+    sources: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        self.labels = np.ascontiguousarray(self.labels, dtype=np.int32).reshape(-1)
+        self.class_names = tuple(self.class_names)
+        if self.vectors.ndim != 2 or len(self.vectors) != len(self.labels):
+            raise BankError(f"bank vectors {self.vectors.shape} and labels {self.labels.shape} disagree")
+        if self.vectors.shape[1] != int(self.backbone.get("dim", -1)):
+            raise BankError(f"bank vectors are {self.vectors.shape[1]}-d but the backbone record says "
+                            f"{self.backbone.get('dim')}-d")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise BankError(f"bank labels outside 0..{len(self.class_names) - 1}")
+        if not np.isfinite(self.vectors).all():
+            raise BankError("bank vectors contain NaN or inf")
+        self._index = None
+
+    # ---------------------------------------------------------------------------------------------------------- build
+
+    @classmethod
+    def build(cls, samples: Iterable, backbone, class_names: Sequence[str], config: Config | None = None,
+              provenance: dict | None = None, progress: bool = True, total: int | None = None) -> "FeatureBank":
+        """Build a bank from samples with `.id`, `.image` (HxWx3 uint8 RGB), `.mask` (HxW class-index map, 0
+        background, 255 ignore; ground truth or pseudo-masks) and `.labels` (image-level class ids).
+
+        Only classes named by the image's labels (and background) contribute: a mask pixel of another class is
+        ignored, as the method filters the logits of absent classes.
+        """
+        config = config or Config()
+        class_names = tuple(class_names)
+        vectors: list[np.ndarray] = []
+        entries: list[BankEntry] = []
+        batch: list = []
+        if total is None and hasattr(samples, "__len__"):
+            total = len(samples)
+        with tqdm(total=total, desc="building feature bank", unit="img", disable=not progress) as bar:
+            for sample in samples:
+                batch.append(sample)
+                if len(batch) == config.batch_size:
+                    _add_batch(batch, backbone, class_names, config, vectors, entries)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                _add_batch(batch, backbone, class_names, config, vectors, entries)
+                bar.update(len(batch))
+        dim = int(backbone.dim)
+        matrix = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
+        labels = np.array([e.class_id for e in entries], np.int32)
+        keep = reject_outliers(matrix, labels, config)
+        if not keep.any():
+            raise InputError("no bank vector survived: every class mask was smaller than "
+                             f"min_area={config.min_area} px after erosion (or there were no samples)")
+        record = dict(provenance or {})
+        record.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        record["vectors_before_outlier_rejection"] = int(len(matrix))
+        return cls(matrix[keep], labels[keep], class_names, backbone.describe(), config,
+                   [entries[i].image_id for i in np.flatnonzero(keep)], record)
+
+    # --------------------------------------------------------------------------------------------------------- search
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def class_counts(self) -> np.ndarray:
+        """Number of bank vectors of each class (length = number of classes)."""
+        return np.bincount(self.labels, minlength=len(self.class_names))
+
+    @property
+    def index(self):
+        """The FAISS inner-product index over the vectors (built on first use from `config.index`)."""
+        if self._index is None:
+            self._index = make_index(self.vectors, self.config)
+        return self._index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner products: (Q, k') similarities and bank rows, k' = min(k, len(bank)), best first."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise InputError(f"queries: expected shape (Q, {self.dim}), got {queries.shape}")
+        k = min(k, len(self))
+        if len(queries) == 0 or k == 0:
+            return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
+        return self.index.search(queries, k)
+
+    def check_backbone(self, backbone) -> None:
+        """Raise BankError unless `backbone` is the one this bank was built with."""
+        mine = (self.backbone.get("id"), int(self.backbone.get("dim", -1)))
+        theirs = (backbone.id, int(backbone.dim))
+        if mine != theirs:
+            raise BankError(f"bank built with backbone {mine[0]} ({mine[1]}-d); this engine runs {theirs[0]} "
+                            f"({theirs[1]}-d): rebuild the bank with this backbone or load the bank's backbone")
+
+    # -------------------------------------------------------------------------------------------------- persistence
+
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Write the bank directory atomically (a temporary sibling, then rename): a crash never leaves half a bank."""
+        import faiss
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise BankError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            np.save(staging / "vectors.npy", self.vectors)
+            np.save(staging / "labels.npy", self.labels)
+            (staging / "sources.json").write_text(json.dumps(self.sources))
+            faiss.write_index(self.index, str(staging / "index.faiss"))
+            manifest = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "backbone": self.backbone,
+                "dim": self.dim,
+                "size": len(self),
+                "class_names": list(self.class_names),
+                "class_counts": {n: int(c) for n, c in zip(self.class_names, self.class_counts())},
+                "config": self.config.to_dict(),
+                "provenance": self.provenance,
+                "files": {name: _digest(staging / name)
+                          for name in ("vectors.npy", "labels.npy", "sources.json", "index.faiss")},
+            }
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path, backbone=None) -> "FeatureBank":
+        """Read a bank directory, verifying format, version and checksums; with `backbone`, also that it matches."""
+        import faiss
+
+        path = Path(path)
+        manifest_file = path / "manifest.json"
+        if not manifest_file.is_file():
+            raise BankError(f"{path} is not a feature bank (no manifest.json)")
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BankError(f"{manifest_file} is corrupt: {error}") from error
+        if manifest.get("format") != FORMAT:
+            raise BankError(f"{path}: not a {FORMAT} directory (format={manifest.get('format')!r})")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise BankError(f"{path}: bank format version {manifest.get('version')}, this engine reads "
+                            f"version {FORMAT_VERSION}; rebuild the bank")
+        for name, expected in manifest.get("files", {}).items():
+            file = path / name
+            if not file.is_file():
+                raise BankError(f"{path}: missing {name}")
+            actual = _digest(file)
+            if actual != expected:
+                raise BankError(f"{path}: {name} is truncated or corrupt (expected {expected['bytes']} bytes, "
+                                f"sha256 {expected['sha256'][:12]}…; found {actual['bytes']} bytes, "
+                                f"sha256 {actual['sha256'][:12]}…)")
+        try:
+            bank = cls(np.load(path / "vectors.npy", allow_pickle=False), np.load(path / "labels.npy", allow_pickle=False),
+                       manifest["class_names"], manifest["backbone"], Config.from_dict(manifest["config"]),
+                       json.loads((path / "sources.json").read_text()), manifest.get("provenance", {}))
+            index = faiss.read_index(str(path / "index.faiss"))
+        except (KeyError, ValueError, OSError, RuntimeError) as error:
+            raise BankError(f"{path}: cannot read bank: {error}") from error
+        if index.ntotal != len(bank) or index.d != bank.dim:
+            raise BankError(f"{path}: index.faiss holds {index.ntotal} x {index.d}, vectors are {len(bank)} x {bank.dim}")
+        bank._index = index
+        if backbone is not None:
+            bank.check_backbone(backbone)
+        return bank
+
+
+def make_index(vectors: np.ndarray, config: Config):
+    """A FAISS inner-product index from the factory string `config.index` ("Flat" exact; "IVFn,Flat" trained here)."""
+    import faiss
+
+    dim = vectors.shape[1]
+    try:
+        index = faiss.index_factory(dim, config.index, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise InputError(f"Config.index {config.index!r} is not a FAISS index factory string: {error}") from error
+    if not index.is_trained:
+        index.train(vectors)
+    if hasattr(index, "nprobe"):
+        index.nprobe = config.nprobe
+    index.add(vectors)
+    return index
+
+
+def reject_outliers(vectors: np.ndarray, labels: np.ndarray, config: Config) -> np.ndarray:
+    """Keep-mask: per class, drop the `ratio` fraction (rounded down) of vectors farthest (Euclidean) from the class
+    mean; foreground uses `outlier_ratio`, background (class 0) `background_outlier_ratio`. Ties keep the earlier."""
+    keep = np.ones(len(vectors), bool)
+    for class_id in np.unique(labels):
+        members = np.flatnonzero(labels == class_id)
+        ratio = config.background_outlier_ratio if class_id == 0 else config.outlier_ratio
+        n_drop = int(len(members) * ratio)
+        if n_drop == 0:
+            continue
+        distance = np.linalg.norm(vectors[members] - vectors[members].mean(axis=0), axis=1)
+        farthest = members[np.argsort(-distance, kind="stable")[:n_drop]]
+        keep[farthest] = False
+    return keep
+
+
+def _add_batch(batch, backbone, class_names, config, vectors, entries) -> None:
+    """SBP + SMFA for a batch of samples; appends normalised vectors and their entries."""
+    images = [check_image(s.image, f"image {s.id}") for s in batch]
+    features = backbone.features(images)
+    for sample, image, feature_map in zip(batch, images, features):
+        mask = np.asarray(sample.mask)
+        if mask.shape != image.shape[:2]:
+            raise InputError(f"mask of image {sample.id}: shape {mask.shape}, the image is {image.shape[:2]}")
+        allowed = {0, *(int(c) for c in sample.labels)}
+        unknown = [c for c in allowed if not 0 <= c < len(class_names)]
+        if unknown:
+            raise InputError(f"labels of image {sample.id}: class ids {unknown} outside 0..{len(class_names) - 1}")
+        class_ids, masks = [], []
+        for class_id in np.unique(mask):
+            if class_id == IGNORE or int(class_id) not in allowed:
+                continue
+            purified = purify(mask == class_id, config)
+            if purified is not None:
+                class_ids.append(int(class_id))
+                masks.append(purified)
+        if not masks:
+            continue
+        pooled = ops.soft_mask_pool(feature_map, np.stack(masks), backbone.stride, eps=config.smfa_eps,
+                                    normalize=False)
+        norms = np.linalg.norm(pooled, axis=1)
+        usable = np.isfinite(pooled).all(axis=1) & (norms > config.min_vector_norm)
+        for class_id, vector, norm, ok in zip(class_ids, pooled, norms, usable):
+            if ok:
+                vectors.append((vector / norm).astype(np.float32))
+                entries.append(BankEntry(sample.id, class_id))
+
+
+def _digest(file: Path) -> dict:
+    sha = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(chunk)
+    return {"sha256": sha.hexdigest(), "bytes": file.stat().st_size}
