@@ -1,0 +1,192 @@
+"""The `moduseg` command: build-bank, eval, segment.
+
+    moduseg build-bank --data ROOT --split train --masks gt|pseudo --out BANK_DIR
+    moduseg eval --bank BANK_DIR --data ROOT --split val --proposals gt|auto --out RESULT_DIR
+    moduseg segment --bank BANK_DIR IMAGES... --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import Config
+from .errors import ModuSegError
+
+DEFAULT_BACKBONE = "effnet-lite2/block19"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field (--top-k, --vote, ...); unset flags keep the bank's or the default value."""
+    group = parser.add_argument_group("method knobs (see engine.Config)")
+    for f in dataclasses.fields(Config):
+        kind = type(f.default)
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"config_{f.name}", type=kind, default=None,
+                           metavar=kind.__name__.upper(), help=f"default {f.default}")
+
+
+def _config(args, base: Config | None = None) -> Config:
+    changes = {f.name: getattr(args, f"config_{f.name}") for f in dataclasses.fields(Config)
+               if getattr(args, f"config_{f.name}") is not None}
+    return (base or Config()).replace(**changes)
+
+
+def _chunks(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _proposer(kind: str, engine_config: Config):
+    if kind == "auto":
+        try:
+            from .models.embedded import create_proposer
+        except ImportError:
+            raise ModuSegError("--proposals auto: the embedded class-agnostic proposer is not available yet "
+                               "in this version; use --proposals gt (oracle proposals) for evaluation") from None
+        return create_proposer(engine_config)
+    return None
+
+
+def cmd_build_bank(args) -> int:
+    from .bank import FeatureBank
+    from .data import VOCDataset
+    from .models import create_backbone
+
+    config = _config(args)
+    dataset = VOCDataset(args.data, args.split)
+    backbone = create_backbone(args.backbone, batch_size=config.batch_size, num_threads=config.num_threads)
+    samples = dataset
+    if args.masks == "pseudo":
+        try:
+            from .models.embedded import pseudo_mask_samples
+        except ImportError:
+            raise ModuSegError("--masks pseudo: the embedded pseudo-mask generator is not available yet in this "
+                               "version; use --masks gt") from None
+        samples = pseudo_mask_samples(dataset, config)
+    start = time.perf_counter()
+    bank = FeatureBank.build(samples, backbone, dataset.class_names, config, total=len(dataset),
+                             provenance={"data": str(Path(args.data).resolve()), "split": args.split,
+                                         "masks": args.masks, "images": len(dataset)})
+    bank.save(args.out, overwrite=args.overwrite)
+    counts = {n: int(c) for n, c in zip(bank.class_names, bank.class_counts()) if c}
+    print(f"bank: {len(bank)} vectors ({bank.dim}-d, {bank.backbone['id']}) from {len(dataset)} images in "
+          f"{time.perf_counter() - start:.1f} s -> {args.out}")
+    print(f"per class: {counts}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .bank import FeatureBank
+    from .data import VOCDataset, save_label_map
+    from .eval import ConfusionMatrix, markdown_table
+    from .models import ground_truth_proposals
+    from .pipeline import Engine
+
+    bank = FeatureBank.load(args.bank)
+    config = _config(args, bank.config)
+    dataset = VOCDataset(args.data, args.split)
+    if tuple(dataset.class_names) != bank.class_names:
+        raise ModuSegError(f"the bank's classes {list(bank.class_names)} differ from the dataset's "
+                           f"{list(dataset.class_names)}")
+    engine = Engine(bank, proposer=_proposer(args.proposals, config), config=config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.save_predictions:
+        (out / "predictions").mkdir(exist_ok=True)
+    confusion = ConfusionMatrix(bank.class_names)
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    with tqdm(total=len(dataset), desc=f"eval {args.split}", unit="img") as bar:
+        for indices in _chunks(range(len(dataset)), config.batch_size):
+            samples = [dataset[i] for i in indices]
+            missing = [s.id for s in samples if s.mask is None]
+            if missing:
+                raise ModuSegError(f"no ground truth for {missing} in {args.data}")
+            proposals = [ground_truth_proposals(s.mask) for s in samples] if args.proposals == "gt" else None
+            for sample, result in zip(samples, engine.segment_batch([s.image for s in samples], proposals)):
+                confusion.update(result.label_map, sample.mask)
+                if args.save_predictions:
+                    save_label_map(result.label_map, out / "predictions" / f"{sample.id}.png")
+            bar.update(len(samples))
+    elapsed = time.perf_counter() - start
+    summary = confusion.summary()
+    summary.update({"bank": str(args.bank), "data": str(args.data), "split": args.split,
+                    "proposals": args.proposals, "config": config.to_dict(), "seconds": round(elapsed, 2),
+                    "stage_seconds": {k: round(v, 3) for k, v in engine.times.seconds.items()}})
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out / "metrics.md").write_text(markdown_table(summary) + "\n")
+    print(markdown_table(summary))
+    print(f"mIoU {summary['miou']:.2f} over {summary['images']} images ({elapsed:.1f} s) -> {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from .bank import FeatureBank
+    from .data import load_image, save_label_map
+    from .pipeline import Engine
+
+    bank = FeatureBank.load(args.bank)
+    config = _config(args, bank.config)
+    engine = Engine(bank, proposer=_proposer("auto", config), config=config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for paths in _chunks([Path(p) for p in args.images], config.batch_size):
+        results = engine.segment_batch([load_image(p) for p in paths])
+        for path, result in zip(paths, results):
+            save_label_map(result.label_map, out / f"{path.stem}.png")
+            classes = ", ".join(f"{n} {100 * f:.0f}%" for n, f in result.class_summary().items())
+            print(f"{path} -> {out / (path.stem + '.png')}: {classes}{'  (' + result.note + ')' if result.note else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moduseg", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build-bank", help="build a feature bank from a VOC-layout dataset")
+    build.add_argument("--data", required=True, help="dataset root (VOC layout)")
+    build.add_argument("--split", default="train")
+    build.add_argument("--masks", choices=("gt", "pseudo"), default="gt",
+                       help="class masks: ground truth (oracle bank) or pseudo-masks from image-level labels")
+    build.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    build.add_argument("--out", required=True, help="bank directory to write")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing bank directory")
+    _add_config_flags(build)
+    build.set_defaults(run=cmd_build_bank)
+
+    evaluate = commands.add_parser("eval", help="segment a split and report mIoU against its ground truth")
+    evaluate.add_argument("--bank", required=True)
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--proposals", choices=("gt", "auto"), default="auto",
+                          help="ground-truth connected components (oracle proposals) or the embedded proposer")
+    evaluate.add_argument("--out", required=True, help="directory for metrics.json / metrics.md")
+    evaluate.add_argument("--save-predictions", action="store_true", help="also write the predicted PNGs")
+    _add_config_flags(evaluate)
+    evaluate.set_defaults(run=cmd_eval)
+
+    segment = commands.add_parser("segment", help="segment image files into VOC-palette PNG label maps")
+    segment.add_argument("--bank", required=True)
+    segment.add_argument("images", nargs="+")
+    segment.add_argument("--out", required=True)
+    _add_config_flags(segment)
+    segment.set_defaults(run=cmd_segment)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ModuSegError as error:
+        print(f"moduseg {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
