@@ -143,7 +143,7 @@ class Engine:
 
     def _candidates(self, proposals: Proposals) -> np.ndarray:
         """Indices of proposals with objectness >= tau_obj and area >= min_area."""
-        area = proposals.masks.reshape(len(proposals), -1).sum(axis=1)
+        area = proposals.masks.sum(axis=(1, 2))
         keep = (proposals.objectness >= self.config.objectness_threshold) & (area >= self.config.min_area)
         return np.flatnonzero(keep)
 

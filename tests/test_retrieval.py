@@ -1,0 +1,87 @@
+"""The hierarchical vote against a plain loop written from its definition, plus the tie rules one by one."""
+
+import numpy as np
+import pytest
+
+from engine.errors import InputError
+from engine.retrieval import vote
+
+
+def vote_loop(similarities, labels, num_classes, method="count", class_counts=None):
+    """Per query: score, then summed similarity, then first rank; confidence = mean similarity of the winner."""
+    classes, confidences = [], []
+    for sims, labs in zip(similarities, labels):
+        stats = {}
+        for rank, (s, c) in enumerate(zip(sims, labs)):
+            if c < 0:
+                continue
+            count, total, first = stats.get(c, (0, 0.0, rank))
+            stats[c] = (count + 1, total + float(s), first)
+        if not stats:
+            classes.append(0)
+            confidences.append(0.0)
+            continue
+
+        def key(c):
+            count, total, first = stats[c]
+            score = count / max(class_counts[c], 1) if method == "balanced" else count
+            return (score, total, -first)
+
+        best = max(stats, key=key)
+        classes.append(best)
+        confidences.append(stats[best][1] / stats[best][0])
+    return np.array(classes), np.array(confidences, np.float32)
+
+
+@pytest.mark.parametrize("method", ["count", "balanced"])
+def test_vote_matches_loop_on_random_inputs(method):
+    rng = np.random.default_rng()
+    for _ in range(20):
+        queries, k, num_classes = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 8))
+        labels = rng.integers(-1, num_classes, (queries, k))
+        # Coarse similarities make ties in summed similarity common.
+        similarities = -np.sort(-rng.integers(0, 4, (queries, k)) / 4.0, axis=1).astype(np.float32)
+        counts = rng.integers(1, 10, num_classes)
+        got = vote(similarities, labels, num_classes, method, counts)
+        want = vote_loop(similarities, labels, num_classes, method, counts)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
+def test_most_neighbours_wins():
+    classes, confidence = vote([[0.9, 0.8, 0.7]], [[1, 2, 2]], 3)
+    assert classes[0] == 2 and confidence[0] == pytest.approx(0.75)
+
+
+def test_count_tie_goes_to_larger_summed_similarity():
+    classes, confidence = vote([[0.9, 0.8, 0.7, 0.1]], [[1, 2, 2, 1]], 3)
+    assert classes[0] == 2 and confidence[0] == pytest.approx(0.75)
+
+
+def test_exact_tie_goes_to_first_in_rank_order():
+    classes, _ = vote([[0.5, 0.5, 0.5, 0.5]], [[2, 1, 1, 2]], 3)
+    assert classes[0] == 2
+    classes, _ = vote([[0.5, 0.5, 0.5, 0.5]], [[1, 2, 2, 1]], 3)
+    assert classes[0] == 1
+
+
+def test_balanced_vote_divides_by_bank_count():
+    # Background (0) has 3 of 4 neighbours but 100 bank vectors; class 1 has 1 neighbour of its 2 vectors.
+    sims, labels = [[0.9, 0.8, 0.7, 0.6]], [[0, 0, 1, 0]]
+    assert vote(sims, labels, 2, "count", [100, 2])[0][0] == 0
+    classes, confidence = vote(sims, labels, 2, "balanced", [100, 2])
+    assert classes[0] == 1 and confidence[0] == pytest.approx(0.7)
+
+
+def test_no_valid_neighbour_is_background_with_zero_confidence():
+    classes, confidence = vote([[0.0, 0.0]], [[-1, -1]], 3)
+    assert classes[0] == 0 and confidence[0] == 0
+
+
+def test_empty_and_bad_inputs():
+    classes, confidence = vote(np.zeros((0, 5)), np.zeros((0, 5), int), 3)
+    assert classes.shape == (0,) and confidence.shape == (0,)
+    with pytest.raises(InputError):
+        vote(np.zeros((2, 3)), np.zeros((2, 4), int), 3)
+    with pytest.raises(InputError):
+        vote(np.zeros((1, 1)), np.zeros((1, 1), int), 3, "majority")
