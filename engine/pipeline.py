@@ -86,7 +86,8 @@ class Engine:
         if backbone is None:
             from .models import create_backbone
 
-            backbone = create_backbone(bank.backbone["id"], batch_size=self.config.batch_size,
+            # the bank records the registry name as "model" (its "id" also names the padding rule)
+            backbone = create_backbone(bank.backbone.get("model", bank.backbone["id"]), batch_size=self.config.batch_size,
                                        num_threads=self.config.num_threads)
         bank.check_backbone(backbone)
         self.backbone = backbone
