@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Create (idempotently) the Triton server's own virtual environment, default .triton-venv/ in the repository root.
+#
+# It holds the real tritonserver 2.51 (python backend only) shipped inside nvidia-pytriton==0.7.0, numpy<2 (the python
+# backend stub silently returns empty tensors with numpy 2) and onnxruntime, which the generated python-backend model
+# runs on CPU. The server itself runs from here; the engine and its tests keep their own venv (numpy 2) and talk to the
+# server through tritonclient only.
+#
+#   bash scripts/triton_env.sh [DIR]        # PYTHON=python3.11 to choose the interpreter (3.8-3.13)
+#
+# Afterwards DIR/bin/moduseg-tritonserver starts the server with the right environment (LD_LIBRARY_PATH: the
+# interpreter's libdir + nvidia_pytriton.libs; PATH: DIR/bin; --backend-directory: DIR/triton-backends, which holds
+# the python backend and the stub built for this interpreter's version). A second run only checks and returns.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR="${1:-.triton-venv}"
+PYTHON="${PYTHON:-python3}"
+PYTRITON_VERSION=0.7.0
+STAMP="$DIR/.moduseg-triton-env"
+WANT="nvidia-pytriton==$PYTRITON_VERSION numpy<2 onnxruntime v1"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$DIR/bin/moduseg-tritonserver" ]; then
+    echo "triton server env ready: $DIR"
+    exit 0
+fi
+
+start=$(date +%s)
+if [ ! -x "$DIR/bin/python" ]; then
+    # a venv's python must be a real interpreter with a shared libpython: the stub embeds it
+    "$PYTHON" -m venv "$DIR"
+fi
+"$DIR/bin/python" -m pip install -q --upgrade pip
+"$DIR/bin/python" -m pip install -q "numpy<2" onnxruntime
+# pytriton's own Python dependencies (tritonclient, grpcio, gevent, typer, ...) are not needed to run its tritonserver
+# binary: install the package alone (and never import it)
+"$DIR/bin/python" -m pip install -q --no-deps "nvidia-pytriton==$PYTRITON_VERSION"
+
+"$DIR/bin/python" - "$DIR" <<'PY'
+import os, shutil, stat, sys, sysconfig
+from pathlib import Path
+
+env = Path(sys.argv[1]).resolve()
+from importlib.util import find_spec
+
+root = Path(list(find_spec("pytriton").submodule_search_locations)[0]).resolve()
+dist = root / "tritonserver"
+libs = root.parent / "nvidia_pytriton.libs"
+version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+if not stub.is_file():
+    sys.exit(f"nvidia-pytriton has no python backend stub for Python {version} ({stub})")
+libdir = sysconfig.get_config_var("LIBDIR")
+soname = sysconfig.get_config_var("INSTSONAME") or f"libpython{version}.so.1.0"
+if not (Path(libdir) / soname).exists():
+    sys.exit(f"this interpreter has no shared {soname} in {libdir}; the python backend stub needs one "
+             f"(use an interpreter built with --enable-shared, e.g. Debian's python3 or pyenv with "
+             f"PYTHON_CONFIGURE_OPTS=--enable-shared)")
+
+backends = env / "triton-backends"
+python_backend = backends / "python"
+python_backend.mkdir(parents=True, exist_ok=True)
+for name in ("libtriton_python.so",):
+    target = python_backend / name
+    target.unlink(missing_ok=True)
+    target.symlink_to(dist / "backends" / "python" / name)
+# the stub is looked up next to the backend library; a copy keeps the package tree unchanged
+shutil.copy2(stub, python_backend / "triton_python_backend_stub")
+os.chmod(python_backend / "triton_python_backend_stub", 0o755)
+
+launcher = env / "bin" / "moduseg-tritonserver"
+launcher.write_text(f"""#!/usr/bin/env bash
+# tritonserver from nvidia-pytriton with the environment its python backend needs (written by scripts/triton_env.sh)
+export LD_LIBRARY_PATH="{libdir}:{libs}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}"
+export PATH="{env / 'bin'}:$PATH"
+exec "{dist / 'bin' / 'tritonserver'}" --backend-directory="{backends}" "$@"
+""")
+launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+# every shared library of the server, the backend and the stub must resolve in that environment
+import subprocess
+
+search = {**os.environ, "LD_LIBRARY_PATH": f"{libdir}:{libs}"}
+for binary in (dist / "bin" / "tritonserver", dist / "backends" / "python" / "libtriton_python.so",
+               python_backend / "triton_python_backend_stub"):
+    listing = subprocess.run(["ldd", str(binary)], env=search, capture_output=True, text=True).stdout
+    missing = [line.strip() for line in listing.splitlines() if "not found" in line]
+    if missing:
+        sys.exit(f"{binary} cannot load {missing}")
+print(f"tritonserver: {dist / 'bin' / 'tritonserver'}; stub for Python {version}; libpython in {libdir}")
+PY
+
+echo "$WANT" > "$STAMP"
+echo "triton server env created in $DIR in $(( $(date +%s) - start )) s ($(du -sh "$DIR" | cut -f1))"
