@@ -14,14 +14,25 @@ namespace moduseg {
 
 namespace {
 
-// Adds, for each patch column of one pixel row, how many of its pixels the mask covers.
-inline void count_row(const uint8_t* row, int64_t width, int64_t stride, int64_t grid_w, int32_t* counts) {
-  for (int64_t bx = 0; bx < grid_w; ++bx) {
-    const int64_t x0 = bx * stride;
-    const int64_t x1 = std::min(width, x0 + stride);
-    int32_t covered = 0;
-    for (int64_t x = x0; x < x1; ++x) covered += row[x] != 0;
-    counts[bx] += covered;
+// Counts the covered pixels of each patch of one mask. Per band of `stride` rows, per-column counters are summed
+// over the rows first (a contiguous, vectorisable loop), then each patch adds up its `stride` columns.
+template <typename Counter>
+void count_blocks(const uint8_t* mask, int64_t height, int64_t width, int64_t stride, int64_t grid_w,
+                  Counter* columns, int32_t* counts) {
+  for (int64_t y0 = 0, by = 0; y0 < height; y0 += stride, ++by) {
+    const int64_t y1 = std::min(height, y0 + stride);
+    std::fill(columns, columns + width, Counter{0});
+    for (int64_t y = y0; y < y1; ++y) {
+      const uint8_t* row = mask + y * width;
+      for (int64_t x = 0; x < width; ++x) columns[x] += static_cast<Counter>(row[x] != 0);
+    }
+    int32_t* out = counts + by * grid_w;
+    for (int64_t bx = 0; bx < grid_w; ++bx) {
+      const int64_t x1 = std::min(width, (bx + 1) * stride);
+      int32_t covered = 0;
+      for (int64_t x = bx * stride; x < x1; ++x) covered += static_cast<int32_t>(columns[x]);
+      out[bx] = covered;
+    }
   }
 }
 
@@ -41,14 +52,18 @@ void soft_mask_pool_cpu(const float* features, int64_t grid_h, int64_t grid_w, i
   {
     std::vector<int32_t> counts(static_cast<size_t>(patches));
     std::vector<double> acc(static_cast<size_t>(dim));
+    // A band has at most `stride` rows: 16-bit column counters suffice (and vectorise twice as wide) below 65536.
+    std::vector<uint16_t> columns16(stride <= 65535 ? static_cast<size_t>(width) : 0);
+    std::vector<int32_t> columns32(stride <= 65535 ? 0 : static_cast<size_t>(width));
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t n = 0; n < count; ++n) {
       const uint8_t* mask = masks + n * pixels;
-      std::fill(counts.begin(), counts.end(), 0);
-      for (int64_t y = 0; y < height; ++y)
-        count_row(mask + y * width, width, stride, grid_w, counts.data() + (y / stride) * grid_w);
+      if (stride <= 65535)
+        count_blocks(mask, height, width, stride, grid_w, columns16.data(), counts.data());
+      else
+        count_blocks(mask, height, width, stride, grid_w, columns32.data(), counts.data());
 
       std::fill(acc.begin(), acc.end(), 0.0);
       double weight_sum = 0.0;
