@@ -17,7 +17,7 @@ DIR="${1:-.triton-venv}"
 PYTHON="${PYTHON:-python3}"
 PYTRITON_VERSION=0.7.0
 STAMP="$DIR/.moduseg-triton-env"
-WANT="nvidia-pytriton==$PYTRITON_VERSION numpy<2 onnxruntime v1"
+WANT="nvidia-pytriton==$PYTRITON_VERSION numpy<2 onnxruntime v2"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$DIR/bin/moduseg-tritonserver" ]; then
     echo "triton server env ready: $DIR"
@@ -58,12 +58,12 @@ if not (Path(libdir) / soname).exists():
 
 backends = env / "triton-backends"
 python_backend = backends / "python"
-python_backend.mkdir(parents=True, exist_ok=True)
-for name in ("libtriton_python.so",):
-    target = python_backend / name
-    target.unlink(missing_ok=True)
-    target.symlink_to(dist / "backends" / "python" / name)
-# the stub is looked up next to the backend library; a copy keeps the package tree unchanged
+shutil.rmtree(backends, ignore_errors=True)
+python_backend.mkdir(parents=True)
+# real copies, not links: the python backend looks for the stub next to its library's resolved location and, not
+# finding it there, would treat the model as a "python-based backend" and never import model.py
+for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+    shutil.copy2(dist / "backends" / "python" / name, python_backend / name)
 shutil.copy2(stub, python_backend / "triton_python_backend_stub")
 os.chmod(python_backend / "triton_python_backend_stub", 0o755)
 
