@@ -182,7 +182,7 @@ class HFViTBackbone(RuntimeBackbone):
 
         if next(self.model.parameters()).dtype != torch.float32:
             raise ModelError(f"{self.id}: export a float32 model (convert to fp16 in the ONNX toolchain if needed)")
-        example = torch.zeros(1, 3, 2 * self.stride, 3 * self.stride)
+        example = torch.zeros(2, 3, 2 * self.stride, 3 * self.stride)  # 2, not 1: export specialises size 1
         batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
         shapes = {"pixels": {0: batch, 2: self.stride * height, 3: self.stride * width}}
         try:
