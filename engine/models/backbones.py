@@ -35,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: (the stem's BatchNorm running means match 127/128-normalised VOC images ~4x better than ImageNet mean/std).
 EFFNET_LITE_MEAN = (127.0 / 255.0,) * 3
 EFFNET_LITE_STD = (128.0 / 255.0,) * 3
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ def _spec(name: str) -> BackboneSpec:
 
 def create_backbone(name: str = DEFAULT_BACKBONE, runtime: str | Runtime = "onnxruntime", batch_size: int = 4,
                     num_threads: int = 0, cache_dir: str | os.PathLike | None = None,
-                    device: str = "cpu") -> ModelBackbone:
+                    device: str = "cpu", **runtime_options) -> ModelBackbone:
     """A backbone by name (one of BACKBONES).
 
     runtime: "onnxruntime" (the cached ONNX file, exported on first use), "torch" (EfficientNet only: the torch module
@@ -258,8 +258,12 @@ def create_backbone(name: str = DEFAULT_BACKBONE, runtime: str | Runtime = "onnx
     num_threads: runtime threads; 0 lets the runtime choose.
     cache_dir: where exported ONNX files live (default $MODUSEG_CACHE or ~/.cache/moduseg).
     device: "cpu", "cuda", or "tensorrt" (onnxruntime with TensorRT; needs onnxruntime-gpu).
+    runtime_options: runtime="triton" only: TritonRuntime's url, protocol ("http"/"grpc"), model_name, timeout,
+        retries, ... (engine.models.triton_runtime); the model defaults to the server's ready variant of `name`.
     """
     spec = _spec(name)
+    if runtime_options and runtime != "triton":
+        raise InputError(f"options {sorted(runtime_options)} apply to runtime='triton' only")
     if isinstance(runtime, Runtime):
         return ModelBackbone(spec, runtime, batch_size)
     if runtime == "onnxruntime":
@@ -269,6 +273,10 @@ def create_backbone(name: str = DEFAULT_BACKBONE, runtime: str | Runtime = "onnx
             raise InputError(f"backbone {name} ships as an ONNX graph only; use runtime='onnxruntime'")
         engine = TorchRuntime(spec.torch_module(), [spec.input_name], [spec.feature_output], device=device,
                               num_threads=num_threads)
+    elif runtime == "triton":
+        from .triton_runtime import TritonRuntime
+
+        engine = TritonRuntime(backbone=name, **runtime_options)
     else:
         raise InputError(f"unknown runtime {runtime!r}; known runtimes: {', '.join(RUNTIMES)} (or a Runtime instance)")
     return ModelBackbone(spec, engine, batch_size)

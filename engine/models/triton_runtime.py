@@ -1,0 +1,334 @@
+"""A Runtime that runs the model on a Triton Inference Server (tritonclient, HTTP or gRPC).
+
+Same face as the in-process runtimes (`run({name: array}) -> {name: array}`), so a backbone served by Triton computes
+what it computes locally. The runtime
+
+- finds the model (given by name, or the first ready one of a backbone's generated variants: tensorrt, onnx, python),
+  reads its metadata and config, and checks each request against them before sending (names, ranks, fixed dims,
+  dtypes): a mismatch is an InputError naming the input and the model's shape, not a server round trip;
+- splits a batch into requests of at most the model's max_batch_size and keeps up to `concurrency` of them in flight,
+  so the server's dynamic batcher and instances see parallel work;
+- retries transient failures (server unreachable, model not ready / unavailable, timeouts) at most `retries` times
+  with exponential backoff, then raises ModelError saying what was tried; other errors (bad shapes, a failing model)
+  are raised at once.
+
+    runtime = TritonRuntime("127.0.0.1:8001", backbone="effnet-lite2/block19", protocol="grpc")
+    backbone = create_backbone("effnet-lite2/block19", runtime="triton", url="127.0.0.1:8000")
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError, ModelError
+from .runtime import Runtime
+
+PROTOCOLS = ("http", "grpc")
+DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+#: variant preference when only the backbone is named: the fastest the server has loaded.
+VARIANT_ORDER = ("tensorrt", "onnx", "python")
+_DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
+           "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
+_TRANSIENT_STATUS = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
+                     "503", "504", "429"}
+_TRANSIENT_TEXT = ("connection refused", "failed to connect", "not ready", "unavailable", "socket closed",
+                   "connection reset", "timed out", "timeout", "deadline exceeded", "broken pipe")
+_MAX_BACKOFF = 8.0
+
+
+class _Transient(Exception):
+    """A failure worth retrying (wraps the original)."""
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    if type(error).__name__ in ("Timeout", "ConnectionTimeout", "NetworkTimeout"):  # gevent / geventhttpclient
+        return True
+    status = getattr(error, "status", None)
+    status = status() if callable(status) else status
+    if status is not None and str(status) in _TRANSIENT_STATUS:
+        return True
+    message = getattr(error, "message", None)
+    text = (message() if callable(message) else str(error) if message is None else str(message)) or str(error)
+    if status is None or str(status) in ("400", "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND"):
+        # unknown-model answers while a model is (re)loading read "... is not ready" / "unavailable"
+        return any(key in text.lower() for key in _TRANSIENT_TEXT)
+    return False
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, _Transient):
+        return str(error)
+    message = getattr(error, "message", None)
+    text = message() if callable(message) else str(error)
+    return f"{type(error).__name__}: {text or error!r}"
+
+
+class TritonRuntime(Runtime):
+    """Runs a model on a Triton server.
+
+    url: "host:port" of the server's HTTP or gRPC endpoint (default 127.0.0.1:8000 for http, :8001 for grpc).
+    model_name: the Triton model; None picks the first ready of `backbone`'s generated variants (tensorrt, onnx,
+        python; engine.export.triton.model_name).
+    backbone: backbone name used when model_name is None.
+    protocol: "http" or "grpc".
+    model_version: "" for the server's policy (latest).
+    timeout: seconds allowed for connecting and for each request's answer; a slower answer is a transient failure.
+    retries: further attempts after a transient failure (0: none); waits backoff, 2*backoff, 4*backoff, ... (max 8 s).
+    concurrency: requests in flight at once when a batch is split (at most max_batch_size images each).
+    max_batch_size: images per request; None takes the model's max_batch_size (a model without batching gets one
+        request per image).
+    """
+
+    name = "triton"
+
+    def __init__(self, url: str | None = None, model_name: str | None = None, backbone: str | None = None,
+                 protocol: str = "http", model_version: str = "", timeout: float = 60.0, retries: int = 3,
+                 backoff: float = 0.5, concurrency: int = 4, max_batch_size: int | None = None) -> None:
+        if protocol not in PROTOCOLS:
+            raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if timeout <= 0 or retries < 0 or backoff < 0 or concurrency < 1 or \
+                (max_batch_size is not None and max_batch_size < 1):
+            raise InputError(f"need timeout > 0, retries >= 0, backoff >= 0, concurrency >= 1, max_batch_size >= 1; "
+                             f"got {timeout}, {retries}, {backoff}, {concurrency}, {max_batch_size}")
+        if model_name is None and backbone is None:
+            raise InputError("TritonRuntime needs model_name or backbone")
+        url = url or DEFAULT_URLS[protocol]
+        for scheme in ("http://", "https://", "grpc://"):
+            if url.startswith(scheme):
+                url = url[len(scheme):]
+        self.url, self.protocol, self.model_version = url.rstrip("/"), protocol, str(model_version)
+        self.timeout, self.retries, self.backoff, self.concurrency = float(timeout), int(retries), float(backoff), \
+            int(concurrency)
+        try:
+            if protocol == "http":
+                import tritonclient.http as client_module
+            else:
+                import tritonclient.grpc as client_module
+        except ImportError as error:
+            raise ModelError("the Triton runtime needs tritonclient: pip install 'tritonclient[http,grpc]'") from error
+        self._module = client_module
+        try:
+            if protocol == "http":
+                self.client = client_module.InferenceServerClient(
+                    self.url, concurrency=self.concurrency, connection_timeout=self.timeout,
+                    network_timeout=self.timeout)
+            else:
+                self.client = client_module.InferenceServerClient(self.url)
+        except Exception as error:  # a malformed url
+            raise ModelError(f"cannot make a Triton {protocol} client for {self.url}: {_describe(error)}") from error
+        self._wait_live()
+        self.model_name = model_name or self._pick_model(backbone)
+        self._load_metadata()
+        self.max_batch_size = max_batch_size or (self.model_max_batch_size or None)
+
+    # ------------------------------------------------------------------------------------------------- plumbing
+
+    def _kwargs(self) -> dict:
+        return {} if self.protocol == "http" else {"client_timeout": self.timeout}
+
+    def _retrying(self, what: str, call: Callable[[], object]):
+        """call() with bounded retries on transient failures; ModelError naming `what` when they run out."""
+        attempt, start = 0, time.monotonic()
+        while True:
+            try:
+                result = call()
+                if result is False:  # readiness probes answer False while loading
+                    raise _Transient(f"{what}: not ready")
+                return result
+            except (InputError, ModelError):
+                raise
+            except Exception as error:  # noqa: BLE001 - classified below
+                if not (isinstance(error, _Transient) or _is_transient(error)):
+                    raise ModelError(f"Triton {self.protocol} {self.url}: {what} failed: {_describe(error)}") \
+                        from error
+                if attempt >= self.retries:
+                    raise ModelError(
+                        f"Triton {self.protocol} server at {self.url}: {what} failed after {attempt + 1} attempt(s) "
+                        f"over {time.monotonic() - start:.1f} s (timeout {self.timeout:g} s per call): "
+                        f"{_describe(error)}. Is the server running (moduseg serve --repo DIR) and the model "
+                        f"loaded?") from error
+                time.sleep(min(self.backoff * (2 ** attempt), _MAX_BACKOFF))
+                attempt += 1
+
+    def _wait_live(self) -> None:
+        self._retrying("server liveness check", lambda: self.client.is_server_live(**self._kwargs()))
+
+    def _pick_model(self, backbone: str) -> str:
+        from ..export.triton import model_name
+
+        candidates = [model_name(backbone, variant) for variant in VARIANT_ORDER]
+
+        def first_ready():
+            index = self.client.get_model_repository_index(**self._kwargs())
+            entries = index if isinstance(index, list) else [
+                {"name": m.name, "state": m.state} for m in index.models]
+            ready = {entry.get("name") for entry in entries if entry.get("state") == "READY"}
+            for name in candidates:
+                if name in ready:
+                    return name
+            raise _Transient(f"none of {candidates} is ready (ready models: {sorted(ready) or 'none'})")
+
+        return self._retrying(f"finding a ready model of backbone {backbone}", first_ready)
+
+    def _repository_states(self) -> str:
+        try:
+            index = self.client.get_model_repository_index(**self._kwargs())
+        except Exception as error:  # noqa: BLE001 - only for the message
+            return f"(repository index unavailable: {_describe(error)})"
+        entries = index if isinstance(index, list) else [{"name": m.name, "state": m.state} for m in index.models]
+        return ", ".join(f"{e.get('name')} {e.get('state') or 'UNLOADED'}" for e in entries) or "none"
+
+    def _load_metadata(self) -> None:
+        name, version = self.model_name, self.model_version
+        try:
+            self._retrying(f"model {name!r} readiness",
+                           lambda: self.client.is_model_ready(name, version, **self._kwargs()))
+        except ModelError as error:
+            raise ModelError(f"{error} The server's models: {self._repository_states()}") from error
+        if self.protocol == "http":
+            metadata = self._retrying("model metadata", lambda: self.client.get_model_metadata(name, version))
+            config = self._retrying("model config", lambda: self.client.get_model_config(name, version))
+        else:
+            metadata = self._retrying("model metadata", lambda: self.client.get_model_metadata(
+                name, version, as_json=True, client_timeout=self.timeout))
+            config = self._retrying("model config", lambda: self.client.get_model_config(
+                name, version, as_json=True, client_timeout=self.timeout)).get("config", {})
+        self.model_max_batch_size = int(config.get("max_batch_size", 0) or 0)
+        self._inputs = {t["name"]: ([int(d) for d in t["shape"]], t["datatype"]) for t in metadata["inputs"]}
+        self._outputs = {t["name"]: ([int(d) for d in t["shape"]], t["datatype"]) for t in metadata["outputs"]}
+        self.input_names = list(self._inputs)
+        self.output_names = list(self._outputs)
+        self.platform = metadata.get("platform", "")
+
+    # ---------------------------------------------------------------------------------------------------- run
+
+    def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        checked, batch = {}, None
+        for name in self.input_names:
+            shape, datatype = self._inputs[name]
+            array = np.asarray(inputs[name])
+            dtype = _DTYPES.get(datatype)
+            if dtype is None:
+                raise ModelError(f"Triton model {self.model_name}: input {name!r} has unsupported type {datatype}")
+            if array.dtype != dtype:
+                if not np.can_cast(array.dtype, dtype, "same_kind"):
+                    raise InputError(f"input {name!r}: dtype {array.dtype} cannot be sent as {datatype} to Triton "
+                                     f"model {self.model_name}")
+                array = array.astype(dtype)
+            # the metadata's shape includes the batch dimension (-1) when the model batches
+            if array.ndim != len(shape) or any(want != -1 and want != got for want, got in zip(shape, array.shape)):
+                raise InputError(f"input {name!r}: shape {tuple(array.shape)} does not fit Triton model "
+                                 f"{self.model_name}'s {tuple(shape)} (-1 = any)")
+            if self.model_max_batch_size:
+                if batch is not None and array.shape[0] != batch:
+                    raise InputError(f"inputs disagree on the batch size: {array.shape[0]} vs {batch}")
+                batch = array.shape[0]
+                if batch == 0:
+                    raise InputError(f"input {name!r}: empty batch")
+            checked[name] = np.ascontiguousarray(array)
+        return checked
+
+    def _request(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]):
+        module = self._module
+        infer_inputs = []
+        for name, array in arrays.items():
+            tensor = module.InferInput(name, list(array.shape), self._inputs[name][1])
+            tensor.set_data_from_numpy(array)
+            infer_inputs.append(tensor)
+        infer_outputs = [module.InferRequestedOutput(name) for name in outputs]
+        return infer_inputs, infer_outputs
+
+    def _infer_sync(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        def call():
+            infer_inputs, infer_outputs = self._request(arrays, outputs)
+            result = self.client.infer(self.model_name, infer_inputs, model_version=self.model_version,
+                                       outputs=infer_outputs, **self._kwargs())
+            return {name: result.as_numpy(name) for name in outputs}
+
+        shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+        return self._retrying(f"inference of {self.model_name} on {shapes}", call)
+
+    def _infer_async(self, chunks: list[dict[str, np.ndarray]], outputs: Sequence[str]) -> list:
+        """Send every chunk at once (the client bounds what is in flight); a chunk that fails goes through the
+        retrying synchronous path."""
+        results: list = [None] * len(chunks)
+        if self.protocol == "http":
+            handles = []
+            for chunk in chunks:
+                infer_inputs, infer_outputs = self._request(chunk, outputs)
+                try:
+                    handles.append(self.client.async_infer(self.model_name, infer_inputs,
+                                                           model_version=self.model_version, outputs=infer_outputs))
+                except Exception:  # noqa: BLE001 - retried synchronously below
+                    handles.append(None)
+            for index, handle in enumerate(handles):
+                try:
+                    if handle is not None:
+                        result = handle.get_result(timeout=self.timeout)
+                        results[index] = {name: result.as_numpy(name) for name in outputs}
+                except Exception:  # noqa: BLE001
+                    results[index] = None
+        else:
+            done = threading.Semaphore(0)
+            answers: list = [None] * len(chunks)
+            sent = 0
+            for index, chunk in enumerate(chunks):
+                infer_inputs, infer_outputs = self._request(chunk, outputs)
+
+                def callback(result, error, index=index):
+                    answers[index] = None if error is not None else {n: result.as_numpy(n) for n in outputs}
+                    done.release()
+
+                try:
+                    self.client.async_infer(self.model_name, infer_inputs, callback, model_version=self.model_version,
+                                            outputs=infer_outputs, client_timeout=self.timeout)
+                    sent += 1
+                except Exception:  # noqa: BLE001
+                    pass
+            deadline = time.monotonic() + self.timeout * max(1, len(chunks))
+            for _ in range(sent):
+                if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    break
+            results = list(answers)
+        for index, chunk in enumerate(chunks):
+            if results[index] is None:
+                results[index] = self._infer_sync(chunk, outputs)
+        return results
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        requested = self._check_request(inputs, outputs)
+        arrays = self._check_inputs(inputs)
+        if not self.model_max_batch_size:
+            return self._infer_sync(arrays, requested)
+        batch = next(iter(arrays.values())).shape[0]
+        step = self.max_batch_size or batch
+        chunks = [{name: array[start:start + step] for name, array in arrays.items()}
+                  for start in range(0, batch, step)]
+        if len(chunks) == 1 or self.concurrency == 1:
+            results = [self._infer_sync(chunk, requested) for chunk in chunks]
+        else:
+            results = []
+            for first in range(0, len(chunks), self.concurrency):
+                results += self._infer_async(chunks[first:first + self.concurrency], requested)
+        merged = {name: np.concatenate([r[name] for r in results]) for name in requested}
+        for name, array in merged.items():
+            if array.shape[0] != batch:
+                raise ModelError(f"Triton model {self.model_name} returned {array.shape[0]} rows of {name!r} for a "
+                                 f"batch of {batch}")
+        return merged
+
+    def describe(self) -> dict:
+        return {**super().describe(), "url": self.url, "protocol": self.protocol, "model": self.model_name,
+                "platform": self.platform, "max_batch_size": self.max_batch_size}
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001 - closing a dead connection
+            pass
