@@ -3,6 +3,8 @@
     moduseg build-bank --data ROOT --split train --masks gt|pseudo --out BANK_DIR
     moduseg eval --bank BANK_DIR --data ROOT --split val --proposals gt|auto --out RESULT_DIR
     moduseg segment --bank BANK_DIR IMAGES... --out DIR
+    moduseg triton-repo --out REPO [--backbone NAME] [--variants python onnx tensorrt]
+    moduseg serve --repo REPO [--http-port 8000 --grpc-port 8001]
 """
 
 from __future__ import annotations
@@ -144,6 +146,48 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def cmd_triton_repo(args) -> int:
+    from .export.triton import write_repository
+
+    written = write_repository(args.out, backbone=args.backbone, variants=args.variants,
+                               with_models=not args.configs_only, onnx_path=args.onnx, plan_path=args.plan,
+                               max_batch_size=args.max_batch_size, instances=args.instances,
+                               num_threads=args.num_threads)
+    for name, path in written.items():
+        files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+        print(f"{path}: {', '.join(files)}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .export.triton import LocalServer, ensure_server_env
+
+    import signal
+
+    ensure_server_env(args.env)
+    # SIGTERM (kill, timeout, a service manager) must stop the server too: it runs in its own session
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    server = LocalServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
+                         metrics_port=args.metrics_port, models=args.models, env_dir=args.env, log_path=args.log)
+    server.start(timeout=args.start_timeout)
+    print(f"tritonserver (pid {server.process.pid}) serving {', '.join(server.models)} from {server.repo}\n"
+          f"  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}\n"
+          f"  log     {server.log_path}\n"
+          f"use: create_backbone(NAME, runtime='triton', url='{server.grpc_url}', protocol='grpc'); Ctrl-C stops",
+          flush=True)
+    try:
+        server.process.wait()
+        print(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moduseg", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--out", required=True)
     _add_config_flags(segment)
     segment.set_defaults(run=cmd_segment)
+
+    repo = commands.add_parser("triton-repo", help="write a Triton model repository serving a backbone")
+    repo.add_argument("--out", required=True, help="repository directory (created or refreshed)")
+    repo.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    repo.add_argument("--variants", nargs="+", default=["python", "onnx", "tensorrt"],
+                      choices=("python", "onnx", "tensorrt"),
+                      help="python: onnxruntime on CPU in the python backend; onnx / tensorrt: GPU platforms")
+    repo.add_argument("--configs-only", action="store_true", help="config.pbtxt and model.py only, no model files")
+    repo.add_argument("--onnx", default=None, help="ONNX file to serve (default: the cached export)")
+    repo.add_argument("--plan", default=None, help="TensorRT plan for the tensorrt variant (default: built here "
+                                                     "if TensorRT and a GPU exist, else left out)")
+    repo.add_argument("--max-batch-size", type=int, default=8)
+    repo.add_argument("--instances", type=int, default=1, help="model instances (per GPU for GPU variants)")
+    repo.add_argument("--num-threads", type=int, default=0, help="python variant: onnxruntime threads per instance")
+    repo.set_defaults(run=cmd_triton_repo)
+
+    serve = commands.add_parser("serve", help="run a local tritonserver (python backend) over a model repository")
+    serve.add_argument("--repo", required=True)
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--models", nargs="+", default=None, help="models to load (default: the python-backend ones)")
+    serve.add_argument("--env", default=None, help="server venv (default .triton-venv, made by scripts/triton_env.sh)")
+    serve.add_argument("--log", default=None, help="server log file (default: a temporary file)")
+    serve.add_argument("--start-timeout", type=float, default=120.0)
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 

@@ -323,6 +323,10 @@ class LocalServer:
         if unknown:
             raise InputError(f"models {unknown} are not in {self.repo} (it holds {sorted(configs)})")
         self.models = list(models)
+        for name in self.models:
+            if configs[name].backend == "python" and not any((self.repo / name).glob("[0-9]*/model.onnx")):
+                raise ModelError(f"{self.repo / name} has no model.onnx next to its model.py: fill the repository "
+                                 f"with `moduseg triton-repo --out {self.repo}`")
         self.launcher = server_env(env_dir)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
