@@ -44,7 +44,7 @@ def test_dinov2_features_shape_and_token_dropping(registers):
 
     model = dinov2(registers)
     backbone = HFViTBackbone(model, name="dinov2-tiny", layer=None, batch_size=2)
-    assert (backbone.id, backbone.stride, backbone.dim) == ("dinov2-tiny/final", 14, 32)
+    assert (backbone.id, backbone.stride, backbone.dim) == ("dinov2-tiny/final+zeropad14", 14, 32)
     assert backbone.prefix_tokens == 1 + registers
     images = [random_image(40, 60), random_image(28, 30), random_image(40, 60)]
     features = backbone.features(images)
@@ -63,7 +63,7 @@ def test_backbone_layer_choice_and_errors():
     model = dinov2()
     final = HFViTBackbone(model, name="d", layer=None).features([random_image(28, 28)])[0]
     layer1 = HFViTBackbone(model, name="d", layer=1)
-    assert layer1.id == "d/layer1"
+    assert layer1.id == "d/layer1+zeropad14"
     assert not np.allclose(final, layer1.features([random_image(28, 28)])[0])
     with pytest.raises(InputError, match="layer"):
         HFViTBackbone(model, name="d", layer=3)
@@ -80,7 +80,7 @@ def test_dinov3_features_with_registers_and_bf16():
     config = transformers.DINOv3ViTConfig(num_register_tokens=4, **tiny_vit_kwargs(16))
     model = transformers.DINOv3ViTModel(config).eval()
     backbone = HFViTBackbone(model, name="dinov3-tiny", layer=2)
-    assert (backbone.id, backbone.stride, backbone.prefix_tokens) == ("dinov3-tiny/layer2", 16, 5)
+    assert (backbone.id, backbone.stride, backbone.prefix_tokens) == ("dinov3-tiny/layer2+zeropad16", 16, 5)
     features = backbone.features([random_image(40, 70)])[0]
     assert features.shape == (3, 5, 32) and features.dtype == np.float32
     half = HFViTBackbone(model.to(torch.bfloat16), name="dinov3-tiny", layer=2).features([random_image(40, 70)])[0]
@@ -93,7 +93,7 @@ def test_backbone_from_local_directory(tmp_path):
     model = dinov2(registers=4)
     model.save_pretrained(tmp_path / "dinov2-reg")
     loaded = HFViTBackbone.from_pretrained(tmp_path / "dinov2-reg", layer=2)
-    assert loaded.id == "dinov2-reg/layer2" and loaded.prefix_tokens == 5
+    assert loaded.id == "dinov2-reg/layer2+zeropad14" and loaded.prefix_tokens == 5
     image = random_image(30, 45)
     np.testing.assert_allclose(loaded.features([image])[0],
                                HFViTBackbone(model, name="x", layer=2).features([image])[0], atol=1e-5)
@@ -104,12 +104,14 @@ def test_backbone_from_local_directory(tmp_path):
 def test_dinov2_onnx_export_dynamic_hw_matches_torch(tmp_path):
     pytest.importorskip("onnxruntime", reason="the export check runs the graph with onnxruntime")
     pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
-    from engine.models.hf_backbones import HFViTBackbone, RuntimeBackbone
+    from engine.models.backbones import ModelBackbone
+    from engine.models.hf_backbones import HFViTBackbone
     from engine.models.runtime import OnnxRuntime
 
     backbone = HFViTBackbone(dinov2(registers=0), name="dinov2-tiny", layer=1)
     path = backbone.export_onnx(tmp_path / "dinov2.onnx")
-    exported = RuntimeBackbone(OnnxRuntime(path), id=backbone.id, dim=backbone.dim, stride=backbone.stride)
+    exported = ModelBackbone(backbone.spec, OnnxRuntime(path))
+    assert exported.id == backbone.id
     # sizes other than the export example's, two in one batch
     images = [random_image(40, 60), random_image(70, 29), random_image(40, 60)]
     for ours, theirs in zip(exported.features(images), backbone.features(images)):
@@ -135,7 +137,7 @@ def test_radio_adapter_on_a_stand_in_with_radio_call_contract():
             return tokens.mean(1), tokens
 
     backbone = RadioBackbone(StandIn(), name="c-radio-standin")
-    assert (backbone.id, backbone.dim, backbone.stride) == ("c-radio-standin/final", 24, 16)
+    assert (backbone.id, backbone.dim, backbone.stride) == ("c-radio-standin/final+zeropad16", 24, 16)
     features = backbone.features([random_image(40, 70), random_image(16, 16)])
     assert [f.shape for f in features] == [(3, 5, 24), (1, 1, 24)]
 

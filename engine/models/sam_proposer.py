@@ -22,7 +22,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from ..errors import InputError, ModelError
+from ..errors import InputError
 from ..utils import check_image
 from .base import Proposals, Proposer
 
