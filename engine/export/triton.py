@@ -270,27 +270,41 @@ def _place(source: Path, target: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------- local server
 
+def _source_root() -> Path | None:
+    """The engine's source checkout (where scripts/triton_env.sh lives), or None for an installed package."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "scripts" / "triton_env.sh").is_file() else None
+
+
+def default_env_dir() -> Path:
+    """$MODUSEG_TRITON_ENV, else .triton-venv in the source checkout, else .triton-venv in the working directory."""
+    if os.environ.get("MODUSEG_TRITON_ENV"):
+        return Path(os.environ["MODUSEG_TRITON_ENV"])
+    return (_source_root() or Path.cwd()) / SERVER_ENV_DIR
+
+
 def server_env(env_dir: str | os.PathLike | None = None) -> Path:
     """The tritonserver launcher of the server venv (scripts/triton_env.sh); ModelError if it is not there."""
-    root = Path(__file__).resolve().parents[2]
-    env = Path(env_dir) if env_dir is not None else Path(os.environ.get("MODUSEG_TRITON_ENV") or root / SERVER_ENV_DIR)
+    env = Path(env_dir) if env_dir is not None else default_env_dir()
     launcher = env / SERVER_LAUNCHER
     if not launcher.is_file():
         raise ModelError(f"no Triton server environment at {env}: create it with `bash scripts/triton_env.sh {env}` "
-                         f"(or set MODUSEG_TRITON_ENV)")
+                         f"(or point MODUSEG_TRITON_ENV at one)")
     return launcher
 
 
-def ensure_server_env(env_dir: str | os.PathLike | None = None) -> Path:
-    """Create the server venv with scripts/triton_env.sh if needed (idempotent); returns its launcher."""
-    root = Path(__file__).resolve().parents[2]
-    env = Path(env_dir) if env_dir is not None else Path(os.environ.get("MODUSEG_TRITON_ENV") or root / SERVER_ENV_DIR)
-    script = root / "scripts" / "triton_env.sh"
-    if not script.is_file():
-        raise ModelError(f"{script} is missing: the server venv script ships with the engine's sources only")
+def ensure_server_env(env_dir: str | os.PathLike | None = None, script: str | os.PathLike | None = None) -> Path:
+    """Create the server venv with scripts/triton_env.sh if needed (idempotent: fast when it exists); returns its
+    launcher. `script` defaults to the source checkout's scripts/triton_env.sh."""
+    env = Path(env_dir) if env_dir is not None else default_env_dir()
+    if script is None:
+        if _source_root() is None:
+            return server_env(env)  # an installed engine: the venv must have been made from a checkout
+        script = _source_root() / "scripts" / "triton_env.sh"
     result = subprocess.run(["bash", str(script), str(env.resolve())], capture_output=True, text=True)
     if result.returncode != 0:
-        raise ModelError(f"creating the Triton server environment failed ({script}):\n{result.stderr[-3000:]}")
+        raise ModelError(f"creating the Triton server environment {env} failed ({script}):\n"
+                         f"{(result.stdout + result.stderr)[-3000:]}")
     return server_env(env)
 
 
