@@ -165,9 +165,9 @@ void mask_nms_raster_cuda(const uint8_t* masks, int64_t count, int64_t height, i
   MODUSEG_CUDA_CHECK(cudaMemsetAsync(kept_count, 0, sizeof(int32_t), stream));
   if (count > 0) {
     MODUSEG_CUDA_CHECK(cudaMemsetAsync(area, 0, static_cast<size_t>(count) * sizeof(unsigned long long), stream));
-    // Pairs that are never visited (other class) or touch disjoint word ranges have IoU 0: suppressed iff 0 > t.
-    MODUSEG_CUDA_CHECK(cudaMemsetAsync(suppress, 0.0 > iou_threshold ? 1 : 0, static_cast<size_t>(count * count),
-                                       stream));
+    // Other-class pairs never suppress; every same-class pair (i != j) is written by pairwise_kernel, disjoint ones
+    // included (IoU 0, suppressed iff 0 > threshold).
+    MODUSEG_CUDA_CHECK(cudaMemsetAsync(suppress, 0, static_cast<size_t>(count * count), stream));
     init_ranges_kernel<<<blocks_for(count), kThreads, 0, stream>>>(count, words, first, last);
     MODUSEG_CUDA_CHECK(cudaGetLastError());
     pack_kernel<<<dim3(blocks_for(words * 32), static_cast<unsigned>(count)), kThreads, 0, stream>>>(
