@@ -259,8 +259,9 @@ def _mask_nms_raster_cuda(masks: Any, classes: Any, scores: Any, iou_threshold: 
     device = masks.device
     masks = _cuda_masks(op, masks, device)
     count, height, width = (int(s) for s in masks.shape)
-    classes = torch.as_tensor(classes, device=device)
-    scores = torch.as_tensor(scores, device=device)
+    # Through NumPy unless already tensors: Python floats stay float64 (torch would make them float32).
+    classes = torch.as_tensor(classes if _is_torch(classes) else np.asarray(classes), device=device)
+    scores = torch.as_tensor(scores if _is_torch(scores) else np.asarray(scores), device=device)
     if tuple(classes.shape) != (count,):
         raise InputError(f"{op}: classes must be ({count},) to match masks, got shape {tuple(classes.shape)}")
     if classes.dtype.is_floating_point or classes.dtype.is_complex or classes.dtype == torch.bool:
