@@ -31,8 +31,10 @@ from ..errors import ModelError
 CACHE_ENV = "MODUSEG_CACHE"
 #: bumped when an export changes, so that older cached files are not reused.
 EXPORT_VERSION = 1
-#: max |onnxruntime - torch| accepted for the EfficientNet export (measured ~3.6e-5 on outputs of magnitude ~15-20).
-EFFNET_TOLERANCE = 1e-4
+#: max |onnxruntime - torch| accepted for the EfficientNet export, relative to the output's scale: the bound is
+#: EFFNET_TOLERANCE * max(1, max |torch output|). Measured: 3.3e-5 absolute on random inputs (outputs up to ~19),
+#: 1.1e-4 / 1.8e-4 (block 19 / 14) on VOC images (outputs up to ~53): relative 2e-6 / 4e-6, float32 rounding.
+EFFNET_TOLERANCE = 1e-5
 #: EfficientNet-Lite2's static "SAME" padding is computed for this input size. 256 is a multiple of 32, so every
 #: stride-2 convolution sees an even size, exactly as for every other multiple of 32: the padding then equals
 #: TensorFlow's SAME padding at any input we feed (the package default, 260, is not a multiple of 32).
@@ -187,7 +189,8 @@ def efficientnet_lite2_trunk(block: int, weights_path: str | os.PathLike | None 
 
 def verify_onnx(onnx_path: str | os.PathLike | bytes, module, input_name: str, samples: Sequence[np.ndarray],
                 tolerance: float) -> float:
-    """Max |onnxruntime - torch| of the model's first output over `samples`; raises ModelError above `tolerance`."""
+    """Max |onnxruntime - torch| of the model's first output over `samples`; raises ModelError when it exceeds
+    tolerance * max(1, max |torch output|) for a sample (float32 rounding grows with the output's magnitude)."""
     import onnxruntime as ort
 
     torch = _torch()
@@ -200,9 +203,12 @@ def verify_onnx(onnx_path: str | os.PathLike | bytes, module, input_name: str, s
         got = session.run(None, {input_name: sample})[0]
         if got.shape != expected.shape:
             raise ModelError(f"ONNX export gives shape {got.shape} for input {sample.shape}, torch {expected.shape}")
-        worst = max(worst, float(np.abs(got - expected).max()))
-    if not worst <= tolerance:
-        raise ModelError(f"ONNX export differs from torch by {worst:.3g} (tolerance {tolerance:g})")
+        diff = float(np.abs(got - expected).max())
+        bound = tolerance * max(1.0, float(np.abs(expected).max()))
+        if not diff <= bound:
+            raise ModelError(f"ONNX export differs from torch by {diff:.3g} on input {sample.shape} (bound {bound:.3g} "
+                             f"= {tolerance:g} x the output's magnitude)")
+        worst = max(worst, diff)
     return worst
 
 
@@ -210,7 +216,8 @@ def export_efficientnet_lite2(path: str | os.PathLike, block: int, weights_path:
                               opset: int = 18, tolerance: float = EFFNET_TOLERANCE) -> dict:
     """Export EfficientNet-Lite2 up to `_blocks[block]` to `path`: input "images" (B, 3, H, W) float32 normalised with
     mean 127 / std 128 (0-255 scale), output "features" (B, C, H/s, W/s); batch and H, W (multiples of 32) dynamic.
-    Verified against torch on two input sizes and batch sizes; returns {"max_abs_diff", "tolerance", ...}."""
+    Verified against torch on two input sizes and batch sizes (relative `tolerance`, see verify_onnx); returns
+    {"max_abs_diff", "tolerance", ...} for the cache sidecar."""
     torch = _torch()
     from torch.export import Dim
 
