@@ -376,3 +376,60 @@ def test_served_errors_are_clear(triton_server, protocol):
     # in the repository but not loaded: says so and lists the server's models
     with pytest.raises(ModelError, match=r"not ready.*effnet-lite2_block19_python READY"):
         TritonRuntime(url, model_name=tx.model_name(BACKBONE, "onnx"), protocol=protocol, retries=1, backoff=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_triton_repo_configs_only(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["triton-repo", "--out", str(tmp_path), "--variants", "python", "onnx", "--configs-only",
+                 "--max-batch-size", "4"]) == 0
+    configs = tx.validate_repository(tmp_path)
+    assert sorted(configs) == [tx.model_name(BACKBONE, "onnx"), tx.model_name(BACKBONE, "python")]
+    assert all(c.max_batch_size == 4 for c in configs.values())
+    assert "config.pbtxt" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_serve_prints_urls_and_stops_the_server_on_sigterm(server_launcher, tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import urllib.request
+
+    from engine.models.backbones import model_path
+
+    tx.write_repository(tmp_path / "repo", BACKBONE, variants=["python"], onnx_path=model_path(BACKBONE))
+    ports = [str(tx.free_port()) for _ in range(3)]
+    command = [sys.executable, "-m", "engine.cli", "serve", "--repo", str(tmp_path / "repo"), "--http-port", ports[0],
+               "--grpc-port", ports[1], "--metrics-port", ports[2], "--env", str(ROOT / tx.SERVER_ENV_DIR)]
+    cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server_pid = None
+    try:
+        lines = []
+        for line in cli.stdout:
+            lines.append(line)
+            if line.startswith("use:"):
+                break
+        text = "".join(lines)
+        assert f"HTTP    127.0.0.1:{ports[0]}" in text and f"gRPC    127.0.0.1:{ports[1]}" in text, text
+        server_pid = int(re.search(r"tritonserver \(pid (\d+)\)", text).group(1))
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5) as response:
+            assert response.status == 200
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(30) == 0
+        with pytest.raises(ProcessLookupError):
+            for _ in range(50):  # the server is the CLI's child: gone once the CLI has reaped it
+                os.kill(server_pid, 0)
+                time.sleep(0.1)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        if server_pid is not None:
+            try:
+                os.kill(server_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
