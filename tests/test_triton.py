@@ -419,9 +419,9 @@ def test_cli_serve_prints_urls_and_stops_the_server_on_sigterm(server_launcher, 
         with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5) as response:
             assert response.status == 200
         cli.send_signal(signal.SIGTERM)
-        assert cli.wait(30) == 0
+        assert cli.wait(60) == 0, cli.stdout.read()
         with pytest.raises(ProcessLookupError):
-            for _ in range(50):  # the server is the CLI's child: gone once the CLI has reaped it
+            for _ in range(100):  # the server is the CLI's child: gone once the CLI has reaped it
                 os.kill(server_pid, 0)
                 time.sleep(0.1)
     finally:
