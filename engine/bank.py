@@ -293,6 +293,26 @@ def make_index(vectors: np.ndarray, config: Config):
     return index
 
 
+def centre_samples(masks, stride: int):
+    """(N, H, W) masks → (N, ceil(H/s), ceil(W/s)): each patch takes the mask value at its centre pixel (0 where the
+    centre falls in the zero padding). Works on NumPy arrays and torch tensors alike."""
+    count, height, width = masks.shape
+    grid = (count, -(-height // stride), -(-width // stride))
+    sampled = masks[:, stride // 2::stride, stride // 2::stride]
+    out = masks.new_zeros(grid) if hasattr(masks, "new_zeros") else np.zeros(grid, masks.dtype)
+    out[:, :sampled.shape[1], :sampled.shape[2]] = sampled
+    return out
+
+
+def pool_regions(feature_map, masks, stride: int, config: Config, normalize: bool = True):
+    """One vector per mask over one feature map: SMFA (`config.pooling == "soft"`, the method) or, for the ablation
+    without SMFA, the plain mean of the patches whose centre the mask covers ("hard")."""
+    if config.pooling == "hard":
+        masks, stride = centre_samples(masks, stride), 1
+    return ops.soft_mask_pool(feature_map, masks, stride, eps=config.smfa_eps, normalize=normalize,
+                              num_threads=config.num_threads)
+
+
 def reject_outliers(vectors: np.ndarray, labels: np.ndarray, config: Config) -> np.ndarray:
     """Keep-mask: per class, drop the `ratio` fraction (rounded down) of vectors farthest (Euclidean) from the class
     mean; foreground uses `outlier_ratio`, background (class 0) `background_outlier_ratio`. Ties keep the earlier."""
@@ -331,8 +351,7 @@ def _add_batch(batch, backbone, class_names, config, vectors, entries) -> None:
                 masks.append(purified)
         if not masks:
             continue
-        pooled = ops.soft_mask_pool(feature_map, np.stack(masks), backbone.stride, eps=config.smfa_eps,
-                                    normalize=False)
+        pooled = pool_regions(feature_map, np.stack(masks), backbone.stride, config, normalize=False)
         norms = np.linalg.norm(pooled, axis=1)
         usable = np.isfinite(pooled).all(axis=1) & (norms > config.min_vector_norm)
         for class_id, vector, norm, ok in zip(class_ids, pooled, norms, usable):

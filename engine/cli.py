@@ -188,6 +188,17 @@ def cmd_serve(args) -> int:
         server.stop()
 
 
+def cmd_report(args) -> int:
+    from .report import run_report
+
+    report = run_report(args.data_root, args.out, datasets=args.datasets, quick=args.quick,
+                        sheet_images=args.sheet_images)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"-> {Path(args.out) / 'report.json'}; sheets: "
+          + ", ".join(r["sheet"]["file"] for r in report["datasets"].values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moduseg", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log", default=None, help="server log file (default: a temporary file)")
     serve.add_argument("--start-timeout", type=float, default=120.0)
     serve.set_defaults(run=cmd_serve)
+    report = commands.add_parser("report", help="the paper's table rows on VOC-layout data sets (JSON, Markdown, PNG)")
+    report.add_argument("--data-root", default="../shared/data", help="folder holding the data sets")
+    report.add_argument("--datasets", nargs="+", default=["voc2012-mini", "camvid"])
+    report.add_argument("--out", required=True)
+    report.add_argument("--quick", action="store_true", help="only the system rows (defaults and paper settings)")
+    report.add_argument("--sheet-images", type=int, default=4, help="val images on each PNG sheet")
+    report.set_defaults(run=cmd_report)
     return parser
 
 

@@ -9,6 +9,13 @@ from .errors import InputError
 
 VOTES = ("count", "balanced")
 EROSIONS = ("fixed", "adaptive")
+POOLINGS = ("soft", "hard")
+
+
+# The method's own values (arXiv 2604.07021); Config.paper() applies them over any changed defaults.
+PAPER_SETTINGS = dict(erosion_kernel=3, erosion_iterations=20, erosion="fixed", min_area=300, outlier_ratio=0.25,
+                      background_outlier_ratio=0.0, pooling="soft", smfa_eps=1e-8, objectness_threshold=0.6,
+                      nms_iou_threshold=0.4, top_k=25, vote="count", index="Flat")
 
 
 @dataclass
@@ -23,6 +30,8 @@ class Config:
         min_area: regions (bank masks after erosion, and inference proposals) smaller than this many pixels are dropped.
         outlier_ratio: fraction of each foreground class's bank vectors farthest from the class mean that is dropped.
         background_outlier_ratio: the same for background vectors (the paper never filters background: 0).
+        pooling: "soft" is SMFA (patch weight = fraction of the patch the mask covers); "hard" is the ablation
+            without SMFA (a patch counts fully when the mask covers its centre pixel, else not at all).
         smfa_eps: added to the summed soft-mask weight before dividing, as in the paper (1e-8).
         min_vector_norm: bank vectors with a smaller L2 norm before normalisation (empty masks) are dropped.
 
@@ -46,6 +55,7 @@ class Config:
     min_area: int = 300
     outlier_ratio: float = 0.25
     background_outlier_ratio: float = 0.0
+    pooling: str = "soft"
     smfa_eps: float = 1e-8
     min_vector_norm: float = 1e-6
 
@@ -76,8 +86,16 @@ class Config:
                 raise InputError(f"Config.{name} must be in [0, 1], got {value}")
         if self.vote not in VOTES:
             raise InputError(f"Config.vote must be one of {VOTES}, got {self.vote!r}")
+        if self.pooling not in POOLINGS:
+            raise InputError(f"Config.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.erosion not in EROSIONS:
             raise InputError(f"Config.erosion must be one of {EROSIONS}, got {self.erosion!r}")
+
+    @classmethod
+    def paper(cls, **changes) -> "Config":
+        """The paper's exact settings (count vote, fixed 20 x 3x3 erosion, K = 25, SMFA, ...), whatever the
+        engine's defaults are."""
+        return cls(**{**PAPER_SETTINGS, **changes})
 
     @property
     def erosion_size(self) -> int:

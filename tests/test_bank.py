@@ -191,3 +191,23 @@ def test_ivf_index_option():
     np.testing.assert_array_equal(rows_flat, rows_ivf)  # nprobe = nlist visits every list: exact
     with pytest.raises(InputError, match="factory"):
         FeatureBank(vectors, flat.labels, CLASSES[:3], backbone, Config(index="NotAnIndex")).index
+
+
+def test_hard_pooling_is_the_mean_of_patches_whose_centre_is_covered():
+    rng = np.random.default_rng()
+    from engine.bank import pool_regions
+
+    stride = 8
+    features = rng.normal(size=(5, 7, 6)).astype(np.float32)  # image 37 x 53: last patches partly padding
+    masks = rng.random((4, 37, 53)) > 0.5
+    got = pool_regions(features, masks, stride, Config(pooling="hard"), normalize=False)
+    for mask, vector in zip(masks, got):
+        covered = np.zeros((5, 7), bool)
+        for i in range(5):
+            for j in range(7):
+                y, x = i * stride + stride // 2, j * stride + stride // 2
+                covered[i, j] = y < 37 and x < 53 and mask[y, x]
+        want = features[covered].sum(0) / (covered.sum() + 1e-8)
+        np.testing.assert_allclose(vector, want, atol=1e-5)
+    soft = pool_regions(features, masks, stride, Config(), normalize=False)
+    np.testing.assert_allclose(soft, soft_mask_pool_reference(features, masks, stride, normalize=False), atol=1e-5)
