@@ -286,7 +286,11 @@ def make_index(vectors: np.ndarray, config: Config):
     except RuntimeError as error:
         raise InputError(f"Config.index {config.index!r} is not a FAISS index factory string: {error}") from error
     if not index.is_trained:
-        index.train(vectors)
+        sample = vectors
+        if len(vectors) > config.index_train_size:
+            rows = np.random.default_rng(0).choice(len(vectors), config.index_train_size, replace=False)
+            sample = vectors[np.sort(rows)]
+        index.train(sample)
     if hasattr(index, "nprobe"):
         index.nprobe = config.nprobe
     index.add(vectors)
@@ -304,13 +308,16 @@ def centre_samples(masks, stride: int):
     return out
 
 
-def pool_regions(feature_map, masks, stride: int, config: Config, normalize: bool = True):
-    """One vector per mask over one feature map: SMFA (`config.pooling == "soft"`, the method) or, for the ablation
-    without SMFA, the plain mean of the patches whose centre the mask covers ("hard")."""
+def pool_regions(feature_map, masks, stride: int, config: Config, normalize: bool = True,
+                 num_threads: int | None = None):
+    """One vector per mask over one feature map (NumPy, or torch CUDA tensors): SMFA (`config.pooling == "soft"`,
+    the method) or, for the ablation without SMFA, the plain mean of the patches whose centre the mask covers
+    ("hard")."""
     if config.pooling == "hard":
         masks, stride = centre_samples(masks, stride), 1
+    threads = config.num_threads if num_threads is None else num_threads
     return ops.soft_mask_pool(feature_map, masks, stride, eps=config.smfa_eps, normalize=normalize,
-                              num_threads=config.num_threads)
+                              num_threads=threads)
 
 
 def reject_outliers(vectors: np.ndarray, labels: np.ndarray, config: Config) -> np.ndarray:

@@ -45,6 +45,8 @@ class Config:
             of bank vectors, which keeps small banks usable.
         index: FAISS index factory string over inner product ("Flat" is exact; "IVF4096,Flat" for large banks).
         nprobe: inverted lists visited per query by IVF indexes.
+        index_train_size: at most this many bank vectors (a fixed random sample) train an index that needs
+            training (IVF centroids); FAISS wants some 40-256 per list, and training on millions takes hours.
         batch_size: images per backbone call (images are bucketed by padded size first).
         num_threads: threads for the compiled ops and the model runtime; 0 lets each library choose.
     """
@@ -65,6 +67,7 @@ class Config:
     vote: str = "count"
     index: str = "Flat"
     nprobe: int = 16
+    index_train_size: int = 262144
     batch_size: int = 4
     num_threads: int = 0
 
@@ -77,7 +80,7 @@ class Config:
         for name in ("erosion_iterations", "min_area", "num_threads"):
             if getattr(self, name) < 0:
                 raise InputError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("top_k", "batch_size", "nprobe"):
+        for name in ("top_k", "batch_size", "nprobe", "index_train_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("outlier_ratio", "background_outlier_ratio", "objectness_threshold", "nms_iou_threshold"):

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import ops
-from .bank import FeatureBank
+from .bank import FeatureBank, pool_regions
 from .config import Config
 from .errors import InputError, ModelError
 from .models.base import Proposals
@@ -333,8 +333,8 @@ class Engine:
     # The CPU path's kernels, one method each so that bench/throughput.py can swap in engine.reference's twins.
 
     def _pool(self, features: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        return ops.soft_mask_pool(features, masks, self.backbone.stride, eps=self.config.smfa_eps,
-                                  num_threads=self._threads(masks.size, SMALL_KERNEL_WORK))
+        return pool_regions(features, masks, self.backbone.stride, self.config,
+                            num_threads=self._threads(masks.size, SMALL_KERNEL_WORK))
 
     def _search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         threads = self._threads(queries.size * len(self.bank), SMALL_SEARCH_WORK)
@@ -482,7 +482,7 @@ class Engine:
 
         config, times = self.config, self.times
         with times("smfa"):
-            queries = [ops.soft_mask_pool(f, m, self.backbone.stride, eps=config.smfa_eps) if len(m) else
+            queries = [pool_regions(f, m, self.backbone.stride, config) if len(m) else
                        torch.zeros((0, self.bank.dim), dtype=torch.float32, device=self.device)
                        for f, m in zip(batch.features, batch.masks)]
         index = self.device_index
