@@ -144,7 +144,8 @@ def _report_dataset(root: Path, name: str, out: Path, quick: bool, sheet_images:
     if has_weak_labels:
         seeds = ConfusionMatrix(train.class_names)
         for sample, truth in zip(pseudo_samples(), train_samples):
-            seeds.update(sample.mask, truth.mask)
+            # an uncertain (255) seed pixel names no class: it counts as background here
+            seeds.update(np.where(sample.mask == 255, 0, sample.mask), truth.mask)
         result["seed_quality"] = seeds.summary()
     predictions = {}
     for row in tqdm(rows, desc=f"{name}: rows", disable=not progress):
