@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 if __package__ in (None, ""):  # `python bench/kernels.py` from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after site-packages: an installed engine (with its compiled _C) wins
 
 from engine import ops  # noqa: E402
 from engine.reference import mask_nms_raster_reference, soft_mask_pool_reference  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # run from a checkout; an installed engine wins
 
 from engine.models.backbones import BACKBONES, create_backbone
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 if __package__ in (None, ""):  # `python bench/throughput.py` from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after site-packages: an installed engine (with its compiled _C) wins
 
 from engine import Config, Engine, FeatureBank  # noqa: E402
 from engine.data import VOCDataset, load_label_map  # noqa: E402
