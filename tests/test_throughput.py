@@ -4,7 +4,6 @@ tiny run of bench/throughput.py. No timing assertions."""
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 import threading
