@@ -300,7 +300,7 @@ class Engine:
             if self.on_gpu:
                 batch.features, batch.finite = self._device_features(batch.images)
             else:
-                batch.features = self.backbone.features(batch.images)
+                batch.features = self._check_features(self.backbone.features(batch.images), batch.images)
         if self.on_gpu:
             import torch
 
@@ -308,6 +308,21 @@ class Engine:
                 batch.masks = [torch.from_numpy(p.masks[c]).to(self.device, non_blocking=True)
                                for p, c in zip(batch.proposals, batch.candidates)]
         return batch
+
+    def _check_features(self, features, images) -> list[np.ndarray]:
+        """Any backbone's output, checked before it reaches the index: one finite (ceil(H/s), ceil(W/s), dim) map
+        per image."""
+        stride, dim = self.backbone.stride, self.backbone.dim
+        if len(features) != len(images):
+            raise ModelError(f"backbone {self.backbone.id} returned {len(features)} feature maps for {len(images)} images")
+        for i, (f, image) in enumerate(zip(features, images)):
+            expected = (-(-image.shape[0] // stride), -(-image.shape[1] // stride), dim)
+            if tuple(f.shape) != expected:
+                raise ModelError(f"backbone {self.backbone.id}: feature map of shape {tuple(f.shape)} for a "
+                                 f"{image.shape[0]}x{image.shape[1]} image, expected {expected}")
+            if not np.isfinite(f).all():
+                raise ModelError(f"backbone {self.backbone.id}: NaN or inf features for image {i} of the batch")
+        return features
 
     def _post(self, batch: _Batch) -> list[Result]:
         if self.on_gpu:

@@ -111,3 +111,25 @@ def test_module_level_segment_batch_with_bank_directory(bank, tmp_path, monkeypa
     results = engine.segment_batch([image], path, proposals=[ground_truth_proposals(label)])
     np.testing.assert_array_equal(results[0].label_map, label)
     assert results[0].class_summary().keys() == {"background", "blue"}
+
+
+def test_nan_or_misshapen_features_are_a_clear_error(bank):
+    from engine.errors import ModelError
+
+    class Broken(ColorBackbone):
+        def __init__(self, damage):
+            super().__init__()
+            self.damage = damage
+
+        def features(self, images):
+            out = super().features(images)
+            if self.damage == "nan":
+                out[0][0, 0, 0] = np.nan
+            else:
+                out[0] = out[0][:-1]
+            return out
+
+    image, label = scene()
+    for damage, message in (("nan", "NaN"), ("shape", "expected")):
+        with pytest.raises(ModelError, match=message):
+            Engine(bank, backbone=Broken(damage)).segment(image, ground_truth_proposals(label))
