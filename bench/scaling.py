@@ -84,14 +84,9 @@ def search_scaling(args) -> dict:
     rows.append(("torch top-K (exact, CPU)", "-", 0.0, torch_query, recall_at_k(found.numpy(), truth)))
 
     t = time.perf_counter()
-    if args.train_sample and args.train_sample < len(vectors):
-        # make_index trains on every vector (FAISS caps k-means at 256 points per list): on 2 cores a 1M-vector
-        # IVF4096 training takes hours, so train on a sample and add everything, as one would offline
-        ivf = faiss.index_factory(args.dim, args.index, faiss.METRIC_INNER_PRODUCT)
-        ivf.train(vectors[rng.choice(len(vectors), args.train_sample, replace=False)])
-        ivf.add(vectors)
-    else:
-        ivf = make_index(vectors, Config(index=args.index, nprobe=args.nprobe[0]))
+    # make_index trains IVF on a fixed random sample of Config.index_train_size vectors, then adds them all
+    ivf = make_index(vectors, Config(index=args.index, nprobe=args.nprobe[0],
+                                     index_train_size=args.train_sample or len(vectors)))
     ivf_build = time.perf_counter() - t
     for nprobe in args.nprobe:
         ivf.nprobe = nprobe
@@ -152,8 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=25)
     parser.add_argument("--index", default="IVF4096,Flat")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--train-sample", type=int, default=0, help="train IVF on this many vectors (0 = all, "
-                        "as make_index does)")
+    parser.add_argument("--train-sample", type=int, default=0, help="train IVF on this many vectors (Config.index_train_size; 0 = all)")
     parser.add_argument("--stream", type=int, default=300, help="images in the RSS stream (0 skips it)")
     parser.add_argument("--no-search", action="store_true")
     parser.add_argument("--json", type=Path)

@@ -30,7 +30,7 @@ from .bank import FeatureBank, pool_regions
 from .config import Config
 from .errors import InputError, ModelError
 from .models.base import Proposals
-from .retrieval import DeviceIndex, retrieve, vote
+from .retrieval import DeviceIndex, vote
 from .utils import bucket_by_size, check_image, check_masks, padded_size
 
 DEVICES = ("cpu", "cuda")

@@ -11,19 +11,9 @@ from engine.config import Config
 from engine.data import Sample
 from engine.errors import BankError, InputError
 from engine.reference import soft_mask_pool_reference
-from toy_models import ColorBackbone, scene
+from toy_models import CLASSES, ColorBackbone, scene, toy_samples
 
-CLASSES = ("background", "red", "green", "blue")
-
-
-def make_samples(n=6, rng=None):
-    rng = rng or np.random.default_rng()
-    samples = []
-    for i in range(n):
-        classes = [(1, 2), (2, 3), (1, 3)][i % 3]
-        image, label = scene(rng=rng, classes=classes)
-        samples.append(Sample(f"img{i}", image, list(classes), label))
-    return samples
+make_samples = toy_samples
 
 
 def test_single_square_erosion_equals_iterated_3x3_with_unerodible_border():
@@ -40,8 +30,8 @@ def test_single_square_erosion_equals_iterated_3x3_with_unerodible_border():
 def test_purify_drops_small_regions_and_adaptive_keeps_thin_ones():
     pole = np.zeros((200, 200), bool)
     pole[20:180, 95:105] = True  # 10 px wide, 1600 px: erased whole by 20 erosions
-    assert purify(pole, Config()) is None
-    kept = purify(pole, Config(erosion="adaptive"))
+    assert purify(pole, Config.paper()) is None
+    kept = purify(pole, Config.paper(erosion="adaptive"))
     assert kept is not None and kept.sum() >= 300 and kept.sum() < pole.sum()
     assert not (kept & ~pole).any()
     tiny = np.zeros((50, 50), bool)
@@ -49,7 +39,7 @@ def test_purify_drops_small_regions_and_adaptive_keeps_thin_ones():
     assert purify(tiny, Config(erosion="adaptive")) is None
     block = np.zeros((100, 100), bool)
     block[10:90, 10:90] = True
-    np.testing.assert_array_equal(purify(block, Config(erosion="adaptive")), purify(block, Config()))
+    np.testing.assert_array_equal(purify(block, Config.paper(erosion="adaptive")), purify(block, Config.paper()))
     assert purify(block, Config(erosion_iterations=0)).sum() == block.sum()
 
 
@@ -57,7 +47,7 @@ def test_outlier_rejection_drops_farthest_quarter_of_foreground_only():
     rng = np.random.default_rng()
     vectors = rng.normal(size=(18, 5)).astype(np.float32)
     labels = np.array([1] * 9 + [2] * 5 + [0] * 4)
-    keep = reject_outliers(vectors, labels, Config())
+    keep = reject_outliers(vectors, labels, Config.paper())
     assert keep[labels == 0].all()
     assert (~keep[labels == 1]).sum() == 2 and (~keep[labels == 2]).sum() == 1
     members = np.flatnonzero(labels == 1)

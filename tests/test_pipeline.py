@@ -4,24 +4,14 @@ import numpy as np
 import pytest
 
 import engine
-from engine import Config, Engine, FeatureBank, Proposals
-from engine.data import Sample
+from engine import Engine, Proposals
 from engine.errors import BankError, InputError
 from engine.models import ground_truth_proposals
-from toy_models import ColorBackbone, scene
-
-CLASSES = ("background", "red", "green", "blue")
-
+from toy_models import ColorBackbone, scene, toy_bank
 
 @pytest.fixture(scope="module")
 def bank():
-    rng = np.random.default_rng()
-    samples = []
-    for i in range(9):
-        classes = [(1, 2), (2, 3), (1, 3)][i % 3]
-        image, label = scene(rng=rng, classes=classes)
-        samples.append(Sample(f"img{i}", image, list(classes), label))
-    return FeatureBank.build(samples, ColorBackbone(), CLASSES, Config(min_area=100, top_k=3), progress=False)
+    return toy_bank()
 
 
 def test_ground_truth_proposals_give_the_ground_truth(bank):

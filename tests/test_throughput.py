@@ -14,30 +14,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import Config, Engine, FeatureBank, Proposals
-from engine.data import Sample
+from engine import Engine, FeatureBank, Proposals
 from engine.errors import InputError, ModelError
 from engine.models import ground_truth_proposals
 from engine.retrieval import DeviceIndex, exact_search_numpy, retrieve, topk_inner_product, vote, vote_torch
-from toy_models import ColorBackbone, scene
+from toy_models import ColorBackbone, scene, toy_bank
 
 torch = pytest.importorskip("torch")
 faiss = pytest.importorskip("faiss")
 
 ROOT = Path(__file__).resolve().parents[1]
 VOC = ROOT.parent / "shared" / "data" / "voc2012-mini"
-CLASSES = ("background", "red", "green", "blue")
-
-
 @pytest.fixture(scope="module")
 def bank():
-    rng = np.random.default_rng()
-    samples = []
-    for i in range(9):
-        classes = [(1, 2), (2, 3), (1, 3)][i % 3]
-        image, label = scene(rng=rng, classes=classes)
-        samples.append(Sample(f"img{i}", image, list(classes), label))
-    return FeatureBank.build(samples, ColorBackbone(), CLASSES, Config(min_area=100, top_k=3), progress=False)
+    return toy_bank()
 
 
 def scenes(count, rng=None):

@@ -41,3 +41,27 @@ def scene(height=96, width=128, rng=None, classes=(1, 2)):
         label[top:bottom, left:right] = class_id
     noise = rng.integers(-6, 7, image.shape)
     return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), label
+
+
+CLASSES = ("background", "red", "green", "blue")
+
+
+def toy_samples(count=6, rng=None):
+    """Bank samples: scenes with two of the three colour classes each, labels from their masks."""
+    from engine.data import Sample
+
+    rng = rng or np.random.default_rng()
+    samples = []
+    for i in range(count):
+        classes = [(1, 2), (2, 3), (1, 3)][i % 3]
+        image, label = scene(rng=rng, classes=classes)
+        samples.append(Sample(f"img{i}", image, list(classes), label))
+    return samples
+
+
+def toy_bank(count=9):
+    """A bank of `count` toy scenes; K = 3 since every class has only a few vectors."""
+    from engine import Config, FeatureBank
+
+    return FeatureBank.build(toy_samples(count), ColorBackbone(), CLASSES, Config(min_area=100, top_k=3),
+                             progress=False)
