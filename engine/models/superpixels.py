@@ -118,7 +118,8 @@ def merge_regions(edges: np.ndarray, area: np.ndarray, features: np.ndarray, col
     distance(i, j) = (1 - cos(f_i, f_j)) + colour_weight * |lab_i - lab_j| / 100 + saliency_weight * |s_i - s_j|
                      + size_weight * min(a_i, a_j) / A
     The size term makes small fragments merge before large regions (as in selective search), so intermediate levels
-    hold few slivers. `levels` are the region counts at which the current partition is recorded.
+    hold few slivers. `levels` are the region counts at which the current partition is recorded; merging stops at
+    the smallest.
     """
     n = len(area)
     total = float(area.sum())
@@ -143,11 +144,9 @@ def merge_regions(edges: np.ndarray, area: np.ndarray, features: np.ndarray, col
         neighbours[b].add(int(a))
 
     def distances(i: int, others: np.ndarray) -> np.ndarray:
-        d = 1.0 - feat[others] @ feat[i]
-        d += colour_weight / 100.0 * np.linalg.norm(col[others] - col[i], axis=1)
-        d += saliency_weight * np.abs(sal[others] - sal[i])
-        d += size_weight * np.minimum(size[others], size[i]) / total
-        return d
+        diff = col[others] - col[i]
+        return (1.0 - feat[others] @ feat[i] + (colour_weight / 100.0) * np.sqrt((diff * diff).sum(1))
+                + saliency_weight * np.abs(sal[others] - sal[i]) + (size_weight / total) * np.minimum(size[others], size[i]))
 
     if len(edges):
         a, b = edges[:, 0], edges[:, 1]
@@ -160,6 +159,7 @@ def merge_regions(edges: np.ndarray, area: np.ndarray, features: np.ndarray, col
     alive = np.zeros(nodes, bool)
     alive[:n] = True
     levels = sorted({int(k) for k in levels if 1 <= k <= n}, reverse=True)
+    stop = levels[-1] if levels else 1  # merging past the coarsest cut would only build unused nodes
     snapshots = {}
     count, new = n, n
     leaf_node = np.arange(n)
@@ -170,7 +170,7 @@ def merge_regions(edges: np.ndarray, area: np.ndarray, features: np.ndarray, col
             snapshots[levels.pop(0)] = leaf_node.copy()
 
     snapshot_if_due()
-    while heap and count > 1:
+    while heap and count > stop:
         d, i, j = heapq.heappop(heap)
         if not (alive[i] and alive[j]):
             continue
@@ -181,7 +181,7 @@ def merge_regions(edges: np.ndarray, area: np.ndarray, features: np.ndarray, col
         size[new] = size[i] + size[j]
         wi, wj = size[i] / size[new], size[j] / size[new]
         feat_sum[new] = feat_sum[i] + feat_sum[j]
-        feat[new] = _unit(feat_sum[new])
+        feat[new] = feat_sum[new] / max(float(np.sqrt(feat_sum[new] @ feat_sum[new])), 1e-12)
         col[new] = wi * col[i] + wj * col[j]
         sal[new] = wi * sal[i] + wj * sal[j]
         members[new] = members[i] + members[j]
