@@ -42,17 +42,6 @@ def _chunks(items, size):
         yield items[start:start + size]
 
 
-def _proposer(kind: str, engine_config: Config):
-    if kind == "auto":
-        try:
-            from .models.embedded import create_proposer
-        except ImportError:
-            raise ModuSegError("--proposals auto: the embedded class-agnostic proposer is not available yet "
-                               "in this version; use --proposals gt (oracle proposals) for evaluation") from None
-        return create_proposer(engine_config)
-    return None
-
-
 def cmd_build_bank(args) -> int:
     from .bank import FeatureBank
     from .data import VOCDataset
@@ -63,11 +52,8 @@ def cmd_build_bank(args) -> int:
     backbone = create_backbone(args.backbone, batch_size=config.batch_size, num_threads=config.num_threads)
     samples = dataset
     if args.masks == "pseudo":
-        try:
-            from .models.embedded import pseudo_mask_samples
-        except ImportError:
-            raise ModuSegError("--masks pseudo: the embedded pseudo-mask generator is not available yet in this "
-                               "version; use --masks gt") from None
+        from .models.embedded import pseudo_mask_samples
+
         samples = pseudo_mask_samples(dataset, config)
     start = time.perf_counter()
     bank = FeatureBank.build(samples, backbone, dataset.class_names, config, total=len(dataset),
@@ -94,7 +80,8 @@ def cmd_eval(args) -> int:
     if tuple(dataset.class_names) != bank.class_names:
         raise ModuSegError(f"the bank's classes {list(bank.class_names)} differ from the dataset's "
                            f"{list(dataset.class_names)}")
-    engine = Engine(bank, proposer=_proposer(args.proposals, config), config=config)
+    # ground-truth proposals are passed per batch below; "auto" is the engine's embedded proposer
+    engine = Engine(bank, proposer="embedded" if args.proposals == "auto" else None, config=config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.save_predictions:
@@ -134,7 +121,7 @@ def cmd_segment(args) -> int:
 
     bank = FeatureBank.load(args.bank)
     config = _config(args, bank.config)
-    engine = Engine(bank, proposer=_proposer("auto", config), config=config)
+    engine = Engine(bank, config=config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for paths in _chunks([Path(p) for p in args.images], config.batch_size):

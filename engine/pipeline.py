@@ -125,13 +125,14 @@ class Engine:
     backbone: defaults to the backbone named in the bank (created through engine.models.create_backbone; on
         device="cuda" with the torch runtime when the model has a torch module, else onnxruntime's CUDA provider);
         a bank built with another backbone is refused.
-    proposer: class-agnostic proposer used when `segment_batch` is given no proposals.
+    proposer: class-agnostic proposer used when `segment_batch` is given no proposals; "embedded" (the default)
+        is the embedded training-free proposer, created on first use; None means proposals must always be given.
     config: inference knobs; defaults to the bank's config.
     device: "cpu" (default) or "cuda" (or "cuda:N"): where features, SMFA, search, vote and NMS + raster run. "cuda"
         needs torch with a visible GPU and engine._C built with its CUDA kernels; otherwise the engine refuses it.
     """
 
-    def __init__(self, bank, backbone=None, proposer=None, config: Config | None = None, device: str = "cpu"):
+    def __init__(self, bank, backbone=None, proposer="embedded", config: Config | None = None, device: str = "cpu"):
         if not isinstance(bank, FeatureBank):
             bank = FeatureBank.load(bank)
         self.bank = bank
@@ -386,6 +387,12 @@ class Engine:
             if self.proposer is None:
                 raise InputError("no proposals given and this engine has no proposer: pass proposals=[...] or "
                                  "construct the Engine with a proposer")
+            if isinstance(self.proposer, str):
+                if self.proposer != "embedded":
+                    raise InputError(f"unknown proposer {self.proposer!r}; pass 'embedded', a Proposer or None")
+                from .models.embedded import create_proposer
+
+                self.proposer = create_proposer(self.config)
             made = self.proposer.propose([images[i] for i in missing])
             if len(made) != len(missing):
                 raise InputError(f"proposer {getattr(self.proposer, 'name', '?')} returned {len(made)} proposal "
@@ -595,7 +602,7 @@ _ENGINES: dict = {}
 
 
 def segment_batch(images: Sequence[np.ndarray], bank, proposals: Sequence[Proposals] | None = None,
-                  proposer=None, config: Config | None = None) -> list[Result]:
+                  proposer="embedded", config: Config | None = None) -> list[Result]:
     """One-call segmentation. `bank` is a FeatureBank or a bank directory; engines built from a directory are kept
     (per path, proposer and config) so repeated calls do not reload models."""
     if isinstance(bank, FeatureBank):

@@ -89,7 +89,9 @@ def test_bad_inputs(bank):
     with pytest.raises(InputError, match="proposal sets"):
         eng.segment_batch([image, image], [proposals])
     with pytest.raises(InputError, match="no proposals given"):
-        eng.segment(image)
+        Engine(bank, backbone=ColorBackbone(), proposer=None).segment(image)
+    with pytest.raises(InputError, match="unknown proposer"):
+        Engine(bank, backbone=ColorBackbone(), proposer="sam").segment(image)
     with pytest.raises(BankError, match="test/other"):
         Engine(bank, backbone=ColorBackbone(id="test/other"))
 
