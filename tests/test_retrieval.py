@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from engine.errors import InputError
-from engine.retrieval import vote
+from engine.retrieval import vote, vote_torch
 
 
 def vote_loop(similarities, labels, num_classes, method="count", class_counts=None):
@@ -24,7 +24,7 @@ def vote_loop(similarities, labels, num_classes, method="count", class_counts=No
 
         def key(c):
             count, total, first = stats[c]
-            score = count / max(class_counts[c], 1) if method == "balanced" else count
+            score = {"count": count, "balanced": count / max(class_counts[c], 1), "weighted": total}[method]
             return (score, total, -first)
 
         best = max(stats, key=key)
@@ -33,7 +33,7 @@ def vote_loop(similarities, labels, num_classes, method="count", class_counts=No
     return np.array(classes), np.array(confidences, np.float32)
 
 
-@pytest.mark.parametrize("method", ["count", "balanced"])
+@pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
 def test_vote_matches_loop_on_random_inputs(method):
     rng = np.random.default_rng()
     for _ in range(20):
@@ -71,6 +71,32 @@ def test_balanced_vote_divides_by_bank_count():
     assert vote(sims, labels, 2, "count", [100, 2])[0][0] == 0
     classes, confidence = vote(sims, labels, 2, "balanced", [100, 2])
     assert classes[0] == 1 and confidence[0] == pytest.approx(0.7)
+
+
+def test_weighted_vote_sums_similarities():
+    # Class 2 has more neighbours (count wins) but class 1's single neighbour is far closer than both.
+    sims, labels = [[0.9, 0.3, 0.3]], [[1, 2, 2]]
+    assert vote(sims, labels, 3, "count")[0][0] == 2
+    classes, confidence = vote(sims, labels, 3, "weighted")
+    assert classes[0] == 1 and confidence[0] == pytest.approx(0.9)
+    # Equal summed similarity: the class first in rank order wins.
+    assert vote([[0.6, 0.3, 0.3]], [[1, 2, 2]], 3, "weighted")[0][0] == 1
+    assert vote([[0.3, 0.6, 0.3]], [[2, 1, 2]], 3, "weighted")[0][0] == 2
+
+
+@pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
+def test_vote_torch_matches_loop_on_random_inputs(method):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng()
+    for _ in range(20):
+        queries, k, num_classes = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 8))
+        labels = rng.integers(-1, num_classes, (queries, k))
+        similarities = -np.sort(-rng.integers(0, 4, (queries, k)) / 4.0, axis=1).astype(np.float32)
+        counts = rng.integers(1, 10, num_classes)
+        got = vote_torch(torch.from_numpy(similarities), torch.from_numpy(labels), num_classes, method, counts)
+        want = vote_loop(similarities, labels, num_classes, method, counts)
+        np.testing.assert_array_equal(got[0].numpy(), want[0])
+        np.testing.assert_allclose(got[1].numpy(), want[1], rtol=1e-6)
 
 
 def test_no_valid_neighbour_is_background_with_zero_confidence():
