@@ -168,7 +168,8 @@ def _report_dataset(root: Path, name: str, out: Path, quick: bool, sheet_images:
         predictions.setdefault(row.name, labels)
     main = next(r for r in rows if r.group == "system")
     sheet = out / f"{name}_sheet.png"
-    write_sheet(sheet, val_samples[:sheet_images], predictions[main.name][:sheet_images])
+    picks = np.unique(np.linspace(0, len(val_samples) - 1, sheet_images).round().astype(int))  # spread over val
+    write_sheet(sheet, [val_samples[i] for i in picks], [predictions[main.name][i] for i in picks])
     result["sheet"] = {"file": sheet.name, "row": main.name}
     return result
 
