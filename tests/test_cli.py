@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from engine.cli import main
+from toy_models import copy_small_voc
 
 VOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-mini"
 pytestmark = pytest.mark.skipif(not VOC.is_dir(), reason=f"needs {VOC}")
@@ -18,21 +19,7 @@ pytestmark = pytest.mark.skipif(not VOC.is_dir(), reason=f"needs {VOC}")
 
 @pytest.fixture(scope="module")
 def small_voc(tmp_path_factory):
-    """6 train and 3 val images of voc2012-mini in the same layout (with image_labels.json)."""
-    root = tmp_path_factory.mktemp("voc")
-    splits = {s: (VOC / "ImageSets" / "Segmentation" / f"{s}.txt").read_text().split() for s in ("train", "val")}
-    chosen = {"train": splits["train"][:6], "val": splits["val"][:3]}
-    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
-    (root / "JPEGImages").mkdir()
-    (root / "SegmentationClass").mkdir()
-    for split, ids in chosen.items():
-        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-        for i in ids:
-            shutil.copy(VOC / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
-            shutil.copy(VOC / "SegmentationClass" / f"{i}.png", root / "SegmentationClass")
-    labels = json.loads((VOC / "image_labels.json").read_text())
-    (root / "image_labels.json").write_text(json.dumps({i: labels[i] for ids in chosen.values() for i in ids}))
-    return root
+    return copy_small_voc(VOC, tmp_path_factory.mktemp("voc"))
 
 
 @pytest.mark.slow

@@ -65,3 +65,23 @@ def toy_bank(count=9):
 
     return FeatureBank.build(toy_samples(count), ColorBackbone(), CLASSES, Config(min_area=100, top_k=3),
                              progress=False)
+
+
+def copy_small_voc(voc, root, train=6, val=3):
+    """The first `train` / `val` images of a VOC-layout data set copied to `root` in the same layout."""
+    import json
+    import shutil
+
+    splits = {s: (voc / "ImageSets" / "Segmentation" / f"{s}.txt").read_text().split() for s in ("train", "val")}
+    chosen = {"train": splits["train"][:train], "val": splits["val"][:val]}
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    for split, ids in chosen.items():
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for i in ids:
+            shutil.copy(voc / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
+            shutil.copy(voc / "SegmentationClass" / f"{i}.png", root / "SegmentationClass")
+    labels = json.loads((voc / "image_labels.json").read_text())
+    (root / "image_labels.json").write_text(json.dumps({i: labels[i] for ids in chosen.values() for i in ids}))
+    return root
