@@ -76,8 +76,8 @@ class Config:
     top_k: int = 5
     # "count" (the paper's vote) stays the default: at K=5 it beats "balanced" on VOC (ground-truth bank + embedded
     # proposals 34.4 vs 27.1; pseudo bank 21.7 vs 18.8) and ties on CamVid (oracle 69.4 both; embedded 44.4 vs 44.2).
-    # (Embedded rows here were measured with the proposer's former cuts (100, 50) and colour_weight 0.5; with the
-    # current proposer defaults, see EmbeddedProposer, CamVid GT bank + embedded is 45.6, VOC pseudo bank 22.1.)
+    # (Embedded rows here were measured with the proposer's colour_weight 0.5; with the current proposer defaults,
+    # see EmbeddedProposer, the CLI gives CamVid GT bank + embedded 44.7 and VOC pseudo bank + embedded 22.6.)
     vote: str = "count"
     index: str = "Flat"
     nprobe: int = 16
