@@ -33,15 +33,20 @@ def vote_loop(similarities, labels, num_classes, method="count", class_counts=No
     return np.array(classes), np.array(confidences, np.float32)
 
 
+def random_neighbours(rng):
+    """(Q, K) best-first similarities, neighbour classes (-1 = no result), class count and bank counts."""
+    queries, k, num_classes = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 8))
+    labels = rng.integers(-1, num_classes, (queries, k))
+    # Coarse similarities make ties in summed similarity common.
+    similarities = -np.sort(-rng.integers(0, 4, (queries, k)) / 4.0, axis=1).astype(np.float32)
+    return similarities, labels, num_classes, rng.integers(1, 10, num_classes)
+
+
 @pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
 def test_vote_matches_loop_on_random_inputs(method):
     rng = np.random.default_rng()
     for _ in range(20):
-        queries, k, num_classes = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 8))
-        labels = rng.integers(-1, num_classes, (queries, k))
-        # Coarse similarities make ties in summed similarity common.
-        similarities = -np.sort(-rng.integers(0, 4, (queries, k)) / 4.0, axis=1).astype(np.float32)
-        counts = rng.integers(1, 10, num_classes)
+        similarities, labels, num_classes, counts = random_neighbours(rng)
         got = vote(similarities, labels, num_classes, method, counts)
         want = vote_loop(similarities, labels, num_classes, method, counts)
         np.testing.assert_array_equal(got[0], want[0])
@@ -89,10 +94,7 @@ def test_vote_torch_matches_loop_on_random_inputs(method):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng()
     for _ in range(20):
-        queries, k, num_classes = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 8))
-        labels = rng.integers(-1, num_classes, (queries, k))
-        similarities = -np.sort(-rng.integers(0, 4, (queries, k)) / 4.0, axis=1).astype(np.float32)
-        counts = rng.integers(1, 10, num_classes)
+        similarities, labels, num_classes, counts = random_neighbours(rng)
         got = vote_torch(torch.from_numpy(similarities), torch.from_numpy(labels), num_classes, method, counts)
         want = vote_loop(similarities, labels, num_classes, method, counts)
         np.testing.assert_array_equal(got[0].numpy(), want[0])
