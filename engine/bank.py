@@ -188,6 +188,10 @@ class FeatureBank:
             return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
         return self.index.search(queries, k)
 
+    def neighbour_labels(self, rows: np.ndarray) -> np.ndarray:
+        """Class ids of search result rows; -1 where the search returned no row (FAISS's -1)."""
+        return np.where(rows >= 0, self.labels[np.clip(rows, 0, None)], -1)
+
     def check_backbone(self, backbone) -> None:
         """Raise BankError unless `backbone` is the one this bank was built with."""
         mine = (self.backbone.get("id"), int(self.backbone.get("dim", -1)))

@@ -220,11 +220,11 @@ class Engine:
                         return
                     chunk.append(item)
                     if len(chunk) == batch_size:
-                        if not put(loaded, self._load_items(chunk, len(chunk))):
+                        if not put(loaded, self._load_items(chunk)):
                             return
                         chunk = []
                 if chunk:
-                    put(loaded, self._load_items(chunk, len(chunk)))
+                    put(loaded, self._load_items(chunk))
             except BaseException as error:  # noqa: BLE001 - handed to the consumer
                 put(loaded, _Failure(error))
             put(loaded, _DONE)
@@ -265,7 +265,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------------ stages
 
-    def _load_items(self, items: list, count: int) -> _Batch:
+    def _load_items(self, items: list) -> _Batch:
         """segment_stream's items -> a checked batch (paths decoded here)."""
         from .data import load_image
 
@@ -334,9 +334,8 @@ class Engine:
         with times("search"):
             similarities, rows = self._search(np.concatenate(queries))
         with times("vote"):
-            neighbour_labels = np.where(rows >= 0, self.bank.labels[np.clip(rows, 0, None)], -1)
-            classes, confidences = vote(similarities, neighbour_labels, len(self.class_names), config.vote,
-                                        self.bank.class_counts())
+            classes, confidences = vote(similarities, self.bank.neighbour_labels(rows), len(self.class_names),
+                                        config.vote, self.bank.class_counts())
         results = []
         with times("nms_raster"):
             offsets = np.cumsum([0] + [len(c) for c in batch.candidates])
@@ -377,11 +376,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------- CPU helpers
 
-    def _proposals(self, images, proposals) -> list[Proposals]:
-        if proposals is None:
-            proposals = [None] * len(images)
-        if len(proposals) != len(images):
-            raise InputError(f"got {len(proposals)} proposal sets for {len(images)} images")
+    def _proposals(self, images, proposals: list) -> list[Proposals]:
+        """One Proposals per image (the batch's list holds None where the engine's proposer must make them)."""
         missing = [i for i, p in enumerate(proposals) if p is None]
         if missing:
             if self.proposer is None:
@@ -513,9 +509,8 @@ class Engine:
         with times("vote"):
             from .retrieval import vote_torch
 
-            labels = torch.where(rows >= 0, index.labels[rows.clamp(min=0)], -1)
-            classes, confidences = vote_torch(similarities, labels, index.num_classes, config.vote,
-                                              index.class_counts)
+            classes, confidences = vote_torch(similarities, index.neighbour_labels(rows), index.num_classes,
+                                              config.vote, index.class_counts)
         results = []
         with times("nms_raster"):
             offset = 0

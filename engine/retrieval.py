@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import VOTES
 from .errors import InputError
-
-VOTE_METHODS = ("count", "balanced", "weighted")
 
 
 def vote(similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes: int, method: str = "count",
@@ -50,7 +49,7 @@ def vote(similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes: in
     elif method == "weighted":
         score = sums
     else:
-        raise InputError(f"unknown vote {method!r}; expected one of {VOTE_METHODS}")
+        raise InputError(f"unknown vote {method!r}; expected one of {VOTES}")
 
     present = counts > 0
     best_score = np.where(present, score, -np.inf)
@@ -66,8 +65,7 @@ def vote(similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes: in
 def retrieve(bank, queries: np.ndarray, top_k: int, method: str = "count") -> tuple[np.ndarray, np.ndarray]:
     """Search the bank with all queries at once and vote: classes (Q,) and confidences (Q,)."""
     similarities, rows = bank.search(queries, top_k)
-    neighbour_labels = np.where(rows >= 0, bank.labels[np.clip(rows, 0, None)], -1)
-    return vote(similarities, neighbour_labels, len(bank.class_names), method, bank.class_counts())
+    return vote(similarities, bank.neighbour_labels(rows), len(bank.class_names), method, bank.class_counts())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -154,8 +152,8 @@ def vote_torch(similarities, neighbour_labels, num_classes: int, method: str = "
     queries, k = similarities.shape
     if queries == 0:
         return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float32, device=device)
-    if method not in VOTE_METHODS:
-        raise InputError(f"unknown vote {method!r}; expected one of {VOTE_METHODS}")
+    if method not in VOTES:
+        raise InputError(f"unknown vote {method!r}; expected one of {VOTES}")
     if method == "balanced" and class_counts is None:
         raise InputError("the balanced vote needs the bank's class counts")
     valid = neighbour_labels >= 0
@@ -216,13 +214,16 @@ class DeviceIndex:
             return similarities, rows.to(torch.int64)
         return topk_inner_product(queries, self.vectors, k, self.chunk_rows)
 
-    def retrieve(self, queries, top_k: int, method: str = "count"):
-        """Classes (Q,) int64 and confidences (Q,) float32 tensors for (Q, D) query tensors on the device."""
+    def neighbour_labels(self, rows):
+        """Class ids of search result rows; -1 where the search returned no row."""
         import torch
 
+        return torch.where(rows >= 0, self.labels[rows.clamp(min=0)], -1)
+
+    def retrieve(self, queries, top_k: int, method: str = "count"):
+        """Classes (Q,) int64 and confidences (Q,) float32 tensors for (Q, D) query tensors on the device."""
         similarities, rows = self.search(queries, top_k)
-        neighbour_labels = torch.where(rows >= 0, self.labels[rows.clamp(min=0)], -1)
-        return vote_torch(similarities, neighbour_labels, self.num_classes, method, self.class_counts)
+        return vote_torch(similarities, self.neighbour_labels(rows), self.num_classes, method, self.class_counts)
 
 
 def _faiss_gpu_index(bank, device):
