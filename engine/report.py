@@ -140,6 +140,11 @@ def _report_dataset(root: Path, name: str, out: Path, quick: bool, sheet_images:
                              for s in tqdm(val_samples, desc=f"{name}: proposals", disable=not progress)]
         return cache["auto"]
 
+    def gt_proposals():
+        if "gt" not in cache:
+            cache["gt"] = [ground_truth_proposals(s.mask) for s in val_samples]
+        return cache["gt"]
+
     result = {"train_images": len(train), "val_images": len(val), "rows": []}
     if has_weak_labels:
         seeds = ConfusionMatrix(train.class_names)
@@ -147,29 +152,26 @@ def _report_dataset(root: Path, name: str, out: Path, quick: bool, sheet_images:
             # an uncertain (255) seed pixel names no class: it counts as background here
             seeds.update(np.where(sample.mask == 255, 0, sample.mask), truth.mask)
         result["seed_quality"] = seeds.summary()
-    predictions = {}
+    main = next(r for r in rows if r.group == "system")  # the row the sheet shows
+    main_predictions = []
     for row in tqdm(rows, desc=f"{name}: rows", disable=not progress):
         samples = pseudo_samples() if row.bank == "pseudo" else train_samples
         model = backbone(row.backbone)
         bank = FeatureBank.build(samples, model, train.class_names, row.config, progress=False)
         engine = Engine(bank, backbone=model, config=row.config)
-        proposals = ([ground_truth_proposals(s.mask) for s in val_samples] if row.proposals == "gt"
-                     else auto_proposals())
         confusion = ConfusionMatrix(train.class_names)
-        labels = []
-        for sample, proposal in zip(val_samples, proposals):
+        for sample, proposal in zip(val_samples, gt_proposals() if row.proposals == "gt" else auto_proposals()):
             label_map = engine.segment_batch([sample.image], [proposal])[0].label_map
             confusion.update(label_map, sample.mask)
-            labels.append(label_map)
+            if row is main:
+                main_predictions.append(label_map)
         row.result = confusion.summary()
         result["rows"].append({"group": row.group, "name": row.name, "bank": row.bank, "proposals": row.proposals,
                                "backbone": row.backbone, "config": row.config.to_dict(), "bank_size": len(bank),
                                "miou": row.result["miou"], "per_class": row.result["per_class"]})
-        predictions.setdefault(row.name, labels)
-    main = next(r for r in rows if r.group == "system")
     sheet = out / f"{name}_sheet.png"
     picks = np.unique(np.linspace(0, len(val_samples) - 1, sheet_images).round().astype(int))  # spread over val
-    write_sheet(sheet, [val_samples[i] for i in picks], [predictions[main.name][i] for i in picks])
+    write_sheet(sheet, [val_samples[i] for i in picks], [main_predictions[i] for i in picks])
     result["sheet"] = {"file": sheet.name, "row": main.name}
     return result
 
