@@ -7,7 +7,8 @@
 from .bank import FeatureBank
 from .config import Config
 from .errors import BankError, InputError, ModelError, ModuSegError
-from .models import Proposals, create_backbone
+from .models import create_backbone
+from .regions import Proposals
 from .pipeline import Engine, Result, segment_batch
 
 __version__ = "0.1.0"

@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .config import Config
+from .constants import IGNORE
 from .errors import BankError, InputError
-from .utils import check_image
+from .models.base import checked_features
+from .search import make_faiss_index
 
 FORMAT = "moduseg-feature-bank"
 FORMAT_VERSION = 1
-IGNORE = 255
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ class FeatureBank:
         return cls(matrix[keep], labels[keep], class_names, backbone.describe(), config,
                    [entries[i].image_id for i in np.flatnonzero(keep)], record)
 
-    # --------------------------------------------------------------------------------------------------------- search
+    # ----------------------------------------------------------------------------------------------------- access
 
     @property
     def dim(self) -> int:
@@ -167,30 +168,22 @@ class FeatureBank:
     def __len__(self) -> int:
         return len(self.vectors)
 
+    @property
+    def backbone_name(self) -> str:
+        """The registered name of the bank's backbone (its id without the padding rule), for create_backbone."""
+        return self.backbone.get("model") or str(self.backbone["id"]).split("+")[0]
+
     def class_counts(self) -> np.ndarray:
         """Number of bank vectors of each class (length = number of classes)."""
         return np.bincount(self.labels, minlength=len(self.class_names))
 
     @property
     def index(self):
-        """The FAISS inner-product index over the vectors (built on first use from `config.index`)."""
+        """The FAISS inner-product index over the vectors (built on first use from `config.index`; saved with the
+        bank)."""
         if self._index is None:
-            self._index = make_index(self.vectors, self.config)
+            self._index = make_faiss_index(self.vectors, self.config)
         return self._index
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k inner products: (Q, k') similarities and bank rows, k' = min(k, len(bank)), best first."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise InputError(f"queries: expected shape (Q, {self.dim}), got {queries.shape}")
-        k = min(k, len(self))
-        if len(queries) == 0 or k == 0:
-            return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
-        return self.index.search(queries, k)
-
-    def neighbour_labels(self, rows: np.ndarray) -> np.ndarray:
-        """Class ids of search result rows; -1 where the search returned no row (FAISS's -1)."""
-        return np.where(rows >= 0, self.labels[np.clip(rows, 0, None)], -1)
 
     def check_backbone(self, backbone) -> None:
         """Raise BankError unless `backbone` is the one this bank was built with."""
@@ -280,50 +273,6 @@ class FeatureBank:
         return bank
 
 
-def make_index(vectors: np.ndarray, config: Config):
-    """A FAISS inner-product index from the factory string `config.index` ("Flat" exact; "IVFn,Flat" trained here)."""
-    import faiss
-
-    dim = vectors.shape[1]
-    try:
-        index = faiss.index_factory(dim, config.index, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise InputError(f"Config.index {config.index!r} is not a FAISS index factory string: {error}") from error
-    if not index.is_trained:
-        sample = vectors
-        if len(vectors) > config.index_train_size:
-            rows = np.random.default_rng(0).choice(len(vectors), config.index_train_size, replace=False)
-            sample = vectors[np.sort(rows)]
-        index.train(sample)
-    if hasattr(index, "nprobe"):
-        index.nprobe = config.nprobe
-    index.add(vectors)
-    return index
-
-
-def centre_samples(masks, stride: int):
-    """(N, H, W) masks → (N, ceil(H/s), ceil(W/s)): each patch takes the mask value at its centre pixel (0 where the
-    centre falls in the zero padding). Works on NumPy arrays and torch tensors alike."""
-    count, height, width = masks.shape
-    grid = (count, -(-height // stride), -(-width // stride))
-    sampled = masks[:, stride // 2::stride, stride // 2::stride]
-    out = masks.new_zeros(grid) if hasattr(masks, "new_zeros") else np.zeros(grid, masks.dtype)
-    out[:, :sampled.shape[1], :sampled.shape[2]] = sampled
-    return out
-
-
-def pool_regions(feature_map, masks, stride: int, config: Config, normalize: bool = True,
-                 num_threads: int | None = None):
-    """One vector per mask over one feature map (NumPy, or torch CUDA tensors): SMFA (`config.pooling == "soft"`,
-    the method) or, for the ablation without SMFA, the plain mean of the patches whose centre the mask covers
-    ("hard")."""
-    if config.pooling == "hard":
-        masks, stride = centre_samples(masks, stride), 1
-    threads = config.num_threads if num_threads is None else num_threads
-    return ops.soft_mask_pool(feature_map, masks, stride, eps=config.smfa_eps, normalize=normalize,
-                              num_threads=threads)
-
-
 def reject_outliers(vectors: np.ndarray, labels: np.ndarray, config: Config) -> np.ndarray:
     """Keep-mask: per class, drop the `ratio` fraction (rounded down) of vectors farthest (Euclidean) from the class
     mean; foreground uses `outlier_ratio`, background (class 0) `background_outlier_ratio`. Ties keep the earlier."""
@@ -342,8 +291,9 @@ def reject_outliers(vectors: np.ndarray, labels: np.ndarray, config: Config) -> 
 
 def _add_batch(batch, backbone, class_names, config, vectors, entries) -> None:
     """SBP + SMFA for a batch of samples; appends normalised vectors and their entries."""
-    images = [check_image(s.image, f"image {s.id}") for s in batch]
-    features = backbone.features(images)
+    images = [s.image for s in batch]
+    # non-finite features are not an error here: their vectors are dropped like empty ones (the method's rule)
+    features = checked_features(backbone, images, [f"image {s.id}" for s in batch], finite=False)
     for sample, image, feature_map in zip(batch, images, features):
         mask = np.asarray(sample.mask)
         if mask.shape != image.shape[:2]:
@@ -352,17 +302,20 @@ def _add_batch(batch, backbone, class_names, config, vectors, entries) -> None:
         unknown = [c for c in allowed if not 0 <= c < len(class_names)]
         if unknown:
             raise InputError(f"labels of image {sample.id}: class ids {unknown} outside 0..{len(class_names) - 1}")
-        class_ids, masks = [], []
+        # the purified class masks are disjoint: each is one atom, the rest of the image one more
+        class_ids, atoms = [], np.zeros(mask.shape, np.int32)
         for class_id in np.unique(mask):
             if class_id == IGNORE or int(class_id) not in allowed:
                 continue
             purified = purify(mask == class_id, config)
             if purified is not None:
                 class_ids.append(int(class_id))
-                masks.append(purified)
-        if not masks:
+                atoms[purified] = len(class_ids)
+        if not class_ids:
             continue
-        pooled = pool_regions(feature_map, np.stack(masks), backbone.stride, config, normalize=False)
+        members = np.eye(len(class_ids), len(class_ids) + 1, 1, dtype=bool)
+        pooled = ops.soft_mask_pool(feature_map, atoms, members, backbone.stride, config.pooling, config.smfa_eps,
+                                    normalize=False, num_threads=config.num_threads)
         norms = np.linalg.norm(pooled, axis=1)
         usable = np.isfinite(pooled).all(axis=1) & (norms > config.min_vector_norm)
         for class_id, vector, norm, ok in zip(class_ids, pooled, norms, usable):

@@ -1,12 +1,21 @@
-"""Plain NumPy references of the compiled ops, written straight from the method's equations.
+"""Plain NumPy references of the compiled ops, written straight from the method's equations on dense masks.
 
 They define what engine.ops must return; tests compare the two on random inputs and bench/ times them side by side.
+`soft_mask_pool` and `mask_nms_raster` take the same arguments as engine.ops (regions as atoms + members), materialise
+the (N, H, W) masks and apply the equations, so `Engine(kernels="reference")` swaps one module for the other.
 Slow on purpose: clarity over speed.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .utils import ceil_div
+
+
+def materialise(atoms: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool masks of regions given as atoms (H, W) and members (N, A)."""
+    return np.asarray(members, bool)[:, np.asarray(atoms)]
 
 
 def soft_mask_weights(mask: np.ndarray, stride: int) -> np.ndarray:
@@ -16,23 +25,34 @@ def soft_mask_weights(mask: np.ndarray, stride: int) -> np.ndarray:
     patch's weight is the fraction of its s x s pixels covered by the mask.
     """
     height, width = mask.shape
-    grid_h, grid_w = -(-height // stride), -(-width // stride)
+    grid_h, grid_w = ceil_div(height, stride), ceil_div(width, stride)
     padded = np.zeros((grid_h * stride, grid_w * stride), np.float64)
     padded[:height, :width] = mask
     return padded.reshape(grid_h, stride, grid_w, stride).mean(axis=(1, 3))
 
 
+def centre_weights(mask: np.ndarray, stride: int) -> np.ndarray:
+    """The ablation without SMFA: a patch weighs 1 when the mask covers its centre pixel, else 0 (a centre in the zero
+    padding covers nothing)."""
+    height, width = mask.shape
+    weights = np.zeros((ceil_div(height, stride), ceil_div(width, stride)), np.float64)
+    centres = mask[stride // 2::stride, stride // 2::stride]
+    weights[:centres.shape[0], :centres.shape[1]] = centres
+    return weights
+
+
 def soft_mask_pool_reference(features: np.ndarray, masks: np.ndarray, stride: int, eps: float = 1e-8,
-                             normalize: bool = True) -> np.ndarray:
+                             normalize: bool = True, pooling: str = "soft") -> np.ndarray:
     """SMFA: for each mask, sum_p w_p F_p / (sum_p w_p + eps), then L2-normalised (a zero vector stays zero).
 
     features: (h, w, D) float32 patch features; masks: (N, H, W) binary with h = ceil(H/s), w = ceil(W/s).
     Returns (N, D) float32.
     """
     grid_h, grid_w, dim = features.shape
+    weigh = soft_mask_weights if pooling == "soft" else centre_weights
     out = np.zeros((len(masks), dim), np.float32)
     for n, mask in enumerate(masks):
-        weights = soft_mask_weights(mask, stride)
+        weights = weigh(mask, stride)
         assert weights.shape == (grid_h, grid_w)
         pooled = (weights[:, :, None] * features.astype(np.float64)).sum(axis=(0, 1)) / (weights.sum() + eps)
         if normalize:
@@ -75,3 +95,20 @@ def mask_nms_raster_reference(masks: np.ndarray, classes: np.ndarray, scores: np
         label_map[free] = classes[i]
         owner[free] = i
     return keep, label_map, owner
+
+
+# engine.ops' signatures over the references above
+
+
+def soft_mask_pool(features, atoms, members, stride: int, pooling: str = "soft", eps: float = 1e-8,
+                   normalize: bool = True, num_threads: int = 0) -> np.ndarray:
+    """engine.ops.soft_mask_pool's twin (num_threads is ignored)."""
+    return soft_mask_pool_reference(np.asarray(features, np.float32), materialise(atoms, members), stride, eps,
+                                    normalize, pooling)
+
+
+def mask_nms_raster(atoms, members, classes, scores, iou_threshold: float, background: int = 0,
+                    num_threads: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """engine.ops.mask_nms_raster's twin (num_threads is ignored)."""
+    return mask_nms_raster_reference(materialise(atoms, members), np.asarray(classes), np.asarray(scores),
+                                     iou_threshold, background)

@@ -38,9 +38,14 @@ def check_masks(masks, height: int, width: int, name: str = "masks") -> np.ndarr
     return np.ascontiguousarray(masks)
 
 
+def ceil_div(value: int, divisor: int) -> int:
+    """ceil(value / divisor) for non-negative integers: the patch-grid size of `value` pixels at a stride."""
+    return -(-value // divisor)
+
+
 def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     """Size after zero-padding bottom/right to a multiple of `multiple`."""
-    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+    return ceil_div(height, multiple) * multiple, ceil_div(width, multiple) * multiple
 
 
 def pad_to_multiple(array: np.ndarray, multiple: int) -> np.ndarray:

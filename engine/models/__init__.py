@@ -1,6 +1,7 @@
 """Model adapters and runtimes: backbones (dense features), proposers, pseudo-mask generators."""
 
-from .base import Backbone, Proposals, Proposer, PseudoMasker
+from ..regions import Proposals
+from .base import Backbone, Proposer, PseudoMasker
 from .proposers import ground_truth_proposals
 
 

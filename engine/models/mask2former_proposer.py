@@ -23,7 +23,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..utils import bucket_by_size, check_image, padded_size
-from .base import Proposals, Proposer
+from ..regions import Proposals
+from .base import Proposer
 from .sam_proposer import PIXEL_MEAN, PIXEL_STD
 
 
@@ -119,7 +120,7 @@ class Mask2FormerProposer(Proposer):
             area = masks.flatten(1).sum(1)
             scores = scores * (probs * masks).flatten(1).sum(1) / area.clamp(min=1)
         nonempty = masks.flatten(1).any(1)
-        return Proposals(masks[nonempty].cpu().numpy(), scores[nonempty].clamp(0, 1).cpu().numpy())
+        return Proposals.from_masks(masks[nonempty].cpu().numpy(), scores[nonempty].clamp(0, 1).cpu().numpy())
 
     def describe(self) -> dict:
         return {"name": self.name, "short_side": self.short_side, "max_size": self.max_size,

@@ -6,24 +6,29 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..constants import IGNORE
 from ..errors import InputError
-from .base import Proposals
-
-IGNORE = 255
+from ..regions import Proposals
 
 
 def ground_truth_proposals(label_map: np.ndarray, include_background: bool = False) -> Proposals:
-    """One proposal per 8-connected component of each class in an HxW class-index map (255 ignored; class 0
-    skipped unless `include_background`)."""
+    """One proposal per 8-connected component of each class in an HxW class-index map (void ignored; class 0
+    skipped unless `include_background`). The components are the atoms, so no mask is ever materialised."""
     label_map = np.asarray(label_map)
     if label_map.ndim != 2:
         raise InputError(f"ground-truth label map: expected shape (H, W), got {label_map.shape}")
-    masks = []
+    components = np.zeros(label_map.shape, np.int32)  # atom 0: void and skipped classes
+    proposed = 0
     for class_id in np.unique(label_map):
-        if class_id == IGNORE or (class_id == 0 and not include_background):
+        if class_id == IGNORE:
             continue
-        count, components = cv2.connectedComponents((label_map == class_id).astype(np.uint8), connectivity=8)
-        masks.extend(components == c for c in range(1, count))
-    if not masks:
-        return Proposals.empty(*label_map.shape)
-    return Proposals(np.stack(masks), np.ones(len(masks), np.float32))
+        count, labels = cv2.connectedComponents((label_map == class_id).astype(np.uint8), connectivity=8)
+        inside = labels > 0
+        components[inside] = labels[inside] + proposed
+        proposed += count - 1
+    # atoms 1..proposed are the components, in class order; drop the background's unless asked for
+    members = np.eye(proposed, proposed + 1, 1, dtype=bool)
+    if not include_background and (label_map == 0).any():
+        background = np.unique(components[label_map == 0])
+        members = np.delete(members, background - 1, axis=0)
+    return Proposals(components, members, np.ones(len(members), np.float32))

@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..utils import check_image
-from .base import Proposals, Proposer
+from ..regions import Proposals
+from .base import Proposer
 
 # SAM normalises RGB in 0..255 with ImageNet statistics
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
@@ -176,7 +177,7 @@ class SamProposer(Proposer):
             return Proposals.empty(height, width)
         masks, scores = np.concatenate(kept_masks), np.concatenate(kept_scores)
         keep = box_nms(mask_boxes(masks), scores, self.box_nms_thresh)
-        return Proposals(masks[keep], np.clip(scores[keep], 0.0, 1.0))
+        return Proposals.from_masks(masks[keep], np.clip(scores[keep], 0.0, 1.0))
 
     def describe(self) -> dict:
         return {"name": self.name, "input_size": self.input_size, "points_per_side": self.points_per_side,

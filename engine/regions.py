@@ -1,0 +1,155 @@
+"""Regions of an image as unions of atoms: the compact form proposals take through the engine.
+
+An image's `atoms` map (H, W) partitions it into A atoms — superpixels, connected components, or the cells of an
+arrangement of overlapping masks — and each region is a set of atoms (`members`, (N, A) bool). Everything the method
+does with a mask is linear in it or counts its pixels (SMFA's patch weights, areas, IoUs, painting), so it runs over A
+atoms instead of N x H x W pixels, and an image's proposals cost H x W int32 plus N x A bits whatever N is. Masks are
+materialised only on request (`Proposals.masks`).
+
+`Records` is the small container the pipeline carries per image (as segment-anything's MaskData): arrays of equal
+length, one row per region, filtered together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass
+class Proposals:
+    """Class-agnostic mask proposals of one image.
+
+    atoms: (H, W) int32 atom id of every pixel, in [0, A).
+    members: (N, A) bool, members[n, a]: atom a is part of proposal n.
+    objectness: (N,) float32 in [0, 1]; proposals below Config.objectness_threshold are dropped.
+
+    Build them with `Proposals.from_masks(masks, objectness)` from (N, H, W) masks, or directly from a partition
+    (a proposer that merges superpixels, `engine.models.ground_truth_proposals`).
+    """
+
+    atoms: np.ndarray
+    members: np.ndarray
+    objectness: np.ndarray
+
+    def __post_init__(self) -> None:
+        atoms = np.asarray(self.atoms)
+        if atoms.ndim != 2 or atoms.dtype.kind not in "iu":
+            hint = " (dense (N, H, W) masks? use Proposals.from_masks(masks, objectness))" if atoms.ndim == 3 else ""
+            raise InputError(f"Proposals.atoms: expected an (H, W) integer map, got {atoms.dtype} {atoms.shape}{hint}")
+        members = np.asarray(self.members)
+        if members.ndim != 2 or members.dtype.kind not in "biu":
+            raise InputError(f"Proposals.members: expected an (N, A) bool matrix, got {members.dtype} {members.shape}")
+        objectness = np.asarray(self.objectness, dtype=np.float32).reshape(-1)
+        if len(objectness) != len(members):
+            raise InputError(f"Proposals: {len(members)} proposals but {len(objectness)} objectness scores")
+        if atoms.size and (atoms.min() < 0 or atoms.max() >= members.shape[1]):
+            raise InputError(f"Proposals.atoms: ids must lie in [0, {members.shape[1]}) (one column of members per "
+                             f"atom), got {atoms.min()}..{atoms.max()}")
+        self.atoms = np.ascontiguousarray(atoms, dtype=np.int32)
+        self.members = np.ascontiguousarray(members != 0 if members.dtype != np.bool_ else members)
+        self.objectness = objectness
+
+    # ------------------------------------------------------------------------------------------------- construct
+
+    @classmethod
+    def from_masks(cls, masks, objectness) -> "Proposals":
+        """Proposals from (N, H, W) masks (bool or 0/1 integers): the atoms are the cells of the masks' arrangement
+        (pixels covered by exactly the same masks), found by hashing each pixel's membership bits."""
+        masks = np.asarray(masks)
+        if masks.ndim != 3:
+            raise InputError(f"masks: expected shape (N, H, W), got {masks.shape}")
+        if masks.dtype.kind not in "biu":
+            raise InputError(f"masks: expected bool or integer 0/1 masks, got dtype {masks.dtype}")
+        count, height, width = masks.shape
+        if count == 0:
+            return cls.empty(height, width)
+        # one column of membership bits per pixel, compared as one fixed-size record
+        packed = np.packbits(masks.reshape(count, -1) != 0, axis=0)
+        signature = np.ascontiguousarray(packed.T).view(np.dtype((np.void, packed.shape[0]))).ravel()
+        cells, atoms = np.unique(signature, return_inverse=True)
+        bits = np.frombuffer(cells.tobytes(), np.uint8).reshape(len(cells), packed.shape[0])
+        members = np.unpackbits(bits, axis=1, count=count).T.astype(bool)
+        return cls(atoms.reshape(height, width).astype(np.int32), members, objectness)
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray, regions, objectness=None) -> "Proposals":
+        """One proposal per listed value of an integer (H, W) map (disjoint regions); objectness 1 by default."""
+        labels = np.asarray(labels)
+        if labels.ndim != 2 or labels.dtype.kind not in "iu":
+            raise InputError(f"labels: expected an (H, W) integer map, got {labels.dtype} {labels.shape}")
+        values, atoms = np.unique(labels, return_inverse=True)
+        regions = np.asarray(regions, dtype=values.dtype).reshape(-1)
+        columns = np.searchsorted(values, regions)
+        if len(regions) and (columns.max() >= len(values) or (values[np.minimum(columns, len(values) - 1)] != regions).any()):
+            raise InputError(f"labels: regions {sorted(set(regions.tolist()) - set(values.tolist()))} do not occur "
+                             "in the map")
+        members = np.zeros((len(regions), len(values)), bool)
+        members[np.arange(len(regions)), columns] = True
+        if objectness is None:
+            objectness = np.ones(len(regions), np.float32)
+        return cls(atoms.reshape(labels.shape).astype(np.int32), members, objectness)
+
+    @classmethod
+    def empty(cls, height: int, width: int) -> "Proposals":
+        return cls(np.zeros((height, width), np.int32), np.zeros((0, 1), bool), np.zeros(0, np.float32))
+
+    # ---------------------------------------------------------------------------------------------------- access
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the image."""
+        return self.atoms.shape
+
+    @property
+    def num_atoms(self) -> int:
+        return self.members.shape[1]
+
+    def atom_areas(self) -> np.ndarray:
+        """(A,) int64 pixels of each atom."""
+        return np.bincount(self.atoms.ravel(), minlength=self.num_atoms)
+
+    def areas(self) -> np.ndarray:
+        """(N,) int64 pixels of each proposal."""
+        return self.members.astype(np.int64) @ self.atom_areas()
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool masks, materialised (N x H x W bytes: for inspection and small images)."""
+        return self.members[:, self.atoms]
+
+    def filter(self, keep) -> "Proposals":
+        """The proposals selected by a boolean mask or index array (atoms unchanged)."""
+        return Proposals(self.atoms, self.members[keep], self.objectness[keep])
+
+
+class Records:
+    """Per-region arrays of equal length (one row per region), filtered together: `records["area"]`,
+    `records["class"] = classes`, `records.filter(keep)`."""
+
+    def __init__(self, **arrays) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+        for name, value in arrays.items():
+            self[name] = value
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+    def __setitem__(self, name: str, value) -> None:
+        value = np.asarray(value)
+        if self._arrays and len(value) != len(self):
+            raise InputError(f"Records: {name!r} has {len(value)} rows, the others {len(self)}")
+        self._arrays[name] = value
+
+    def __len__(self) -> int:
+        return len(next(iter(self._arrays.values()))) if self._arrays else 0
+
+    def filter(self, keep) -> "Records":
+        """The rows selected by a boolean mask or an index array (which may also reorder them)."""
+        return Records(**{name: value[keep] for name, value in self._arrays.items()})

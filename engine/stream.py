@@ -1,0 +1,124 @@
+"""Running a pipeline's stages in threads joined by bounded queues, and timing its stages.
+
+`run_stages(items, load, stages, ...)` feeds chunks of `items` to `load`, passes each result through `stages` in turn
+(one thread per stage) and yields the last stage's outputs in order. Neighbouring chunks overlap across stages (the
+models, the compiled kernels and FAISS release the GIL) while at most about (len(stages) + 1) * (prefetch + 1)
+chunks are alive at once, whatever the stream's length. An error in any stage stops every thread and is raised to the
+consumer; closing the generator early stops them too.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
+
+_DONE = object()
+_POLL = 0.05  # seconds between checks of the stop flag while a queue is full or empty
+
+
+class StageTimes:
+    """Seconds spent per pipeline stage, accumulated over calls (thread-safe; bench/throughput.py reads it)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - start)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
+
+    def reset(self) -> None:
+        with self._lock:
+            self.seconds.clear()
+
+
+class _Failure:
+    """An exception travelling down the queues to the consumer."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def run_stages(items: Iterable, load: Callable[[list], object], stages: Sequence[Callable[[object], object]],
+               chunk_size: int, prefetch: int = 2, name: str = "stage") -> Iterator:
+    """Yield the elements of stages[-1](...(stages[0](load(chunk)))) for consecutive chunks of `items`, in order."""
+    stop = threading.Event()
+    queues = [queue.Queue(prefetch) for _ in range(len(stages) + 1)]
+
+    def put(q: queue.Queue, item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(q: queue.Queue):
+        while not stop.is_set():
+            try:
+                return q.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+        return _DONE
+
+    def loader() -> None:
+        try:
+            chunk: list = []
+            for item in items:
+                if stop.is_set():
+                    return
+                chunk.append(item)
+                if len(chunk) == chunk_size:
+                    if not put(queues[0], load(chunk)):
+                        return
+                    chunk = []
+            if chunk:
+                put(queues[0], load(chunk))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            put(queues[0], _Failure(error))
+        put(queues[0], _DONE)
+
+    def worker(source: queue.Queue, sink: queue.Queue, work) -> None:
+        while True:
+            batch = get(source)
+            if batch is _DONE or isinstance(batch, _Failure):
+                put(sink, batch)
+                return
+            try:
+                result = work(batch)
+            except BaseException as error:  # noqa: BLE001 - handed to the consumer
+                put(sink, _Failure(error))
+                return
+            if not put(sink, result):
+                return
+
+    threads = [threading.Thread(target=loader, name=f"{name}-load", daemon=True)]
+    threads += [threading.Thread(target=worker, args=(queues[i], queues[i + 1], work), name=f"{name}-{i}",
+                                 daemon=True) for i, work in enumerate(stages)]
+    for thread in threads:
+        thread.start()
+    try:
+        while True:
+            results = get(queues[-1])
+            if results is _DONE:
+                return
+            if isinstance(results, _Failure):
+                raise results.error
+            yield from results
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
