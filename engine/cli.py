@@ -18,8 +18,8 @@ from pathlib import Path
 
 from .config import Config
 from .errors import ModuSegError
+from .registry import DEFAULT_BACKBONE
 
-DEFAULT_BACKBONE = "effnet-lite2/block19"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -274,7 +274,7 @@ def _default_backbone(bank: FeatureBank, config: Config, device: str):
     from .models import create_backbone
 
     name = bank.backbone_name
-    common = dict(batch_size=config.batch_size, num_threads=config.num_threads)
+    common = dict(batch_size=config.batch_size, num_threads=config.num_threads, weights=bank.backbone.get("weights"))
     if device == "cpu":
         return create_backbone(name, **common)
     for runtime in ("torch", "onnxruntime"):

@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from .bank import FeatureBank
 from .config import Config
+from .registry import DEFAULT_BACKBONE
 from .data import VOCDataset
 from .data.voc import VOC_PALETTE, Sample
 from .eval import ConfusionMatrix
 from .models import Backbone, create_backbone, ground_truth_proposals
 from .pipeline import Engine
 
-DEFAULT_BACKBONE = "effnet-lite2/block19"
 
 
 class CachedBackbone(Backbone):

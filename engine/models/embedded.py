@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import InputError
+from ..registry import DEFAULT_BACKBONE
 from ..utils import check_image
 from ..regions import Proposals
 from .base import Proposer
@@ -218,7 +219,7 @@ class EmbeddedPseudoMasker:
     @property
     def backbone(self):
         if self._backbone is None:
-            from .backbones import DEFAULT_BACKBONE, create_backbone
+            from .backbones import create_backbone
 
             self._backbone = create_backbone(DEFAULT_BACKBONE, num_threads=self.num_threads)
         return self._backbone

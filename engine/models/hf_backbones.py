@@ -2,32 +2,35 @@
 `Dinov2WithRegistersModel`), DINOv3 (`DINOv3ViTModel`) and C-RADIO (the paper's backbone, custom code loaded with
 `trust_remote_code`).
 
-Each is a `BackboneSpec` + `ModelBackbone` (engine.models.backbones, which owns checks, zero-padding bottom/right to a
-multiple of the patch size, bucketing, normalisation and the CLS/register token dropping) over a torch module that
-maps normalised pixels (B, 3, H, W) to tokens (B, prefix + H/patch * W/patch, D); the same module exports to ONNX with
-symbolic B, H, W and runs under OnnxRuntime unchanged. The id names model and layer ("dinov2-vits14/layer8+zeropad14",
-"dinov2-vits14/final+zeropad14").
+Registered as families that load weights from a local directory (`save_pretrained`: config.json + model.safetensors)
+or a hub id where the user has hub access; none can be downloaded here:
 
-Real weights: a local directory saved by `save_pretrained` (config.json + model.safetensors), or a hub id where the
-user has hub access (facebook/dinov2-small, facebook/dinov3-vits16-pretrain-lvd1689m, nvidia/C-RADIOv4-*). None can
-be downloaded here.
+    create_backbone("dinov2/layer8", weights="facebook/dinov2-small")     # member "final" or "layer<k>"
+    create_backbone("c-radio/final", weights="path/to/C-RADIOv4-SO400M")   # with MODUSEG_TRUST_REMOTE_CODE=1
 
-Exercised here (tests/test_adapters.py), with randomly initialised tiny configs of the same classes: DINOv2 (with and
-without registers) and DINOv3 feature shapes, token dropping, layer choice, bf16, save/load round trip through a local
-directory, and an ONNX export of DINOv2 with dynamic H/W checked against torch with onnxruntime. RADIO: the adapter is
-exercised on a stand-in module that follows RADIO's call contract (RGB in [0, 1], returns (summary, patch tokens));
-RADIO's own remote code (which needs timm, hence torchvision) is not run here.
+A bank records the backbone's name and weights, so `Engine(bank_dir)` rebuilds the same backbone. `HFViTBackbone`
+and `RadioBackbone` wrap a model already in memory. Either way the backbone is a ModelBackbone over a torch module
+that takes uint8 (B, H, W, 3) images, normalises them inside and returns tokens (B, prefix + H/patch * W/patch, D);
+the same module exports to ONNX with symbolic B, H, W.
+
+Exercised here (tests/models/test_hf_backbones.py) with randomly initialised tiny configs of the same classes; RADIO
+on a stand-in module following RADIO's call contract (RGB in [0, 1], returns (summary, patch tokens)).
 """
 
 from __future__ import annotations
 
 import os
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import InputError, ModelError
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, ModelBackbone
+from ..registry import BackboneSpec, register_family
+from .backbones import ModelBackbone
 from .runtime import TorchRuntime
+from .torch_modules import export_onnx, with_uint8_input
 
 DTYPES = ("float32", "float16", "bfloat16")
+VIT_CLASSES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
+               "dinov3_vit": "DINOv3ViTModel"}
 
 
 def _require(package: str, pip_name: str):
@@ -45,21 +48,16 @@ def _torch_dtype(dtype: str):
     return getattr(torch, dtype)
 
 
-def _load_transformers_model(cls_name: str, path_or_id: str | os.PathLike, dtype: str, **kwargs):
-    transformers = _require("transformers", "transformers")
-    cls = getattr(transformers, cls_name, None)
-    if cls is None:
-        raise ModelError(f"transformers {transformers.__version__} has no {cls_name}; upgrade transformers")
-    source = os.fspath(path_or_id)
+def _load(loader, source: str, what: str, **kwargs):
     try:
-        return cls.from_pretrained(source, dtype=_torch_dtype(dtype), **kwargs).eval()
-    except OSError as error:
-        raise ModelError(f"cannot load {cls_name} weights from {source!r} (a local directory with config.json and "
-                         f"model.safetensors, or a hub id with hub access): {error}") from error
+        return loader(source, **kwargs)
+    except (OSError, ImportError, ValueError) as error:
+        raise ModelError(f"cannot load {what} from {source!r} (a local directory with config.json and weights, or "
+                         f"a hub id with hub access): {error}") from error
 
 
-def _token_module(model, patch: int, layer: int | None, radio_step: int = 0):
-    """nn.Module: normalised pixels (B, 3, H, W) float32 -> tokens (B, prefix + (H/patch)*(W/patch), D) float32.
+def _token_module(model, patch: int, layer: int | None, mean, std, radio_step: int = 0):
+    """uint8 (B, H, W, 3) -> tokens (B, prefix + (H/patch)*(W/patch), D) float32, normalised inside.
 
     radio_step > 0: `model` follows RADIO's contract instead (RGB in [0, 1], H and W multiples of radio_step, returns
     (summary, patch tokens without prefix)); the input is zero-padded to radio_step and the extra tokens cut off.
@@ -85,124 +83,123 @@ def _token_module(model, patch: int, layer: int | None, radio_step: int = 0):
                 return self.model(pixel_values=x).last_hidden_state.float()
             return self.model(pixel_values=x, output_hidden_states=True).hidden_states[layer].float()
 
-    return TokenViT().eval()
+    return with_uint8_input(TokenViT().eval(), mean, std, output_layout="tokens")
 
 
-def _export_onnx(module, stride: int, path, opset: int = 18) -> dict:
-    """Export pixels (B, 3, H, W) -> tokens with symbolic B, H, W (multiples of `stride`)."""
+def _spec(name: str, module, *, stride: int, dim: int, prefix_tokens: int, mean, std,
+          weights: str | None = None) -> BackboneSpec:
+    return BackboneSpec(name=name, stride=stride, dim=dim, mean=tuple(mean), std=tuple(std),
+                        feature_output="tokens", layout="tokens", prefix_tokens=prefix_tokens, weights=weights,
+                        build_onnx=lambda path: export_onnx(module(), path, stride, "tokens"), torch_module=module)
+
+
+def _layer(member: str, depth: int, name: str) -> int | None:
+    """"final" -> None (the layer-normed output); "layer<k>" -> k in 1..depth (the raw output of block k)."""
+    if member == "final":
+        return None
+    if member.startswith("layer") and member[5:].isdigit() and 1 <= int(member[5:]) <= depth:
+        return int(member[5:])
+    raise InputError(f"{name}: the member must be 'final' or 'layer<k>' with k in 1..{depth}, got {member!r}")
+
+
+def _vit_spec(model, family: str, member: str, weights: str | None = None) -> BackboneSpec:
+    """The spec of a DINOv2/DINOv3 model in memory."""
+    config = model.config
+    layer = _layer(member, int(config.num_hidden_layers), f"{family}/{member}")
+    patch = int(config.patch_size)
+    # CLS first, then the register tokens (DINOv2-with-registers, DINOv3), then the patch tokens
+    prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+    return _spec(f"{family}/{member}", lambda: _token_module(model.eval(), patch, layer, IMAGENET_MEAN, IMAGENET_STD),
+                 stride=patch, dim=int(config.hidden_size), prefix_tokens=prefix, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, weights=weights)
+
+
+def _radio_spec(model, family: str, weights: str | None = None) -> BackboneSpec:
+    """The spec of a RADIO model in memory (RADIO exposes only its final spatial features: member "final")."""
     import torch
 
-    if next(module.parameters()).dtype != torch.float32:
-        raise ModelError("export a float32 model (convert to fp16 in the ONNX toolchain if needed)")
-    example = torch.zeros(2, 3, 2 * stride, 3 * stride)  # batch 2, not 1: export specialises size-1 dimensions
-    batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
-    shapes = {"pixels": {0: batch, 2: stride * height, 3: stride * width}}
-    try:
-        torch.onnx.export(module, (example,), os.fspath(path), input_names=["pixels"], output_names=["tokens"],
-                          dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False)
-    except Exception as error:
-        raise ModelError(f"ONNX export failed: {error}") from error
-    return {"torch": torch.__version__, "opset": opset}
+    patch = int(getattr(model, "patch_size"))
+    step = int(getattr(model, "min_resolution_step", patch) or patch)
+    if step % patch:
+        raise ModelError(f"{family}: min_resolution_step {step} is not a multiple of patch size {patch}")
+    # RADIO takes RGB in [0, 1] and normalises inside: the uint8 stage only scales
+    module = _token_module(model.eval(), patch, None, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), radio_step=step)
+    with torch.inference_mode():  # RADIO wrappers name their width differently across versions: ask the model
+        dim = int(module(torch.zeros(1, step, step, 3, dtype=torch.uint8)).shape[-1])
+    return _spec(f"{family}/final", lambda: module, stride=patch, dim=dim, prefix_tokens=0, mean=(0.0, 0.0, 0.0),
+                 std=(1.0, 1.0, 1.0), weights=weights)
 
 
-def _spec(name: str, module, *, stride: int, dim: int, prefix_tokens: int, mean, std) -> BackboneSpec:
-    return BackboneSpec(name=name, stride=stride, dim=dim, mean=tuple(mean), std=tuple(std), input_name="pixels",
-                        feature_output="tokens", layout="tokens", prefix_tokens=prefix_tokens,
-                        onnx_file=name.replace("/", "_") + ".onnx",
-                        build_onnx=lambda path: _export_onnx(module, stride, path), torch_module=lambda: module)
+def _load_vit(weights: str, dtype: str = "float32"):
+    transformers = _require("transformers", "transformers")
+    config = _load(transformers.AutoConfig.from_pretrained, weights, "a model config")
+    if config.model_type not in VIT_CLASSES:
+        raise ModelError(f"{weights!r} is a {config.model_type!r} model; the ViT families take {sorted(VIT_CLASSES)}")
+    cls = getattr(transformers, VIT_CLASSES[config.model_type], None)
+    if cls is None:
+        raise ModelError(f"transformers {transformers.__version__} has no {VIT_CLASSES[config.model_type]}")
+    return _load(cls.from_pretrained, weights, VIT_CLASSES[config.model_type], dtype=_torch_dtype(dtype)).eval()
+
+
+def _vit_family(family: str, default_weights: str):
+    def spec(member: str, weights: str | None) -> BackboneSpec:
+        source = os.fspath(weights or default_weights)
+        model = _load_vit(source)
+        return _vit_spec(model, family, member, source)
+
+    return spec
+
+
+def _radio_family(member: str, weights: str | None) -> BackboneSpec:
+    if member != "final":
+        raise InputError(f"c-radio exposes its final features only: member 'final', got {member!r}")
+    if weights is None:
+        raise InputError("c-radio/final needs weights=: a local snapshot of a C-RADIO hub repository (weights and its "
+                         "Python files)")
+    return _radio_spec(load_radio(weights), "c-radio", os.fspath(weights))
+
+
+def load_radio(path_or_id: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False):
+    """C-RADIO from a local snapshot of its hub repository (weights and its Python files), or a hub id. This runs the
+    repository's own code: `trust_remote_code=True` says you trust that snapshot (else set MODUSEG_TRUST_REMOTE_CODE=1
+    for registered loads)."""
+    transformers = _require("transformers", "transformers")
+    trusted = trust_remote_code or os.environ.get("MODUSEG_TRUST_REMOTE_CODE") == "1"
+    if not trusted:
+        raise ModelError(f"C-RADIO from {os.fspath(path_or_id)!r} runs the repository's own Python code: pass "
+                         "trust_remote_code=True (or set MODUSEG_TRUST_REMOTE_CODE=1) if you trust that snapshot")
+    return _load(transformers.AutoModel.from_pretrained, os.fspath(path_or_id), "C-RADIO (its code needs timm and "
+                 "torchvision)", trust_remote_code=True, dtype=_torch_dtype(dtype)).eval()
+
+
+register_family("dinov2", _vit_family("dinov2", "facebook/dinov2-small"), ["final", "layer8"], needs_weights=True)
+register_family("dinov3", _vit_family("dinov3", "facebook/dinov3-vits16-pretrain-lvd1689m"), ["final", "layer8"],
+                needs_weights=True)
+register_family("c-radio", _radio_family, ["final"], needs_weights=True)
 
 
 class HFViTBackbone(ModelBackbone):
-    """DINOv2 / DINOv2-with-registers / DINOv3 ViT from transformers, run with torch.
+    """A DINOv2 / DINOv2-with-registers / DINOv3 model already in memory, run with torch.
 
-    model: a Dinov2Model, Dinov2WithRegistersModel or DINOv3ViTModel (eval mode, any dtype).
-    name: model name recorded in the id ("dinov2-vits14").
-    layer: None for the final (layer-normed) output; k in 1..num_hidden_layers for the raw output of block k
-        (intermediate layers often retrieve better than the last one).
-    device: "cpu" or "cuda". batch_size: images per forward. num_threads: torch threads, 0 leaves them alone.
-    `export_onnx(path)` (or `spec.build_onnx`) writes the ONNX graph; `ModelBackbone(spec, OnnxRuntime(path))` runs
-    it.
+    model: a Dinov2Model, Dinov2WithRegistersModel or DINOv3ViTModel (any dtype). family: the name's first part
+    ("dinov2"). layer: None for the final (layer-normed) output; k in 1..num_hidden_layers for the raw output of
+    block k (intermediate layers often retrieve better than the last one). weights: where the model came from (recorded
+    in banks; None for a model made in memory). device, batch_size, num_threads: as create_backbone's.
     """
 
-    def __init__(self, model, *, name: str, layer: int | None = None, device: str = "cpu", batch_size: int = 4,
-                 num_threads: int = 0) -> None:
-        config = model.config
-        depth = int(config.num_hidden_layers)
-        if layer is not None and not 1 <= layer <= depth:
-            raise InputError(f"{name}: layer must be None (final output) or in 1..{depth}, got {layer}")
-        patch = int(config.patch_size)
-        # CLS first, then the register tokens (DINOv2-with-registers, DINOv3), then the patch tokens
-        self.prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-        self.layer = layer
-        self.model = model.eval()
-        self.module = _token_module(self.model, patch, layer)
-        spec = _spec(f"{name}/{'final' if layer is None else f'layer{layer}'}", self.module, stride=patch,
-                     dim=int(config.hidden_size), prefix_tokens=self.prefix_tokens, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD)
-        runtime = TorchRuntime(self.module, ["pixels"], ["tokens"], device=device, num_threads=num_threads)
-        super().__init__(spec, runtime, batch_size)
-
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, *, name: str | None = None, layer: int | None = None,
-                        dtype: str = "float32", **options) -> "HFViTBackbone":
-        """Load a DINOv2/DINOv3 checkpoint (local directory or hub id); the class is read from its config.json.
-        options: as the constructor's (device, batch_size, num_threads)."""
-        transformers = _require("transformers", "transformers")
-        source = os.fspath(path_or_id)
-        try:
-            config = transformers.AutoConfig.from_pretrained(source)
-        except OSError as error:
-            raise ModelError(f"cannot read a model config from {source!r}: {error}") from error
-        classes = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
-                   "dinov3_vit": "DINOv3ViTModel"}
-        if config.model_type not in classes:
-            raise ModelError(f"{source!r} is a {config.model_type!r} model; HFViTBackbone takes {sorted(classes)}")
-        model = _load_transformers_model(classes[config.model_type], source, dtype)
-        return cls(model, name=name or os.path.basename(source.rstrip("/")) or config.model_type, layer=layer,
-                   **options)
-
-    def export_onnx(self, path: str | os.PathLike, opset: int = 18) -> str:
-        """Write the ONNX graph (pixels -> tokens, symbolic B, H, W) to `path` and return the path."""
-        _export_onnx(self.module, self.stride, path, opset)
-        return os.fspath(path)
+    def __init__(self, model, *, family: str = "dinov2", layer: int | None = None, weights: str | None = None,
+                 device: str = "cpu", batch_size: int = 4, num_threads: int = 0) -> None:
+        spec = _vit_spec(model, family, "final" if layer is None else f"layer{layer}", weights)
+        super().__init__(spec, TorchRuntime(spec.torch_module(), [spec.input_name], [spec.feature_output],
+                                            device=device, num_threads=num_threads), batch_size)
 
 
 class RadioBackbone(ModelBackbone):
-    """C-RADIO (the paper's backbone, NVIDIA's RADIO family) through its own remote code.
+    """A C-RADIO model already in memory (`load_radio`, or any module with RADIO's call contract: RGB in [0, 1], H and W
+    multiples of `min_resolution_step`, returns (summary, spatial tokens (B, h*w, D)), and a `patch_size`)."""
 
-    model: the RADIO nn.Module as `AutoModel.from_pretrained(path, trust_remote_code=True)` returns it: takes RGB in
-        [0, 1] (it normalises internally), returns (summary, spatial tokens (B, h*w, D)) with CLS/register tokens
-        already dropped, and has `patch_size` (and usually `min_resolution_step`, the multiple H and W must be; the
-        module pads to it and cuts the extra tokens off).
-    name: model name for the id ("c-radiov4-b"). RADIO exposes only its final spatial features: the id says "final".
-    """
-
-    def __init__(self, model, *, name: str, device: str = "cpu", batch_size: int = 4, num_threads: int = 0) -> None:
-        import torch
-
-        patch = int(getattr(model, "patch_size"))
-        step = int(getattr(model, "min_resolution_step", patch) or patch)
-        if step % patch:
-            raise ModelError(f"{name}: min_resolution_step {step} is not a multiple of patch size {patch}")
-        self.model = model.eval()
-        self.module = _token_module(self.model, patch, None, radio_step=step)
-        with torch.inference_mode():  # RADIO wrappers name their width differently across versions: ask the model
-            dim = int(self.module(torch.zeros(1, 3, step, step)).shape[-1])
-        spec = _spec(f"{name}/final", self.module, stride=patch, dim=dim, prefix_tokens=0, mean=(0.0, 0.0, 0.0),
-                     std=(1.0, 1.0, 1.0))
-        runtime = TorchRuntime(self.module, ["pixels"], ["tokens"], device=device, num_threads=num_threads)
-        super().__init__(spec, runtime, batch_size)
-
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, *, name: str = "c-radio", dtype: str = "float32",
-                        **options) -> "RadioBackbone":
-        """Load C-RADIO from a local snapshot of its hub repository (weights and its Python files), or a hub id.
-        This runs the repository's own code (trust_remote_code): only use a snapshot you trust."""
-        transformers = _require("transformers", "transformers")
-        source = os.fspath(path_or_id)
-        try:
-            model = transformers.AutoModel.from_pretrained(source, trust_remote_code=True, dtype=_torch_dtype(dtype))
-        except (OSError, ImportError) as error:
-            raise ModelError(f"cannot load C-RADIO from {source!r} (a local snapshot with config.json, the model's "
-                             f"Python files and weights; its code needs timm and torchvision): {error}") from error
-        return cls(model, name=name, **options)
+    def __init__(self, model, *, family: str = "c-radio", weights: str | None = None, device: str = "cpu",
+                 batch_size: int = 4, num_threads: int = 0) -> None:
+        spec = _radio_spec(model, family, weights)
+        super().__init__(spec, TorchRuntime(spec.torch_module(), [spec.input_name], [spec.feature_output],
+                                            device=device, num_threads=num_threads), batch_size)

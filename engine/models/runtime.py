@@ -1,14 +1,18 @@
-"""Runtimes: the layer that only runs arrays through a model (onnxruntime, torch; a Triton client later).
+"""Runtimes: the layer that only runs arrays through a model (onnxruntime, torch, TensorRT; the Triton client is in
+engine.models.triton_runtime).
 
 Every runtime has the same face: `input_names`, `output_names` and `run({name: array}) -> {name: array}`, with numpy
-arrays in and out. The backbones and proposers above them own every other step (checks, padding, batching,
-normalisation), so swapping the runtime never changes what a model computes.
+arrays in and out. The backbones above them own every other step (checks, padding, batching), and the graphs
+normalise their own uint8 input, so swapping the runtime never changes what a model computes.
 """
 
 from __future__ import annotations
 
 import abc
+import ctypes
+import importlib.util
 import os
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -56,16 +60,18 @@ def onnxruntime_providers(device: str = "cpu") -> list:
     """
     import onnxruntime as ort
 
-    if device not in DEVICES:
-        raise InputError(f"device must be one of {DEVICES}, got {device!r}")
+    kind, _, index = str(device).partition(":")
+    if kind not in DEVICES or (index and not index.isdigit()):
+        raise InputError(f"device must be one of {DEVICES} (or 'cuda:N'), got {device!r}")
     wanted = {"cpu": [], "cuda": ["CUDAExecutionProvider"],
-              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}[device]
+              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}[kind]
     available = ort.get_available_providers()
     missing = [p for p in wanted if p not in available]
     if missing:
         raise ModelError(f"onnxruntime {ort.__version__} has no {missing} (available: {available}); "
                          f"install onnxruntime-gpu (not together with onnxruntime) to run on {device}")
-    return wanted + ["CPUExecutionProvider"]
+    options = {"device_id": int(index)} if index else {}
+    return [(provider, options) for provider in wanted] + ["CPUExecutionProvider"]
 
 
 class OnnxRuntime(Runtime):
@@ -133,8 +139,8 @@ class TorchRuntime(Runtime):
             import torch
         except ImportError as error:
             raise ModelError("the torch runtime needs torch (pip install 'moduseg-engine[export]')") from error
-        if device not in ("cpu", "cuda"):
-            raise InputError(f"the torch runtime runs on 'cpu' or 'cuda', got {device!r}")
+        if device != "cpu" and device.split(":")[0] != "cuda":
+            raise InputError(f"the torch runtime runs on 'cpu' or 'cuda' ('cuda:N'), got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
             raise ModelError("torch runtime: device 'cuda' requested but torch sees no CUDA GPU")
         if num_threads < 0:
@@ -163,3 +169,134 @@ class TorchRuntime(Runtime):
 
     def describe(self) -> dict:
         return {**super().describe(), "device": self.device}
+
+
+# ----------------------------------------------------------------------------------------------------- TensorRT
+
+def gpu_unavailable_reason() -> str | None:
+    """None when the CUDA driver reports at least one GPU, else why not (checked through libcuda, no framework)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1 not found)"
+    if cuda.cuInit(0) != 0:
+        return "the CUDA driver found no usable GPU (cuInit failed)"
+    count = ctypes.c_int(0)
+    if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return "the CUDA driver reports no GPU"
+    return None
+
+
+def tensorrt_unavailable_reason() -> str | None:
+    """None when TensorRT can run here (a GPU and the tensorrt package), else why not."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        return f"TensorRT needs an NVIDIA GPU: {reason}"
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt Python package is not installed (pip install tensorrt, on a machine with a GPU)"
+    return None
+
+
+def tensorrt_module():
+    reason = tensorrt_unavailable_reason()
+    if reason is not None:
+        raise ModelError(reason)
+    import tensorrt as trt  # only after the GPU check
+
+    return trt
+
+
+class TensorRTLogger:
+    """A TensorRT logger collecting warnings and errors for the exception messages."""
+
+    def __new__(cls, trt):
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.messages: list[str] = []
+
+            def log(self, severity, msg):
+                if severity <= trt.ILogger.Severity.WARNING:
+                    self.messages.append(f"{severity.name}: {msg}")
+
+        return Logger()
+
+
+class TensorRTRuntime(Runtime):
+    """Runs a TensorRT plan on the GPU with torch CUDA tensors as buffers (the runtime face: numpy in and out).
+
+    plan: path of the serialized engine (built by build_engine with this TensorRT version, on this GPU model).
+    Each call picks the first optimisation profile whose range holds the input shape.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, plan: str | os.PathLike) -> None:
+        trt = tensorrt_module()
+        try:
+            import torch
+        except ImportError as error:
+            raise ModelError("TensorRTRuntime uses torch CUDA tensors as buffers: install torch with CUDA") from error
+        if not torch.cuda.is_available():
+            raise ModelError("TensorRTRuntime: torch sees no CUDA GPU")
+        self._trt, self._torch = trt, torch
+        self._logger = TensorRTLogger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(Path(plan).read_bytes())
+        if self.engine is None:
+            raise ModelError(f"TensorRT cannot load {plan} (built by another TensorRT version or GPU?): "
+                             f"{self._logger.messages[-5:]}")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.plan = str(plan)
+        self._profile = -1
+        self._stream = torch.cuda.Stream()
+
+    def _dtype(self, name: str):
+        torch = self._torch
+        mapping = {self._trt.float32: torch.float32, self._trt.float16: torch.float16,
+                   self._trt.int32: torch.int32, self._trt.int64: torch.int64, self._trt.uint8: torch.uint8}
+        return mapping[self.engine.get_tensor_dtype(name)]
+
+    def _choose_profile(self, shapes: Mapping[str, tuple]) -> int:
+        for index in range(self.engine.num_optimization_profiles):
+            if all(all(lo <= s <= hi for lo, s, hi in zip(self.engine.get_tensor_profile_shape(name, index)[0], shape,
+                                                           self.engine.get_tensor_profile_shape(name, index)[2]))
+                   for name, shape in shapes.items()):
+                return index
+        ranges = [{n: (tuple(self.engine.get_tensor_profile_shape(n, i)[0]),
+                       tuple(self.engine.get_tensor_profile_shape(n, i)[2])) for n in shapes}
+                  for i in range(self.engine.num_optimization_profiles)]
+        raise InputError(f"TensorRT plan {self.plan}: input shapes {dict(shapes)} are outside every optimisation "
+                         f"profile {ranges}; rebuild the plan with a larger profile")
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        torch = self._torch
+        requested = self._check_request(inputs, outputs)
+        shapes = {name: tuple(np.shape(inputs[name])) for name in self.input_names}
+        profile = self._choose_profile(shapes)
+        with torch.cuda.stream(self._stream):
+            if profile != self._profile:
+                self.context.set_optimization_profile_async(profile, self._stream.cuda_stream)
+                self._profile = profile
+            keep = []
+            for name in self.input_names:
+                tensor = torch.from_numpy(np.ascontiguousarray(inputs[name])).to("cuda", self._dtype(name))
+                keep.append(tensor)
+                self.context.set_input_shape(name, tensor.shape)
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            results = {}
+            for name in self.output_names:
+                shape = tuple(self.context.get_tensor_shape(name))
+                results[name] = torch.empty(shape, dtype=self._dtype(name), device="cuda")
+                self.context.set_tensor_address(name, results[name].data_ptr())
+            if not self.context.execute_async_v3(self._stream.cuda_stream):
+                raise ModelError(f"TensorRT execution failed on inputs {shapes}: {self._logger.messages[-5:]}")
+            self._stream.synchronize()
+        return {name: results[name].float().cpu().numpy() for name in requested}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "plan": self.plan, "tensorrt": self._trt.__version__,
+                "profiles": self.engine.num_optimization_profiles}

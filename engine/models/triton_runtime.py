@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError, ModelError
+from ..registry import triton_model_name
 from .runtime import Runtime
 
 PROTOCOLS = ("http", "grpc")
@@ -74,7 +75,7 @@ class TritonRuntime(Runtime):
 
     url: "host:port" of the server's HTTP or gRPC endpoint (default 127.0.0.1:8000 for http, :8001 for grpc).
     model_name: the Triton model; None picks the first ready of `backbone`'s generated variants (tensorrt, onnx,
-        python; engine.export.triton.model_name).
+        python; engine.registry.triton_model_name).
     backbone: backbone name used when model_name is None.
     protocol: "http" or "grpc".
     model_version: "" for the server's policy (latest).
@@ -160,9 +161,7 @@ class TritonRuntime(Runtime):
         self._retrying("server liveness check", lambda: self.client.is_server_live(**self._kwargs()))
 
     def _pick_model(self, backbone: str) -> str:
-        from ..export.triton import model_name
-
-        candidates = [model_name(backbone, variant) for variant in VARIANT_ORDER]
+        candidates = [triton_model_name(backbone, variant) for variant in VARIANT_ORDER]
 
         def first_ready():
             index = self.client.get_model_repository_index(**self._kwargs())
