@@ -56,6 +56,15 @@ def _load(loader, source: str, what: str, **kwargs):
                          f"a hub id with hub access): {error}") from error
 
 
+def _load_transformers_model(cls_name: str, path_or_id: str | os.PathLike, dtype: str, **kwargs):
+    """transformers.<cls_name> from a local directory or hub id, in eval mode (the proposers' and CLIP's loader)."""
+    transformers = _require("transformers", "transformers")
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise ModelError(f"transformers {transformers.__version__} has no {cls_name}; upgrade transformers")
+    return _load(cls.from_pretrained, os.fspath(path_or_id), cls_name, dtype=_torch_dtype(dtype), **kwargs).eval()
+
+
 def _token_module(model, patch: int, layer: int | None, mean, std, radio_step: int = 0):
     """uint8 (B, H, W, 3) -> tokens (B, prefix + (H/patch)*(W/patch), D) float32, normalised inside.
 
