@@ -1,11 +1,14 @@
-"""Times the compiled ops (engine.ops) against their NumPy references side by side, on realistic sizes.
+"""Times the compiled ops (engine.ops) against their NumPy references (engine.reference) side by side, on realistic
+sizes: regions given as unions of atoms of a random partition of the image (superpixel-like cells), as the engine's
+proposers give them.
 
 Importable (bench/throughput.py uses `run_kernel_bench` and `format_table`) and runnable:
 
     python bench/kernels.py [--repeats 5] [--threads 0] [--quick] [--cuda]
 
-Each row: one op at one size, median wall time of the reference and of the compiled op (and of the CUDA op when
---cuda and a GPU is usable), and the speed-up. The outputs are checked against the reference on every row.
+Each row: one op at one size, median wall time of the reference and of the compiled op, and the speed-up; the
+outputs are checked against the reference on every row. --cuda also times the bank search on the GPU (TorchIndex on
+a CUDA device) against the exact NumPy scan (ExactIndex), when torch sees a GPU; it says it skips otherwise.
 """
 
 from __future__ import annotations
@@ -23,19 +26,18 @@ import numpy as np
 if __package__ in (None, ""):  # `python bench/kernels.py` from the repository root
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after site-packages: an installed engine (with its compiled _C) wins
 
-from engine import ops  # noqa: E402
-from engine.reference import mask_nms_raster_reference, soft_mask_pool_reference  # noqa: E402
+from engine import ops, reference  # noqa: E402
+from engine.search import ExactIndex  # noqa: E402
 
 
 @dataclass
 class BenchRow:
-    """One op at one size: median milliseconds per call of each implementation."""
+    """One op at one size: median milliseconds per call of the reference and of the compiled (or device) path."""
 
     op: str
     size: str
     reference_ms: float
     compiled_ms: float
-    cuda_ms: float | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -59,82 +61,117 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Cal
     return 1000.0 * statistics.median(times)
 
 
-def proposal_masks(rng: np.random.Generator, count: int, height: int, width: int) -> np.ndarray:
-    """Proposal-like masks: filled ellipses covering 0.5% to 30% of the image, overlapping each other."""
+def random_partition(rng: np.random.Generator, height: int, width: int, atoms: int):
+    """An (H, W) int32 map of `atoms` cells: the nearest of `atoms` random seeds (Voronoi cells, like superpixels).
+    Returns the map and the seeds' (y, x)."""
+    seeds = np.stack([rng.uniform(0, height, atoms), rng.uniform(0, width, atoms)], 1)
     yy, xx = np.mgrid[:height, :width]
-    masks = np.empty((count, height, width), bool)
+    best = np.full((height, width), np.inf)
+    labels = np.zeros((height, width), np.int32)
+    for a, (sy, sx) in enumerate(seeds):
+        distance = (yy - sy) ** 2 + (xx - sx) ** 2
+        closer = distance < best
+        best[closer] = distance[closer]
+        labels[closer] = a
+    return labels, seeds
+
+
+def proposal_members(rng: np.random.Generator, seeds: np.ndarray, count: int, height: int, width: int) -> np.ndarray:
+    """(N, A) proposals as unions of atoms: the cells whose seeds fall in an ellipse covering 0.5% to 30% of the
+    image, overlapping each other; every third one is a jittered copy of an earlier one (near-duplicates, as a
+    proposer gives them)."""
+    members = np.zeros((count, len(seeds)), bool)
+    ellipses = []
     for n in range(count):
-        area = rng.uniform(0.005, 0.3) * height * width
-        aspect = rng.uniform(0.4, 2.5)
-        ry = np.sqrt(area / np.pi * aspect)
-        rx = area / (np.pi * ry)
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        masks[n] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-    return masks
+        if n % 3 == 2:
+            cy, cx, ry, rx = ellipses[n - 2]
+            dy, dx = rng.integers(-6, 7, 2)
+            cy, cx = cy + dy, cx + dx
+        else:
+            area = rng.uniform(0.005, 0.3) * height * width
+            aspect = rng.uniform(0.4, 2.5)
+            ry = np.sqrt(area / np.pi * aspect)
+            rx = area / (np.pi * ry)
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ellipses.append((cy, cx, ry, rx))
+        members[n] = ((seeds[:, 0] - cy) / ry) ** 2 + ((seeds[:, 1] - cx) / rx) ** 2 <= 1.0
+    return members
 
 
-def _cuda_ready(use_cuda: bool):
-    if not use_cuda or not ops.cuda_available():
-        return None
-    import torch
-
-    return torch
-
-
-def bench_soft_mask_pool(height: int, width: int, stride: int, dim: int, count: int, repeats: int = 5,
-                         num_threads: int = 0, use_cuda: bool = False, seed: int = 0) -> BenchRow:
+def regions(seed: int, height: int, width: int, count: int, atoms: int):
     rng = np.random.default_rng(seed)
-    grid = (-(-height // stride), -(-width // stride))
-    features = rng.standard_normal((*grid, dim)).astype(np.float32)
-    masks = proposal_masks(rng, count, height, width)
-    want = soft_mask_pool_reference(features, masks, stride)
-    got = ops.soft_mask_pool(features, masks, stride, num_threads=num_threads)
+    labels, seeds = random_partition(rng, height, width, atoms)
+    return rng, labels, proposal_members(rng, seeds, count, height, width)
+
+
+def bench_soft_mask_pool(height: int, width: int, stride: int, dim: int, count: int, atoms: int = 400,
+                         repeats: int = 5, num_threads: int = 0, seed: int = 0) -> BenchRow:
+    rng, labels, members = regions(seed, height, width, count, atoms)
+    features = rng.standard_normal((-(-height // stride), -(-width // stride), dim)).astype(np.float32)
+    want = reference.soft_mask_pool(features, labels, members, stride)
+    got = ops.soft_mask_pool(features, labels, members, stride, num_threads=num_threads)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    row = BenchRow(
-        op="soft_mask_pool", size=f"{height}x{width} s{stride} D{dim} N{count}",
-        reference_ms=median_ms(lambda: soft_mask_pool_reference(features, masks, stride), repeats),
-        compiled_ms=median_ms(lambda: ops.soft_mask_pool(features, masks, stride, num_threads=num_threads), repeats),
+    return BenchRow(
+        op="soft_mask_pool", size=f"{height}x{width} s{stride} D{dim} N{count} A{atoms}",
+        reference_ms=median_ms(lambda: reference.soft_mask_pool(features, labels, members, stride), repeats),
+        compiled_ms=median_ms(lambda: ops.soft_mask_pool(features, labels, members, stride, num_threads=num_threads),
+                              repeats),
     )
-    torch = _cuda_ready(use_cuda)
-    if torch is not None:
-        f_cuda, m_cuda = torch.from_numpy(features).cuda(), torch.from_numpy(masks).cuda()
-        np.testing.assert_allclose(ops.soft_mask_pool(f_cuda, m_cuda, stride).cpu().numpy(), want, rtol=1e-5,
-                                   atol=1e-5)
-        row.cuda_ms = median_ms(lambda: ops.soft_mask_pool(f_cuda, m_cuda, stride), repeats,
-                                sync=torch.cuda.synchronize)
-    return row
 
 
-def bench_mask_nms_raster(height: int, width: int, count: int, num_classes: int = 3, iou_threshold: float = 0.4,
-                          repeats: int = 5, num_threads: int = 0, use_cuda: bool = False, seed: int = 0) -> BenchRow:
-    rng = np.random.default_rng(seed)
-    masks = proposal_masks(rng, count, height, width)
-    # Near-duplicate proposals (as a proposer gives): every third mask is a jittered copy of an earlier one.
-    for n in range(2, count, 3):
-        masks[n] = np.roll(masks[n - 2], tuple(rng.integers(-6, 7, 2)), axis=(0, 1))
+def bench_mask_nms_raster(height: int, width: int, count: int, num_classes: int = 3, atoms: int = 400,
+                          iou_threshold: float = 0.4, repeats: int = 5, num_threads: int = 0,
+                          seed: int = 0) -> BenchRow:
+    rng, labels, members = regions(seed, height, width, count, atoms)
     classes = rng.integers(1, num_classes + 1, count)
     scores = rng.random(count)
-    want = mask_nms_raster_reference(masks, classes, scores, iou_threshold)
-    got = ops.mask_nms_raster(masks, classes, scores, iou_threshold, num_threads=num_threads)
+    want = reference.mask_nms_raster(labels, members, classes, scores, iou_threshold)
+    got = ops.mask_nms_raster(labels, members, classes, scores, iou_threshold, num_threads=num_threads)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
-    row = BenchRow(
-        op="mask_nms_raster", size=f"{height}x{width} N{count} C{num_classes}",
-        reference_ms=median_ms(lambda: mask_nms_raster_reference(masks, classes, scores, iou_threshold), repeats),
-        compiled_ms=median_ms(
-            lambda: ops.mask_nms_raster(masks, classes, scores, iou_threshold, num_threads=num_threads), repeats),
+    return BenchRow(
+        op="mask_nms_raster", size=f"{height}x{width} N{count} C{num_classes} A{atoms}",
+        reference_ms=median_ms(lambda: reference.mask_nms_raster(labels, members, classes, scores, iou_threshold),
+                               repeats),
+        compiled_ms=median_ms(lambda: ops.mask_nms_raster(labels, members, classes, scores, iou_threshold,
+                                                          num_threads=num_threads), repeats),
         extra={"kept": int(want[0].sum())},
     )
-    torch = _cuda_ready(use_cuda)
-    if torch is not None:
-        m_cuda = torch.from_numpy(masks).cuda()
-        c_cuda, s_cuda = torch.from_numpy(classes).cuda(), torch.from_numpy(scores).cuda()
-        got = ops.mask_nms_raster(m_cuda, c_cuda, s_cuda, iou_threshold)
-        for a, b in zip(got, want):
-            np.testing.assert_array_equal(a.cpu().numpy(), b)
-        row.cuda_ms = median_ms(lambda: ops.mask_nms_raster(m_cuda, c_cuda, s_cuda, iou_threshold), repeats,
-                                sync=torch.cuda.synchronize)
-    return row
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when torch sees a CUDA GPU, else why the --cuda rows are skipped."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA GPU"
+    return None
+
+
+def bench_search_cuda(size: int, dim: int, queries: int, k: int = 25, repeats: int = 5, seed: int = 0) -> BenchRow:
+    """TorchIndex with the bank on the GPU against ExactIndex (NumPy), same queries; the rows must agree."""
+    import torch
+
+    from engine.search import TorchIndex
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((size, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = rng.integers(0, 21, size)
+    batch = vectors[rng.integers(0, size, queries)] + 0.1 * rng.standard_normal((queries, dim)).astype(np.float32)
+    exact = ExactIndex(vectors, labels, 21)
+    device = TorchIndex(vectors, labels, 21, device="cuda")
+    want, got = exact.search(batch, k), device.search(batch, k)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+    agree = float((got[1] == want[1]).mean())
+    if agree < 0.99:  # different GEMMs may swap neighbours whose similarities differ by rounding only
+        raise AssertionError(f"TorchIndex on CUDA and ExactIndex agree on only {100 * agree:.1f}% of neighbours")
+    return BenchRow(op=f"search ({device.describe()})", size=f"M{size} D{dim} Q{queries} K{k}",
+                    reference_ms=median_ms(lambda: exact.search(batch, k), repeats),
+                    compiled_ms=median_ms(lambda: device.search(batch, k), repeats, sync=torch.cuda.synchronize),
+                    extra={"agree": agree})
 
 
 # (height, width, stride, dim, count): the 384x512 image at the two backbones' strides and dimensions.
@@ -150,32 +187,35 @@ NMS_CASES = [
     (384, 512, 200, 3),
     (384, 512, 200, 20),
 ]
+# (bank size, dim, queries)
+SEARCH_CASES = [
+    (100_000, 208, 200),
+    (1_000_000, 208, 200),
+]
 
 
-def run_kernel_bench(repeats: int = 5, num_threads: int = 0, quick: bool = False, use_cuda: bool = False,
-                     pool_cases=None, nms_cases=None) -> list[BenchRow]:
+def run_kernel_bench(repeats: int = 5, num_threads: int = 0, quick: bool = False, pool_cases=None,
+                     nms_cases=None) -> list[BenchRow]:
     """Times every case; `quick` keeps the N=50 cases only (for a smoke run inside a larger benchmark)."""
     pool_cases = POOL_CASES if pool_cases is None else pool_cases
     nms_cases = NMS_CASES if nms_cases is None else nms_cases
     if quick:
         pool_cases = [c for c in pool_cases if c[4] <= 50]
         nms_cases = [c for c in nms_cases if c[2] <= 50]
-    rows = [bench_soft_mask_pool(*case, repeats=repeats, num_threads=num_threads, use_cuda=use_cuda)
-            for case in pool_cases]
-    rows += [bench_mask_nms_raster(h, w, n, c, repeats=repeats, num_threads=num_threads, use_cuda=use_cuda)
-             for h, w, n, c in nms_cases]
+    rows = [bench_soft_mask_pool(*case, repeats=repeats, num_threads=num_threads) for case in pool_cases]
+    rows += [bench_mask_nms_raster(h, w, n, c, repeats=repeats, num_threads=num_threads) for h, w, n, c in nms_cases]
     return rows
 
 
-def format_table(rows: list[BenchRow]) -> str:
-    with_cuda = any(r.cuda_ms is not None for r in rows)
-    header = ["op", "size", "numpy ms", "compiled ms", "speed-up"] + (["cuda ms"] if with_cuda else [])
-    lines = [header]
-    for r in rows:
-        line = [r.op, r.size, f"{r.reference_ms:.2f}", f"{r.compiled_ms:.2f}", f"{r.speedup:.1f}x"]
-        if with_cuda:
-            line.append("-" if r.cuda_ms is None else f"{r.cuda_ms:.3f}")
-        lines.append(line)
+def run_search_bench(repeats: int = 5, quick: bool = False) -> list[BenchRow]:
+    cases = SEARCH_CASES[:1] if quick else SEARCH_CASES
+    return [bench_search_cuda(*case, repeats=repeats) for case in cases]
+
+
+def format_table(rows: list[BenchRow], reference: str = "numpy ms", compiled: str = "compiled ms") -> str:
+    header = ["op", "size", reference, compiled, "speed-up"]
+    lines = [header] + [[r.op, r.size, f"{r.reference_ms:.2f}", f"{r.compiled_ms:.2f}", f"{r.speedup:.1f}x"]
+                        for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for k, line in enumerate(lines):
@@ -190,14 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
     parser.add_argument("--threads", type=int, default=0, help="OpenMP threads for the compiled ops (0 = default)")
-    parser.add_argument("--quick", action="store_true", help="only the N=50 cases")
-    parser.add_argument("--cuda", action="store_true", help="also time the CUDA ops when a GPU is usable")
+    parser.add_argument("--quick", action="store_true", help="only the N=50 cases (and the smaller bank)")
+    parser.add_argument("--cuda", action="store_true", help="also time TorchIndex search on a CUDA GPU against "
+                        "ExactIndex (skipped, saying why, when torch sees no GPU)")
     args = parser.parse_args(argv)
-    rows = run_kernel_bench(args.repeats, args.threads, args.quick, args.cuda)
+    rows = run_kernel_bench(args.repeats, args.threads, args.quick)
     threads = args.threads or os.cpu_count()
-    print(f"engine.ops vs engine.reference — median of {args.repeats}, {threads} CPU thread(s), "
-          f"CUDA build: {ops.has_cuda()}, CUDA usable: {ops.cuda_available()}")
+    print(f"engine.ops vs engine.reference — median of {args.repeats}, {threads} CPU thread(s), regions as unions of "
+          f"atoms of a random partition")
     print(format_table(rows))
+    if args.cuda:
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            print(f"--cuda: skipping the GPU search rows: {reason}")
+        else:
+            print(f"\nbank search: TorchIndex on CUDA vs ExactIndex (NumPy), median of {args.repeats}")
+            print(format_table(run_search_bench(args.repeats, args.quick), "exact numpy ms", "cuda ms"))
     return 0
 
 

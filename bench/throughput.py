@@ -1,5 +1,6 @@
 """End-to-end throughput: images/sec on real images through Engine.segment_stream, per stage, side by side with the
-plain NumPy/Python reference path (engine.reference's ops, a brute-force NumPy search) in the same run.
+plain NumPy/Python reference path (Engine(kernels="reference"): engine.reference's ops and the exact NumPy search)
+in the same run.
 
     python bench/throughput.py [--images DIR] [--bank DIR] [--device cpu|cuda] [--repeats 3] [--limit N] [--json FILE]
 
@@ -28,30 +29,15 @@ if __package__ in (None, ""):  # `python bench/throughput.py` from the repositor
 from engine import Config, Engine, FeatureBank  # noqa: E402
 from engine.data import VOCDataset, load_label_map  # noqa: E402
 from engine.models import create_backbone, ground_truth_proposals  # noqa: E402
-from engine.reference import mask_nms_raster_reference, soft_mask_pool_reference  # noqa: E402
-from engine.retrieval import exact_search_numpy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "voc2012-mini" / "JPEGImages"
 DEFAULT_BANK_DATA = ROOT.parent / "shared" / "data" / "voc2012-mini"
 #: stage -> what it is; "model" stages are model inference, "engine" ones the engine's own work
 STAGES = {
-    "decode": "engine", "proposer": "model", "filter": "engine", "backbone": "model", "upload": "engine",
-    "smfa": "engine", "search": "engine", "vote": "engine", "nms_raster": "engine",
+    "decode": "engine", "proposer": "model", "filter": "engine", "backbone": "model", "smfa": "engine",
+    "search": "engine", "nms_raster": "engine",
 }
-
-
-class ReferenceEngine(Engine):
-    """The same pipeline with engine.reference's NumPy twins of the compiled ops and a brute-force NumPy search."""
-
-    def _pool(self, features, masks):
-        return soft_mask_pool_reference(features, masks, self.backbone.stride, eps=self.config.smfa_eps)
-
-    def _search(self, queries):
-        return exact_search_numpy(queries, self.bank.vectors, self.config.top_k)
-
-    def _nms_raster(self, masks, classes, confidences):
-        return mask_nms_raster_reference(masks, classes, confidences, self.config.nms_iou_threshold)
 
 
 def embedded_proposer(config: Config):
@@ -154,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.bank:
         bank = FeatureBank.load(args.bank)
         config = bank.config.replace(batch_size=args.batch_size, num_threads=args.threads)
-        name = bank.backbone.get("model") or bank.backbone["id"].split("+")[0]
+        name, weights = bank.backbone_name, bank.backbone.get("weights")
     else:
-        name = "effnet-lite2/block19"
+        name, weights = "effnet-lite2/block19", None
     backbone = create_backbone(name, runtime=runtime, batch_size=config.batch_size, num_threads=config.num_threads,
-                               device=args.device.split(":")[0])
+                               device=args.device.split(":")[0], weights=weights)
     if not args.bank:
         cpu_backbone = backbone if args.device == "cpu" else create_backbone(name, batch_size=config.batch_size)
         bank = build_bank(cpu_backbone, config, args.bank_limit)
@@ -173,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no embedded proposer (engine.models.embedded.create_proposer) and no ground-truth "
                              f"masks for {missing[:3]}... under {args.images.parent / 'SegmentationClass'}")
     engine = Engine(bank, backbone=backbone, proposer=proposer, config=config, device=args.device)
+    on_gpu = engine.device != "cpu"
     sync = None
-    if engine.on_gpu:
+    if on_gpu:
         import torch
 
         torch.cuda.reset_peak_memory_stats()
@@ -184,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     main_run = run(engine, paths, use_gt, args.repeats, args.warmup, config.batch_size, sync)
     reference_run = None
     if not args.no_reference:
-        reference = ReferenceEngine(bank, backbone=backbone, proposer=proposer, config=config)
+        reference = Engine(bank, backbone=backbone, proposer=proposer, config=config, kernels="reference")
         reference_run = run(reference, paths, use_gt, args.repeats, args.warmup, config.batch_size)
 
     gpu_peak = None
-    if engine.on_gpu:
+    if on_gpu:
         import torch
 
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20
@@ -199,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         # one OpenMP thread unless --threads: a 2-thread team next to other busy processes waits on itself for
         # longer than the work takes (measured: 28 ms vs 4 ms for SMFA, N=50, on the shared 2-core machine)
         kernel_threads = args.threads or 1
-        kernel_rows = run_kernel_bench(repeats=3, num_threads=kernel_threads, quick=False,
-                                       use_cuda=engine.on_gpu)
+        kernel_rows = run_kernel_bench(repeats=3, num_threads=kernel_threads, quick=False)
 
     # ------------------------------------------------------------------------------------------------ report
     proposals_from = (f"embedded proposer ({getattr(proposer, 'name', type(proposer).__name__)})" if proposer
@@ -268,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             "gpu_peak_allocated_mb": gpu_peak,
             "bank_size": len(bank),
             "kernels": [{"op": r.op, "size": r.size, "reference_ms": r.reference_ms, "compiled_ms": r.compiled_ms,
-                         "cuda_ms": r.cuda_ms, "speedup": r.speedup} for r in kernel_rows],
+                         "speedup": r.speedup} for r in kernel_rows],
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
