@@ -1,4 +1,4 @@
-"""Feature bank: SBP, SMFA, outlier rejection, save/load round trip and refusal of bad banks."""
+"""engine.bank: SBP, SMFA, outlier rejection, save/load round trip and refusal of bad banks, the FAISS index."""
 
 import json
 
@@ -11,13 +11,20 @@ from engine.config import Config
 from engine.data import Sample
 from engine.errors import BankError, InputError
 from engine.reference import soft_mask_pool_reference
-from toy_models import CLASSES, ColorBackbone, scene, toy_samples
-
-make_samples = toy_samples
+from engine.search import FaissIndex
 
 
-def test_single_square_erosion_equals_iterated_3x3_with_unerodible_border():
-    rng = np.random.default_rng()
+@pytest.fixture
+def CLASSES(toy):
+    return toy.CLASSES
+
+
+@pytest.fixture
+def ColorBackbone(toy):
+    return toy.ColorBackbone
+
+
+def test_single_square_erosion_equals_iterated_3x3_with_unerodible_border(rng):
     mask = cv2.dilate((rng.random((70, 90)) > 0.97).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
     mask[:, :30] = True  # touches the left, top and bottom edges
     iterated = mask.astype(np.uint8)
@@ -43,8 +50,7 @@ def test_purify_drops_small_regions_and_adaptive_keeps_thin_ones():
     assert purify(block, Config(erosion_iterations=0)).sum() == block.sum()
 
 
-def test_outlier_rejection_drops_farthest_quarter_of_foreground_only():
-    rng = np.random.default_rng()
+def test_outlier_rejection_drops_farthest_quarter_of_foreground_only(rng):
     vectors = rng.normal(size=(18, 5)).astype(np.float32)
     labels = np.array([1] * 9 + [2] * 5 + [0] * 4)
     keep = reject_outliers(vectors, labels, Config.paper())
@@ -56,10 +62,11 @@ def test_outlier_rejection_drops_farthest_quarter_of_foreground_only():
     assert reject_outliers(vectors, labels, Config(outlier_ratio=0)).all()
 
 
-def test_build_vectors_are_smfa_of_purified_masks():
+@pytest.mark.parametrize("pooling", ["soft", "hard"])
+def test_build_vectors_are_smfa_of_purified_masks(rng, toy, CLASSES, ColorBackbone, pooling):
     backbone = ColorBackbone()
-    samples = make_samples(3)
-    config = Config(outlier_ratio=0, min_area=50, erosion_iterations=2)
+    samples = toy.samples(rng, 3)
+    config = Config(outlier_ratio=0, min_area=50, erosion_iterations=2, pooling=pooling)
     bank = FeatureBank.build(samples, backbone, CLASSES, config, progress=False)
     np.testing.assert_allclose(np.linalg.norm(bank.vectors, axis=1), 1, atol=1e-5)
     assert bank.sources[0] == "img0"
@@ -68,24 +75,23 @@ def test_build_vectors_are_smfa_of_purified_masks():
         features = backbone.features([sample.image])[0]
         for class_id in np.unique(sample.mask):
             mask = purify(sample.mask == class_id, config)
-            want = soft_mask_pool_reference(features, mask[None], backbone.stride)[0]
+            want = soft_mask_pool_reference(features, mask[None], backbone.stride, pooling=pooling)[0]
             assert bank.labels[row] == class_id
             np.testing.assert_allclose(bank.vectors[row], want, atol=1e-5)
             row += 1
     assert row == len(bank)
 
 
-def test_build_ignores_classes_absent_from_labels_and_void():
-    rng = np.random.default_rng()
-    image, label = scene(rng=rng, classes=(1, 2))
+def test_build_ignores_classes_absent_from_labels_and_void(rng, toy, CLASSES, ColorBackbone):
+    image, label = toy.scene(rng, classes=(1, 2))
     label[:5] = 255
     bank = FeatureBank.build([Sample("a", image, [1], label)], ColorBackbone(), CLASSES,
                              Config(min_area=50, erosion_iterations=1), progress=False)
     assert sorted(bank.labels.tolist()) == [0, 1]
 
 
-def test_build_rejects_bad_input():
-    image, label = scene()
+def test_build_rejects_bad_input(rng, toy, CLASSES, ColorBackbone):
+    image, label = toy.scene(rng)
     with pytest.raises(InputError, match="mask of image"):
         FeatureBank.build([Sample("a", image, [1], label[:-1])], ColorBackbone(), CLASSES, progress=False)
     with pytest.raises(InputError, match="grayscale"):
@@ -97,34 +103,38 @@ def test_build_rejects_bad_input():
                           progress=False)
 
 
-def test_nan_features_are_dropped():
+def test_nan_features_are_dropped(rng, toy, CLASSES, ColorBackbone):
     class NaNBackbone(ColorBackbone):
         def features(self, images):
             out = super().features(images)
             out[0][:] = np.nan
             return out
 
-    samples = make_samples(2)
+    samples = toy.samples(rng, 2)
     bank = FeatureBank.build(samples, NaNBackbone(), CLASSES, Config(outlier_ratio=0), progress=False)
     assert set(bank.sources) == {"img1"}
 
 
 @pytest.fixture
-def saved_bank(tmp_path):
-    bank = FeatureBank.build(make_samples(6), ColorBackbone(), CLASSES, Config(min_area=100), progress=False,
+def saved_bank(tmp_path, rng, toy, CLASSES, ColorBackbone):
+    bank = FeatureBank.build(toy.samples(rng, 6), ColorBackbone(), CLASSES, Config(min_area=100), progress=False,
                              provenance={"data": "synthetic"})
     return bank, bank.save(tmp_path / "bank")
 
 
-def test_round_trip(saved_bank):
+def test_round_trip(saved_bank, rng, CLASSES, ColorBackbone):
     bank, path = saved_bank
     loaded = FeatureBank.load(path, backbone=ColorBackbone())
     np.testing.assert_array_equal(loaded.vectors, bank.vectors)
     np.testing.assert_array_equal(loaded.labels, bank.labels)
     assert loaded.class_names == CLASSES and loaded.config == bank.config and loaded.sources == bank.sources
-    assert loaded.provenance["data"] == "synthetic"
-    queries = np.random.default_rng().normal(size=(5, bank.dim)).astype(np.float32)
-    for got, want in zip(loaded.search(queries, 4), bank.search(queries, 4)):
+    assert loaded.provenance["data"] == "synthetic" and loaded.backbone == bank.backbone
+    assert loaded.backbone_name == "test/color" and loaded.index.ntotal == len(bank)
+    np.testing.assert_array_equal(loaded.class_counts(), bank.class_counts())
+    queries = rng.normal(size=(5, bank.dim)).astype(np.float32)
+    searches = [FaissIndex(b.vectors, b.labels, len(CLASSES), b.config, b.index).search(queries, 4)
+                for b in (loaded, bank)]
+    for got, want in zip(*searches):
         np.testing.assert_array_equal(got, want)
 
 
@@ -136,7 +146,7 @@ def test_save_refuses_to_overwrite(saved_bank):
     FeatureBank.load(path)
 
 
-def test_mismatched_backbone_is_refused(saved_bank):
+def test_mismatched_backbone_is_refused(saved_bank, ColorBackbone):
     _, path = saved_bank
     with pytest.raises(BankError, match="test/other"):
         FeatureBank.load(path, backbone=ColorBackbone(id="test/other"))
@@ -169,35 +179,33 @@ def test_not_a_bank(tmp_path):
         FeatureBank.load(tmp_path)
 
 
-def test_ivf_index_option():
-    rng = np.random.default_rng()
+def test_ivf_index_option(rng, CLASSES):
     vectors = rng.normal(size=(2000, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     backbone = {"id": "test/random", "dim": 16, "stride": 1}
     flat = FeatureBank(vectors, rng.integers(0, 3, 2000), CLASSES[:3], backbone)
     ivf = FeatureBank(vectors, flat.labels, CLASSES[:3], backbone, Config(index="IVF16,Flat", nprobe=16))
-    sims_flat, rows_flat = flat.search(vectors[:10], 5)
-    sims_ivf, rows_ivf = ivf.search(vectors[:10], 5)
+    assert ivf.index.nprobe == 16 and ivf.index.ntotal == 2000
+    sims_flat, rows_flat = flat.index.search(vectors[:10], 5)
+    sims_ivf, rows_ivf = ivf.index.search(vectors[:10], 5)
     np.testing.assert_array_equal(rows_flat, rows_ivf)  # nprobe = nlist visits every list: exact
     with pytest.raises(InputError, match="factory"):
         FeatureBank(vectors, flat.labels, CLASSES[:3], backbone, Config(index="NotAnIndex")).index
 
 
-def test_hard_pooling_is_the_mean_of_patches_whose_centre_is_covered():
-    rng = np.random.default_rng()
-    from engine.bank import pool_regions
-
-    stride = 8
-    features = rng.normal(size=(5, 7, 6)).astype(np.float32)  # image 37 x 53: last patches partly padding
-    masks = rng.random((4, 37, 53)) > 0.5
-    got = pool_regions(features, masks, stride, Config(pooling="hard"), normalize=False)
-    for mask, vector in zip(masks, got):
-        covered = np.zeros((5, 7), bool)
-        for i in range(5):
-            for j in range(7):
-                y, x = i * stride + stride // 2, j * stride + stride // 2
-                covered[i, j] = y < 37 and x < 53 and mask[y, x]
-        want = features[covered].sum(0) / (covered.sum() + 1e-8)
-        np.testing.assert_allclose(vector, want, atol=1e-5)
-    soft = pool_regions(features, masks, stride, Config(), normalize=False)
-    np.testing.assert_allclose(soft, soft_mask_pool_reference(features, masks, stride, normalize=False), atol=1e-5)
+def test_bank_checks_its_arrays(CLASSES):
+    backbone = {"id": "test/random", "dim": 4}
+    vectors = np.eye(4, dtype=np.float32)
+    with pytest.raises(BankError, match="disagree"):
+        FeatureBank(vectors, [0, 1, 2], CLASSES, backbone)
+    with pytest.raises(BankError, match="backbone record says 5-d"):
+        FeatureBank(vectors, [0, 1, 2, 3], CLASSES, {"id": "x", "dim": 5})
+    with pytest.raises(BankError, match="labels outside 0..3"):
+        FeatureBank(vectors, [0, 1, 2, 4], CLASSES, backbone)
+    with pytest.raises(BankError, match="NaN or inf"):
+        FeatureBank(vectors * np.nan, [0, 1, 2, 3], CLASSES, backbone)
+    named = FeatureBank(vectors, [0, 1, 2, 3], CLASSES, {"id": "dinov2/final@tiny+zeropad14", "dim": 4})
+    assert named.backbone_name == "dinov2/final@tiny"  # no "model" entry: the id without the padding rule
+    recorded = FeatureBank(vectors, [0, 1, 2, 3], CLASSES, {"id": "dinov2/final@tiny+zeropad14", "dim": 4,
+                                                            "model": "dinov2/final", "weights": "/models/tiny"})
+    assert recorded.backbone_name == "dinov2/final"

@@ -1,25 +1,22 @@
-"""The `moduseg` CLI contract on a small VOC-layout copy of voc2012-mini, with the real default backbone."""
+"""engine.cli: the `moduseg` command's contract — build-bank, eval and segment on a small VOC-layout copy of
+voc2012-mini with the real default backbone, clear errors, triton-repo, and serve stopping its server on SIGTERM."""
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
-from pathlib import Path
+import time
+import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from engine.cli import main
-from toy_models import copy_small_voc
-
-VOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-mini"
-pytestmark = pytest.mark.skipif(not VOC.is_dir(), reason=f"needs {VOC}")
-
-
-@pytest.fixture(scope="module")
-def small_voc(tmp_path_factory):
-    return copy_small_voc(VOC, tmp_path_factory.mktemp("voc"))
+from engine.registry import DEFAULT_BACKBONE, triton_model_name
 
 
 @pytest.mark.slow
@@ -40,7 +37,7 @@ def test_build_bank_eval_segment(small_voc, tmp_path, capsys):
     assert set(metrics["per_class"]) == set(manifest["class_names"])
     assert len(list((out / "predictions").glob("*.png"))) == 3
 
-    image = next((small_voc / "JPEGImages").glob("*.jpg"))
+    image = sorted((small_voc / "JPEGImages").glob("*.jpg"))[0]
     segmented = tmp_path / "segmented"
     assert main(["segment", "--bank", str(bank), str(image), "--out", str(segmented)]) == 0
     png = Image.open(segmented / f"{image.stem}.png")
@@ -49,6 +46,8 @@ def test_build_bank_eval_segment(small_voc, tmp_path, capsys):
 
 
 def test_clear_errors(small_voc, tmp_path, capsys):
+    assert main(["segment", "--bank", str(tmp_path / "none"), "x.jpg", "--out", str(tmp_path)]) == 2
+    assert "not a feature bank" in capsys.readouterr().err
     assert main(["eval", "--bank", str(tmp_path), "--data", str(small_voc), "--out", str(tmp_path / "o")]) == 2
     assert "not a feature bank" in capsys.readouterr().err
     assert main(["build-bank", "--data", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
@@ -67,3 +66,58 @@ def test_clear_errors(small_voc, tmp_path, capsys):
 def test_console_script_is_installed():
     run = subprocess.run([sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "build-bank" in run.stdout and "report" in run.stdout
+
+
+def test_triton_repo_configs_only(tmp_path, capsys):
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
+    from engine.export import triton as tx
+
+    assert main(["triton-repo", "--out", str(tmp_path), "--variants", "python", "onnx", "--configs-only",
+                 "--max-batch-size", "4"]) == 0
+    configs = tx.validate_repository(tmp_path)
+    assert sorted(configs) == [triton_model_name(DEFAULT_BACKBONE, "onnx"),
+                               triton_model_name(DEFAULT_BACKBONE, "python")]
+    assert all(c.max_batch_size == 4 for c in configs.values())
+    assert "config.pbtxt" in capsys.readouterr().out
+    assert main(["triton-repo", "--out", str(tmp_path), "--backbone", "resnet/layer3", "--configs-only"]) == 2
+    assert "unknown backbone" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_prints_urls_and_stops_the_server_on_sigterm(triton_launcher, repo_root, tmp_path):
+    from engine.export import triton as tx
+    from engine.models.backbones import model_path
+
+    tx.write_repository(tmp_path / "repo", DEFAULT_BACKBONE, variants=["python"],
+                        onnx_path=model_path(DEFAULT_BACKBONE))
+    ports = [str(tx.free_port()) for _ in range(3)]
+    command = [sys.executable, "-m", "engine.cli", "serve", "--repo", str(tmp_path / "repo"), "--http-port", ports[0],
+               "--grpc-port", ports[1], "--metrics-port", ports[2], "--env", str(repo_root / tx.SERVER_ENV_DIR)]
+    cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server_pid = None
+    try:
+        lines = []
+        for line in cli.stdout:
+            lines.append(line)
+            if line.startswith("use:"):
+                break
+        text = "".join(lines)
+        assert f"HTTP    127.0.0.1:{ports[0]}" in text and f"gRPC    127.0.0.1:{ports[1]}" in text, text
+        server_pid = int(re.search(r"tritonserver \(pid (\d+)\)", text).group(1))
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5) as response:
+            assert response.status == 200
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(60) == 0, cli.stdout.read()
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):  # the server is the CLI's child: gone once the CLI has reaped it
+                os.kill(server_pid, 0)
+                time.sleep(0.1)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        if server_pid is not None:
+            try:
+                os.kill(server_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

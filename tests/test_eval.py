@@ -1,3 +1,6 @@
+"""engine.eval: one confusion matrix over a split, IoU per class (classes absent from the ground truth left out of
+the mean), mIoU and the Markdown table."""
+
 import numpy as np
 import pytest
 

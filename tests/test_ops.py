@@ -1,50 +1,70 @@
-"""engine.ops (the compiled kernels) against their NumPy twins in engine.reference, on fresh random inputs and edge cases.
-
-Each test draws a new seed and prints it, so a failure shows the seed that reproduces it.
-"""
+"""engine.ops (the compiled kernels, regions as atoms + members) against their NumPy twins in engine.reference (the
+equations on the materialised masks), on random atom partitions drawn from fixed seeds, on edge cases, and their
+input checks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine import ops
+from engine import ops, reference
 from engine.errors import InputError
-from engine.reference import mask_nms_raster_reference, soft_mask_pool_reference
+from engine.reference import mask_nms_raster_reference, materialise, soft_mask_pool_reference
+from engine.regions import Proposals
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason="engine._C is not built")
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % (2**63))
-    print(f"rng seed = {seed}")
-    return np.random.default_rng(seed)
-
-
-def random_masks(rng, count, height, width, dtype=bool):
-    """A mix of blobs (rectangles with ragged edges), speckle, empty, full and single-pixel masks."""
-    masks = np.zeros((count, height, width), bool)
-    for n in range(count):
-        kind = rng.integers(0, 10)
-        if kind == 0:
-            continue  # empty
-        if kind == 1:
-            masks[n] = True
-        elif kind == 2:
-            masks[n, rng.integers(height), rng.integers(width)] = True
-        elif kind == 3:
-            masks[n] = rng.random((height, width)) < rng.random()
-        else:
+def random_atoms(rng, height, width):
+    """An (H, W) atom map and the number of atoms A (some ids may be unused: zero-area atoms): speckle, blocks,
+    the cells of overlapping rectangles, or a single atom."""
+    kind = int(rng.integers(0, 4))
+    if kind == 0:  # speckle: atoms of single pixels and ragged shapes
+        count = int(rng.integers(1, 12))
+        atoms = rng.integers(0, count, (height, width))
+    elif kind == 1:  # blocks painted over each other
+        count = int(rng.integers(1, 20))
+        atoms = np.zeros((height, width), np.int64)
+        for a in range(1, count):
             y0, x0 = rng.integers(0, height), rng.integers(0, width)
-            y1, x1 = rng.integers(y0, height + 1), rng.integers(x0, width + 1)
-            masks[n, y0:y1 + 1, x0:x1 + 1] = True
-            masks[n] &= rng.random((height, width)) < 0.97  # ragged: not a clean rectangle
-    return masks.astype(dtype)
+            atoms[y0:rng.integers(y0, height) + 1, x0:rng.integers(x0, width) + 1] = a
+    elif kind == 2:  # the arrangement of random rectangles (as Proposals.from_masks makes it)
+        masks = np.zeros((int(rng.integers(1, 8)), height, width), bool)
+        for mask in masks:
+            y0, x0 = rng.integers(0, height), rng.integers(0, width)
+            mask[y0:rng.integers(y0, height) + 1, x0:rng.integers(x0, width) + 1] = True
+        atoms = Proposals.from_masks(masks, np.ones(len(masks))).atoms
+        count = int(atoms.max()) + 1
+    else:
+        atoms, count = np.zeros((height, width), np.int64), 1
+    return atoms.astype(np.int32), count + int(rng.integers(0, 3))  # a few ids no pixel has
+
+
+def random_members(rng, count, num_atoms, dtype=bool):
+    """(N, A) membership: random subsets, plus empty, full and single-atom regions."""
+    members = rng.random((count, num_atoms)) < rng.random((count, 1))
+    for n in range(count):
+        kind = int(rng.integers(0, 8))
+        if kind == 0:
+            members[n] = False
+        elif kind == 1:
+            members[n] = True
+        elif kind == 2:
+            members[n] = False
+            members[n, rng.integers(num_atoms)] = True
+    return members.astype(dtype)
 
 
 def grid_of(height, width, stride):
     return -(-height // stride), -(-width // stride)
+
+
+def assert_nms_equal(got, want):
+    keep, label_map, owner = got
+    assert keep.dtype == np.bool_ and label_map.dtype == np.int32 and owner.dtype == np.int32
+    np.testing.assert_array_equal(keep, want[0])
+    np.testing.assert_array_equal(label_map, want[1])
+    np.testing.assert_array_equal(owner, want[2])
 
 
 # ------------------------------------------------------------------------------------------------ soft_mask_pool
@@ -62,100 +82,145 @@ POOL_SHAPES = [  # (H, W, stride, D)
 
 
 @pytest.mark.parametrize("height,width,stride,dim", POOL_SHAPES)
-@pytest.mark.parametrize("dtype", [bool, np.uint8])
-def test_soft_mask_pool_matches_reference(rng, height, width, stride, dim, dtype):
-    count = int(rng.integers(1, 12))
-    features = rng.standard_normal((*grid_of(height, width, stride), dim)).astype(np.float32)
-    masks = random_masks(rng, count, height, width, dtype)
-    for normalize in (True, False):
-        got = ops.soft_mask_pool(features, masks, stride, normalize=normalize)
-        want = soft_mask_pool_reference(features, masks, stride, normalize=normalize)
-        assert got.dtype == np.float32 and got.shape == (count, dim)
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("pooling", ["soft", "hard"])
+def test_soft_mask_pool_matches_reference(rng, height, width, stride, dim, pooling):
+    for _ in range(3):
+        atoms, num_atoms = random_atoms(rng, height, width)
+        count = int(rng.integers(1, 12))
+        members = random_members(rng, count, num_atoms, dtype=[bool, np.uint8][int(rng.integers(2))])
+        features = rng.standard_normal((*grid_of(height, width, stride), dim)).astype(np.float32)
+        masks = materialise(atoms, members)
+        for normalize in (True, False):
+            got = ops.soft_mask_pool(features, atoms, members, stride, pooling, normalize=normalize)
+            want = soft_mask_pool_reference(features, masks, stride, normalize=normalize, pooling=pooling)
+            assert got.dtype == np.float32 and got.shape == (count, dim)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+            # the reference module's twin takes the ops' arguments
+            twin = reference.soft_mask_pool(features, atoms, members, stride, pooling, normalize=normalize)
+            np.testing.assert_array_equal(twin, want)
 
 
 @pytest.mark.parametrize("stride", [14, 16, 32])
-def test_soft_mask_pool_edge_masks(rng, stride):
+def test_soft_mask_pool_empty_one_pixel_full_and_corner_regions(rng, stride):
     height, width, dim = 70, 95, 16
     features = rng.standard_normal((*grid_of(height, width, stride), dim)).astype(np.float32)
-    masks = np.zeros((4, height, width), bool)
     y, x = int(rng.integers(height)), int(rng.integers(width))
-    masks[1, y, x] = True  # one pixel
-    masks[2] = True  # full
-    masks[3, -1, -1] = True  # the corner patch is mostly padding
-    got = ops.soft_mask_pool(features, masks, stride)
-    np.testing.assert_allclose(got, soft_mask_pool_reference(features, masks, stride), rtol=1e-6, atol=1e-6)
-    assert not got[0].any()  # empty mask: zero stays zero
+    atoms = np.zeros((height, width), np.int32)
+    atoms[y, x] = 1  # a one-pixel atom
+    atoms[-1, -1] = 2  # the corner patch is mostly padding
+    members = np.zeros((5, 4), bool)  # atom 3 has no pixel
+    members[1, 1] = True  # one pixel
+    members[2, :3] = True  # the whole image
+    members[3, 2] = True  # the corner pixel
+    members[4, 3] = True  # a region of zero area
+    got = ops.soft_mask_pool(features, atoms, members, stride)
+    np.testing.assert_allclose(got, soft_mask_pool_reference(features, materialise(atoms, members), stride),
+                               rtol=1e-6, atol=1e-6)
+    assert not got[0].any() and not got[4].any()  # empty regions: zero stays zero
     patch = features[y // stride, x // stride].astype(np.float64)
     np.testing.assert_allclose(got[1], patch / np.linalg.norm(patch), rtol=1e-5, atol=1e-6)
-    # Unnormalised, a single pixel weighs 1/stride^2 against eps: the mean is (almost) the patch itself.
-    raw = ops.soft_mask_pool(features, masks[1:2], stride, normalize=False)[0]
+    # unnormalised, a single pixel weighs 1/stride^2 against eps: the mean is (almost) the patch itself
+    raw = ops.soft_mask_pool(features, atoms, members[1:2], stride, normalize=False)[0]
     np.testing.assert_allclose(raw, patch, rtol=1e-5, atol=1e-6)
 
 
-def test_soft_mask_pool_zero_and_one_mask(rng):
+def test_soft_mask_pool_zero_and_one_region(rng):
     features = rng.standard_normal((3, 4, 9)).astype(np.float32)
-    empty = ops.soft_mask_pool(features, np.zeros((0, 40, 60), bool), 16)
-    assert empty.shape == (0, 9) and empty.dtype == np.float32
-    one = random_masks(rng, 1, 40, 60)
-    np.testing.assert_allclose(ops.soft_mask_pool(features, one, 16), soft_mask_pool_reference(features, one, 16),
-                               rtol=1e-6, atol=1e-6)
+    atoms, num_atoms = random_atoms(rng, 40, 60)
+    none = ops.soft_mask_pool(features, atoms, np.zeros((0, num_atoms), bool), 16)
+    assert none.shape == (0, 9) and none.dtype == np.float32
+    one = random_members(rng, 1, num_atoms)
+    np.testing.assert_allclose(ops.soft_mask_pool(features, atoms, one, 16),
+                               soft_mask_pool_reference(features, materialise(atoms, one), 16), rtol=1e-6, atol=1e-6)
 
 
 def test_soft_mask_pool_zero_features_stay_zero():
     features = np.zeros((2, 2, 5), np.float32)
-    masks = np.ones((2, 20, 20), bool)
-    assert not ops.soft_mask_pool(features, masks, 16).any()
+    assert not ops.soft_mask_pool(features, np.zeros((20, 20), np.int32), np.ones((2, 1), bool), 16).any()
 
 
-def test_soft_mask_pool_non_contiguous_dtypes_and_threads(rng):
+def test_soft_mask_pool_hard_pooling_is_the_mean_of_patches_whose_centre_is_covered(rng):
+    stride = 8
+    features = rng.normal(size=(5, 7, 6)).astype(np.float32)  # image 37 x 53: the last patches are partly padding
+    masks = rng.random((4, 37, 53)) > 0.5
+    proposals = Proposals.from_masks(masks, np.ones(4))
+    got = ops.soft_mask_pool(features, proposals.atoms, proposals.members, stride, "hard", normalize=False)
+    for mask, vector in zip(masks, got):
+        covered = np.zeros((5, 7), bool)
+        for i in range(5):
+            for j in range(7):
+                y, x = i * stride + stride // 2, j * stride + stride // 2
+                covered[i, j] = y < 37 and x < 53 and mask[y, x]
+        want = features[covered].sum(0) / (covered.sum() + 1e-8)
+        np.testing.assert_allclose(vector, want, atol=1e-5)
+
+
+def test_soft_mask_pool_non_contiguous_dtypes_threads_and_torch(rng):
     height, width, stride, dim = 90, 75, 14, 24
-    grid = grid_of(height, width, stride)
-    base = rng.standard_normal((dim, *grid))
+    base = rng.standard_normal((dim, *grid_of(height, width, stride)))
     features = base.transpose(1, 2, 0)  # float64 and not contiguous
-    masks = random_masks(rng, 10, height, 2 * width)[:, :, ::2]  # a strided view
-    want = soft_mask_pool_reference(features.astype(np.float32), np.ascontiguousarray(masks), stride)
-    for threads in (0, 1, 2):
-        got = ops.soft_mask_pool(features, masks, stride, num_threads=threads)
+    wide, num_atoms = random_atoms(rng, height, 2 * width)
+    atoms = wide[:, ::2]  # a strided view
+    members = random_members(rng, 10, 2 * num_atoms, np.uint8)[:, ::2]
+    want = soft_mask_pool_reference(features.astype(np.float32), materialise(atoms, members), stride)
+    results = [ops.soft_mask_pool(features, atoms, members, stride, num_threads=t) for t in (0, 1, 2)]
+    for got in results:
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-
-
-def test_soft_mask_pool_accepts_cpu_torch_tensors(rng):
+        np.testing.assert_array_equal(got, results[0])  # the summation order does not depend on the threads
     torch = pytest.importorskip("torch")
-    features = rng.standard_normal((3, 3, 8)).astype(np.float32)
-    masks = random_masks(rng, 5, 40, 33)
-    got = ops.soft_mask_pool(torch.from_numpy(features), torch.from_numpy(masks), 14)
-    np.testing.assert_allclose(got, soft_mask_pool_reference(features, masks, 14), rtol=1e-6, atol=1e-6)
+    got = ops.soft_mask_pool(torch.from_numpy(np.ascontiguousarray(features, np.float32)),
+                             torch.from_numpy(np.ascontiguousarray(atoms)), torch.from_numpy(members.astype(bool)),
+                             stride)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case,pattern", [
     ("features_int", "features must be floating point"),
     ("features_2d", r"features must be \(h, w, D\)"),
-    ("masks_float", "masks must be bool or uint8"),
-    ("masks_2d", r"masks must be \(N, H, W\)"),
-    ("masks_empty_image", "nonzero height and width"),
-    ("grid_floor", r"does not match masks of 40x50 at stride 16: expected .*\(3, 4\)"),
+    ("atoms_float", r"atoms must be an \(H, W\) integer map"),
+    ("atoms_3d", r"atoms must be an \(H, W\) integer map"),
+    ("atoms_empty_image", "nonzero height and width"),
+    ("atoms_negative", r"atom ids must lie in \[0, 3\).*got -1\.\.1"),
+    ("atoms_too_large", r"atom ids must lie in \[0, 3\).*got 1\.\.3"),
+    ("members_float", r"members must be an \(N, A\) bool matrix"),
+    ("members_1d", r"members must be an \(N, A\) bool matrix"),
+    ("members_no_atoms", r"atom ids must lie in \[0, 0\)"),
+    ("grid_floor", r"features grid \(2, 3\) does not match an image of 40x50 at stride 16: expected .*\(3, 4\)"),
     ("grid_extra", r"expected .*\(3, 4\)"),
     ("stride_zero", "stride must be >= 1"),
     ("stride_float", "stride must be an integer"),
     ("stride_bool", "stride must be an integer"),
     ("eps_nan", "eps must not be NaN"),
     ("threads_negative", "num_threads must be >= 0"),
+    ("pooling_unknown", "pooling must be one of"),
 ])
 def test_soft_mask_pool_bad_inputs(case, pattern):
     features = np.zeros((3, 4, 8), np.float32)  # 40x50 at stride 16 -> 3x4
-    masks = np.zeros((2, 40, 50), bool)
+    atoms = np.zeros((40, 50), np.int32)
+    atoms[:, 20:] = 1
+    atoms[:, 40:] = 2
+    members = np.ones((2, 3), bool)
     stride, kwargs = 16, {}
     if case == "features_int":
         features = features.astype(np.int32)
     elif case == "features_2d":
         features = features[0]
-    elif case == "masks_float":
-        masks = masks.astype(np.float32)
-    elif case == "masks_2d":
-        masks = masks[0]
-    elif case == "masks_empty_image":
-        masks = np.zeros((2, 0, 50), bool)
+    elif case == "atoms_float":
+        atoms = atoms.astype(np.float32)
+    elif case == "atoms_3d":
+        atoms = atoms[None]
+    elif case == "atoms_empty_image":
+        atoms = np.zeros((0, 50), np.int32)
+    elif case == "atoms_negative":
+        atoms = atoms - 1
+    elif case == "atoms_too_large":
+        atoms = atoms + 1
+    elif case == "members_float":
+        members = members.astype(np.float32)
+    elif case == "members_1d":
+        members = members[0]
+    elif case == "members_no_atoms":
+        members = np.zeros((2, 0), bool)
     elif case == "grid_floor":
         features = np.zeros((2, 3, 8), np.float32)
     elif case == "grid_extra":
@@ -170,19 +235,13 @@ def test_soft_mask_pool_bad_inputs(case, pattern):
         kwargs["eps"] = float("nan")
     elif case == "threads_negative":
         kwargs["num_threads"] = -1
+    elif case == "pooling_unknown":
+        kwargs["pooling"] = "mean"
     with pytest.raises(InputError, match=pattern):
-        ops.soft_mask_pool(features, masks, stride, **kwargs)
+        ops.soft_mask_pool(features, atoms, members, stride, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- mask_nms_raster
-
-
-def assert_nms_equal(got, want):
-    keep, label_map, owner = got
-    assert keep.dtype == np.bool_ and label_map.dtype == np.int32 and owner.dtype == np.int32
-    np.testing.assert_array_equal(keep, want[0])
-    np.testing.assert_array_equal(label_map, want[1])
-    np.testing.assert_array_equal(owner, want[2])
 
 
 @pytest.mark.parametrize("count,height,width,num_classes", [
@@ -191,119 +250,136 @@ def assert_nms_equal(got, want):
     (30, 64, 80, 3),
     (60, 97, 61, 1),  # one class only
     (40, 128, 96, 20),
-    (25, 1, 200, 2),  # one row: words straddle masks' starts
-    (12, 9, 7, 2),  # fewer pixels than one packed word
+    (25, 1, 200, 2),  # one row
+    (12, 9, 7, 2),  # a handful of pixels
 ])
-@pytest.mark.parametrize("dtype", [bool, np.uint8])
-def test_mask_nms_raster_matches_reference(rng, count, height, width, num_classes, dtype):
-    masks = random_masks(rng, count, height, width, dtype)
-    classes = rng.integers(1, num_classes + 1, count)
-    # Coarse scores make ties common; ties must fall back to index order.
-    scores = np.round(rng.random(count), 1)
-    for threshold in (0.0, 0.4, float(rng.random()), 1.0):
-        background = int(rng.integers(-1, 256))
-        got = ops.mask_nms_raster(masks, classes, scores, threshold, background=background)
-        assert_nms_equal(got, mask_nms_raster_reference(masks, classes, scores, threshold, background))
+def test_mask_nms_raster_matches_reference(rng, count, height, width, num_classes):
+    for _ in range(3):
+        atoms, num_atoms = random_atoms(rng, height, width)
+        members = random_members(rng, count, num_atoms, dtype=[bool, np.uint8][int(rng.integers(2))])
+        masks = materialise(atoms, members)
+        classes = rng.integers(1, num_classes + 1, count)
+        scores = np.round(rng.random(count), 1)  # coarse scores make ties common: they fall back to index order
+        for threshold in (0.0, 0.4, float(rng.random()), 1.0):
+            background = int(rng.integers(-1, 256))
+            got = ops.mask_nms_raster(atoms, members, classes, scores, threshold, background=background)
+            want = mask_nms_raster_reference(masks, classes, scores, threshold, background)
+            assert_nms_equal(got, want)
+            assert_nms_equal(reference.mask_nms_raster(atoms, members, classes, scores, threshold, background), want)
 
 
-def test_mask_nms_raster_many_overlapping_masks(rng):
-    """Jittered copies of a few objects: lots of same-class IoUs near the threshold."""
+def test_mask_nms_raster_many_overlapping_regions(rng):
+    """Jittered copies of a few objects: lots of same-class IoUs near the threshold, many atoms."""
     height, width = 120, 160
-    objects = random_masks(rng, 4, height, width)
-    masks = []
-    for n in range(80):
-        dy, dx = rng.integers(-4, 5, 2)
-        masks.append(np.roll(objects[n % 4], (dy, dx), axis=(0, 1)) & (rng.random((height, width)) < 0.95))
-    masks = np.stack(masks)
+    objects = np.zeros((4, height, width), bool)
+    for mask in objects:
+        y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        mask[y0:y0 + rng.integers(10, height // 2), x0:x0 + rng.integers(10, width // 2)] = True
+    masks = np.stack([np.roll(objects[n % 4], tuple(rng.integers(-4, 5, 2)), axis=(0, 1))
+                      & (rng.random((height, width)) < 0.95) for n in range(80)])
+    proposals = Proposals.from_masks(masks, np.ones(len(masks)))
     classes = rng.integers(0, 2, len(masks))
     scores = rng.random(len(masks)).astype(np.float32)
     for threshold in (0.3, 0.5, 0.7, 0.9):
-        assert_nms_equal(ops.mask_nms_raster(masks, classes, scores, threshold),
+        assert_nms_equal(ops.mask_nms_raster(proposals.atoms, proposals.members, classes, scores, threshold),
                          mask_nms_raster_reference(masks, classes, scores, threshold))
 
 
-def test_mask_nms_raster_no_masks():
-    keep, label_map, owner = ops.mask_nms_raster(np.zeros((0, 6, 7), bool), [], [], 0.4, background=255)
+def test_mask_nms_raster_no_regions():
+    keep, label_map, owner = ops.mask_nms_raster(np.zeros((6, 7), np.int32), np.zeros((0, 1), bool), [], [], 0.4,
+                                                 background=255)
     assert keep.shape == (0,) and keep.dtype == np.bool_
     assert label_map.shape == (6, 7) and (label_map == 255).all() and label_map.dtype == np.int32
     assert owner.shape == (6, 7) and (owner == -1).all()
 
 
+def test_mask_nms_raster_one_region():
+    atoms = np.zeros((4, 5), np.int32)
+    atoms[1:3, 1:4] = 1
+    keep, label_map, owner = ops.mask_nms_raster(atoms, [[False, True]], [7], [0.3], 0.4)
+    assert keep.tolist() == [True]
+    np.testing.assert_array_equal(label_map, np.where(atoms == 1, 7, 0))
+    np.testing.assert_array_equal(owner, np.where(atoms == 1, 0, -1))
+
+
 def test_mask_nms_raster_ties_keep_index_order():
-    masks = np.zeros((3, 4, 4), bool)
-    masks[:, :2, :2] = True  # identical masks
+    atoms = np.zeros((4, 4), np.int32)
+    atoms[:2, :2] = 1
+    members = np.array([[False, True]] * 3)  # three identical regions
     classes = np.array([5, 5, 7])
-    scores = np.array([0.5, 0.5, 0.5])
-    keep, label_map, owner = ops.mask_nms_raster(masks, classes, scores, 0.4)
+    keep, label_map, owner = ops.mask_nms_raster(atoms, members, classes, [0.5, 0.5, 0.5], 0.4)
     np.testing.assert_array_equal(keep, [True, False, True])  # same class: the first wins; another class stays
-    assert (label_map[:2, :2] == 5).all() and (owner[:2, :2] == 0).all()  # the other class's mask paints nothing
+    assert (label_map[:2, :2] == 5).all() and (owner[:2, :2] == 0).all()  # the other class's region paints nothing
     assert (label_map[2:, :] == 0).all() and (owner[2:, :] == -1).all()
-    # A higher score overrides index order.
-    keep, label_map, owner = ops.mask_nms_raster(masks, classes, [0.5, 0.5, 0.6], 0.4)
+    # a higher score overrides index order
+    keep, label_map, owner = ops.mask_nms_raster(atoms, members, classes, [0.5, 0.5, 0.6], 0.4)
     np.testing.assert_array_equal(keep, [True, False, True])
     assert (label_map[:2, :2] == 7).all() and (owner[:2, :2] == 2).all()
-    keep, _, owner = ops.mask_nms_raster(masks, classes, [0.5, 0.9, 0.1], 0.4)
+    keep, _, owner = ops.mask_nms_raster(atoms, members, classes, [0.5, 0.9, 0.1], 0.4)
     np.testing.assert_array_equal(keep, [False, True, True])
     assert (owner[:2, :2] == 1).all()
 
 
 def test_mask_nms_raster_iou_exactly_at_threshold_is_kept():
-    masks = np.zeros((2, 2, 4), bool)
-    masks[0, 0, :] = True  # 4 pixels
-    masks[1, 0, :2] = True  # 2 pixels inside: IoU = 2 / 4 = 0.5
-    classes, scores = [1, 1], [0.9, 0.8]
+    atoms = np.array([[0, 0, 1, 1], [2, 2, 2, 2]], np.int32)
+    members = np.array([[True, True, False], [True, False, False]])  # 4 pixels and 2 inside: IoU = 0.5
+    classes, scores = np.array([1, 1]), np.array([0.9, 0.8])
     for threshold, expected in ((0.5, [True, True]), (0.4999, [True, False]), (0.25, [True, False])):
-        got = ops.mask_nms_raster(masks, classes, scores, threshold)
+        got = ops.mask_nms_raster(atoms, members, classes, scores, threshold)
         np.testing.assert_array_equal(got[0], expected)
-        assert_nms_equal(got, mask_nms_raster_reference(masks, np.array(classes), np.array(scores), threshold))
-    # A threshold that is not a short binary fraction: IoU 1/3 against 1/3 computed the same way.
-    masks = np.zeros((2, 1, 4), bool)
-    masks[0, 0, :2] = True
-    masks[1, 0, 1:3] = True  # IoU = 1 / 3
-    keep, _, _ = ops.mask_nms_raster(masks, [0, 0], [1.0, 0.0], 1 / 3)
+        assert_nms_equal(got, mask_nms_raster_reference(materialise(atoms, members), classes, scores, threshold))
+    # a threshold that is not a short binary fraction: IoU 1/3 against 1/3 computed the same way
+    atoms = np.array([[0, 1, 2, 3]], np.int32)
+    members = np.array([[True, True, False, False], [False, True, True, False]])
+    keep, _, _ = ops.mask_nms_raster(atoms, members, [0, 0], [1.0, 0.0], 1 / 3)
     np.testing.assert_array_equal(keep, [True, True])
 
 
-def test_mask_nms_raster_empty_masks_have_iou_zero():
-    masks = np.zeros((3, 5, 5), bool)
-    masks[2, 1:3, 1:3] = True
+def test_mask_nms_raster_empty_regions_have_iou_zero():
+    atoms = np.zeros((5, 5), np.int32)
+    atoms[1:3, 1:3] = 1
+    members = np.array([[False, False, True], [False, False, False], [False, True, False]])  # atom 2: no pixel
     classes, scores = np.array([1, 1, 1]), np.array([0.9, 0.8, 0.7])
-    for threshold in (0.0, -0.5):  # 0 > -0.5: with a negative threshold even disjoint masks suppress
-        got = ops.mask_nms_raster(masks, classes, scores, threshold)
-        assert_nms_equal(got, mask_nms_raster_reference(masks, classes, scores, threshold))
-    np.testing.assert_array_equal(ops.mask_nms_raster(masks, classes, scores, 0.0)[0], [True, True, True])
-    np.testing.assert_array_equal(ops.mask_nms_raster(masks, classes, scores, -0.5)[0], [True, False, False])
+    for threshold in (0.0, -0.5):  # 0 > -0.5: with a negative threshold even disjoint regions suppress
+        got = ops.mask_nms_raster(atoms, members, classes, scores, threshold)
+        assert_nms_equal(got, mask_nms_raster_reference(materialise(atoms, members), classes, scores, threshold))
+    np.testing.assert_array_equal(ops.mask_nms_raster(atoms, members, classes, scores, 0.0)[0], [True, True, True])
+    np.testing.assert_array_equal(ops.mask_nms_raster(atoms, members, classes, scores, -0.5)[0],
+                                  [True, False, False])
 
 
-def test_mask_nms_raster_one_pixel_and_full_masks(rng):
+def test_mask_nms_raster_one_pixel_and_full_regions(rng):
     height, width = 17, 23
-    masks = np.zeros((3, height, width), bool)
     y, x = int(rng.integers(height)), int(rng.integers(width))
-    masks[0, y, x] = True
-    masks[1] = True
-    masks[2, y, x] = True
+    atoms = np.zeros((height, width), np.int32)
+    atoms[y, x] = 1
+    members = np.array([[False, True], [True, True], [False, True]])
     classes, scores = np.array([3, 4, 3]), np.array([0.9, 0.5, 0.95])
-    keep, label_map, owner = ops.mask_nms_raster(masks, classes, scores, 0.4)
-    np.testing.assert_array_equal(keep, [False, True, True])  # mask 0 is mask 2 again (IoU 1), mask 2 scores higher
+    keep, label_map, owner = ops.mask_nms_raster(atoms, members, classes, scores, 0.4)
+    np.testing.assert_array_equal(keep, [False, True, True])  # region 0 is region 2 again (IoU 1), 2 scores higher
     assert label_map[y, x] == 3 and owner[y, x] == 2
     assert (label_map == 3).sum() == 1 and (owner == 1).sum() == height * width - 1
 
 
 def test_mask_nms_raster_threads_and_torch_cpu(rng):
-    torch = pytest.importorskip("torch")
-    masks = random_masks(rng, 20, 50, 70)
+    atoms, num_atoms = random_atoms(rng, 50, 70)
+    members = random_members(rng, 20, num_atoms)
     classes = rng.integers(0, 3, 20)
     scores = rng.random(20)
-    want = mask_nms_raster_reference(masks, classes, scores, 0.4)
-    for threads in (1, 2):
-        assert_nms_equal(ops.mask_nms_raster(masks, classes, scores, 0.4, num_threads=threads), want)
-    assert_nms_equal(ops.mask_nms_raster(torch.from_numpy(masks), torch.from_numpy(classes),
-                                         torch.from_numpy(scores), 0.4), want)
+    want = mask_nms_raster_reference(materialise(atoms, members), classes, scores, 0.4)
+    for threads in (0, 1, 2):
+        assert_nms_equal(ops.mask_nms_raster(atoms, members, classes, scores, 0.4, num_threads=threads), want)
+    torch = pytest.importorskip("torch")
+    assert_nms_equal(ops.mask_nms_raster(torch.from_numpy(atoms), torch.from_numpy(members),
+                                         torch.from_numpy(classes), torch.from_numpy(scores), 0.4), want)
 
 
 @pytest.mark.parametrize("case,pattern", [
-    ("masks_float", "masks must be bool or uint8"),
-    ("masks_2d", r"masks must be \(N, H, W\)"),
+    ("atoms_float", r"atoms must be an \(H, W\) integer map"),
+    ("atoms_negative", r"atom ids must lie in \[0, 2\)"),
+    ("atoms_too_large", r"atom ids must lie in \[0, 2\)"),
+    ("members_float", r"members must be an \(N, A\) bool matrix"),
+    ("members_3d", r"members must be an \(N, A\) bool matrix"),
     ("classes_length", r"classes must be \(3,\)"),
     ("classes_float", "classes must be integers"),
     ("classes_int64_overflow", "classes must fit in int32"),
@@ -314,15 +390,24 @@ def test_mask_nms_raster_threads_and_torch_cpu(rng):
     ("threshold_str", "iou_threshold must be a real number"),
     ("background_float", "background must be an integer"),
     ("background_overflow", "background must fit in int32"),
+    ("threads_negative", "num_threads must be >= 0"),
 ])
 def test_mask_nms_raster_bad_inputs(case, pattern):
-    masks = np.zeros((3, 8, 9), bool)
+    atoms = np.zeros((8, 9), np.int32)
+    atoms[4:] = 1
+    members = np.array([[True, False], [False, True], [True, True]])
     classes, scores = np.array([1, 2, 3]), np.array([0.1, 0.2, 0.3])
     threshold, kwargs = 0.4, {}
-    if case == "masks_float":
-        masks = masks.astype(np.float64)
-    elif case == "masks_2d":
-        masks = masks[0]
+    if case == "atoms_float":
+        atoms = atoms.astype(np.float64)
+    elif case == "atoms_negative":
+        atoms = atoms - 1
+    elif case == "atoms_too_large":
+        atoms = atoms + 1
+    elif case == "members_float":
+        members = members.astype(np.float64)
+    elif case == "members_3d":
+        members = members[None]
     elif case == "classes_length":
         classes = classes[:2]
     elif case == "classes_float":
@@ -343,102 +428,7 @@ def test_mask_nms_raster_bad_inputs(case, pattern):
         kwargs["background"] = 0.5
     elif case == "background_overflow":
         kwargs["background"] = 2**31
+    elif case == "threads_negative":
+        kwargs["num_threads"] = -1
     with pytest.raises(InputError, match=pattern):
-        ops.mask_nms_raster(masks, classes, scores, threshold, **kwargs)
-
-
-def test_cuda_queries_do_not_crash():
-    assert isinstance(ops.has_cuda(), bool)
-    assert ops._C.cuda_device_count() >= 0
-    assert isinstance(ops.cuda_available(), bool)
-
-
-def test_cuda_tensors_without_cuda_build_say_so():
-    torch = pytest.importorskip("torch")
-    if ops.has_cuda():
-        pytest.skip("engine._C has CUDA kernels")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device to make a CUDA tensor on")
-    masks = torch.zeros((1, 4, 4), dtype=torch.bool, device="cuda")
-    with pytest.raises(InputError, match="built without CUDA"):
-        ops.mask_nms_raster(masks, [0], [1.0], 0.4)
-
-
-# ------------------------------------------------------------------------------------------------------- CUDA
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("height,width,stride,dim", POOL_SHAPES)
-def test_soft_mask_pool_cuda_matches_reference(rng, height, width, stride, dim):
-    import torch
-
-    count = int(rng.integers(1, 12))
-    features = rng.standard_normal((*grid_of(height, width, stride), dim)).astype(np.float32)
-    masks = random_masks(rng, count, height, width)
-    for dtype in (torch.bool, torch.uint8):
-        for normalize in (True, False):
-            got = ops.soft_mask_pool(torch.from_numpy(features).cuda(), torch.from_numpy(masks).to("cuda", dtype),
-                                     stride, normalize=normalize)
-            assert got.is_cuda and got.dtype == torch.float32 and tuple(got.shape) == (count, dim)
-            want = soft_mask_pool_reference(features, masks, stride, normalize=normalize)
-            np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.gpu
-def test_soft_mask_pool_cuda_edges_and_errors(rng):
-    import torch
-
-    features = torch.from_numpy(rng.standard_normal((3, 4, 16)).astype(np.float32)).cuda()
-    empty = ops.soft_mask_pool(features, torch.zeros((0, 40, 50), dtype=torch.bool, device="cuda"), 16)
-    assert tuple(empty.shape) == (0, 16) and empty.is_cuda
-    masks = torch.zeros((2, 40, 50), dtype=torch.bool, device="cuda")
-    masks[1, 39, 49] = True
-    got = ops.soft_mask_pool(features, masks, 16).cpu().numpy()
-    want = soft_mask_pool_reference(features.cpu().numpy(), masks.cpu().numpy(), 16)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    with pytest.raises(InputError, match="must be float32"):
-        ops.soft_mask_pool(features.double(), masks, 16)
-    with pytest.raises(InputError, match="does not match"):
-        ops.soft_mask_pool(features, masks, 14)
-    with pytest.raises(InputError, match="features must be a CUDA tensor"):
-        ops.soft_mask_pool(features.cpu(), masks, 16)
-    with pytest.raises(InputError, match="masks must be bool or uint8"):
-        ops.soft_mask_pool(features, masks.float(), 16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("count,height,width,num_classes", [
-    (0, 20, 30, 1), (1, 20, 30, 1), (30, 64, 80, 3), (60, 97, 61, 1), (200, 384, 512, 20), (12, 9, 7, 2)])
-def test_mask_nms_raster_cuda_matches_reference(rng, count, height, width, num_classes):
-    import torch
-
-    masks = random_masks(rng, count, height, width)
-    classes = rng.integers(1, num_classes + 1, count)
-    scores = np.round(rng.random(count), 1)
-    for threshold in (0.0, 0.4, float(rng.random()), -0.5):
-        for dtype in (torch.bool, torch.uint8):
-            got = ops.mask_nms_raster(torch.from_numpy(masks).to("cuda", dtype), torch.from_numpy(classes).cuda(),
-                                      scores, threshold, background=255)
-            assert all(t.is_cuda for t in got)
-            assert got[0].dtype == torch.bool and got[1].dtype == torch.int32 and got[2].dtype == torch.int32
-            assert_nms_equal([t.cpu().numpy() for t in got],
-                             mask_nms_raster_reference(masks, classes, scores, threshold, 255))
-
-
-@pytest.mark.gpu
-def test_mask_nms_raster_cuda_ties_threshold_and_stream(rng):
-    import torch
-
-    masks = np.zeros((3, 2, 4), bool)
-    masks[0, 0, :] = True
-    masks[1, 0, :2] = True  # IoU with mask 0 = 0.5 exactly
-    masks[2, 0, :] = True  # identical to mask 0, same score: index order keeps mask 0
-    classes, scores = np.array([1, 1, 1]), np.array([0.5, 0.4, 0.5])
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        got = ops.mask_nms_raster(torch.from_numpy(masks).cuda(), classes, scores, 0.5)
-    stream.synchronize()
-    np.testing.assert_array_equal(got[0].cpu().numpy(), [True, True, False])
-    assert_nms_equal([t.cpu().numpy() for t in got], mask_nms_raster_reference(masks, classes, scores, 0.5))
-    with pytest.raises(InputError, match="scores must be finite"):
-        ops.mask_nms_raster(torch.from_numpy(masks).cuda(), classes, [0.1, float("nan"), 0.2], 0.5)
+        ops.mask_nms_raster(atoms, members, classes, scores, threshold, **kwargs)

@@ -1,114 +1,217 @@
-"""Engine end to end with a toy backbone: retrieval names proposals, filters, NMS, rasterisation, bad input."""
+"""engine.pipeline: the Engine end to end with the toy backbone — retrieval names proposals, filters, NMS,
+rasterisation, the reference kernels giving the compiled engine's label maps, segment_stream against
+segment_batch, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import engine
-from engine import Engine, Proposals
-from engine.errors import BankError, InputError
+from engine import Engine, FeatureBank, Proposals
+from engine.errors import BankError, InputError, ModelError
 from engine.models import ground_truth_proposals
-from toy_models import ColorBackbone, scene, toy_bank
-
-@pytest.fixture(scope="module")
-def bank():
-    return toy_bank()
 
 
-def test_ground_truth_proposals_give_the_ground_truth(bank):
-    rng = np.random.default_rng()
-    eng = Engine(bank, backbone=ColorBackbone())
-    scenes = [scene(rng=rng, classes=c) for c in [(1, 2), (3,), (2, 3)]]
-    results = eng.segment_batch([s[0] for s in scenes], [ground_truth_proposals(s[1]) for s in scenes])
-    for (image, label), result in zip(scenes, results):
+@pytest.fixture
+def make_engine(toy_bank, toy):
+    def make(**options):
+        return Engine(options.pop("bank", toy_bank), backbone=options.pop("backbone", toy.ColorBackbone()), **options)
+
+    return make
+
+
+def scenes(toy, rng, count):
+    combos = [(1, 2), (3,), (2, 3), (1,), (1, 3)]
+    # two sizes, so batches mix padded sizes
+    return [toy.scene(rng, 96 if i % 3 else 80, 128, classes=combos[i % len(combos)]) for i in range(count)]
+
+
+def assert_same(a, b):
+    np.testing.assert_array_equal(a.label_map, b.label_map)
+    assert a.label_map.dtype == b.label_map.dtype
+    np.testing.assert_array_equal(a.owner, b.owner)
+    np.testing.assert_array_equal(a.classes, b.classes)
+    np.testing.assert_array_equal(a.proposal_ids, b.proposal_ids)
+    np.testing.assert_allclose(a.confidences, b.confidences, rtol=1e-6)
+    assert (a.num_proposals, a.num_candidates, a.note) == (b.num_proposals, b.num_candidates, b.note)
+
+
+# ------------------------------------------------------------------------------------------------ segment_batch
+
+
+def test_ground_truth_proposals_give_the_ground_truth(make_engine, toy, rng):
+    eng = make_engine()
+    data = [toy.scene(rng, classes=c) for c in [(1, 2), (3,), (2, 3)]]
+    results = eng.segment_batch([s[0] for s in data], [ground_truth_proposals(s[1]) for s in data])
+    for (image, label), result in zip(data, results):
         np.testing.assert_array_equal(result.label_map, label)
         assert result.label_map.dtype == np.uint8 and result.owner.shape == label.shape
         assert sorted(result.classes.tolist()) == sorted(set(np.unique(label)) - {0})
         assert np.all(np.diff(result.confidences) <= 0)
-        assert result.note == ""
+        assert result.note == "" and result.num_proposals == result.num_candidates == len(result.classes)
 
 
-def test_mixed_sizes_and_single_image(bank):
-    rng = np.random.default_rng()
-    eng = Engine(bank, backbone=ColorBackbone())
-    small, large = scene(60, 70, rng=rng), scene(100, 150, rng=rng)
-    results = eng.segment_batch([small[0], large[0]], [ground_truth_proposals(small[1]), ground_truth_proposals(large[1])])
+def test_reference_kernels_give_the_compiled_label_maps(make_engine, toy, rng):
+    data = scenes(toy, rng, 7)
+    images = [image for image, _ in data]
+    # ground-truth components, plus overlapping jittered boxes so that NMS and painting order matter
+    proposals = []
+    for _, label in data:
+        gt = ground_truth_proposals(label, include_background=True)
+        boxes = np.zeros((6, *label.shape), bool)
+        for box in boxes:
+            y0, x0 = rng.integers(0, label.shape[0] // 2), rng.integers(0, label.shape[1] // 2)
+            box[y0:y0 + rng.integers(20, label.shape[0] // 2 + 20), x0:x0 + rng.integers(20, label.shape[1] // 2)] = 1
+        proposals.append(Proposals.from_masks(np.concatenate([gt.masks, boxes]), rng.uniform(0.5, 1, len(gt) + 6)))
+    compiled = make_engine()
+    reference = make_engine(kernels="reference")
+    assert compiled.describe()["kernels"] == "engine.ops" and reference.describe()["kernels"] == "engine.reference"
+    assert reference.describe()["search"] == "numpy-exact" and compiled.describe()["search"].startswith("faiss")
+    want = compiled.segment_batch(images, proposals)
+    assert sum(len(r.classes) for r in want) > len(want)  # something was named
+    for a, b in zip(reference.segment_batch(images, proposals), want):
+        assert_same(a, b)
+    with pytest.raises(InputError, match="kernels must be one of"):
+        make_engine(kernels="cuda")
+
+
+def test_mixed_sizes_and_single_image(make_engine, toy, rng):
+    eng = make_engine()
+    small, large = toy.scene(rng, 60, 70), toy.scene(rng, 100, 150)
+    results = eng.segment_batch([small[0], large[0]],
+                                [ground_truth_proposals(small[1]), ground_truth_proposals(large[1])])
     assert results[0].label_map.shape == (60, 70) and results[1].label_map.shape == (100, 150)
     single = eng.segment(large[0], ground_truth_proposals(large[1]))
     np.testing.assert_array_equal(single.label_map, results[1].label_map)
+    assert eng.segment_batch([]) == []
 
 
-def test_no_proposals_is_all_background_and_said(bank):
-    image, _ = scene()
-    result = Engine(bank, backbone=ColorBackbone()).segment(image, Proposals.empty(*image.shape[:2]))
+def test_no_proposals_is_all_background_and_said(make_engine, toy, rng):
+    image, _ = toy.scene(rng)
+    result = make_engine().segment(image, Proposals.empty(*image.shape[:2]))
     assert not result.label_map.any() and len(result.classes) == 0 and "no proposals" in result.note
-    assert (result.owner == -1).all()
+    assert (result.owner == -1).all() and result.num_proposals == 0
 
 
-def test_objectness_and_area_filters(bank):
-    image, label = scene(classes=(1,))
+def test_objectness_and_area_filters(make_engine, toy, toy_bank, rng):
+    image, label = toy.scene(rng, classes=(1,))
     proposals = ground_truth_proposals(label)
-    eng = Engine(bank, backbone=ColorBackbone())
-    low = Proposals(proposals.masks, np.full(len(proposals), 0.59))
-    assert "filters" in eng.segment(image, low).note
+    eng = make_engine()
+    low = Proposals(proposals.atoms, proposals.members, np.full(len(proposals), 0.59))
+    result = eng.segment(image, low)
+    assert "filters" in result.note and result.num_candidates == 0 and result.num_proposals == len(proposals)
+    at_threshold = eng.segment(image, Proposals(proposals.atoms, proposals.members, np.full(len(proposals), 0.6)))
+    np.testing.assert_array_equal(at_threshold.label_map, label)  # objectness >= tau_obj passes
     tiny = np.zeros((1,) + label.shape, bool)
     tiny[0, :10, :10] = True  # 100 px < 300 px
-    result = Engine(bank, backbone=ColorBackbone(), config=bank.config.replace(min_area=300)).segment(
-        image, Proposals(tiny, [1.0]))
+    result = make_engine(config=toy_bank.config.replace(min_area=300)).segment(image, Proposals.from_masks(tiny, [1]))
     assert result.num_candidates == 0 and not result.label_map.any()
+    exactly = make_engine(config=toy_bank.config.replace(min_area=100)).segment(image, Proposals.from_masks(tiny, [1]))
+    assert exactly.num_candidates == 1  # area >= min_area passes
 
 
-def test_background_proposal_is_dropped(bank):
-    image, label = scene(classes=(2,))
+def test_background_proposal_is_dropped(make_engine, toy, rng):
+    image, label = toy.scene(rng, classes=(2,))
     proposals = ground_truth_proposals(label, include_background=True)
-    result = Engine(bank, backbone=ColorBackbone()).segment(image, proposals)
+    result = make_engine().segment(image, proposals)
     np.testing.assert_array_equal(result.label_map, label)
-    assert 0 not in result.classes
+    assert 0 not in result.classes and result.num_candidates == 2 and len(result.classes) == 1
 
 
-def test_nms_suppresses_duplicate_and_owner_points_to_input_index(bank):
-    image, label = scene(classes=(1,))
+def test_every_proposal_voted_background_is_said(make_engine, toy, rng):
+    image, label = toy.scene(rng, classes=(2,))
+    proposals = Proposals.from_labels(label.astype(np.int32), [0])
+    result = make_engine().segment(image, proposals)
+    assert "voted background" in result.note and not result.label_map.any()
+
+
+def test_nms_suppresses_duplicate_and_owner_points_to_input_index(make_engine, toy, rng):
+    image, label = toy.scene(rng, classes=(1,))
     mask = label == 1
     nearly = mask.copy()
     nearly[np.flatnonzero(mask.any(1))[0]] = False  # drop one row: IoU ~ 0.98 with `mask`
-    result = Engine(bank, backbone=ColorBackbone()).segment(image, Proposals(np.stack([nearly, mask]), [1.0, 1.0]))
-    assert len(result.classes) == 1
+    empty = np.zeros_like(mask)
+    result = make_engine().segment(image, Proposals.from_masks(np.stack([empty, nearly, mask]), [1.0, 1.0, 1.0]))
+    assert len(result.classes) == 1 and result.num_candidates == 2
     kept = int(result.proposal_ids[0])
-    assert set(np.unique(result.owner[result.label_map > 0])) == {kept}
+    assert kept in (1, 2)
+    assert set(np.unique(result.owner[result.label_map > 0])) == {kept}  # input indices, not candidate indices
+    assert (result.owner[result.label_map == 0] == -1).all()
 
 
-def test_bad_inputs(bank):
-    eng = Engine(bank, backbone=ColorBackbone())
-    image, label = scene()
+def test_label_map_is_int32_beyond_256_classes(toy_bank, make_engine, toy, rng):
+    names = toy_bank.class_names + tuple(f"extra{i}" for i in range(300))
+    wide = FeatureBank(toy_bank.vectors, toy_bank.labels, names, toy_bank.backbone, toy_bank.config)
+    image, label = toy.scene(rng, classes=(1, 3))
+    result = make_engine(bank=wide).segment(image, ground_truth_proposals(label))
+    assert result.label_map.dtype == np.int32
+    np.testing.assert_array_equal(result.label_map, label)
+
+
+def test_bad_inputs(make_engine, toy, rng):
+    eng = make_engine()
+    image, label = toy.scene(rng)
     proposals = ground_truth_proposals(label)
     for bad, message in [(image[..., 0], "grayscale"), (np.dstack([image, image[..., :1]]), "RGBA"),
                          (image.astype(np.float32), "uint8"), (image[:0], "empty"), ("x.jpg", "numpy array")]:
         with pytest.raises(InputError, match=message):
             eng.segment(bad, proposals)
-    with pytest.raises(InputError, match="masks"):
-        eng.segment(image, Proposals(proposals.masks[:, :-1], proposals.objectness))
+    with pytest.raises(InputError, match=r"proposals\[0\]: atoms of shape \(96, 127\), the image is \(96, 128\)"):
+        eng.segment(image, Proposals(proposals.atoms[:, :-1], proposals.members, proposals.objectness))
+    with pytest.raises(InputError, match="expected engine.Proposals, got ndarray"):
+        eng.segment(image, proposals.masks)
     with pytest.raises(InputError, match="proposal sets"):
         eng.segment_batch([image, image], [proposals])
     with pytest.raises(InputError, match="no proposals given"):
-        Engine(bank, backbone=ColorBackbone(), proposer=None).segment(image)
+        make_engine(proposer=None).segment(image)
     with pytest.raises(InputError, match="unknown proposer"):
-        Engine(bank, backbone=ColorBackbone(), proposer="sam").segment(image)
+        make_engine(proposer="sam").segment(image)
     with pytest.raises(BankError, match="test/other"):
-        Engine(bank, backbone=ColorBackbone(id="test/other"))
+        make_engine(backbone=toy.ColorBackbone(id="test/other"))
 
 
-def test_module_level_segment_batch_with_bank_directory(bank, tmp_path, monkeypatch):
-    path = bank.save(tmp_path / "bank")
-    monkeypatch.setattr("engine.models.create_backbone", lambda name, **kw: ColorBackbone(id=name))
-    image, label = scene(classes=(3,))
+def test_devices_are_checked(make_engine):
+    with pytest.raises(InputError, match="device must be"):
+        make_engine(device="tpu")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/test_gpu.py runs the engine on it")
+    with pytest.raises(ModelError, match="sees no CUDA GPU"):
+        make_engine(device="cuda")
+
+
+def test_proposer_returning_the_wrong_count_is_a_model_error(make_engine, toy, rng):
+    class Short:
+        name = "short"
+
+        def propose(self, images):
+            return []
+
+    image, _ = toy.scene(rng)
+    with pytest.raises(ModelError, match="returned 0 proposal sets for 1 images"):
+        make_engine(proposer=Short()).segment(image)
+
+
+def test_module_level_segment_batch_with_bank_directory(toy_bank, toy, rng, tmp_path, monkeypatch):
+    path = toy_bank.save(tmp_path / "bank")
+    monkeypatch.setattr("engine.models.create_backbone", lambda name, **kw: toy.ColorBackbone(id=name))
+    image, label = toy.scene(rng, classes=(3,))
     results = engine.segment_batch([image], path, proposals=[ground_truth_proposals(label)])
     np.testing.assert_array_equal(results[0].label_map, label)
     assert results[0].class_summary().keys() == {"background", "blue"}
+    # an in-memory bank works the same
+    again = engine.segment_batch([image], toy_bank, proposals=[ground_truth_proposals(label)], proposer=None)
+    np.testing.assert_array_equal(again[0].label_map, label)
 
 
-def test_nan_or_misshapen_features_are_a_clear_error(bank):
-    from engine.errors import ModelError
-
-    class Broken(ColorBackbone):
+def test_nan_or_misshapen_features_are_a_clear_error(make_engine, toy, rng):
+    class Broken(toy.ColorBackbone):
         def __init__(self, damage):
             super().__init__()
             self.damage = damage
@@ -121,7 +224,97 @@ def test_nan_or_misshapen_features_are_a_clear_error(bank):
                 out[0] = out[0][:-1]
             return out
 
-    image, label = scene()
+    image, label = toy.scene(rng)
     for damage, message in (("nan", "NaN"), ("shape", "expected")):
         with pytest.raises(ModelError, match=message):
-            Engine(bank, backbone=Broken(damage)).segment(image, ground_truth_proposals(label))
+            make_engine(backbone=Broken(damage)).segment(image, ground_truth_proposals(label))
+
+
+# ----------------------------------------------------------------------------------------------- segment_stream
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_stream_equals_batch_in_order(make_engine, toy, rng, batch_size):
+    data = scenes(toy, rng, 11)
+    eng = make_engine()
+    proposals = [ground_truth_proposals(label) for _, label in data]
+    expected = eng.segment_batch([image for image, _ in data], proposals)
+    got = list(eng.segment_stream(zip([image for image, _ in data], proposals), batch_size=batch_size))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert_same(a, b)
+
+
+def test_stream_decodes_paths_and_uses_the_proposer(make_engine, toy, rng, tmp_path):
+    data = scenes(toy, rng, 5)
+    paths = []
+    for i, (image, _) in enumerate(data):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+
+    class LookupProposer:  # ground truth by image content: stands in for a real proposer
+        name = "lookup"
+
+        def propose(self, images):
+            return [ground_truth_proposals(next(label for im, label in data if np.array_equal(im, image)))
+                    for image in images]
+
+    eng = make_engine(proposer=LookupProposer())
+    expected = eng.segment_batch([image for image, _ in data])
+    # paths, str paths and arrays mixed; some with explicit proposals, some left to the proposer
+    items = [paths[0], str(paths[1]), (data[2][0], None), (paths[3], ground_truth_proposals(data[3][1])), data[4][0]]
+    got = list(eng.segment_stream(items, batch_size=2))
+    assert len(got) == 5
+    for a, b in zip(got, expected):
+        assert_same(a, b)
+    assert {"decode", "proposer", "filter", "backbone", "smfa", "search", "nms_raster"} <= set(eng.times.seconds)
+    eng.times.reset()
+    assert not eng.times.seconds
+
+
+def test_stream_memory_is_bounded_and_close_stops_threads(make_engine, toy, rng):
+    image, label = toy.scene(rng, classes=(1, 2))
+    proposals = ground_truth_proposals(label)
+    pulled = itertools.count()
+    pulled_so_far = [0]
+
+    def endless():
+        while True:
+            pulled_so_far[0] = next(pulled) + 1
+            yield image, proposals
+
+    before = threading.active_count()
+    batch_size, prefetch = 2, 1
+    stream = make_engine().segment_stream(endless(), batch_size=batch_size, prefetch=prefetch)
+    first = next(stream)
+    np.testing.assert_array_equal(first.label_map, label)
+    time.sleep(0.5)  # let the stages fill every queue
+    # the loader's chunk in hand + 3 queues + one batch in each of two stages + the batch being yielded
+    bound = batch_size * (3 * prefetch + 4)
+    assert 0 < pulled_so_far[0] <= bound
+    stream.close()
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_stream_raises_the_bad_input_and_stops(make_engine, toy, rng):
+    data = scenes(toy, rng, 4)
+    items = [(image, ground_truth_proposals(label)) for image, label in data]
+    items[2] = (data[2][0][..., 0], items[2][1])  # grayscale
+    eng = make_engine()
+    stream = eng.segment_stream(items, batch_size=2)
+    assert len([next(stream), next(stream)]) == 2
+    with pytest.raises(InputError, match="grayscale"):
+        next(stream)
+    with pytest.raises(InputError, match="prefetch"):
+        list(eng.segment_stream(items, prefetch=0))
+
+
+def test_empty_stream_and_no_candidates(make_engine, toy, rng):
+    eng = make_engine()
+    assert list(eng.segment_stream([])) == []
+    image, _ = toy.scene(rng)
+    result = next(eng.segment_stream([(image, Proposals.empty(*image.shape[:2]))]))
+    assert "no proposals" in result.note and not result.label_map.any()

@@ -1,17 +1,14 @@
-"""`moduseg report` on a small VOC copy with the real embedded models (quick rows), and its pure helpers."""
+"""engine.report (`moduseg report`): the planned rows, the feature cache, the Markdown, and a quick report on a small
+VOC copy with the real embedded models."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from engine import Config
-from engine.report import CachedBackbone, plan_rows, run_report
-from toy_models import ColorBackbone, copy_small_voc, scene
-
-VOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-mini"
+from engine.report import CachedBackbone, markdown, plan_rows, run_report
 
 
 def test_plan_rows_cover_the_papers_table():
@@ -26,23 +23,23 @@ def test_plan_rows_cover_the_papers_table():
     assert all(r.bank == "gt" for r in camvid)  # image-level labels say little there: ground-truth bank rows
 
 
-def test_cached_backbone_runs_each_image_once():
-    inner = ColorBackbone()
+def test_cached_backbone_runs_each_image_once(toy, rng):
+    inner = toy.ColorBackbone()
     cached = CachedBackbone(inner)
-    a, b = scene()[0], scene()[0]
+    a, b = toy.scene(rng)[0], toy.scene(rng)[0]
     first = cached.features([a, b])
     again = cached.features([b, a])
     assert inner.calls == 2
     np.testing.assert_array_equal(again[0], first[1])
     assert (cached.id, cached.dim, cached.stride) == (inner.id, inner.dim, inner.stride)
+    assert cached.describe() == inner.describe()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not VOC.is_dir(), reason=f"needs {VOC}")
-def test_quick_report_on_a_small_voc_copy(tmp_path):
+def test_quick_report_on_a_small_voc_copy(voc_root, toy, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    copy_small_voc(VOC, data / "voc2012-mini", train=8, val=3)
+    toy.copy_small_voc(voc_root, data / "voc2012-mini", train=8, val=3)
     report = run_report(data, tmp_path / "out", datasets=["voc2012-mini"], quick=True, sheet_images=2,
                         progress=False)
     result = report["datasets"]["voc2012-mini"]
@@ -52,3 +49,4 @@ def test_quick_report_on_a_small_voc_copy(tmp_path):
     assert "oracle system (defaults)" in (tmp_path / "out" / "report.md").read_text()
     sheet = Image.open(tmp_path / "out" / "voc2012-mini_sheet.png")
     assert sheet.size[0] > 900 and sheet.mode == "RGB"
+    assert markdown(report) == (tmp_path / "out" / "report.md").read_text()

@@ -1,10 +1,12 @@
-"""The hierarchical vote against a plain loop written from its definition, plus the tie rules one by one."""
+"""engine.retrieval: the hierarchical vote against a plain loop written from its definition, the tie rules one by
+one, and retrieve() over a search index."""
 
 import numpy as np
 import pytest
 
 from engine.errors import InputError
-from engine.retrieval import vote, vote_torch
+from engine.retrieval import retrieve, vote
+from engine.search import ExactIndex
 
 
 def vote_loop(similarities, labels, num_classes, method="count", class_counts=None):
@@ -43,9 +45,8 @@ def random_neighbours(rng):
 
 
 @pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
-def test_vote_matches_loop_on_random_inputs(method):
-    rng = np.random.default_rng()
-    for _ in range(20):
+def test_vote_matches_loop_on_random_inputs(rng, method):
+    for _ in range(50):
         similarities, labels, num_classes, counts = random_neighbours(rng)
         got = vote(similarities, labels, num_classes, method, counts)
         want = vote_loop(similarities, labels, num_classes, method, counts)
@@ -89,18 +90,6 @@ def test_weighted_vote_sums_similarities():
     assert vote([[0.3, 0.6, 0.3]], [[2, 1, 2]], 3, "weighted")[0][0] == 2
 
 
-@pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
-def test_vote_torch_matches_loop_on_random_inputs(method):
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng()
-    for _ in range(20):
-        similarities, labels, num_classes, counts = random_neighbours(rng)
-        got = vote_torch(torch.from_numpy(similarities), torch.from_numpy(labels), num_classes, method, counts)
-        want = vote_loop(similarities, labels, num_classes, method, counts)
-        np.testing.assert_array_equal(got[0].numpy(), want[0])
-        np.testing.assert_allclose(got[1].numpy(), want[1], rtol=1e-6)
-
-
 def test_no_valid_neighbour_is_background_with_zero_confidence():
     classes, confidence = vote([[0.0, 0.0]], [[-1, -1]], 3)
     assert classes[0] == 0 and confidence[0] == 0
@@ -113,3 +102,28 @@ def test_empty_and_bad_inputs():
         vote(np.zeros((2, 3)), np.zeros((2, 4), int), 3)
     with pytest.raises(InputError):
         vote(np.zeros((1, 1)), np.zeros((1, 1), int), 3, "majority")
+
+
+@pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
+def test_retrieve_is_search_then_vote(rng, method):
+    vectors = rng.integers(-2, 3, (60, 6)).astype(np.float32)  # integers: exact ties in the search too
+    labels = rng.integers(0, 4, 60)
+    index = ExactIndex(vectors, labels, num_classes=5)
+    queries = rng.integers(-2, 3, (25, 6)).astype(np.float32)
+    classes, confidences = retrieve(index, queries, 7, method)
+    sims, rows = index.search(queries, 7)
+    want = vote_loop(sims, labels[rows], 5, method, index.class_counts)
+    assert classes.dtype == np.int32 and confidences.dtype == np.float32 and classes.shape == (25,)
+    np.testing.assert_array_equal(classes, want[0])
+    np.testing.assert_allclose(confidences, want[1], rtol=1e-6)
+
+
+def test_retrieve_names_regions_by_their_nearest_bank_vectors():
+    vectors = np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0.95, 0.05], [0, 0, 1]], np.float32)
+    index = ExactIndex(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), [1, 1, 2, 2, 0], num_classes=3)
+    classes, confidences = retrieve(index, np.array([[1, 0.05, 0], [0.02, 1, 0], [0, 0, 1]], np.float32), 2)
+    assert classes.tolist() == [1, 2, 0]  # the last: one background and one class-2 neighbour, background closer
+    assert confidences[0] > 0.99 and confidences[1] > 0.99
+    assert retrieve(index, np.zeros((0, 3), np.float32), 2)[0].shape == (0,)
+    with pytest.raises(InputError, match="balanced vote needs"):
+        vote([[0.5]], [[1]], 3, "balanced")

@@ -1,16 +1,16 @@
-"""The embedded proposer and pseudo-mask generator on synthetic scenes, with stand-in models (no weights): shapes,
-dtypes, objectness range, proposals at several granularities, pseudo-masks limited to the image's labels,
-determinism. Timings are measured in bench/, never asserted here."""
+"""engine.models.embedded and engine.models.superpixels: the embedded proposer and pseudo-mask generator on synthetic
+scenes, with stand-in models (no weights): shapes, dtypes, objectness range, proposals at several granularities,
+pseudo-masks limited to the image's labels, determinism. Timings are measured in bench/, never asserted here.
+(Adapted minimally to atom-form proposals; both modules are being rewritten.)"""
 
 import numpy as np
 import pytest
 
 from engine.config import Config
-from engine.models.base import Proposals
 from engine.models.embedded import EmbeddedProposer, EmbeddedPseudoMasker, create_proposer
 from engine.models.superpixels import adjacency, superpixels
+from engine.regions import Proposals
 from engine.utils import pad_to_multiple
-from toy_models import ColorBackbone, scene
 
 
 class ToyFocus:
@@ -31,9 +31,14 @@ class ToyFocus:
         return tokens, maps
 
 
-def _scenes(count, seed=0, classes=(1, 2), size=(120, 160)):
-    rng = np.random.default_rng(seed)
-    return [scene(*size, rng=rng, classes=classes) for _ in range(count)]
+@pytest.fixture
+def _scenes(toy):
+    """_scenes(count, seed, classes, size): toy scenes from a seeded generator."""
+    def make(count, seed=0, classes=(1, 2), size=(120, 160)):
+        rng = np.random.default_rng(seed)
+        return [toy.scene(rng, *size, classes=classes) for _ in range(count)]
+
+    return make
 
 
 @pytest.fixture
@@ -41,7 +46,7 @@ def proposer():
     return EmbeddedProposer(focus=ToyFocus(), n_superpixels=120, levels=(24, 12, 6, 3), min_area=50)
 
 
-def test_superpixels_cover_the_image_with_contiguous_ids():
+def test_superpixels_cover_the_image_with_contiguous_ids(_scenes):
     image, _ = _scenes(1)[0]
     labels = superpixels(image, 100)
     assert labels.shape == image.shape[:2] and labels.dtype == np.int32
@@ -52,19 +57,19 @@ def test_superpixels_cover_the_image_with_contiguous_ids():
     assert edges.ndim == 2 and edges.shape[1] == 2 and np.all(edges[:, 0] < edges[:, 1])
 
 
-def test_proposals_shapes_dtypes_and_objectness_range(proposer):
+def test_proposals_shapes_dtypes_and_objectness_range(proposer, _scenes):
     images = [image for image, _ in _scenes(2)]
     results = proposer.propose(images)
     assert len(results) == 2
     for image, p in zip(images, results):
-        assert isinstance(p, Proposals) and len(p) > 0
+        assert isinstance(p, Proposals) and len(p) > 0 and p.shape == image.shape[:2]
         assert p.masks.dtype == np.bool_ and p.masks.shape[1:] == image.shape[:2]
         assert p.objectness.dtype == np.float32 and p.objectness.shape == (len(p),)
         assert np.all((p.objectness >= 0) & (p.objectness <= 1))
         assert np.all(p.masks.sum(axis=(1, 2)) >= proposer.min_area)
 
 
-def test_proposals_overlap_at_several_granularities(proposer):
+def test_proposals_overlap_at_several_granularities(proposer, _scenes):
     image, label = _scenes(1, seed=3)[0]
     p = proposer.propose([image])[0]
     areas = p.masks.sum(axis=(1, 2))
@@ -83,13 +88,13 @@ def test_proposals_overlap_at_several_granularities(proposer):
 
 
 @pytest.mark.parametrize("mode", ["saliency", "coherence", "max"])
-def test_objectness_modes_in_range(mode):
+def test_objectness_modes_in_range(mode, _scenes):
     image, _ = _scenes(1)[0]
     p = EmbeddedProposer(focus=ToyFocus(), n_superpixels=80, objectness=mode, min_area=50).propose([image])[0]
     assert np.all((p.objectness >= 0) & (p.objectness <= 1))
 
 
-def test_proposer_is_deterministic(proposer):
+def test_proposer_is_deterministic(proposer, _scenes):
     image, _ = _scenes(1, seed=5)[0]
     a, b = proposer.propose([image])[0], proposer.propose([image.copy()])[0]
     assert np.array_equal(a.masks, b.masks) and np.array_equal(a.objectness, b.objectness)
@@ -101,12 +106,12 @@ def test_create_proposer_follows_config():
 
 
 @pytest.fixture
-def masker():
-    return EmbeddedPseudoMasker(backbone=ColorBackbone(stride=8),
+def masker(toy):
+    return EmbeddedPseudoMasker(backbone=toy.ColorBackbone(stride=8),
                                 proposer=EmbeddedProposer(focus=ToyFocus(), n_superpixels=120, min_area=50))
 
 
-def test_pseudo_masks_only_use_the_image_labels(masker):
+def test_pseudo_masks_only_use_the_image_labels(masker, _scenes):
     data = _scenes(3, seed=1, classes=(1, 2)) + _scenes(2, seed=2, classes=(1,)) + _scenes(2, seed=4, classes=(3,))
     images = [image for image, _ in data]
     labels = [[1, 2], [1, 2], [1, 2], [1], [1], [3], [3]]
@@ -124,13 +129,13 @@ def test_pseudo_masks_only_use_the_image_labels(masker):
         assert np.mean(mask[truth == class_id] == class_id) > 0.6
 
 
-def test_pseudo_masks_without_labels_are_background(masker):
+def test_pseudo_masks_without_labels_are_background(masker, _scenes):
     (image, _), = _scenes(1, seed=6)
     mask = masker.generate([image], [[]])[0]
     assert mask.shape == image.shape[:2] and np.all(mask == 0)
 
 
-def test_pseudo_masks_are_deterministic(masker):
+def test_pseudo_masks_are_deterministic(masker, _scenes):
     data = _scenes(3, seed=7)
     images = [image for image, _ in data]
     labels = [[1, 2], [1], [2]]
@@ -139,7 +144,7 @@ def test_pseudo_masks_are_deterministic(masker):
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
-def test_paint_refuses_a_changed_image(masker):
+def test_paint_refuses_a_changed_image(masker, _scenes):
     (image, _), = _scenes(1, seed=8)
     region = masker.prepare(image, [1], keep_labels=False)
     leaf = masker.assign([region])[0]

@@ -1,0 +1,49 @@
+"""engine.data.voc: VOC-layout data sets (voc2012-mini, camvid), image-level labels, label maps as palette PNGs."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.data import VOC_CLASSES, VOCDataset, load_image, load_label_map, save_label_map
+from engine.errors import InputError
+
+
+def test_voc_split_samples_and_weak_labels(voc_root):
+    train = VOCDataset(voc_root, "train")
+    assert len(train) == len((voc_root / "ImageSets/Segmentation/train.txt").read_text().split())
+    assert train.class_names == VOC_CLASSES and train.class_names[0] == "background" and len(VOC_CLASSES) == 21
+    sample = train[0]
+    assert sample.image.dtype == np.uint8 and sample.image.ndim == 3 and sample.image.shape[2] == 3
+    assert sample.mask.shape == sample.image.shape[:2] and sample.mask.dtype == np.uint8
+    names = json.loads((voc_root / "image_labels.json").read_text())[sample.id]
+    assert sample.labels == sorted(VOC_CLASSES.index(n) for n in names)
+    assert set(sample.labels) <= set(np.unique(sample.mask).tolist())  # named classes are in the ground truth
+    assert [s.id for s in train][:3] == train.ids[:3]
+
+
+def test_camvid_class_names_from_file(camvid_root):
+    val = VOCDataset(camvid_root, "val")
+    assert val.class_names == tuple((camvid_root / "class_names.txt").read_text().split())
+    assert len(val.class_names) == 12 and val[0].image.shape == (360, 480, 3)
+
+
+def test_errors_name_the_problem(voc_root, tmp_path):
+    with pytest.raises(InputError, match="no split file"):
+        VOCDataset(tmp_path, "train")
+    train = VOCDataset(voc_root, "train")
+    with pytest.raises(InputError, match=r"unknown class names \['unicorn'\]"):
+        train.class_ids(["cat", "unicorn"])
+    assert train.class_ids(["cat", "background", "dog"]) == [8, 12]
+
+
+def test_label_maps_round_trip_as_palette_pngs(tmp_path, rng):
+    label = rng.integers(0, 21, (30, 40)).astype(np.uint8)
+    label[0] = 255
+    save_label_map(label, tmp_path / "x.png")
+    png = Image.open(tmp_path / "x.png")
+    assert png.mode == "P" and png.size == (40, 30)
+    np.testing.assert_array_equal(load_label_map(tmp_path / "x.png"), label)
+    Image.fromarray(np.zeros((5, 6, 3), np.uint8)).save(tmp_path / "rgb.png")
+    assert load_image(tmp_path / "rgb.png").shape == (5, 6, 3)

@@ -1,0 +1,59 @@
+"""engine.config: one dataclass of every knob, validated on construction, the paper's settings, dict round trip."""
+
+import dataclasses
+
+import pytest
+
+from engine.config import EROSIONS, PAPER_SETTINGS, POOLINGS, VOTES, Config
+from engine.errors import InputError
+
+
+def test_defaults_and_paper_settings():
+    config = Config()
+    assert (config.erosion, config.top_k, config.vote, config.pooling) == ("adaptive", 5, "count", "soft")
+    assert config.erosion_size == 41  # 20 x 3x3 erosions = one 41x41 square
+    paper = Config.paper()
+    for name, value in PAPER_SETTINGS.items():
+        assert getattr(paper, name) == value
+    assert (paper.top_k, paper.erosion, paper.objectness_threshold, paper.nms_iou_threshold) == (25, "fixed", 0.6, 0.4)
+    assert Config.paper(top_k=1).top_k == 1 and Config.paper(top_k=1).erosion == "fixed"
+    assert Config(erosion_kernel=5, erosion_iterations=3).erosion_size == 13
+    assert Config(erosion_iterations=0).erosion_size == 1
+    assert VOTES == ("count", "balanced", "weighted") and POOLINGS == ("soft", "hard")
+    assert EROSIONS == ("fixed", "adaptive")
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"erosion_kernel": 4}, "positive odd integer"),
+    ({"erosion_kernel": 0}, "positive odd integer"),
+    ({"erosion_iterations": -1}, "erosion_iterations must be >= 0"),
+    ({"min_area": -1}, "min_area must be >= 0"),
+    ({"num_threads": -2}, "num_threads must be >= 0"),
+    ({"top_k": 0}, "top_k must be >= 1"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"nprobe": 0}, "nprobe must be >= 1"),
+    ({"index_train_size": 0}, "index_train_size must be >= 1"),
+    ({"outlier_ratio": 1.5}, r"outlier_ratio must be in \[0, 1\]"),
+    ({"background_outlier_ratio": -0.1}, r"background_outlier_ratio must be in \[0, 1\]"),
+    ({"objectness_threshold": 2.0}, r"objectness_threshold must be in \[0, 1\]"),
+    ({"nms_iou_threshold": -0.01}, r"nms_iou_threshold must be in \[0, 1\]"),
+    ({"vote": "majority"}, "Config.vote must be one of"),
+    ({"pooling": "mean"}, "Config.pooling must be one of"),
+    ({"erosion": "none"}, "Config.erosion must be one of"),
+])
+def test_invalid_values_are_refused_with_the_field_named(changes, message):
+    with pytest.raises(InputError, match=message):
+        Config(**changes)
+    with pytest.raises(InputError, match=message):
+        Config().replace(**changes)
+
+
+def test_dict_round_trip_and_unknown_fields():
+    config = Config(top_k=7, vote="balanced", index="IVF16,Flat")
+    values = config.to_dict()
+    assert set(values) == {f.name for f in dataclasses.fields(Config)}
+    assert Config.from_dict(values) == config
+    with pytest.raises(InputError, match=r"unknown Config fields \['colour'\]"):
+        Config.from_dict({**values, "colour": 1})
+    changed = config.replace(top_k=3)
+    assert changed.top_k == 3 and config.top_k == 7  # replace returns a new Config

@@ -1,0 +1,165 @@
+"""engine.search: one face over three backends. ExactIndex (NumPy) against a loop written from the definition,
+TorchIndex on CPU tensors and FaissIndex (Flat) against ExactIndex on random data, exact ties included; the face's
+checks, create_index and make_faiss_index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.config import Config
+from engine.errors import InputError
+from engine.search import BACKENDS, ExactIndex, FaissIndex, TorchIndex, create_index, make_faiss_index
+
+torch = pytest.importorskip("torch")
+
+
+def loop_search(queries, vectors, k):
+    """Top-k by a Python sort per query: similarity descending, equal similarities lowest row first."""
+    scores = queries.astype(np.float64) @ vectors.astype(np.float64).T
+    rows = [sorted(range(len(vectors)), key=lambda r: (-scores[q, r], r))[:k] for q in range(len(queries))]
+    rows = np.array(rows, np.int64).reshape(len(queries), -1)
+    return np.take_along_axis(scores, rows, 1), rows
+
+
+def integer_bank(rng, rows=40, dim=8, copies=3, high=2):
+    """Small-integer vectors, each repeated 1 to `copies` times: every product and sum is exact in float32, so
+    duplicates (and different vectors with equal products) tie exactly in any GEMM and any summation order."""
+    unique = rng.integers(-high, high + 1, (rows, dim)).astype(np.float32)
+    vectors = np.repeat(unique, rng.integers(1, copies + 1, rows), axis=0)
+    rng.shuffle(vectors)
+    queries = rng.integers(-high, high + 1, (17, dim)).astype(np.float32)
+    return vectors, queries, rng.integers(0, 4, len(vectors))
+
+
+def normalised(rng, rows, dim=64):
+    x = rng.standard_normal((rows, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def assert_valid_top_k(index_sims, index_rows, queries, vectors, want_sims, atol=0.0):
+    """A correct top-k up to the order of tied neighbours: the same similarities, distinct rows, and each row's
+    true similarity is the one reported."""
+    np.testing.assert_allclose(index_sims, want_sims, atol=atol, rtol=0)
+    assert all(len(set(r)) == len(r) for r in index_rows.tolist())
+    true = np.einsum("qd,qkd->qk", queries.astype(np.float64), vectors.astype(np.float64)[index_rows])
+    np.testing.assert_allclose(true, index_sims, atol=max(atol, 1e-6), rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 5, 30, 120, 500])
+def test_exact_index_is_the_definition(rng, k):
+    vectors, queries, labels = integer_bank(rng)
+    sims, rows = ExactIndex(vectors, labels, 4).search(queries, k)
+    want_sims, want_rows = loop_search(queries, vectors, k)
+    assert sims.dtype == np.float32 and rows.dtype == np.int64 and sims.shape == (len(queries), min(k, len(vectors)))
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(sims, want_sims.astype(np.float32))
+
+
+@pytest.mark.parametrize("chunk_rows,k", [(1, 30), (5, 1), (5, 120), (13, 5), (13, 500), (1 << 18, 1),
+                                          (1 << 18, 30), (1 << 18, 500)])
+def test_torch_index_on_cpu_equals_exact_with_ties(rng, chunk_rows, k):
+    vectors, queries, labels = integer_bank(rng)
+    index = TorchIndex(vectors, labels, 4, device="cpu", chunk_rows=chunk_rows)
+    assert index.backend == "torch-topk on cpu"
+    got = index.search(queries, k)
+    want = ExactIndex(vectors, labels, 4).search(queries, k)
+    assert k == 1 or (want[0][:, 1:] == want[0][:, :-1]).any()  # the data has exact ties
+    np.testing.assert_array_equal(got[1], want[1])  # ties: lowest rows first, whatever the chunking
+    np.testing.assert_array_equal(got[0], want[0])
+    sims, rows = index.search_tensors(torch.from_numpy(queries), min(k, len(vectors)))
+    assert isinstance(rows, torch.Tensor) and rows.dtype == torch.int64
+    np.testing.assert_array_equal(rows.numpy(), want[1])
+
+
+@pytest.mark.parametrize("k", [1, 5, 30, 120, 500])
+def test_faiss_flat_equals_exact_up_to_tie_order(rng, k):
+    pytest.importorskip("faiss")
+    vectors, queries, labels = integer_bank(rng, high=6)
+    index = FaissIndex(vectors, labels, 4, Config())
+    assert index.backend == "faiss-cpu Flat"
+    sims, rows = index.search(queries, k)
+    want_sims, want_rows = ExactIndex(vectors, labels, 4).search(queries, k)
+    assert_valid_top_k(sims, rows, queries, vectors, want_sims)
+    # a neighbour tied with none before or after it (in the whole ranking, beyond k too) is the same row
+    ranked = ExactIndex(vectors, labels, 4).search(queries, len(vectors))[0]
+    padded = np.pad(ranked, ((0, 0), (1, 1)), constant_values=np.nan)
+    untied = ((padded[:, 1:-1] != padded[:, :-2]) & (padded[:, 1:-1] != padded[:, 2:]))[:, :rows.shape[1]]
+    assert untied.any()
+    np.testing.assert_array_equal(rows[untied], want_rows[untied])
+
+
+def test_all_backends_agree_on_random_unit_vectors(rng):
+    pytest.importorskip("faiss")
+    vectors, queries = normalised(rng, 777), normalised(rng, 40)
+    labels = rng.integers(0, 5, len(vectors))
+    exact = ExactIndex(vectors, labels, 5)
+    for other in (TorchIndex(vectors, labels, 5, "cpu", chunk_rows=100), FaissIndex(vectors, labels, 5, Config())):
+        for k in (1, 25, 777):
+            want_sims, want_rows = exact.search(queries, k)
+            sims, rows = other.search(queries, k)
+            # different GEMMs round differently: neighbours whose similarities differ by rounding only may swap
+            assert_valid_top_k(sims, rows, queries, vectors, want_sims, atol=1e-5)
+            assert (rows != want_rows).mean() < 0.01
+
+
+def test_search_face_checks_and_degenerate_sizes(rng):
+    vectors, _, labels = integer_bank(rng, rows=4, copies=1)
+    for index in (ExactIndex(vectors, labels, 4), TorchIndex(vectors, labels, 4, "cpu")):
+        sims, rows = index.search(np.zeros((0, 8), np.float32), 3)
+        assert sims.shape == rows.shape == (0, 3) and rows.dtype == np.int64
+        sims, rows = index.search(np.ones((2, 8)), 10)  # float64 queries are converted; k capped at the bank size
+        assert sims.shape == (2, 4) and sims.dtype == np.float32
+        assert index.search(np.ones((2, 8), np.float32), 0)[1].shape == (2, 0)
+        with pytest.raises(InputError, match=r"expected shape \(Q, 8\)"):
+            index.search(np.ones((2, 7), np.float32), 3)
+        with pytest.raises(InputError, match=r"expected shape \(Q, 8\)"):
+            index.search(np.ones(8, np.float32), 3)
+    with pytest.raises(InputError, match="chunk_rows"):
+        TorchIndex(vectors, labels, 4, "cpu", chunk_rows=0)
+
+
+def test_neighbour_labels_and_class_counts():
+    vectors = np.eye(4, dtype=np.float32)
+    index = ExactIndex(vectors, [2, 0, 2, 1], num_classes=5)
+    np.testing.assert_array_equal(index.neighbour_labels(np.array([[0, 3, -1], [1, -1, 2]])), [[2, 1, -1], [0, -1, 2]])
+    np.testing.assert_array_equal(index.class_counts, [1, 1, 2, 0, 0])
+    assert index.num_classes == 5 and index.dim == 4 and index.size == 4
+
+
+def test_create_index_backends(toy_bank):
+    pytest.importorskip("faiss")
+    config = toy_bank.config
+    faiss_index = create_index(toy_bank, config, "faiss")
+    assert isinstance(faiss_index, FaissIndex) and faiss_index.index is toy_bank.index  # the bank's own index
+    assert isinstance(create_index(toy_bank, config, "exact"), ExactIndex)
+    torch_index = create_index(toy_bank, config, "torch", device="cpu")
+    assert isinstance(torch_index, TorchIndex) and torch_index.device.type == "cpu"
+    for index in (faiss_index, torch_index):
+        assert index.num_classes == len(toy_bank.class_names)
+        np.testing.assert_array_equal(index.class_counts, toy_bank.class_counts())
+    with pytest.raises(InputError, match="unknown search backend 'gpu'"):
+        create_index(toy_bank, config, "gpu")
+    assert BACKENDS == ("faiss", "torch", "exact")
+
+
+def test_faiss_thread_count_is_restored(rng):
+    faiss = pytest.importorskip("faiss")
+    vectors = normalised(rng, 50, 16)
+    before = faiss.omp_get_max_threads()
+    index = FaissIndex(vectors, np.zeros(50, int), 1, Config(), num_threads=1)
+    want = ExactIndex(vectors, np.zeros(50, int), 1).search(vectors[:5], 3)
+    got = index.search(vectors[:5], 3)
+    np.testing.assert_array_equal(got[1], want[1])
+    assert faiss.omp_get_max_threads() == before
+
+
+def test_make_faiss_index_ivf_and_bad_factory(rng):
+    pytest.importorskip("faiss")
+    vectors = normalised(rng, 2000, 16)
+    flat = make_faiss_index(vectors, Config())
+    ivf = make_faiss_index(vectors, Config(index="IVF16,Flat", nprobe=16, index_train_size=500))
+    assert ivf.is_trained and ivf.ntotal == 2000 and ivf.nprobe == 16
+    np.testing.assert_array_equal(ivf.search(vectors[:10], 5)[1], flat.search(vectors[:10], 5)[1])  # nprobe = nlist
+    with pytest.raises(InputError, match="not a FAISS index factory string"):
+        make_faiss_index(vectors, Config(index="NotAnIndex"))
