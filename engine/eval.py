@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .constants import IGNORE
 from .errors import InputError
-
-IGNORE = 255
 
 
 class ConfusionMatrix:

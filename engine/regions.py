@@ -82,11 +82,13 @@ class Proposals:
         if labels.ndim != 2 or labels.dtype.kind not in "iu":
             raise InputError(f"labels: expected an (H, W) integer map, got {labels.dtype} {labels.shape}")
         values, atoms = np.unique(labels, return_inverse=True)
-        regions = np.asarray(regions, dtype=values.dtype).reshape(-1)
-        columns = np.searchsorted(values, regions)
-        if len(regions) and (columns.max() >= len(values) or (values[np.minimum(columns, len(values) - 1)] != regions).any()):
-            raise InputError(f"labels: regions {sorted(set(regions.tolist()) - set(values.tolist()))} do not occur "
-                             "in the map")
+        regions = np.asarray(regions).reshape(-1)
+        missing = sorted(set(regions.tolist()) - set(values.tolist()))
+        if regions.size and regions.dtype.kind not in "iu":
+            raise InputError(f"labels: regions must be integer values of the map, got dtype {regions.dtype}")
+        if missing:
+            raise InputError(f"labels: regions {missing} do not occur in the map")
+        columns = np.searchsorted(values, regions.astype(np.int64))
         members = np.zeros((len(regions), len(values)), bool)
         members[np.arange(len(regions)), columns] = True
         if objectness is None:

@@ -143,7 +143,10 @@ def create_index(bank, config: Config, backend: str = "faiss", device: str = "cu
                  num_threads: int = 0) -> SearchIndex:
     """The search index over `bank` for a backend of BACKENDS ("torch" on `device`)."""
     if backend == "faiss":
-        return FaissIndex(bank.vectors, bank.labels, len(bank.class_names), config, bank.index, num_threads)
+        # the bank's own index serves when it was made with the same index knobs; other knobs get their own index
+        same = (config.index, config.nprobe) == (bank.config.index, bank.config.nprobe)
+        return FaissIndex(bank.vectors, bank.labels, len(bank.class_names), config, bank.index if same else None,
+                          num_threads)
     if backend == "torch":
         return TorchIndex(bank.vectors, bank.labels, len(bank.class_names), device)
     if backend == "exact":

@@ -21,7 +21,7 @@ Two ways to get the model: Hugging Face transformers' `CLIPModel` + its tokenize
 with hub access: openai/clip-vit-base-patch16), or open_clip's `create_model('ViT-B-16', pretrained=<local
 checkpoint>)` (OpenAI's or open_clip's ViT-B/16 file). No weights can be downloaded here.
 
-Exercised here (tests/test_adapters.py) with a randomly initialised CLIPModel of tiny width/depth (patch 16, the
+Exercised here (tests/models/test_clip_masker.py) with a randomly initialised CLIPModel of tiny width/depth (patch 16, the
 ViT-B/16 layout) and a tiny character-level CLIPTokenizer: output shape and dtype, never a class outside the labels,
 background 0, the threshold, both attention variants, region restriction. Not exercised: the open_clip path (open_clip
 imports torchvision, which cannot be installed beside the project's CPU torch 2.13 here), pseudo-mask quality.
@@ -202,10 +202,10 @@ class ClipPseudoMasker(PseudoMasker):
     def from_pretrained(cls, path_or_id: str | os.PathLike, class_names: Sequence[str], *, dtype: str = "float32",
                         **knobs) -> "ClipPseudoMasker":
         """transformers CLIPModel and its tokenizer from a local directory (or a hub id with hub access)."""
-        from .hf_backbones import _load_transformers_model, _require
+        from .transformers_io import load_model, require
 
-        transformers = _require("transformers", "transformers")
-        model = _load_transformers_model("CLIPModel", path_or_id, dtype)
+        transformers = require("transformers", "transformers")
+        model = load_model("CLIPModel", path_or_id, dtype)
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(path_or_id))
         except OSError as error:

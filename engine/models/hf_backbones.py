@@ -27,42 +27,10 @@ from ..registry import BackboneSpec, register_family
 from .backbones import ModelBackbone
 from .runtime import TorchRuntime
 from .torch_modules import export_onnx, with_uint8_input
+from .transformers_io import load, load_model, require, torch_dtype
 
-DTYPES = ("float32", "float16", "bfloat16")
 VIT_CLASSES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
                "dinov3_vit": "DINOv3ViTModel"}
-
-
-def _require(package: str, pip_name: str):
-    try:
-        return __import__(package)
-    except ImportError as error:
-        raise ModelError(f"this adapter needs the {package!r} package: pip install {pip_name}") from error
-
-
-def _torch_dtype(dtype: str):
-    import torch
-
-    if dtype not in DTYPES:
-        raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    return getattr(torch, dtype)
-
-
-def _load(loader, source: str, what: str, **kwargs):
-    try:
-        return loader(source, **kwargs)
-    except (OSError, ImportError, ValueError) as error:
-        raise ModelError(f"cannot load {what} from {source!r} (a local directory with config.json and weights, or "
-                         f"a hub id with hub access): {error}") from error
-
-
-def _load_transformers_model(cls_name: str, path_or_id: str | os.PathLike, dtype: str, **kwargs):
-    """transformers.<cls_name> from a local directory or hub id, in eval mode (the proposers' and CLIP's loader)."""
-    transformers = _require("transformers", "transformers")
-    cls = getattr(transformers, cls_name, None)
-    if cls is None:
-        raise ModelError(f"transformers {transformers.__version__} has no {cls_name}; upgrade transformers")
-    return _load(cls.from_pretrained, os.fspath(path_or_id), cls_name, dtype=_torch_dtype(dtype), **kwargs).eval()
 
 
 def _token_module(model, patch: int, layer: int | None, mean, std, radio_step: int = 0):
@@ -111,14 +79,14 @@ def _layer(member: str, depth: int, name: str) -> int | None:
     raise InputError(f"{name}: the member must be 'final' or 'layer<k>' with k in 1..{depth}, got {member!r}")
 
 
-def _vit_spec(model, family: str, member: str, weights: str | None = None) -> BackboneSpec:
-    """The spec of a DINOv2/DINOv3 model in memory."""
-    config = model.config
+def _vit_spec(config, model, family: str, member: str, weights: str | None = None) -> BackboneSpec:
+    """The spec of a DINOv2/DINOv3 model from its config; `model()` gives the model (loaded only when the torch
+    module is built)."""
     layer = _layer(member, int(config.num_hidden_layers), f"{family}/{member}")
     patch = int(config.patch_size)
     # CLS first, then the register tokens (DINOv2-with-registers, DINOv3), then the patch tokens
     prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-    return _spec(f"{family}/{member}", lambda: _token_module(model.eval(), patch, layer, IMAGENET_MEAN, IMAGENET_STD),
+    return _spec(f"{family}/{member}", lambda: _token_module(model().eval(), patch, layer, IMAGENET_MEAN, IMAGENET_STD),
                  stride=patch, dim=int(config.hidden_size), prefix_tokens=prefix, mean=IMAGENET_MEAN,
                  std=IMAGENET_STD, weights=weights)
 
@@ -139,22 +107,27 @@ def _radio_spec(model, family: str, weights: str | None = None) -> BackboneSpec:
                  std=(1.0, 1.0, 1.0), weights=weights)
 
 
-def _load_vit(weights: str, dtype: str = "float32"):
-    transformers = _require("transformers", "transformers")
-    config = _load(transformers.AutoConfig.from_pretrained, weights, "a model config")
+def _vit_config(weights: str):
+    transformers = require("transformers", "transformers")
+    config = load(transformers.AutoConfig.from_pretrained, weights, "a model config")
     if config.model_type not in VIT_CLASSES:
         raise ModelError(f"{weights!r} is a {config.model_type!r} model; the ViT families take {sorted(VIT_CLASSES)}")
+    return config
+
+
+def _load_vit(weights: str, config, dtype: str = "float32"):
+    transformers = require("transformers", "transformers")
     cls = getattr(transformers, VIT_CLASSES[config.model_type], None)
     if cls is None:
         raise ModelError(f"transformers {transformers.__version__} has no {VIT_CLASSES[config.model_type]}")
-    return _load(cls.from_pretrained, weights, VIT_CLASSES[config.model_type], dtype=_torch_dtype(dtype)).eval()
+    return load(cls.from_pretrained, weights, VIT_CLASSES[config.model_type], dtype=torch_dtype(dtype)).eval()
 
 
 def _vit_family(family: str, default_weights: str):
     def spec(member: str, weights: str | None) -> BackboneSpec:
         source = os.fspath(weights or default_weights)
-        model = _load_vit(source)
-        return _vit_spec(model, family, member, source)
+        config = _vit_config(source)
+        return _vit_spec(config, lambda: _load_vit(source, config), family, member, source)
 
     return spec
 
@@ -172,13 +145,13 @@ def load_radio(path_or_id: str | os.PathLike, dtype: str = "float32", trust_remo
     """C-RADIO from a local snapshot of its hub repository (weights and its Python files), or a hub id. This runs the
     repository's own code: `trust_remote_code=True` says you trust that snapshot (else set MODUSEG_TRUST_REMOTE_CODE=1
     for registered loads)."""
-    transformers = _require("transformers", "transformers")
+    transformers = require("transformers", "transformers")
     trusted = trust_remote_code or os.environ.get("MODUSEG_TRUST_REMOTE_CODE") == "1"
     if not trusted:
         raise ModelError(f"C-RADIO from {os.fspath(path_or_id)!r} runs the repository's own Python code: pass "
                          "trust_remote_code=True (or set MODUSEG_TRUST_REMOTE_CODE=1) if you trust that snapshot")
-    return _load(transformers.AutoModel.from_pretrained, os.fspath(path_or_id), "C-RADIO (its code needs timm and "
-                 "torchvision)", trust_remote_code=True, dtype=_torch_dtype(dtype)).eval()
+    return load(transformers.AutoModel.from_pretrained, os.fspath(path_or_id), "C-RADIO (its code needs timm and "
+                 "torchvision)", trust_remote_code=True, dtype=torch_dtype(dtype)).eval()
 
 
 register_family("dinov2", _vit_family("dinov2", "facebook/dinov2-small"), ["final", "layer8"], needs_weights=True)
@@ -198,7 +171,7 @@ class HFViTBackbone(ModelBackbone):
 
     def __init__(self, model, *, family: str = "dinov2", layer: int | None = None, weights: str | None = None,
                  device: str = "cpu", batch_size: int = 4, num_threads: int = 0) -> None:
-        spec = _vit_spec(model, family, "final" if layer is None else f"layer{layer}", weights)
+        spec = _vit_spec(model.config, lambda: model, family, "final" if layer is None else f"layer{layer}", weights)
         super().__init__(spec, TorchRuntime(spec.torch_module(), [spec.input_name], [spec.feature_output],
                                             device=device, num_threads=num_threads), batch_size)
 

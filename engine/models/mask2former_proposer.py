@@ -8,7 +8,7 @@ access. EntitySeg's own checkpoints are detectron2 files: they must first be con
 written here); any Mask2Former checkpoint on the hub (e.g. facebook/mask2former-swin-*-coco-panoptic) loads as is and
 gives class-agnostic proposals the same way.
 
-Exercised here (tests/test_adapters.py) with a randomly initialised tiny Mask2FormerConfig (tiny Swin backbone):
+Exercised here (tests/models/test_mask2former_proposer.py) with a randomly initialised tiny Mask2FormerConfig (tiny Swin backbone):
 resizing and padding, batching of equal-size inputs, masks at the native resolution, objectness in [0, 1], the
 threshold and max_proposals knobs. Not exercised: proposal quality (random weights), the EntitySeg key conversion.
 """
@@ -66,9 +66,9 @@ class Mask2FormerProposer(Proposer):
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu",
                         **knobs) -> "Mask2FormerProposer":
         """Load a Mask2FormerForUniversalSegmentation from a local directory (or a hub id with hub access)."""
-        from .hf_backbones import _load_transformers_model
+        from .transformers_io import load_model
 
-        model = _load_transformers_model("Mask2FormerForUniversalSegmentation", path_or_id, dtype)
+        model = load_model("Mask2FormerForUniversalSegmentation", path_or_id, dtype)
         return cls(model, device=device, **knobs)
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:

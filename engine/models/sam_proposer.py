@@ -7,7 +7,7 @@ Real weights: a local directory saved by `save_pretrained` (config.json + model.
 user has hub access (facebook/sam-vit-base, -large, -huge). None can be downloaded here. The paper's proposer is
 EntitySeg (see mask2former_proposer.py); SAM is the common alternative.
 
-Exercised here (tests/test_adapters.py) with a randomly initialised tiny SamConfig: preprocessing (longest side
+Exercised here (tests/models/test_sam_proposer.py) with a randomly initialised tiny SamConfig: preprocessing (longest side
 resized to the model's input size, padded square), batched point prompts, both filters, NMS, mask shapes and dtypes at
 the native resolution, objectness range; the NMS and stability helpers are also tested alone. Not exercised: mask
 quality (random weights predict noise), the crop layers and small-region clean-up of the original generator (not
@@ -122,9 +122,9 @@ class SamProposer(Proposer):
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu",
                         **knobs) -> "SamProposer":
         """Load a SamModel from a local directory (or a hub id with hub access); `knobs` as the constructor's."""
-        from .hf_backbones import _load_transformers_model
+        from .transformers_io import load_model
 
-        return cls(_load_transformers_model("SamModel", path_or_id, dtype), device=device, **knobs)
+        return cls(load_model("SamModel", path_or_id, dtype), device=device, **knobs)
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         """(1, 3, S, S) float32 input (longest side resized to S, zero-padded bottom/right after normalising, as SAM)
