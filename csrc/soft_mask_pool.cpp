@@ -3,7 +3,8 @@
 //   1. per patch, the pixels of each atom inside it (one pass over the atom map, parallel over patch rows);
 //   2. per atom, S_a = sum_p (c_ap / stride^2) F_p and W_a = sum_p c_ap / stride^2 (parallel over atoms);
 //   3. per region, (sum_a S_a) / (sum_a W_a + eps), L2-normalised (parallel over regions).
-// Accumulation is in double, in an order that does not depend on the thread count.
+// Accumulation is in double, in an order that does not depend on the thread count. With feature groups (layers of a
+// multi-layer backbone), each group's part of the vector is L2-normalised before the whole vector is.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -51,7 +52,8 @@ void count_patch(const int32_t* atoms, int64_t width, int64_t y0, int64_t y1, in
 
 void soft_mask_pool_cpu(const float* features, int64_t grid_h, int64_t grid_w, int64_t dim, const int32_t* atoms,
                         int64_t height, int64_t width, int64_t num_atoms, const uint8_t* members, int64_t count,
-                        int64_t stride, bool hard, double eps, bool normalize, float* out, int num_threads) {
+                        int64_t stride, bool hard, double eps, bool normalize, const int64_t* groups,
+                        int64_t num_groups, float* out, int num_threads) {
 #ifdef _OPENMP
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
 #else
@@ -119,11 +121,17 @@ void soft_mask_pool_cpu(const float* features, int64_t grid_h, int64_t grid_w, i
       for (int64_t d = 0; d < dim; ++d) acc[d] += s[d];
     }
     const double denom = weight_sum + eps;
-    double sq = 0.0;
-    for (int64_t d = 0; d < dim; ++d) {
-      acc[d] /= denom;
-      sq += acc[d] * acc[d];
+    for (int64_t d = 0; d < dim; ++d) acc[d] /= denom;
+    if (normalize) {
+      for (int64_t g = 0, start = 0; g < num_groups; start += groups[g], ++g) {
+        double group_sq = 0.0;
+        for (int64_t d = start; d < start + groups[g]; ++d) group_sq += acc[d] * acc[d];
+        const double group_norm = std::max(std::sqrt(group_sq), 1e-12);
+        for (int64_t d = start; d < start + groups[g]; ++d) acc[d] /= group_norm;
+      }
     }
+    double sq = 0.0;
+    for (int64_t d = 0; d < dim; ++d) sq += acc[d] * acc[d];
     const double norm = normalize ? std::max(std::sqrt(sq), 1e-12) : 1.0;
     float* o = out + n * dim;
     for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<float>(acc[d] / norm);

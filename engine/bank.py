@@ -314,13 +314,14 @@ def _add_batch(batch, backbone, class_names, config, vectors, entries) -> None:
         if not class_ids:
             continue
         members = np.eye(len(class_ids), len(class_ids) + 1, 1, dtype=bool)
-        pooled = ops.soft_mask_pool(feature_map, atoms, members, backbone.stride, config.pooling, config.smfa_eps,
-                                    normalize=False, num_threads=config.num_threads)
-        norms = np.linalg.norm(pooled, axis=1)
-        usable = np.isfinite(pooled).all(axis=1) & (norms > config.min_vector_norm)
-        for class_id, vector, norm, ok in zip(class_ids, pooled, norms, usable):
+        pooling = dict(pooling=config.pooling, eps=config.smfa_eps, groups=backbone.groups,
+                       num_threads=config.num_threads)
+        means = ops.soft_mask_pool(feature_map, atoms, members, backbone.stride, normalize=False, **pooling)
+        usable = np.isfinite(means).all(axis=1) & (np.linalg.norm(means, axis=1) > config.min_vector_norm)
+        pooled = ops.soft_mask_pool(feature_map, atoms, members, backbone.stride, **pooling)
+        for class_id, vector, ok in zip(class_ids, pooled, usable):
             if ok:
-                vectors.append((vector / norm).astype(np.float32))
+                vectors.append(vector)
                 entries.append(BankEntry(sample.id, class_id))
 
 

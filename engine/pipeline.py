@@ -161,19 +161,20 @@ class Engine:
         return _Batch(checked, [None] * len(checked) if proposals is None else proposals)
 
     def _model(self, batch: _Batch) -> _Batch:
-        with self.times("proposer"):
-            batch.proposals = self._propose(batch.images, batch.proposals)
-        with self.times("filter"):
-            batch.candidates = [self._candidates(p) for p in batch.proposals]
         with self.times("backbone"):
             batch.features = checked_features(self.backbone, batch.images)
+        with self.times("proposer"):
+            batch.proposals = self._propose(batch.images, batch.proposals, batch.features)
+        with self.times("filter"):
+            batch.candidates = [self._candidates(p) for p in batch.proposals]
         return batch
 
     def _post(self, batch: _Batch) -> list[Result]:
         config = self.config
         with self.times("smfa"):
             queries = [self.kernels.soft_mask_pool(f, p.atoms, c["members"], self.backbone.stride, config.pooling,
-                                                   config.smfa_eps, num_threads=self._threads(p))
+                                                   config.smfa_eps, groups=self.backbone.groups,
+                                                   num_threads=self._threads(p))
                        for f, p, c in zip(batch.features, batch.proposals, batch.candidates)]
         with self.times("search"):
             classes, confidences = retrieve(self.index, np.concatenate(queries), config.top_k, config.vote)
@@ -188,13 +189,19 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------------- steps
 
-    def _propose(self, images: list, proposals: list) -> list[Proposals]:
-        """One Proposals per image: the given ones, the engine's proposer's for the images without."""
+    def _propose(self, images: list, proposals: list, features: list) -> list[Proposals]:
+        """One Proposals per image: the given ones, the engine's proposer's for the images without (given the
+        backbone's features if it reads them)."""
         missing = [i for i, p in enumerate(proposals) if p is None]
         if missing:
-            made = self._proposer().propose([images[i] for i in missing])
+            proposer = self._proposer()
+            shared = {}
+            if getattr(proposer, "uses_features", False):
+                shared = dict(features=[features[i] for i in missing], stride=self.backbone.stride,
+                              groups=self.backbone.groups)
+            made = proposer.propose([images[i] for i in missing], **shared)
             if len(made) != len(missing):
-                raise ModelError(f"proposer {getattr(self.proposer, 'name', '?')} returned {len(made)} proposal "
+                raise ModelError(f"proposer {getattr(proposer, 'name', '?')} returned {len(made)} proposal "
                                  f"sets for {len(missing)} images")
             proposals = list(proposals)
             for i, p in zip(missing, made):

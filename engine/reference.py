@@ -42,8 +42,9 @@ def centre_weights(mask: np.ndarray, stride: int) -> np.ndarray:
 
 
 def soft_mask_pool_reference(features: np.ndarray, masks: np.ndarray, stride: int, eps: float = 1e-8,
-                             normalize: bool = True, pooling: str = "soft") -> np.ndarray:
-    """SMFA: for each mask, sum_p w_p F_p / (sum_p w_p + eps), then L2-normalised (a zero vector stays zero).
+                             normalize: bool = True, pooling: str = "soft", groups=()) -> np.ndarray:
+    """SMFA: for each mask, sum_p w_p F_p / (sum_p w_p + eps), then L2-normalised (a zero vector stays zero); with
+    feature groups (widths summing to D), each group's part is L2-normalised first.
 
     features: (h, w, D) float32 patch features; masks: (N, H, W) binary with h = ceil(H/s), w = ceil(W/s).
     Returns (N, D) float32.
@@ -56,6 +57,8 @@ def soft_mask_pool_reference(features: np.ndarray, masks: np.ndarray, stride: in
         assert weights.shape == (grid_h, grid_w)
         pooled = (weights[:, :, None] * features.astype(np.float64)).sum(axis=(0, 1)) / (weights.sum() + eps)
         if normalize:
+            for part in np.split(pooled, np.cumsum(groups)[:-1]) if len(groups) else []:
+                part /= max(np.linalg.norm(part), 1e-12)  # a view: normalises the group inside `pooled`
             pooled = pooled / max(np.linalg.norm(pooled), 1e-12)
         out[n] = pooled
     return out
@@ -101,10 +104,10 @@ def mask_nms_raster_reference(masks: np.ndarray, classes: np.ndarray, scores: np
 
 
 def soft_mask_pool(features, atoms, members, stride: int, pooling: str = "soft", eps: float = 1e-8,
-                   normalize: bool = True, num_threads: int = 0) -> np.ndarray:
+                   normalize: bool = True, groups=(), num_threads: int = 0) -> np.ndarray:
     """engine.ops.soft_mask_pool's twin (num_threads is ignored)."""
     return soft_mask_pool_reference(np.asarray(features, np.float32), materialise(atoms, members), stride, eps,
-                                    normalize, pooling)
+                                    normalize, pooling, tuple(groups))
 
 
 def mask_nms_raster(atoms, members, classes, scores, iou_threshold: float, background: int = 0,
@@ -112,3 +115,79 @@ def mask_nms_raster(atoms, members, classes, scores, iou_threshold: float, backg
     """engine.ops.mask_nms_raster's twin (num_threads is ignored)."""
     return mask_nms_raster_reference(materialise(atoms, members), np.asarray(classes), np.asarray(scores),
                                      iou_threshold, background)
+
+
+def merge_regions(edges, area, features, colour, levels, colour_weight: float = 1.0, size_weight: float = 3.0):
+    """engine.ops.merge_regions's twin: the same greedy merging, one merge at a time with Python's heap (entries
+    (distance, i, j), so equal distances go to the smaller ids), every quantity in float64."""
+    import heapq
+
+    from .ops import MergeTree, check_merge_inputs
+
+    edges, area, features, colour, levels = check_merge_inputs("merge_regions", edges, area, features, colour,
+                                                               levels)
+    count = len(area)
+    total = area.sum()
+    unit = features.astype(np.float64) / np.maximum(np.linalg.norm(features.astype(np.float64), axis=1,
+                                                                   keepdims=True), 1e-12)
+    feature_sum = [unit[i] * area[i] for i in range(count)]
+    mean_colour = [colour[i].astype(np.float64) for i in range(count)]
+    node_area = list(area)
+    parent, height = [-1] * count, [0.0] * count
+    leaves = [[i] for i in range(count)]
+    neighbours = [set() for _ in range(count)]
+    for a, b in edges:
+        neighbours[a].add(int(b))
+        neighbours[b].add(int(a))
+
+    def distance(i, j):
+        fi = feature_sum[i] / max(np.linalg.norm(feature_sum[i]), 1e-12)
+        fj = feature_sum[j] / max(np.linalg.norm(feature_sum[j]), 1e-12)
+        return (1.0 - fi @ fj + colour_weight / 100.0 * np.linalg.norm(mean_colour[i] - mean_colour[j])
+                + size_weight * min(node_area[i], node_area[j]) / total)
+
+    heap = [(distance(int(a), int(b)), int(a), int(b)) for a, b in edges]
+    heapq.heapify(heap)
+    alive = [True] * count
+    leaf_node = np.arange(count, dtype=np.int32)
+    snapshots = np.zeros((len(levels), count), np.int32)
+    recorded, regions = 0, count
+
+    def record():
+        nonlocal recorded
+        while recorded < len(levels) and regions <= levels[recorded]:
+            snapshots[recorded] = leaf_node
+            recorded += 1
+
+    record()
+    stop = levels[-1] if len(levels) else 1
+    while heap and regions > stop:
+        d, i, j = heapq.heappop(heap)
+        if not (alive[i] and alive[j]):
+            continue
+        n = len(parent)
+        alive[i] = alive[j] = False
+        alive.append(True)
+        parent[i] = parent[j] = n
+        parent.append(-1)
+        height.append(d)
+        node_area.append(node_area[i] + node_area[j])
+        feature_sum.append(feature_sum[i] + feature_sum[j])
+        mean_colour.append((node_area[i] * mean_colour[i] + node_area[j] * mean_colour[j]) / node_area[n])
+        leaves.append(leaves[i] + leaves[j])
+        leaf_node[leaves[n]] = n
+        around = sorted(k for k in neighbours[i] | neighbours[j] if alive[k] and k != n)
+        neighbours.append(set(around))
+        for k in around:
+            neighbours[k].add(n)
+            heapq.heappush(heap, (distance(n, k), n, k))
+        regions -= 1
+        record()
+    while recorded < len(levels):
+        snapshots[recorded] = leaf_node
+        recorded += 1
+    node_area = np.array(node_area, np.float64)
+    coherence = np.array([np.linalg.norm(s) for s in feature_sum]) / np.maximum(node_area, 1e-12)
+    coherence[:count] = 1.0
+    return MergeTree(np.array(parent, np.int64), np.array(height, np.float64), node_area,
+                     np.clip(coherence, 0.0, 1.0), levels, snapshots)

@@ -33,8 +33,12 @@ class BackboneSpec:
     """What one backbone is; ModelBackbone does everything else.
 
     name: "family/member", e.g. "effnet-lite2/block19"; with the padding rule it makes the id a bank records.
-    stride: output stride = padding multiple (H and W are zero-padded to a multiple of it).
+    stride: output stride: an HxW image gives a (ceil(H / stride), ceil(W / stride)) feature grid.
     dim: feature width.
+    pad_multiple: H and W are zero-padded to a multiple of it (0: the stride); cells of the output beyond the
+        (ceil(H / stride), ceil(W / stride)) grid cover only padding and are cut off.
+    groups: widths of the layers a multi-layer feature map concatenates (summing to dim), each L2-normalised on its
+        own after pooling; () for one layer.
     mean, std: the per-channel RGB normalisation (of pixels in [0, 1]) the graph applies to its uint8 input.
     feature_output: the graph output holding the features.
     layout: "nhwc" for (B, h, w, dim) maps, "tokens" for (B, prefix_tokens + h*w, dim) token sequences.
@@ -57,10 +61,20 @@ class BackboneSpec:
     prefix_tokens: int = 0
     saliency_output: str | None = None
     weights: str | None = None
+    pad_multiple: int = 0
+    groups: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise InputError(f"backbone {self.name}: layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.pad_multiple % self.stride or (self.groups and sum(self.groups) != self.dim):
+            raise InputError(f"backbone {self.name}: pad_multiple must be a multiple of the stride and groups must sum "
+                             f"to dim, got {self.pad_multiple}, {self.groups}")
+
+    @property
+    def padding(self) -> int:
+        """The multiple H and W are zero-padded to."""
+        return self.pad_multiple or self.stride
 
     @property
     def input_name(self) -> str:
@@ -74,7 +88,7 @@ class BackboneSpec:
     @property
     def id(self) -> str:
         # the padding rule is part of what the features mean: a bank built with other padding is another backbone
-        return f"{self.name}{self.weights_label}+zeropad{self.stride}"
+        return f"{self.name}{self.weights_label}+zeropad{self.padding}"
 
     @property
     def onnx_file(self) -> str:

@@ -72,7 +72,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, bac
     """
     trt = tensorrt_module()
     spec = backbone_spec(backbone or DEFAULT_BACKBONE)
-    profiles = list(profiles or default_profiles(spec.stride, max_batch_size))
+    profiles = list(profiles or default_profiles(spec.padding, max_batch_size))
     logger = TensorRTLogger(trt)
     builder = trt.Builder(logger)
     flags = 0

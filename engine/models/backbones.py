@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import InputError, ModelError
 from ..registry import DEFAULT_BACKBONE, BackboneSpec, backbone_spec
-from ..utils import bucket_by_size, check_image, pad_to_multiple, padded_size
+from ..utils import bucket_by_size, ceil_div, check_image, pad_to_multiple, padded_size
 from .base import Backbone
 from .cache import cache_dir as resolve_cache_dir
 from .cache import cached_file
@@ -50,7 +50,7 @@ class ModelBackbone(Backbone):
         self.spec = spec
         self.runtime = runtime
         self.batch_size = int(batch_size)
-        self.id, self.dim, self.stride = spec.id, spec.dim, spec.stride
+        self.id, self.dim, self.stride, self.groups = spec.id, spec.dim, spec.stride, spec.groups
 
     @property
     def has_saliency(self) -> bool:
@@ -93,10 +93,10 @@ class ModelBackbone(Backbone):
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Equal padded-size uint8 images -> (B, H', W', 3) uint8, zero-padded (black) bottom/right: the graph's
         input (it normalises inside)."""
-        return np.stack([pad_to_multiple(image, self.stride) for image in images])
+        return np.stack([pad_to_multiple(image, self.spec.padding) for image in images])
 
     def _to_maps(self, raw: np.ndarray, height: int, width: int) -> np.ndarray:
-        """Runtime output of one padded batch -> (B, h, w, dim)."""
+        """Runtime output of one padded batch -> (B, h, w, dim), the grid of the padded size."""
         h, w = height // self.stride, width // self.stride
         if self.spec.layout == "nhwc":
             expected = (raw.shape[0], h, w, self.dim)
@@ -113,7 +113,7 @@ class ModelBackbone(Backbone):
         if isinstance(images, np.ndarray) and images.ndim == 3:
             raise InputError("images: expected a sequence of HxWx3 images, got a single array; wrap it in a list")
         images = [check_image(image, f"images[{i}]") for i, image in enumerate(images)]
-        sizes = [padded_size(*image.shape[:2], self.stride) for image in images]
+        sizes = [padded_size(*image.shape[:2], self.spec.padding) for image in images]
         outputs = ([self.spec.feature_output] if want_features else []) + \
                   ([self.spec.saliency_output] if want_saliency else [])
         features: list = [None] * len(images)
@@ -124,7 +124,9 @@ class ModelBackbone(Backbone):
             if want_features:
                 maps = self._to_maps(np.asarray(result[self.spec.feature_output]), *pixels.shape[1:3])
                 for j, index in enumerate(batch):
-                    features[index] = np.ascontiguousarray(maps[j], dtype=np.float32)
+                    height, width = images[index].shape[:2]
+                    grid = (ceil_div(height, self.stride), ceil_div(width, self.stride))  # cells of padding cut off
+                    features[index] = np.ascontiguousarray(maps[j, :grid[0], :grid[1]], dtype=np.float32)
             if want_saliency:
                 sal = np.asarray(result[self.spec.saliency_output])
                 if sal.shape != (len(batch), 1, *pixels.shape[1:3]):

@@ -25,13 +25,16 @@ class Backbone(abc.ABC):
     id: str
     dim: int
     stride: int
+    #: widths of the layers a multi-layer feature map concatenates, each L2-normalised on its own after pooling
+    groups: tuple[int, ...] = ()
 
     @abc.abstractmethod
     def features(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(h, w, dim) float32 feature map for each HxWx3 uint8 RGB image."""
 
     def describe(self) -> dict:
-        return {"id": self.id, "dim": int(self.dim), "stride": int(self.stride), "padding": "zero, bottom/right"}
+        return {"id": self.id, "dim": int(self.dim), "stride": int(self.stride), "groups": list(self.groups),
+                "padding": "zero, bottom/right"}
 
 
 def checked_features(backbone: Backbone, images: Sequence[np.ndarray], names: Sequence[str] | None = None,
@@ -58,9 +61,15 @@ def checked_features(backbone: Backbone, images: Sequence[np.ndarray], names: Se
 
 
 class Proposer(abc.ABC):
-    """Class-agnostic mask proposals with objectness scores."""
+    """Class-agnostic mask proposals with objectness scores.
+
+    A proposer with `uses_features = True` takes the engine's backbone features too:
+    `propose(images, features=maps, stride=backbone.stride, groups=backbone.groups)`, so that one forward pass serves
+    proposals and retrieval.
+    """
 
     name: str
+    uses_features: bool = False
 
     @abc.abstractmethod
     def propose(self, images: Sequence[np.ndarray]) -> list[Proposals]:

