@@ -2,8 +2,14 @@
 
 Per image and class mask: semantic boundary purification (SBP: erosion, small regions dropped) → soft-masked feature
 aggregation (SMFA: area-interpolated mask weights over the backbone's patch grid, weighted mean, L2-normalised) → one
-vector per (image, class) plus one background vector per image → per-class outlier rejection. Saved as a versioned
-directory with checksums, so a truncated or corrupt bank, or one built with another backbone, is refused on load.
+vector per (image, class) plus one background vector per image → per-class outlier rejection.
+
+Region entries (Config.region_entries, on by default): the proposer's own regions in each bank image, each named by
+the (pseudo-)mask's majority class when at least `region_purity` of it has that class, join the class prototypes.
+Queries at inference are such regions too — parts, stuff, whole objects — so they meet bank entries of their own kind.
+
+Saved as a versioned directory with checksums, so a truncated or corrupt bank, or one built with another backbone, is
+refused on load.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from .models.base import checked_features
 from .search import make_faiss_index
 
 FORMAT = "moduseg-feature-bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: BankEntry kinds, as stored in kinds.npy
+KINDS = ("class", "region")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -81,10 +89,12 @@ def purify(mask: np.ndarray, config: Config) -> np.ndarray | None:
 
 @dataclass
 class BankEntry:
-    """Where one bank vector came from."""
+    """Where one bank vector came from: its image, its class, and its kind ("class": a purified class mask's
+    prototype; "region": a proposer region named by the mask's majority)."""
 
     image_id: str
     class_id: int
+    kind: str = "class"
 
 
 @dataclass
@@ -92,7 +102,8 @@ class FeatureBank:
     """L2-normalised prototypes (M, dim) with their class ids (0 = background) and provenance.
 
     `backbone` is the backbone's `describe()` dict (id, dim, stride, padding); an engine refuses a bank whose backbone
-    id or dimension differs from its own.
+    id or dimension differs from its own. `sources`: the image id of each vector; `kinds`: each vector's kind, an
+    index into KINDS.
     """
 
     vectors: np.ndarray
@@ -102,11 +113,16 @@ class FeatureBank:
     config: Config = field(default_factory=Config)
     sources: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    kinds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
         self.labels = np.ascontiguousarray(self.labels, dtype=np.int32).reshape(-1)
+        self.kinds = (np.zeros(len(self.labels), np.uint8) if self.kinds is None
+                      else np.ascontiguousarray(self.kinds, dtype=np.uint8).reshape(-1))
         self.class_names = tuple(self.class_names)
+        if len(self.kinds) != len(self.labels) or (len(self.kinds) and self.kinds.max() >= len(KINDS)):
+            raise BankError(f"bank kinds {self.kinds.shape} must give one of {KINDS} per vector")
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.labels):
             raise BankError(f"bank vectors {self.vectors.shape} and labels {self.labels.shape} disagree")
         if self.vectors.shape[1] != int(self.backbone.get("dim", -1)):
@@ -122,14 +138,19 @@ class FeatureBank:
 
     @classmethod
     def build(cls, samples: Iterable, backbone, class_names: Sequence[str], config: Config | None = None,
-              provenance: dict | None = None, progress: bool = True, total: int | None = None) -> "FeatureBank":
+              proposer="embedded", provenance: dict | None = None, progress: bool = True,
+              total: int | None = None) -> "FeatureBank":
         """Build a bank from samples with `.id`, `.image` (HxWx3 uint8 RGB), `.mask` (HxW class-index map, 0
         background, 255 ignore; ground truth or pseudo-masks) and `.labels` (image-level class ids).
 
         Only classes named by the image's labels (and background) contribute: a mask pixel of another class is
-        ignored, as the method filters the logits of absent classes.
+        ignored, as the method filters the logits of absent classes. proposer: makes the region entries when
+        `config.region_entries` ("embedded", a Proposer, or None for none); use the engine's.
         """
+        from .models.embedded import resolve_proposer
+
         config = config or Config()
+        proposer = resolve_proposer(proposer, config) if config.region_entries else None
         class_names = tuple(class_names)
         vectors: list[np.ndarray] = []
         entries: list[BankEntry] = []
@@ -140,24 +161,25 @@ class FeatureBank:
             for sample in samples:
                 batch.append(sample)
                 if len(batch) == config.batch_size:
-                    _add_batch(batch, backbone, class_names, config, vectors, entries)
+                    _add_batch(batch, backbone, proposer, class_names, config, vectors, entries)
                     bar.update(len(batch))
                     batch = []
             if batch:
-                _add_batch(batch, backbone, class_names, config, vectors, entries)
+                _add_batch(batch, backbone, proposer, class_names, config, vectors, entries)
                 bar.update(len(batch))
-        dim = int(backbone.dim)
-        matrix = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
+        matrix = np.concatenate(vectors) if vectors else np.zeros((0, int(backbone.dim)), np.float32)
         labels = np.array([e.class_id for e in entries], np.int32)
-        keep = reject_outliers(matrix, labels, config)
+        kinds = np.array([KINDS.index(e.kind) for e in entries], np.uint8)
+        keep = reject_outliers(matrix, labels, config, kinds == KINDS.index("class"))
         if not keep.any():
             raise InputError("no bank vector survived: every class mask was smaller than "
                              f"min_area={config.min_area} px after erosion (or there were no samples)")
         record = dict(provenance or {})
         record.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         record["vectors_before_outlier_rejection"] = int(len(matrix))
+        record["proposer"] = getattr(proposer, "name", None)
         return cls(matrix[keep], labels[keep], class_names, backbone.describe(), config,
-                   [entries[i].image_id for i in np.flatnonzero(keep)], record)
+                   [entries[i].image_id for i in np.flatnonzero(keep)], record, kinds[keep])
 
     # ----------------------------------------------------------------------------------------------------- access
 
@@ -207,6 +229,7 @@ class FeatureBank:
         try:
             np.save(staging / "vectors.npy", self.vectors)
             np.save(staging / "labels.npy", self.labels)
+            np.save(staging / "kinds.npy", self.kinds)
             (staging / "sources.json").write_text(json.dumps(self.sources))
             faiss.write_index(self.index, str(staging / "index.faiss"))
             manifest = {
@@ -217,10 +240,11 @@ class FeatureBank:
                 "size": len(self),
                 "class_names": list(self.class_names),
                 "class_counts": {n: int(c) for n, c in zip(self.class_names, self.class_counts())},
+                "kind_counts": {kind: int((self.kinds == i).sum()) for i, kind in enumerate(KINDS)},
                 "config": self.config.to_dict(),
                 "provenance": self.provenance,
                 "files": {name: _digest(staging / name)
-                          for name in ("vectors.npy", "labels.npy", "sources.json", "index.faiss")},
+                          for name in ("vectors.npy", "labels.npy", "kinds.npy", "sources.json", "index.faiss")},
             }
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
             if path.exists():
@@ -261,7 +285,8 @@ class FeatureBank:
         try:
             bank = cls(np.load(path / "vectors.npy", allow_pickle=False), np.load(path / "labels.npy", allow_pickle=False),
                        manifest["class_names"], manifest["backbone"], Config.from_dict(manifest["config"]),
-                       json.loads((path / "sources.json").read_text()), manifest.get("provenance", {}))
+                       json.loads((path / "sources.json").read_text()), manifest.get("provenance", {}),
+                       np.load(path / "kinds.npy", allow_pickle=False))
             index = faiss.read_index(str(path / "index.faiss"))
         except (KeyError, ValueError, OSError, RuntimeError) as error:
             raise BankError(f"{path}: cannot read bank: {error}") from error
@@ -273,12 +298,15 @@ class FeatureBank:
         return bank
 
 
-def reject_outliers(vectors: np.ndarray, labels: np.ndarray, config: Config) -> np.ndarray:
+def reject_outliers(vectors: np.ndarray, labels: np.ndarray, config: Config,
+                    subject: np.ndarray | None = None) -> np.ndarray:
     """Keep-mask: per class, drop the `ratio` fraction (rounded down) of vectors farthest (Euclidean) from the class
-    mean; foreground uses `outlier_ratio`, background (class 0) `background_outlier_ratio`. Ties keep the earlier."""
+    mean; foreground uses `outlier_ratio`, background (class 0) `background_outlier_ratio`. Ties keep the earlier.
+    `subject`: a boolean mask of the vectors the rule applies to (the class prototypes); the others are kept."""
     keep = np.ones(len(vectors), bool)
-    for class_id in np.unique(labels):
-        members = np.flatnonzero(labels == class_id)
+    subject = np.ones(len(vectors), bool) if subject is None else subject
+    for class_id in np.unique(labels[subject]):
+        members = np.flatnonzero((labels == class_id) & subject)
         ratio = config.background_outlier_ratio if class_id == 0 else config.outlier_ratio
         n_drop = int(len(members) * ratio)
         if n_drop == 0:
@@ -289,12 +317,21 @@ def reject_outliers(vectors: np.ndarray, labels: np.ndarray, config: Config) -> 
     return keep
 
 
-def _add_batch(batch, backbone, class_names, config, vectors, entries) -> None:
-    """SBP + SMFA for a batch of samples; appends normalised vectors and their entries."""
+def _add_batch(batch, backbone, proposer, class_names, config, vectors, entries) -> None:
+    """The entries of a batch of samples: purified class prototypes and, with a proposer, region entries."""
     images = [s.image for s in batch]
     # non-finite features are not an error here: their vectors are dropped like empty ones (the method's rule)
     features = checked_features(backbone, images, [f"image {s.id}" for s in batch], finite=False)
-    for sample, image, feature_map in zip(batch, images, features):
+    proposals = [None] * len(batch)
+    finite = [i for i, f in enumerate(features) if np.isfinite(f).all()]  # the others give no entry at all
+    if proposer is not None and finite:
+        shared = {}
+        if getattr(proposer, "uses_features", False):
+            shared = dict(features=[features[i] for i in finite], stride=backbone.stride, groups=backbone.groups)
+        for i, made in zip(finite, proposer.propose([images[i] for i in finite], **shared)):
+            proposals[i] = made
+    pooling = dict(pooling=config.pooling, eps=config.smfa_eps, groups=backbone.groups, num_threads=config.num_threads)
+    for sample, image, feature_map, regions in zip(batch, images, features, proposals):
         mask = np.asarray(sample.mask)
         if mask.shape != image.shape[:2]:
             raise InputError(f"mask of image {sample.id}: shape {mask.shape}, the image is {image.shape[:2]}")
@@ -302,27 +339,46 @@ def _add_batch(batch, backbone, class_names, config, vectors, entries) -> None:
         unknown = [c for c in allowed if not 0 <= c < len(class_names)]
         if unknown:
             raise InputError(f"labels of image {sample.id}: class ids {unknown} outside 0..{len(class_names) - 1}")
-        # the purified class masks are disjoint: each is one atom, the rest of the image one more
-        class_ids, atoms = [], np.zeros(mask.shape, np.int32)
-        for class_id in np.unique(mask):
-            if class_id == IGNORE or int(class_id) not in allowed:
+        named = [_class_regions(mask, allowed, config)]
+        if regions is not None:
+            named.append(_named_regions(mask, allowed, regions, len(class_names), config))
+        for (atoms, members, class_ids), kind in zip(named, KINDS):
+            if not len(class_ids):
                 continue
-            purified = purify(mask == class_id, config)
-            if purified is not None:
-                class_ids.append(int(class_id))
-                atoms[purified] = len(class_ids)
-        if not class_ids:
+            means = ops.soft_mask_pool(feature_map, atoms, members, backbone.stride, normalize=False, **pooling)
+            usable = np.isfinite(means).all(axis=1) & (np.linalg.norm(means, axis=1) > config.min_vector_norm)
+            pooled = ops.soft_mask_pool(feature_map, atoms, members, backbone.stride, **pooling)
+            vectors.append(pooled[usable])
+            entries.extend(BankEntry(sample.id, int(c), kind) for c in np.asarray(class_ids)[usable])
+
+
+def _class_regions(mask: np.ndarray, allowed: set, config: Config):
+    """SBP of each allowed class of a mask: the purified masks (disjoint) as atoms, one region each, and their
+    classes."""
+    class_ids, atoms = [], np.zeros(mask.shape, np.int32)
+    for class_id in np.unique(mask):
+        if class_id == IGNORE or int(class_id) not in allowed:
             continue
-        members = np.eye(len(class_ids), len(class_ids) + 1, 1, dtype=bool)
-        pooling = dict(pooling=config.pooling, eps=config.smfa_eps, groups=backbone.groups,
-                       num_threads=config.num_threads)
-        means = ops.soft_mask_pool(feature_map, atoms, members, backbone.stride, normalize=False, **pooling)
-        usable = np.isfinite(means).all(axis=1) & (np.linalg.norm(means, axis=1) > config.min_vector_norm)
-        pooled = ops.soft_mask_pool(feature_map, atoms, members, backbone.stride, **pooling)
-        for class_id, vector, ok in zip(class_ids, pooled, usable):
-            if ok:
-                vectors.append(vector)
-                entries.append(BankEntry(sample.id, class_id))
+        purified = purify(mask == class_id, config)
+        if purified is not None:
+            class_ids.append(int(class_id))
+            atoms[purified] = len(class_ids)  # atom 0: the rest of the image
+    return atoms, np.eye(len(class_ids), len(class_ids) + 1, 1, dtype=bool), class_ids
+
+
+def _named_regions(mask: np.ndarray, allowed: set, proposals, num_classes: int, config: Config):
+    """The proposals of at least min_area pixels whose majority class (void not counted) is allowed and covers at
+    least `region_purity` of them, with that class."""
+    counted = mask != IGNORE
+    histogram = np.zeros((proposals.num_atoms, num_classes), np.int64)
+    np.add.at(histogram, (proposals.atoms[counted], np.minimum(mask[counted], num_classes - 1).astype(np.int64)), 1)
+    area = proposals.areas()
+    members = proposals.members[area >= config.min_area]
+    counts = members.astype(np.int64) @ histogram
+    majority = counts.argmax(axis=1)
+    purity = counts.max(axis=1, initial=0) / np.maximum(area[area >= config.min_area], 1)
+    named = (purity >= config.region_purity) & np.isin(majority, sorted(allowed))
+    return proposals.atoms, members[named], majority[named]
 
 
 def _digest(file: Path) -> dict:

@@ -52,9 +52,9 @@ def cmd_build_bank(args) -> int:
     backbone = create_backbone(args.backbone, batch_size=config.batch_size, num_threads=config.num_threads)
     samples = dataset
     if args.masks == "pseudo":
-        from .models.embedded import pseudo_mask_samples
+        from .models.pseudo_masks import pseudo_mask_samples
 
-        samples = pseudo_mask_samples(dataset, config)
+        samples = pseudo_mask_samples(dataset, config, backbone=backbone)
     start = time.perf_counter()
     bank = FeatureBank.build(samples, backbone, dataset.class_names, config, total=len(dataset),
                              provenance={"data": str(Path(args.data).resolve()), "split": args.split,

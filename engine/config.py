@@ -1,5 +1,6 @@
-"""Every knob of the engine in one dataclass, with the defaults of the ModuSeg paper (arXiv 2604.07021) except where a
-comment gives the measurement that chose another (erosion, top_k: one setting restores the paper's)."""
+"""Every knob of the engine in one dataclass. The defaults are the ModuSeg paper's (arXiv 2604.07021) except where
+measurement on VOC and CamVid together chose otherwise (erosion, top_k, region_entries; docs/decisions.md gives the
+tables and the commands); `Config.paper()` restores the paper's exact settings."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ POOLINGS = ("soft", "hard")
 
 # The method's own values (arXiv 2604.07021); Config.paper() applies them over any changed defaults.
 PAPER_SETTINGS = dict(erosion_kernel=3, erosion_iterations=20, erosion="fixed", min_area=300, outlier_ratio=0.25,
-                      background_outlier_ratio=0.0, pooling="soft", smfa_eps=1e-8, objectness_threshold=0.6,
-                      nms_iou_threshold=0.4, top_k=25, vote="count", index="Flat")
+                      background_outlier_ratio=0.0, pooling="soft", smfa_eps=1e-8, region_entries=False,
+                      objectness_threshold=0.6, nms_iou_threshold=0.4, top_k=25, vote="count", index="Flat")
 
 
 @dataclass
@@ -27,14 +28,20 @@ class Config:
         erosion_kernel: side of the square structuring element of SBP's erosion (3 = 3x3).
         erosion_iterations: how many times SBP erodes each class mask (20 x 3x3 = one 41x41 erosion). Raising it
             purifies boundaries more but erases thin objects.
-        erosion: "fixed" is the paper's erosion; "adaptive" shrinks the erosion for a region it would erase whole.
-        min_area: regions (bank masks after erosion, and inference proposals) smaller than this many pixels are dropped.
-        outlier_ratio: fraction of each foreground class's bank vectors farthest from the class mean that is dropped.
-        background_outlier_ratio: the same for background vectors (the paper never filters background: 0).
+        erosion: "fixed" is the paper's erosion; "adaptive" shrinks the erosion for a region it would erase whole,
+            so thin classes (poles, pedestrians) keep bank vectors.
+        min_area: regions (bank masks after erosion, region entries, and inference proposals) smaller than this many
+            pixels are dropped.
+        outlier_ratio: fraction of each foreground class's prototypes farthest from the class mean that is dropped.
+        background_outlier_ratio: the same for background prototypes (the paper never filters background: 0).
         pooling: "soft" is SMFA (patch weight = fraction of the patch the mask covers); "hard" is the ablation
             without SMFA (a patch counts fully when the mask covers its centre pixel, else not at all).
         smfa_eps: added to the summed soft-mask weight before dividing, as in the paper (1e-8).
         min_vector_norm: bank vectors with a smaller L2 norm before normalisation (empty masks) are dropped.
+        region_entries: add the proposer's regions in each bank image, named by the mask's majority class, to the
+            class prototypes, so that queries (often parts or stuff) meet entries of their own kind; the paper's
+            bank has class prototypes only.
+        region_purity: a region becomes an entry only when its majority class covers at least this fraction of it.
 
     Inference:
         objectness_threshold: proposals with a lower objectness score are dropped (tau_obj).
@@ -44,8 +51,7 @@ class Config:
             many bank vectors (background) outvote small classes.
         vote: "count" is the paper's vote (most neighbours wins); "balanced" divides each class's votes by its number
             of bank vectors, which keeps small banks usable; "weighted" scores each class by the summed similarity
-            of its neighbours (CamVid ground-truth bank + embedded proposals, K=5: the same as "count", 44.4 with
-            the proposer's former cuts (100, 50) and 44.8 with the cut (100); K=10 44.3 / 44.8, K=25 43.2 / 44.0).
+            of its neighbours.
         index: FAISS index factory string over inner product ("Flat" is exact; "IVF4096,Flat" for large banks).
         nprobe: inverted lists visited per query by IVF indexes.
         index_train_size: at most this many bank vectors (a fixed random sample) train an index that needs
@@ -56,9 +62,6 @@ class Config:
 
     erosion_kernel: int = 3
     erosion_iterations: int = 20
-    # "adaptive" by measurement (EfficientNet-Lite2 block 19, ground-truth bank and proposals, val mIoU): CamVid
-    # 43.7 -> 66.7 (count vote K=25 -> balanced K=25; pole, pedestrian and bicyclist keep bank vectors at all), VOC
-    # 34.4 -> 36.6 (balanced K=25). The paper's erosion: erosion="fixed".
     erosion: str = "adaptive"
     min_area: int = 300
     outlier_ratio: float = 0.25
@@ -66,18 +69,12 @@ class Config:
     pooling: str = "soft"
     smfa_eps: float = 1e-8
     min_vector_norm: float = 1e-6
+    region_entries: bool = True
+    region_purity: float = 0.7
 
     objectness_threshold: float = 0.6
     nms_iou_threshold: float = 0.4
-    # 5 by measurement (EfficientNet-Lite2 block 19, count vote, adaptive erosion; val mIoU, paper's K=25 + fixed
-    # erosion -> these defaults): VOC oracle system 4.2 -> 56.1 and pseudo bank + embedded proposals 4.7 -> 21.7 (with
-    # ~2.5 images per class one background vector per image outvotes every class at K=25); CamVid oracle system
-    # 43.7 -> 69.4, ground-truth bank + embedded proposals 36.6 -> 44.4. The paper's K: top_k=25 (or Config.paper()).
     top_k: int = 5
-    # "count" (the paper's vote) stays the default: at K=5 it beats "balanced" on VOC (ground-truth bank + embedded
-    # proposals 34.4 vs 27.1; pseudo bank 21.7 vs 18.8) and ties on CamVid (oracle 69.4 both; embedded 44.4 vs 44.2).
-    # (Embedded rows here were measured with the proposer's colour_weight 0.5; with the current proposer defaults,
-    # see EmbeddedProposer, the CLI gives CamVid GT bank + embedded 44.7 and VOC pseudo bank + embedded 22.6.)
     vote: str = "count"
     index: str = "Flat"
     nprobe: int = 16
@@ -89,6 +86,13 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+                  isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
+            if not ok:
+                raise InputError(f"Config.{f.name} must be a {kind.__name__}, got {type(value).__name__} {value!r}")
         if self.erosion_kernel < 1 or self.erosion_kernel % 2 == 0:
             raise InputError(f"Config.erosion_kernel must be a positive odd integer, got {self.erosion_kernel}")
         for name in ("erosion_iterations", "min_area", "num_threads"):
@@ -97,7 +101,8 @@ class Config:
         for name in ("top_k", "batch_size", "nprobe", "index_train_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("outlier_ratio", "background_outlier_ratio", "objectness_threshold", "nms_iou_threshold"):
+        for name in ("outlier_ratio", "background_outlier_ratio", "objectness_threshold", "nms_iou_threshold",
+                     "region_purity"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"Config.{name} must be in [0, 1], got {value}")

@@ -218,11 +218,9 @@ class Engine:
             raise InputError("no proposals given and this engine has no proposer: pass proposals=[...] or construct "
                              "the Engine with a proposer")
         if isinstance(self.proposer, str):
-            if self.proposer != "embedded":
-                raise InputError(f"unknown proposer {self.proposer!r}; pass 'embedded', a Proposer or None")
-            from .models.embedded import create_proposer
+            from .models.embedded import resolve_proposer
 
-            self.proposer = create_proposer(self.config)
+            self.proposer = resolve_proposer(self.proposer, self.config)
         return self.proposer
 
     def _candidates(self, proposals: Proposals) -> Records:

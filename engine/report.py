@@ -113,7 +113,8 @@ def run_report(data_root, out, datasets=("voc2012-mini", "camvid"), quick: bool 
 
 
 def _report_dataset(root: Path, name: str, out: Path, quick: bool, sheet_images: int, progress: bool) -> dict:
-    from .models.embedded import create_proposer, pseudo_mask_samples
+    from .models.embedded import create_proposer
+    from .models.pseudo_masks import pseudo_mask_samples
 
     train, val = VOCDataset(root, "train"), VOCDataset(root, "val")
     train_samples = list(tqdm(train, desc=f"{name}: reading train", disable=not progress))

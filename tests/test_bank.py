@@ -11,6 +11,7 @@ from engine.config import Config
 from engine.data import Sample
 from engine.errors import BankError, InputError
 from engine.reference import soft_mask_pool_reference
+from engine.regions import Proposals
 from engine.search import FaissIndex
 
 
@@ -66,7 +67,7 @@ def test_outlier_rejection_drops_farthest_quarter_of_foreground_only(rng):
 def test_build_vectors_are_smfa_of_purified_masks(rng, toy, CLASSES, ColorBackbone, pooling):
     backbone = ColorBackbone()
     samples = toy.samples(rng, 3)
-    config = Config(outlier_ratio=0, min_area=50, erosion_iterations=2, pooling=pooling)
+    config = Config(outlier_ratio=0, min_area=50, erosion_iterations=2, pooling=pooling, region_entries=False)
     bank = FeatureBank.build(samples, backbone, CLASSES, config, progress=False)
     np.testing.assert_allclose(np.linalg.norm(bank.vectors, axis=1), 1, atol=1e-5)
     assert bank.sources[0] == "img0"
@@ -87,7 +88,48 @@ def test_build_ignores_classes_absent_from_labels_and_void(rng, toy, CLASSES, Co
     label[:5] = 255
     bank = FeatureBank.build([Sample("a", image, [1], label)], ColorBackbone(), CLASSES,
                              Config(min_area=50, erosion_iterations=1), progress=False)
-    assert sorted(bank.labels.tolist()) == [0, 1]
+    assert sorted(bank.labels[bank.kinds == 0].tolist()) == [0, 1]
+    assert set(bank.labels.tolist()) <= {0, 1}  # region entries too: never an unlisted class
+
+
+class FixedProposer:
+    """Proposes the same regions for every image: one per given mask."""
+
+    name = "fixed"
+
+    def __init__(self, masks):
+        self.masks = masks
+
+    def propose(self, images):
+        return [Proposals.from_masks(self.masks, np.ones(len(self.masks))) for _ in images]
+
+
+def test_region_entries_are_pure_regions_named_by_the_majority(rng, toy, CLASSES, ColorBackbone):
+    image, label = toy.scene(rng, classes=(1, 2))
+    red, green = label == 1, label == 2
+    mixed = red | (label == 0)  # mostly background, far below any purity threshold for red
+    mostly_green = green.copy()
+    mostly_green[np.flatnonzero(red.any(1))[0], np.flatnonzero(red.any(0))] = True  # a row of red: still ~green
+    tiny = np.zeros_like(red)
+    tiny[0, 0] = True
+    masks = np.stack([red, green, mixed, mostly_green, tiny])
+    config = Config(min_area=50, region_purity=0.9, outlier_ratio=0.5)
+    backbone = ColorBackbone()
+    bank = FeatureBank.build([Sample("a", image, [1, 2], label)], backbone, CLASSES, config,
+                             proposer=FixedProposer(masks), progress=False)
+    regions = bank.kinds == 1
+    assert bank.provenance["proposer"] == "fixed"
+    purity = [(m & (label == np.bincount(label[m]).argmax())).sum() / m.sum() for m in masks[:4]]
+    expected = [i for i in range(4) if purity[i] >= 0.9]  # tiny is under min_area
+    assert bank.labels[regions].tolist() == [int(np.bincount(label[masks[i]]).argmax()) for i in expected]
+    features = backbone.features([image])[0]
+    want = soft_mask_pool_reference(features, masks[expected], backbone.stride)
+    np.testing.assert_allclose(bank.vectors[regions], want, atol=1e-5)
+    # outlier rejection applies to the class prototypes only
+    without = FeatureBank.build([Sample("a", image, [1, 2], label)], backbone, CLASSES,
+                                config.replace(region_entries=False), progress=False)
+    assert (~regions).sum() == len(without)
+    assert Config.paper().region_entries is False
 
 
 def test_build_rejects_bad_input(rng, toy, CLASSES, ColorBackbone):

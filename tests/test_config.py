@@ -57,3 +57,11 @@ def test_dict_round_trip_and_unknown_fields():
         Config.from_dict({**values, "colour": 1})
     changed = config.replace(top_k=3)
     assert changed.top_k == 3 and config.top_k == 7  # replace returns a new Config
+
+
+@pytest.mark.parametrize("field, value", [("top_k", "5"), ("top_k", 5.0), ("top_k", True), ("region_entries", 1),
+                                          ("region_purity", "0.7"), ("vote", 3), ("objectness_threshold", None)])
+def test_wrong_types_are_refused_with_the_field_named(field, value):
+    with pytest.raises(InputError, match=f"Config.{field} must be a"):
+        Config(**{field: value})
+    assert Config(region_purity=1).region_purity == 1  # an int where a float is expected is fine

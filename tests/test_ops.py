@@ -432,3 +432,102 @@ def test_mask_nms_raster_bad_inputs(case, pattern):
         kwargs["num_threads"] = -1
     with pytest.raises(InputError, match=pattern):
         ops.mask_nms_raster(atoms, members, classes, scores, threshold, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- merge_regions
+
+
+def random_graph(rng, count, dim=6):
+    """A connected random region graph (a chain plus random chords) with areas, features and colours."""
+    edges = {(i, i + 1) for i in range(count - 1)}
+    for _ in range(count):
+        a, b = sorted(int(x) for x in rng.integers(0, count, 2))
+        if a != b:
+            edges.add((a, b))
+    edges = np.array(sorted(edges), np.int64).reshape(-1, 2)
+    area = rng.integers(1, 500, count).astype(np.float64)
+    features = rng.standard_normal((count, dim)).astype(np.float32)
+    colour = (rng.random((count, 3)) * 100).astype(np.float32)
+    return edges, area, features, colour
+
+
+def assert_same_tree(a, b):
+    assert np.array_equal(a.parent, b.parent) and np.array_equal(a.snapshots, b.snapshots)
+    assert np.array_equal(a.levels, b.levels)
+    np.testing.assert_allclose(a.height, b.height, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a.area, b.area)
+    np.testing.assert_allclose(a.coherence, b.coherence, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("count", [2, 3, 17, 80])
+@pytest.mark.parametrize("weights", [(1.0, 3.0), (0.0, 0.0), (2.5, 0.5)])
+def test_merge_regions_matches_reference(rng, count, weights):
+    edges, area, features, colour = random_graph(rng, count)
+    levels = sorted({int(k) for k in rng.integers(1, count + 3, 3)}, reverse=True)
+    assert_same_tree(ops.merge_regions(edges, area, features, colour, levels, *weights),
+                     reference.merge_regions(edges, area, features, colour, levels, *weights))
+
+
+def test_merge_regions_tree_facts(rng):
+    edges, area, features, colour = random_graph(rng, 30)
+    tree = ops.merge_regions(edges, area, features, colour, [20, 10, 1])
+    count = 30
+    assert len(tree.parent) == 2 * count - 1 and (tree.parent == -1).sum() == 1  # merged to one root
+    for node in range(count, len(tree.parent)):  # a node's area is its children's, made higher than them
+        children = np.flatnonzero(tree.parent == node)
+        assert len(children) == 2 and tree.area[node] == tree.area[children].sum()
+    assert np.all(tree.coherence[:count] == 1) and np.all((tree.coherence >= 0) & (tree.coherence <= 1))
+    for level, snapshot in zip(tree.levels, tree.snapshots):
+        assert len(np.unique(snapshot)) == level
+
+
+def test_merge_regions_edge_cases(rng):
+    edges, area, features, colour = random_graph(rng, 5)
+    none = ops.merge_regions(np.zeros((0, 2)), area, features, colour, [3])  # no adjacency: nothing merges
+    assert np.array_equal(none.snapshots[0], np.arange(5)) and len(none.parent) == 5
+    more = ops.merge_regions(edges, area, features, colour, [9, 5])  # cuts above the leaf count: the leaves
+    assert np.array_equal(more.snapshots, np.tile(np.arange(5), (2, 1)))
+    one = ops.merge_regions(np.zeros((0, 2)), area[:1], features[:1], colour[:1], [1])
+    assert one.snapshots.tolist() == [[0]] and one.parent.tolist() == [-1]
+    empty = ops.merge_regions(np.zeros((0, 2)), np.zeros(0), np.zeros((0, 6)), np.zeros((0, 3)), [4])
+    assert empty.snapshots.shape == (1, 0) and len(empty.parent) == 0
+    # equal distances merge the smaller ids first
+    tied = ops.merge_regions([[0, 1], [1, 2], [2, 3]], np.ones(4), np.ones((4, 2)), np.zeros((4, 3)), [3], 0.0, 0.0)
+    assert tied.snapshots[0].tolist() == [4, 4, 2, 3]
+
+
+@pytest.mark.parametrize("case, pattern", [
+    (dict(edges=[[0, 0]]), "two different leaves"),
+    (dict(edges=[[0, 9]]), "two different leaves"),
+    (dict(area=[0.0, 1.0, 1.0]), "areas must be positive"),
+    (dict(features=np.zeros((2, 4))), "one row per leaf"),
+    (dict(levels=[0]), "levels must be >= 1"),
+    (dict(features=np.full((3, 4), np.nan)), "finite"),
+])
+def test_merge_regions_bad_inputs(case, pattern):
+    args = dict(edges=[[0, 1], [1, 2]], area=np.ones(3), features=np.ones((3, 4)), colour=np.zeros((3, 3)),
+                levels=[2])
+    args.update(case)
+    with pytest.raises(InputError, match=pattern):
+        ops.merge_regions(**args)
+
+
+@pytest.mark.parametrize("groups", [(10,), (3, 5, 2), (1, 9)])
+def test_soft_mask_pool_feature_groups_match_reference(rng, groups):
+    atoms, num_atoms = random_atoms(rng, 37, 45)
+    members = random_members(rng, 9, num_atoms)
+    features = rng.standard_normal((*grid_of(37, 45, 8), 10)).astype(np.float32)
+    ours = ops.soft_mask_pool(features, atoms, members, 8, groups=groups)
+    theirs = reference.soft_mask_pool(features, atoms, members, 8, groups=groups)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    bounds = np.cumsum((0,) + groups)
+    covered = np.linalg.norm(ours, axis=1) > 0
+    for start, stop in zip(bounds[:-1], bounds[1:]):  # every layer weighs the same: equal part norms
+        part = np.linalg.norm(ours[covered, start:stop], axis=1)
+        np.testing.assert_allclose(part, 1 / np.sqrt(len(groups)), rtol=1e-4)
+
+
+def test_soft_mask_pool_groups_must_sum_to_the_width(rng):
+    atoms, num_atoms = random_atoms(rng, 8, 8)
+    with pytest.raises(InputError, match="must sum to the feature width 10"):
+        ops.soft_mask_pool(np.ones((1, 1, 10), np.float32), atoms, np.ones((1, num_atoms), bool), 8, groups=(4, 4))

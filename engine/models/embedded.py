@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import ops
 from ..config import Config
+from ..errors import InputError
 from ..regions import Proposals
 from ..registry import DEFAULT_BACKBONE
 from ..utils import check_image
@@ -109,3 +110,13 @@ def create_proposer(config: Config | None = None, **options) -> EmbeddedProposer
     options.setdefault("min_area", config.min_area)
     options.setdefault("num_threads", config.num_threads or 1)
     return EmbeddedProposer(**options)
+
+
+def resolve_proposer(proposer, config: Config | None = None):
+    """A proposer argument as the engine and the bank take it: "embedded" -> the embedded proposer; None or a
+    proposer object -> itself."""
+    if isinstance(proposer, str):
+        if proposer != "embedded":
+            raise InputError(f"unknown proposer {proposer!r}; pass 'embedded', a Proposer or None")
+        return create_proposer(config)
+    return proposer

@@ -187,7 +187,7 @@ def test_effnet_has_no_saliency(backbone_factory):
 @pytest.mark.parametrize("name", EMBEDDED)
 def test_shapes_at_native_and_odd_sizes(name, backbone_factory, voc_images):
     model = backbone_factory(name)
-    assert model.id == f"{name}+zeropad{model.stride}"
+    assert model.id == f"{name}+zeropad{model.spec.padding}"
     inputs = [voc_images[0]] + crops(voc_images, [(97, 131), (1, 1), (model.stride, 3 * model.stride + 1)])
     for image, features in zip(inputs, model.features(inputs)):
         h, w = image.shape[:2]

@@ -17,7 +17,7 @@ pytest.importorskip("efficientnet_lite_pytorch", reason="needs efficientnet-lite
 
 @pytest.fixture(scope="module")
 def trunk14():
-    return effnet.trunk(14)
+    return effnet.trunk((14,))
 
 
 def test_family_specs():
@@ -26,7 +26,10 @@ def test_family_specs():
         assert (spec.dim, spec.stride, spec.layout, spec.feature_output) == (dim, stride, "nhwc", "features")
         assert (spec.mean, spec.std) == (EFFNET_LITE_MEAN, EFFNET_LITE_STD)
         assert spec.build_onnx is not None and spec.torch_module is not None and spec.saliency_output is None
-    assert effnet.BLOCKS == {14: (120, 16), 19: (208, 32)}
+    assert effnet.BLOCKS == {14: (120, 16), 19: (208, 32), 20: (352, 32)}
+    multi = backbone_spec("effnet-lite2/multilayer")
+    assert (multi.dim, multi.stride, multi.padding, multi.groups) == (680, 16, 32, (208, 352, 120))
+    assert multi.id == "effnet-lite2/multilayer+zeropad32"
     with pytest.raises(InputError, match="unknown backbone effnet-lite2/blockx"):
         backbone_spec("effnet-lite2/blockx")
     assert effnet.weights_file().name == "efficientnet-lite2-9656183e.pth"
@@ -36,13 +39,13 @@ def test_trunk_shapes_and_block_range(trunk14):
     x = torch.zeros(1, 3, 64, 96)
     with torch.inference_mode():
         assert trunk14(x).shape == (1, 120, 4, 6)
-    with pytest.raises(ModelError, match="blocks 0..20, got 21"):
-        effnet.trunk(21)
+    with pytest.raises(ModelError, match=r"blocks 0..20, got \(21,\)"):
+        effnet.trunk((21,))
 
 
 def test_module_normalises_uint8_like_tensorflow_lite(rng, trunk14, monkeypatch):
-    monkeypatch.setattr(effnet, "trunk", lambda block: trunk14 if block == 14 else None)  # loaded once already
-    module = effnet.module(14)
+    monkeypatch.setattr(effnet, "trunk", lambda blocks: trunk14 if blocks == (14,) else None)  # loaded once already
+    module = effnet.module("block14")
     images = rng.integers(0, 256, (2, 64, 32, 3), dtype=np.uint8)
     pixels = (images.astype(np.float32) - 127.0) / 128.0  # TF-Lite's EfficientNet-Lite preprocessing
     with torch.inference_mode():
@@ -68,6 +71,17 @@ def test_static_padding_is_tensorflow_same_padding(trunk14):
         got = trunk14(x)
     assert got.shape == (1, 120, 10, 14)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_multilayer_trunk_concatenates_blocks_at_the_finest_stride():
+    multi = effnet.trunk((19, 20, 14))
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        out = multi(x)
+        parts = [effnet.trunk((b,))(x) for b in (19, 20, 14)]
+    assert out.shape == (1, 680, 4, 6)
+    repeat = lambda t: t.repeat_interleave(2, 2).repeat_interleave(2, 3)  # noqa: E731
+    torch.testing.assert_close(out, torch.cat([repeat(parts[0]), repeat(parts[1]), parts[2]], 1))
 
 
 def test_cached_export_records_its_verification():

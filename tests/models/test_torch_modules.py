@@ -49,7 +49,7 @@ def test_uint8_stage_normalises_then_runs_the_module(rng, layout):
 
 def test_export_has_dynamic_batch_height_width_and_is_verified(rng, tmp_path):
     module = with_uint8_input(patchify(), MEAN, STD)
-    facts = export_onnx(module, tmp_path / "m.onnx", stride=8, output="features")
+    facts = export_onnx(module, tmp_path / "m.onnx", multiple=8, output="features")
     assert facts["max_abs_diff"] <= facts["tolerance"] == EXPORT_TOLERANCE and facts["opset"] == 18
     runtime = OnnxRuntime(tmp_path / "m.onnx")
     assert runtime.input_names == ["images"] and runtime.output_names == ["features"]

