@@ -139,6 +139,27 @@ def bench_mask_nms_raster(height: int, width: int, count: int, num_classes: int 
     )
 
 
+def bench_merge_regions(leaves: int, dim: int, repeats: int = 5, seed: int = 0) -> BenchRow:
+    """The proposer's merging over the superpixels of a 384x512 image (a grid-like region graph)."""
+    rng = np.random.default_rng(seed)
+    labels, _ = random_partition(rng, 384, 512, leaves)
+    from engine.models.superpixels import adjacency
+
+    labels = np.unique(labels, return_inverse=True)[1].reshape(labels.shape)
+    count = int(labels.max()) + 1
+    edges, area = adjacency(labels), np.bincount(labels.ravel(), minlength=count)
+    features = rng.standard_normal((count, dim)).astype(np.float32)
+    colour = (rng.random((count, 3)) * 100).astype(np.float32)
+    levels = (count // 4, count // 8)
+    want = reference.merge_regions(edges, area, features, colour, levels)
+    got = ops.merge_regions(edges, area, features, colour, levels)
+    np.testing.assert_array_equal(got.snapshots, want.snapshots)
+    return BenchRow(op="merge_regions", size=f"n{count} D{dim} E{len(edges)}",
+                    reference_ms=median_ms(lambda: reference.merge_regions(edges, area, features, colour, levels),
+                                           repeats),
+                    compiled_ms=median_ms(lambda: ops.merge_regions(edges, area, features, colour, levels), repeats))
+
+
 def cuda_unavailable_reason() -> str | None:
     """None when torch sees a CUDA GPU, else why the --cuda rows are skipped."""
     try:
@@ -174,13 +195,15 @@ def bench_search_cuda(size: int, dim: int, queries: int, k: int = 25, repeats: i
                     extra={"agree": agree})
 
 
-# (height, width, stride, dim, count): the 384x512 image at the two backbones' strides and dimensions.
+# (height, width, stride, dim, count): the 384x512 image at the embedded backbones' strides and dimensions.
 POOL_CASES = [
     (384, 512, 32, 208, 50),
-    (384, 512, 32, 208, 200),
-    (384, 512, 14, 384, 50),
+    (384, 512, 16, 680, 100),
+    (384, 512, 16, 680, 200),
     (384, 512, 14, 384, 200),
 ]
+# (superpixels, feature dim): the embedded proposer's merging
+MERGE_CASES = [(400, 120), (800, 120)]
 # (height, width, count, num_classes)
 NMS_CASES = [
     (384, 512, 50, 3),
@@ -204,6 +227,7 @@ def run_kernel_bench(repeats: int = 5, num_threads: int = 0, quick: bool = False
         nms_cases = [c for c in nms_cases if c[2] <= 50]
     rows = [bench_soft_mask_pool(*case, repeats=repeats, num_threads=num_threads) for case in pool_cases]
     rows += [bench_mask_nms_raster(h, w, n, c, repeats=repeats, num_threads=num_threads) for h, w, n, c in nms_cases]
+    rows += [bench_merge_regions(n, d, repeats=repeats) for n, d in (MERGE_CASES[:1] if quick else MERGE_CASES)]
     return rows
 
 

@@ -6,7 +6,8 @@ vector per (image, class) plus one background vector per image → per-class out
 
 Region entries (Config.region_entries, on by default): the proposer's own regions in each bank image, each named by
 the (pseudo-)mask's majority class when at least `region_purity` of it has that class, join the class prototypes.
-Queries at inference are such regions too — parts, stuff, whole objects — so they meet bank entries of their own kind.
+Queries at inference are such regions too (parts, stuff, whole objects), so they meet bank entries of their own
+kind.
 
 Saved as a versioned directory with checksums, so a truncated or corrupt bank, or one built with another backbone, is
 refused on load.
@@ -369,16 +370,10 @@ def _class_regions(mask: np.ndarray, allowed: set, config: Config):
 def _named_regions(mask: np.ndarray, allowed: set, proposals, num_classes: int, config: Config):
     """The proposals of at least min_area pixels whose majority class (void not counted) is allowed and covers at
     least `region_purity` of them, with that class."""
-    counted = mask != IGNORE
-    histogram = np.zeros((proposals.num_atoms, num_classes), np.int64)
-    np.add.at(histogram, (proposals.atoms[counted], np.minimum(mask[counted], num_classes - 1).astype(np.int64)), 1)
-    area = proposals.areas()
-    members = proposals.members[area >= config.min_area]
-    counts = members.astype(np.int64) @ histogram
-    majority = counts.argmax(axis=1)
-    purity = counts.max(axis=1, initial=0) / np.maximum(area[area >= config.min_area], 1)
-    named = (purity >= config.region_purity) & np.isin(majority, sorted(allowed))
-    return proposals.atoms, members[named], majority[named]
+    majority, purity = proposals.majority(mask, num_classes)
+    named = ((proposals.areas() >= config.min_area) & (purity >= config.region_purity)
+             & np.isin(majority, sorted(allowed)))
+    return proposals.atoms, proposals.members[named], majority[named]
 
 
 def _digest(file: Path) -> dict:

@@ -57,3 +57,22 @@ def markdown_table(summary: dict) -> str:
         lines.append(f"| {name} | {'-' if value is None else f'{value:.1f}'} |")
     lines.append(f"| **mIoU** | **{summary['miou']:.1f}** |")
     return "\n".join(lines)
+
+
+def proposals_ceiling(proposals, truth: np.ndarray, num_classes: int, min_area: int = 300) -> np.ndarray:
+    """The label map of perfectly named proposals: each of at least `min_area` pixels named by its ground-truth
+    majority, the purest painting first (no NMS), unpainted pixels background. The best the proposals allow the
+    method's assembly: the diagnostic that splits a result's loss into proposals vs naming."""
+    from .ops import mask_nms_raster
+
+    classes, purity = proposals.majority(truth, num_classes)
+    named = (classes != 0) & (proposals.areas() >= min_area)
+    label_map = mask_nms_raster(proposals.atoms, proposals.members[named], classes[named], purity[named],
+                                iou_threshold=1.0)[1]
+    return label_map.astype(truth.dtype)
+
+
+def atoms_ceiling(proposals, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """The label map of perfectly named atoms (the embedded proposer's superpixels): each atom its ground-truth
+    majority. The best any union of these atoms allows."""
+    return proposals.atom_histogram(truth, num_classes).argmax(axis=1)[proposals.atoms].astype(truth.dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .constants import IGNORE
 from .errors import InputError
 
 
@@ -120,6 +121,24 @@ class Proposals:
     def areas(self) -> np.ndarray:
         """(N,) int64 pixels of each proposal."""
         return self.members.astype(np.int64) @ self.atom_areas()
+
+    def atom_histogram(self, label_map: np.ndarray, num_classes: int) -> np.ndarray:
+        """(A, num_classes) int64: the pixels of each class of an (H, W) class map in each atom (void not counted;
+        ids at or above num_classes count as the last class)."""
+        label_map = np.asarray(label_map)
+        if label_map.shape != self.shape:
+            raise InputError(f"label map of shape {label_map.shape} for proposals of an image of {self.shape}")
+        counted = label_map != IGNORE
+        histogram = np.zeros((self.num_atoms, num_classes), np.int64)
+        classes = np.minimum(label_map[counted], num_classes - 1).astype(np.int64)
+        np.add.at(histogram, (self.atoms[counted], classes), 1)
+        return histogram
+
+    def majority(self, label_map: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each proposal's majority class in an (H, W) class map (void not counted) and its purity: the fraction of
+        the proposal's pixels that class covers."""
+        counts = self.members.astype(np.int64) @ self.atom_histogram(label_map, num_classes)
+        return counts.argmax(axis=1), counts.max(axis=1, initial=0) / np.maximum(self.areas(), 1)
 
     @property
     def masks(self) -> np.ndarray:

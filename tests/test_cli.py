@@ -25,7 +25,7 @@ def test_build_bank_eval_segment(small_voc, tmp_path, capsys):
     assert main(["build-bank", "--data", str(small_voc), "--split", "train", "--masks", "gt", "--out", str(bank),
                  "--top-k", "1"]) == 0
     manifest = json.loads((bank / "manifest.json").read_text())
-    assert manifest["backbone"]["id"].startswith("effnet-lite2/block19") and manifest["config"]["top_k"] == 1
+    assert manifest["backbone"]["id"].startswith("effnet-lite2/multilayer") and manifest["config"]["top_k"] == 1
     assert main(["build-bank", "--data", str(small_voc), "--out", str(bank)]) == 2
     assert "exists" in capsys.readouterr().err
 

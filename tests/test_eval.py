@@ -38,3 +38,21 @@ def test_shape_mismatch_and_out_of_range():
         cm.update(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8))
     with pytest.raises(InputError):
         cm.update(np.full((2, 2), 5, np.uint8), np.zeros((2, 2), np.uint8))
+
+
+def test_ceilings_name_proposals_and_atoms_by_the_ground_truth():
+    from engine.eval import atoms_ceiling, proposals_ceiling
+    from engine.regions import Proposals
+
+    truth = np.zeros((20, 20), np.uint8)
+    truth[2:12, 2:12] = 1
+    truth[14:18, 14:18] = 2
+    exact = np.zeros((3, 20, 20), bool)
+    exact[0, 2:12, 2:12] = True  # the object exactly
+    exact[1, 0:14, 0:14] = True  # the object and background around it: majority 1, less pure
+    exact[2, 14:18, 14:18] = True  # 16 pixels: under min_area 20, never painted
+    proposals = Proposals.from_masks(exact, np.ones(3))
+    label_map = proposals_ceiling(proposals, truth, 3, min_area=20)
+    np.testing.assert_array_equal(label_map[2:12, 2:12], 1)  # the purest one painted first
+    assert (label_map[truth == 2] == 0).all()
+    np.testing.assert_array_equal(atoms_ceiling(proposals, truth, 3), truth)  # atoms are exact here

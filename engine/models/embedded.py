@@ -74,7 +74,8 @@ class EmbeddedProposer(Proposer):
             stride, groups = self.backbone.stride, self.backbone.groups
         return [self.propose_one(image, feature_map, stride, groups) for image, feature_map in zip(images, features)]
 
-    def propose_one(self, image: np.ndarray, features: np.ndarray, stride: int, groups: Sequence[int] = ()) -> Proposals:
+    def propose_one(self, image: np.ndarray, features: np.ndarray, stride: int,
+                    groups: Sequence[int] = ()) -> Proposals:
         """Proposals of one image from its feature map."""
         labels, edges, colour = superpixel_graph(image, self.n_superpixels, self.superpixel_scale)
         count = int(labels.max()) + 1

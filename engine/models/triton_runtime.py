@@ -253,53 +253,6 @@ class TritonRuntime(Runtime):
         shapes = {name: tuple(a.shape) for name, a in arrays.items()}
         return self._retrying(f"inference of {self.model_name} on {shapes}", call)
 
-    def _infer_async(self, chunks: list[dict[str, np.ndarray]], outputs: Sequence[str]) -> list:
-        """Send every chunk at once (the client bounds what is in flight); a chunk that fails goes through the
-        retrying synchronous path."""
-        results: list = [None] * len(chunks)
-        if self.protocol == "http":
-            handles = []
-            for chunk in chunks:
-                infer_inputs, infer_outputs = self._request(chunk, outputs)
-                try:
-                    handles.append(self.client.async_infer(self.model_name, infer_inputs,
-                                                           model_version=self.model_version, outputs=infer_outputs))
-                except Exception:  # noqa: BLE001 - retried synchronously below
-                    handles.append(None)
-            for index, handle in enumerate(handles):
-                try:
-                    if handle is not None:
-                        result = handle.get_result(timeout=self.timeout)
-                        results[index] = {name: result.as_numpy(name) for name in outputs}
-                except Exception:  # noqa: BLE001
-                    results[index] = None
-        else:
-            done = threading.Semaphore(0)
-            answers: list = [None] * len(chunks)
-            sent = 0
-            for index, chunk in enumerate(chunks):
-                infer_inputs, infer_outputs = self._request(chunk, outputs)
-
-                def callback(result, error, index=index):
-                    answers[index] = None if error is not None else {n: result.as_numpy(n) for n in outputs}
-                    done.release()
-
-                try:
-                    self.client.async_infer(self.model_name, infer_inputs, callback, model_version=self.model_version,
-                                            outputs=infer_outputs, client_timeout=self.timeout)
-                    sent += 1
-                except Exception:  # noqa: BLE001
-                    pass
-            deadline = time.monotonic() + self.timeout * max(1, len(chunks))
-            for _ in range(sent):
-                if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                    break
-            results = list(answers)
-        for index, chunk in enumerate(chunks):
-            if results[index] is None:
-                results[index] = self._infer_sync(chunk, outputs)
-        return results
-
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         requested = self._check_request(inputs, outputs)
         arrays = self._check_inputs(inputs)
@@ -314,7 +267,7 @@ class TritonRuntime(Runtime):
         else:
             results = []
             for first in range(0, len(chunks), self.concurrency):
-                results += self._infer_async(chunks[first:first + self.concurrency], requested)
+                results += _infer_concurrently(self, chunks[first:first + self.concurrency], requested)
         merged = {name: np.concatenate([r[name] for r in results]) for name in requested}
         for name, array in merged.items():
             if array.shape[0] != batch:
@@ -331,3 +284,53 @@ class TritonRuntime(Runtime):
             self.client.close()
         except Exception:  # noqa: BLE001 - closing a dead connection
             pass
+
+
+def _infer_concurrently(runtime: "TritonRuntime", chunks: list[dict[str, np.ndarray]],
+                        outputs: Sequence[str]) -> list:
+    """Send every chunk at once (the client bounds what is in flight); a chunk that fails goes through the
+    retrying synchronous path."""
+    results: list = [None] * len(chunks)
+    if runtime.protocol == "http":
+        handles = []
+        for chunk in chunks:
+            infer_inputs, infer_outputs = runtime._request(chunk, outputs)
+            try:
+                handles.append(runtime.client.async_infer(runtime.model_name, infer_inputs,
+                                                          model_version=runtime.model_version,
+                                                          outputs=infer_outputs))
+            except Exception:  # noqa: BLE001 - retried synchronously below
+                handles.append(None)
+        for index, handle in enumerate(handles):
+            try:
+                if handle is not None:
+                    result = handle.get_result(timeout=runtime.timeout)
+                    results[index] = {name: result.as_numpy(name) for name in outputs}
+            except Exception:  # noqa: BLE001
+                results[index] = None
+    else:
+        done = threading.Semaphore(0)
+        answers: list = [None] * len(chunks)
+        sent = 0
+        for index, chunk in enumerate(chunks):
+            infer_inputs, infer_outputs = runtime._request(chunk, outputs)
+
+            def callback(result, error, index=index):
+                answers[index] = None if error is not None else {n: result.as_numpy(n) for n in outputs}
+                done.release()
+
+            try:
+                runtime.client.async_infer(runtime.model_name, infer_inputs, callback, model_version=runtime.model_version,
+                                        outputs=infer_outputs, client_timeout=runtime.timeout)
+                sent += 1
+            except Exception:  # noqa: BLE001
+                pass
+        deadline = time.monotonic() + runtime.timeout * max(1, len(chunks))
+        for _ in range(sent):
+            if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break
+        results = list(answers)
+    for index, chunk in enumerate(chunks):
+        if results[index] is None:
+            results[index] = runtime._infer_sync(chunk, outputs)
+    return results

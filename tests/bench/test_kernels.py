@@ -9,8 +9,8 @@ def test_kernel_bench_quick_run(repo_root, tmp_path):
     run = subprocess.run([sys.executable, str(repo_root / "bench" / "kernels.py"), "--quick", "--repeats", "1",
                           "--threads", "1", "--cuda"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    rows = [line for line in run.stdout.splitlines() if line.startswith("| soft_mask_pool")
-            or line.startswith("| mask_nms_raster")]
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("| soft_mask_pool", "| mask_nms_raster",
+                                                                         "| merge_regions"))]
     assert len(rows) == 3 and all(line.rstrip().endswith("x |") for line in rows)
     try:
         import torch

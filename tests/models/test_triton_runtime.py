@@ -95,7 +95,7 @@ def test_large_batches_are_split_and_sent_concurrently(triton_server, protocol, 
     images = rng.integers(0, 256, (19, 64, 96, 3), dtype=np.uint8)  # 8 + 8 + 3
     got = runtime.run({"images": images})["features"]
     want = OnnxRuntime(model_path(DEFAULT_BACKBONE), num_threads=2).run({"images": images})["features"]
-    assert got.shape == (19, 2, 3, 208) and float(np.abs(got - want).max()) <= 1e-5
+    assert got.shape == (19, 4, 6, 680) and float(np.abs(got - want).max()) <= 1e-5
     one_request = TritonRuntime(url(triton_server, protocol), backbone=DEFAULT_BACKBONE, protocol=protocol,
                                 concurrency=1, max_batch_size=4)
     np.testing.assert_allclose(one_request.run({"images": images})["features"], got, atol=1e-6)
@@ -120,7 +120,7 @@ def test_served_errors_are_clear(triton_server, protocol, sleeps):
     assert sleeps == []  # a refused request is not a transient failure: no retry
     runtime.close()
     # in the repository but not loaded: says so and lists the server's models
-    with pytest.raises(ModelError, match=r"not ready.*effnet-lite2_block19_python READY"):
+    with pytest.raises(ModelError, match=r"not ready.*effnet-lite2_multilayer_python READY"):
         TritonRuntime(url(triton_server, protocol), model_name=triton_model_name(DEFAULT_BACKBONE, "onnx"),
                       protocol=protocol, retries=1, backoff=0.05)
     assert sleeps == [0.05]  # "not ready" is transient: retried once
