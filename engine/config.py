@@ -70,7 +70,7 @@ class Config:
     smfa_eps: float = 1e-8
     min_vector_norm: float = 1e-6
     region_entries: bool = True
-    region_purity: float = 0.7
+    region_purity: float = 0.5
 
     objectness_threshold: float = 0.6
     nms_iou_threshold: float = 0.4

@@ -1,5 +1,5 @@
-"""Every GPU parity test, in one module (on a GPU machine: `cd tests && python -m pytest test_gpu.py`; everything
-here skips without a CUDA device):
+"""Every GPU parity test, in one module (on a GPU machine: `bash scripts/gpu_check.sh OUT`, or
+`cd tests && python -m pytest test_gpu.py`; everything here skips without a CUDA device):
 
 - the backbone's torch module on CUDA against the same module on the CPU;
 - TorchIndex with the bank on CUDA against ExactIndex (NumPy) and FaissIndex (Flat; skipped where faiss is missing,
@@ -61,7 +61,7 @@ def assert_same(a, b):
 # ------------------------------------------------------------------------------------------------------ backbone
 
 
-@pytest.mark.parametrize("name", ["effnet-lite2/block19", "effnet-lite2/block14"])
+@pytest.mark.parametrize("name", ["effnet-lite2/multilayer", "effnet-lite2/block19", "effnet-lite2/block14"])
 def test_backbone_torch_cuda_matches_cpu(torch, effnet_weights, name, voc_images):
     from engine.models import create_backbone
 

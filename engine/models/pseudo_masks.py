@@ -43,9 +43,11 @@ class EmbeddedPseudoMasker:
     1. Foreground seeds from saliency: superpixels with mean saliency >= fg_threshold; background seeds <=
        bg_threshold.
     2. Class prototypes shared across images: each class starts as the mean foreground feature of the images naming
-       it (weighted by 1 / number of labels); then, `iterations` times, every foreground seed takes the most similar
+       it (weighted by 1 / number of labels); then, `iterations` times, every foreground seed takes the best-scoring
        of *its image's* classes and each prototype is re-estimated from the seeds assigned to it (single-label images
-       anchor their class).
+       anchor their class). A class's score is its similarity minus `contrast` times its mean similarity over the
+       image's foreground, so a class whose prototype is generic (one never seen alone, such as person in a small
+       bank) still wins the superpixels where it is relatively strongest.
     3. Every superpixel is then decided by z = (best similarity to one of its image's class prototypes) - (best
        similarity to a background model: the image's own background seeds and `bg_clusters` k-means centres of all
        background seeds) + saliency_bias * (saliency - 0.5): foreground (that class) if z > band, background if
@@ -61,9 +63,10 @@ class EmbeddedPseudoMasker:
 
     name = "embedded"
 
-    def __init__(self, backbone=None, focus=None, n_superpixels: int = 400, saliency_side: int = 224,
+    def __init__(self, backbone=None, focus=None, n_superpixels: int = 400, saliency_side: int = 448,
                  fg_threshold: float = 0.5, bg_threshold: float = 0.3, iterations: int = 5, bg_clusters: int = 8,
-                 saliency_bias: float = 1.0, band: float = 0.05, refinements: int = 2, num_threads: int = 0) -> None:
+                 saliency_bias: float = 1.0, band: float = 0.05, refinements: int = 2, contrast: float = 0.5,
+                 num_threads: int = 0) -> None:
         self._backbone = backbone
         self._focus = focus
         self.n_superpixels = int(n_superpixels)
@@ -75,6 +78,7 @@ class EmbeddedPseudoMasker:
         self.saliency_bias = float(saliency_bias)
         self.band = float(band)
         self.refinements = int(refinements)
+        self.contrast = float(contrast)
         self.num_threads = int(num_threads)
 
     @property
@@ -120,16 +124,25 @@ class EmbeddedPseudoMasker:
             return leaf_label
         own = np.stack([protos[c] for c in r.classes])
         similarity = r.features @ own.T
-        best_class = np.asarray(r.classes, np.uint8)[np.argmax(similarity, axis=1)]
+        best = np.argmax(self._class_scores(r, similarity), axis=1)
+        best_class = np.asarray(r.classes, np.uint8)[best]
         sim_bg = np.full(len(r.area), -1.0)
         if background.any():
             sim_bg = r.features @ _unit_vector((r.features[background] * r.area[background, None]).sum(0))
         if len(centres):
             sim_bg = np.maximum(sim_bg, (r.features @ centres.T).max(axis=1))
-        z = similarity.max(axis=1) - sim_bg + self.saliency_bias * (r.saliency - 0.5)
+        z = similarity[np.arange(len(best)), best] - sim_bg + self.saliency_bias * (r.saliency - 0.5)
         leaf_label[z > self.band] = best_class[z > self.band]
         leaf_label[np.abs(z) <= self.band] = 255
         return leaf_label
+
+    def _class_scores(self, r: ImageRegions, similarity: np.ndarray) -> np.ndarray:
+        """Per-superpixel scores of the image's classes: similarity minus `contrast` x the class's mean similarity
+        over the image's foreground seeds."""
+        foreground = r.saliency >= self.fg_threshold
+        if not foreground.any():
+            return similarity
+        return similarity - self.contrast * similarity[foreground].mean(axis=0)
 
     def paint(self, image: np.ndarray, leaf_labels: np.ndarray) -> np.ndarray:
         """The HxW pseudo-mask of an image from its per-superpixel labels (superpixels are recomputed: they are
@@ -155,15 +168,13 @@ class EmbeddedPseudoMasker:
             for c in r.classes:
                 protos[c] += mean / len(r.classes)
         protos = {c: _unit_vector(v) for c, v in protos.items()}
-        assignment = [np.zeros(len(r.area), np.int64) for r in regions]
         for _ in range(max(self.iterations, 1)):
             sums = {c: np.zeros(dim, np.float64) for c in classes}
-            for k, (r, f) in enumerate(zip(regions, fg)):
+            for r, f in zip(regions, fg):
                 if not r.classes:
                     continue
                 own = np.stack([protos[c] for c in r.classes])
-                best = np.argmax(r.features @ own.T, axis=1)
-                assignment[k] = np.asarray(r.classes)[best]
+                best = np.argmax(self._class_scores(r, r.features @ own.T), axis=1)
                 for j, c in enumerate(r.classes):
                     chosen = f & (best == j)
                     sums[c] += (r.features[chosen] * r.area[chosen, None]).sum(0)
