@@ -26,9 +26,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field (--top-k, --vote, ...); unset flags keep the bank's or the default value."""
     group = parser.add_argument_group("method knobs (see engine.Config)")
     for f in dataclasses.fields(Config):
-        kind = type(f.default)
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"config_{f.name}", type=kind, default=None,
-                           metavar=kind.__name__.upper(), help=f"default {f.default}")
+        kind, flag = type(f.default), f"--{f.name.replace('_', '-')}"
+        if kind is bool:  # --region-entries / --no-region-entries
+            group.add_argument(flag, dest=f"config_{f.name}", action=argparse.BooleanOptionalAction, default=None,
+                               help=f"default {f.default}")
+            continue
+        group.add_argument(flag, dest=f"config_{f.name}", type=kind, default=None, metavar=kind.__name__.upper(),
+                           help=f"default {f.default}")
 
 
 def _config(args, base: Config | None = None) -> Config:

@@ -121,3 +121,15 @@ def test_serve_prints_urls_and_stops_the_server_on_sigterm(triton_launcher, repo
                 os.kill(server_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_boolean_config_flags_parse_both_ways():
+    from engine.cli import _config, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--no-region-entries"])
+    assert _config(args).region_entries is False
+    args = parser.parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--region-entries"])
+    assert _config(args).region_entries is True
+    args = parser.parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--region-purity", "0.7"])
+    assert _config(args).region_purity == 0.7 and _config(args).region_entries is True
