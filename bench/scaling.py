@@ -26,7 +26,7 @@ if __package__ in (None, ""):
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after site-packages: an installed engine (with its compiled _C) wins
 
 from engine import Config  # noqa: E402
-from engine.bank import make_index  # noqa: E402
+from engine.search import make_faiss_index as make_index  # noqa: E402
 
 
 def synthetic_bank(count: int, dim: int, centres: int, seed: int = 0) -> np.ndarray:
@@ -52,7 +52,7 @@ def search_scaling(args) -> dict:
     import faiss
     import torch
 
-    from engine.retrieval import topk_inner_product
+    from engine.search import topk_inner_product
 
     t = time.perf_counter()
     vectors = synthetic_bank(args.vectors, args.dim, args.centres)
@@ -112,13 +112,17 @@ def stream_memory(args) -> dict:
     from engine.models import create_backbone, ground_truth_proposals
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from throughput import DEFAULT_IMAGES, build_bank, image_paths, mask_path, rss_mb
+    from throughput import DEFAULT_DATA, build_bank, image_paths, rss_mb
 
     config = Config(batch_size=4)
-    backbone = create_backbone("effnet-lite2/block19", batch_size=4)
+    backbone = create_backbone(batch_size=4)
     bank = build_bank(backbone, config, 12)
     engine = Engine(bank, backbone=backbone, config=config)
-    paths = [p for p in image_paths(DEFAULT_IMAGES, None) if mask_path(p).is_file()]
+
+    def mask_path(image: Path) -> Path:
+        return image.parent.parent / "SegmentationClass" / f"{image.stem}.png"
+
+    paths = [p for p in image_paths(DEFAULT_DATA / "JPEGImages", None) if mask_path(p).is_file()]
 
     def items():
         for path in itertools.islice(itertools.cycle(paths), args.stream):

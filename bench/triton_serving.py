@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.registry import DEFAULT_BACKBONE
+
 
 def _rate(call, count: int, min_seconds: float = 3.0) -> float:
     """count / seconds per call, repeating call() for at least min_seconds after one warm-up."""
@@ -34,7 +36,7 @@ def _rate(call, count: int, min_seconds: float = 3.0) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="/work/shared/data/voc2012-mini")
-    parser.add_argument("--backbone", default="effnet-lite2/block19")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--images", type=int, default=24, help="val images timed for images/sec")
     parser.add_argument("--bank-images", type=int, default=12, help="train images in the ground-truth bank")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads, in-process and in the server")
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
     config = bank.config.replace(top_k=1)
     proposals = [ground_truth_proposals(s.mask) for s in samples]
     one = local.preprocess([images[0]])  # one padded image (the first val image)
-    small = np.zeros((1, 3, 64, 64), np.float32)
+    small = np.zeros((1, 64, 64, 3), np.uint8)
 
     report = {"backbone": args.backbone, "images": len(images), "threads": args.threads,
               "request_shape": list(one.shape), "rows": []}
