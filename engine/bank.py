@@ -219,12 +219,17 @@ class FeatureBank:
     # -------------------------------------------------------------------------------------------------- persistence
 
     def save(self, path, overwrite: bool = False) -> Path:
-        """Write the bank directory atomically (a temporary sibling, then rename): a crash never leaves half a bank."""
+        """Write the bank directory atomically: written to a temporary sibling, then renamed into place. With
+        `overwrite`, an existing bank (a directory holding a bank manifest, and nothing else) is replaced: the old
+        one is renamed aside, the new one renamed in, then the old one deleted, so a crash at any point leaves a
+        whole bank at `path` or beside it, never half of one. Anything else at `path` is refused, never deleted."""
         import faiss
 
         path = Path(path)
         if path.exists() and not overwrite:
-            raise BankError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+            raise BankError(f"{path} exists; pass overwrite=True (--overwrite) to replace the bank there")
+        if path.exists():
+            _check_replaceable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
@@ -248,12 +253,16 @@ class FeatureBank:
                           for name in ("vectors.npy", "labels.npy", "kinds.npy", "sources.json", "index.faiss")},
             }
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            old = None
             if path.exists():
-                shutil.rmtree(path)
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+                os.replace(path, old / path.name)
             os.replace(staging, path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return path
 
     @classmethod
@@ -374,6 +383,24 @@ def _named_regions(mask: np.ndarray, allowed: set, proposals, num_classes: int, 
     named = ((proposals.areas() >= config.min_area) & (purity >= config.region_purity)
              & np.isin(majority, sorted(allowed)))
     return proposals.atoms, proposals.members[named], majority[named]
+
+
+#: what a bank directory holds: anything else there means it is not (only) a bank, and it is never deleted
+BANK_FILES = {"manifest.json", "vectors.npy", "labels.npy", "kinds.npy", "sources.json", "index.faiss"}
+
+
+def _check_replaceable(path: Path) -> None:
+    """BankError unless `path` is a bank directory (its manifest says so) holding only a bank's files."""
+    if not path.is_dir():
+        raise BankError(f"{path} exists and is not a bank directory: refusing to replace it")
+    try:
+        format_ = json.loads((path / "manifest.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        format_ = None
+    others = sorted(p.name for p in path.iterdir() if p.name not in BANK_FILES)
+    if format_ != FORMAT or others:
+        what = f"holds {others[:5]}" if others else "has no bank manifest"
+        raise BankError(f"{path} is not a feature bank ({what}): refusing to replace it; choose another --out")
 
 
 def _digest(file: Path) -> dict:

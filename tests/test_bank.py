@@ -251,3 +251,24 @@ def test_bank_checks_its_arrays(CLASSES):
     recorded = FeatureBank(vectors, [0, 1, 2, 3], CLASSES, {"id": "dinov2/final@tiny+zeropad14", "dim": 4,
                                                             "model": "dinov2/final", "weights": "/models/tiny"})
     assert recorded.backbone_name == "dinov2/final"
+
+
+def test_overwrite_replaces_only_a_bank_directory(saved_bank, tmp_path):
+    bank, path = saved_bank
+    bank.save(path, overwrite=True)  # a bank: replaced
+    assert FeatureBank.load(path).sources == bank.sources
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # nothing left aside
+    precious = tmp_path / "work"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(BankError, match="not a feature bank.*refusing"):
+        bank.save(precious, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    (path / "extra.txt").write_text("mine")  # a bank with someone's file in it is not replaced either
+    with pytest.raises(BankError, match=r"holds \['extra.txt'\]"):
+        bank.save(path, overwrite=True)
+    assert (path / "extra.txt").exists() and (path / "manifest.json").exists()
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    with pytest.raises(BankError, match="not a bank directory"):
+        bank.save(file, overwrite=True)

@@ -37,11 +37,21 @@ def _voc_palette() -> list[int]:
 VOC_PALETTE = _voc_palette()
 
 
+#: PIL modes holding 8 bits a channel (or a palette of 8-bit colours): converted to RGB exactly
+EIGHT_BIT_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
 def load_image(path) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB (grayscale and RGBA files are converted)."""
+    """Read an image file as HxWx3 uint8 RGB (8-bit grayscale, palette and RGBA files are converted). Images of more
+    than 8 bits a channel (16-bit PNG, float TIFF) are refused rather than silently saturated or blacked out."""
     try:
         with Image.open(path) as image:
+            if image.mode not in EIGHT_BIT_MODES:
+                raise InputError(f"image {path}: mode {image.mode!r} is not 8 bits a channel; convert it to 8-bit RGB "
+                                 "(the engine would otherwise have to guess its range)")
             return np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as error:
+        raise InputError(f"image {path} is too large to decode safely: {error}") from error
     except (OSError, ValueError) as error:
         raise InputError(f"cannot read image {path}: {error}") from error
 
@@ -62,6 +72,21 @@ def save_label_map(label_map: np.ndarray, path) -> None:
     image = Image.fromarray(np.asarray(label_map, dtype=np.uint8), mode="P")
     image.putpalette(VOC_PALETTE)
     image.save(path)
+
+
+def read_class_names(path) -> tuple[str, ...]:
+    """Class names, one a line, line i = class i. A blank line inside the list or a repeated name is an error (either
+    would silently shift or merge class ids); trailing blank lines are allowed."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    blank = [i + 1 for i, name in enumerate(lines) if not name]
+    if blank:
+        raise InputError(f"{path}: blank line(s) {blank} inside the class list (line i names class i)")
+    repeated = sorted({name for name in lines if lines.count(name) > 1})
+    if repeated or not lines:
+        raise InputError(f"{path}: class names must be unique and at least one, repeated: {repeated}")
+    return tuple(lines)
 
 
 @dataclass
@@ -87,10 +112,7 @@ class VOCDataset:
             raise InputError(f"dataset {self.root}: no split file {split_file}")
         self.ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
         names_file = self.root / "class_names.txt"
-        if names_file.is_file():
-            self.class_names = tuple(n.strip() for n in names_file.read_text().splitlines() if n.strip())
-        else:
-            self.class_names = VOC_CLASSES
+        self.class_names = read_class_names(names_file) if names_file.is_file() else VOC_CLASSES
         self._class_index = {name: i for i, name in enumerate(self.class_names)}
         labels_file = self.root / "image_labels.json"
         self._weak_labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None

@@ -47,3 +47,35 @@ def test_label_maps_round_trip_as_palette_pngs(tmp_path, rng):
     np.testing.assert_array_equal(load_label_map(tmp_path / "x.png"), label)
     Image.fromarray(np.zeros((5, 6, 3), np.uint8)).save(tmp_path / "rgb.png")
     assert load_image(tmp_path / "rgb.png").shape == (5, 6, 3)
+
+
+def test_images_of_more_than_8_bits_are_refused(tmp_path):
+    from PIL import Image
+
+    from engine.data import load_image
+
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(deep)
+    with pytest.raises(InputError, match="not 8 bits a channel"):
+        load_image(deep)
+    floats = tmp_path / "float.tiff"
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(floats)
+    with pytest.raises(InputError, match="not 8 bits a channel"):
+        load_image(floats)
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(grey)
+    assert load_image(grey).shape == (8, 8, 3) and load_image(grey).max() == 7
+
+
+def test_class_names_file_is_strict(tmp_path):
+    from engine.data.voc import read_class_names
+
+    path = tmp_path / "class_names.txt"
+    path.write_text("background\ncat\ndog\n\n")
+    assert read_class_names(path) == ("background", "cat", "dog")
+    path.write_text("background\n\ncat\n")
+    with pytest.raises(InputError, match=r"blank line\(s\) \[2\]"):
+        read_class_names(path)
+    path.write_text("background\ncat\ncat\n")
+    with pytest.raises(InputError, match="repeated: \\['cat'\\]"):
+        read_class_names(path)
