@@ -4,10 +4,14 @@
 similarities and int64 bank rows out, best first, k' = min(k, bank size) — and `neighbour_labels(rows)` maps rows to
 class ids. Which device searches is a property of the index (as in faiss's torch layer), not a branch in the caller:
 
-- `FaissIndex`: FAISS on the CPU, any index factory string (`Config.index`: "Flat" exact, "IVF4096,Flat" ...);
+- `FlatIndex`: exact search on the CPU: one BLAS matrix product per batch of queries and a partial selection (for
+  `Config.index == "Flat"`, the default: on a 2-core CPU it is 3 to 6 times faster than FAISS's flat index on the
+  engine's 680-d banks, docs/decisions.md);
+- `FaissIndex`: FAISS on the CPU for the approximate index factory strings (`Config.index`: "IVF4096,Flat" ...) that
+  large banks need;
 - `TorchIndex`: the bank resident on a torch device (a GPU), exact top-K by matrix product (faiss-gpu when the
   installed faiss has it);
-- `ExactIndex`: a brute-force NumPy scan, the reference the others are tested and timed against.
+- `ExactIndex`: a brute-force NumPy scan sorting every score, the plain reference the others are tested against.
 
 Exact ties: the NumPy and torch scans keep the lowest bank rows first, so their results depend neither on chunking
 nor on threading; FAISS's flat heaps order exactly tied similarities by insertion, otherwise the results agree.
@@ -22,7 +26,7 @@ import numpy as np
 from .config import Config
 from .errors import InputError
 
-BACKENDS = ("faiss", "torch", "exact")
+BACKENDS = ("faiss", "torch", "exact")  # "faiss": FlatIndex for "Flat", FAISS for any other factory string
 #: below this many multiply-adds (queries x bank x dim) a FAISS search runs on one thread unless told otherwise
 SMALL_SEARCH = 1 << 27
 
@@ -106,6 +110,55 @@ class ExactIndex(SearchIndex):
         return np.take_along_axis(scores, rows, axis=1), rows
 
 
+class FlatIndex(ExactIndex):
+    """Exact inner-product search by one BLAS product per query batch, then the top k of each row by a partial
+    selection: the same rows and order as ExactIndex (equal scores: lowest row first), without sorting every score.
+    `chunk_rows` bank rows are scored at a time, so the (Q, chunk) score block stays small for big banks."""
+
+    backend = "numpy-flat (BLAS)"
+
+    def __init__(self, vectors, labels, num_classes: int, chunk_rows: int = 1 << 16) -> None:
+        super().__init__(vectors, labels, num_classes)
+        if chunk_rows < 1:
+            raise InputError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        self.chunk_rows = int(chunk_rows)
+
+    def _search(self, queries, k):
+        best_scores = best_rows = None
+        for start in range(0, self.size, self.chunk_rows):
+            scores = queries @ self.vectors[start:start + self.chunk_rows].T
+            block_scores, block_rows = _top_k(scores, min(k, scores.shape[1]))
+            block_rows += start
+            if best_scores is not None:
+                merged = np.concatenate([best_scores, block_scores], 1), np.concatenate([best_rows, block_rows], 1)
+                best_scores, best_rows = _top_k_of(*merged, min(k, merged[0].shape[1]))
+            else:
+                best_scores, best_rows = block_scores, block_rows
+        return best_scores, best_rows
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best columns of each row of a score block, best first, equal scores lowest column first: everything
+    above each row's k-th value, plus the lowest columns equal to it."""
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]
+    rows, columns = np.nonzero(scores >= kth)
+    return _top_k_of(scores[rows, columns], columns, k, rows, len(scores))
+
+
+def _top_k_of(values: np.ndarray, columns: np.ndarray, k: int, rows: np.ndarray | None = None,
+              count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (value desc, column asc) of each row's candidates, given as (Q, n) arrays or as flat
+    (value, column, row) triples for `count` rows with at least k candidates each."""
+    if rows is None:
+        count, width = values.shape
+        rows = np.repeat(np.arange(count), width)
+        values, columns = values.ravel(), columns.ravel()
+    order = np.lexsort((columns, -values, rows))
+    starts = np.searchsorted(rows[order], np.arange(count))
+    take = order[starts[:, None] + np.arange(k)]
+    return values[take].astype(np.float32), columns[take].astype(np.int64)
+
+
 class TorchIndex(SearchIndex):
     """The bank resident on a torch device: exact top-K by chunked matrix products (`chunk_rows` bank rows at a time,
     so the (Q, chunk) score block stays small for big banks), or faiss-gpu's flat index when the installed faiss has
@@ -142,6 +195,8 @@ class TorchIndex(SearchIndex):
 def create_index(bank, config: Config, backend: str = "faiss", device: str = "cuda",
                  num_threads: int = 0) -> SearchIndex:
     """The search index over `bank` for a backend of BACKENDS ("torch" on `device`)."""
+    if backend == "faiss" and config.index == "Flat":
+        return FlatIndex(bank.vectors, bank.labels, len(bank.class_names))
     if backend == "faiss":
         # the bank's own index serves when it was made with the same index knobs; other knobs get their own index
         same = (config.index, config.nprobe) == (bank.config.index, bank.config.nprobe)

@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import Config
 from engine.errors import InputError
-from engine.search import BACKENDS, ExactIndex, FaissIndex, TorchIndex, create_index, make_faiss_index
+from engine.search import BACKENDS, ExactIndex, FaissIndex, FlatIndex, TorchIndex, create_index, make_faiss_index
 
 torch = pytest.importorskip("torch")
 
@@ -54,6 +54,18 @@ def test_exact_index_is_the_definition(rng, k):
     assert sims.dtype == np.float32 and rows.dtype == np.int64 and sims.shape == (len(queries), min(k, len(vectors)))
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_array_equal(sims, want_sims.astype(np.float32))
+
+
+@pytest.mark.parametrize("chunk_rows,k", [(1, 30), (5, 1), (5, 120), (13, 5), (13, 500), (1 << 16, 1),
+                                          (1 << 16, 30), (1 << 16, 500)])
+def test_flat_index_equals_exact_with_ties(rng, chunk_rows, k):
+    vectors, queries, labels = integer_bank(rng)
+    index = FlatIndex(vectors, labels, 4, chunk_rows=chunk_rows)
+    got, want = index.search(queries, k), ExactIndex(vectors, labels, 4).search(queries, k)
+    assert k == 1 or (want[0][:, 1:] == want[0][:, :-1]).any()  # the data has exact ties
+    np.testing.assert_array_equal(got[1], want[1])  # ties: lowest rows first, whatever the chunking
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[0].dtype == np.float32 and got[1].dtype == np.int64
 
 
 @pytest.mark.parametrize("chunk_rows,k", [(1, 30), (5, 1), (5, 120), (13, 5), (13, 500), (1 << 18, 1),
@@ -130,8 +142,11 @@ def test_neighbour_labels_and_class_counts():
 def test_create_index_backends(toy_bank):
     pytest.importorskip("faiss")
     config = toy_bank.config
-    faiss_index = create_index(toy_bank, config, "faiss")
-    assert isinstance(faiss_index, FaissIndex) and faiss_index.index is toy_bank.index  # the bank's own index
+    assert isinstance(create_index(toy_bank, config, "faiss"), FlatIndex)  # "Flat": the BLAS scan, not FAISS's
+    ivf = config.replace(index="IVF2,Flat", nprobe=2)
+    faiss_index = create_index(toy_bank, ivf, "faiss")  # knobs other than the bank's: an index of its own
+    assert isinstance(faiss_index, FaissIndex) and "IVF2,Flat" in faiss_index.describe()
+    assert faiss_index.index is not toy_bank.index and faiss_index.index.nprobe == 2
     assert isinstance(create_index(toy_bank, config, "exact"), ExactIndex)
     torch_index = create_index(toy_bank, config, "torch", device="cpu")
     assert isinstance(torch_index, TorchIndex) and torch_index.device.type == "cpu"
