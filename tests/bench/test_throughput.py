@@ -19,8 +19,11 @@ def test_throughput_benchmark_tiny_run_writes_json(repo_root, voc_root, tmp_path
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["images_per_sec"] > 0 and report["reference_images_per_sec"] > 0
+    assert report["backbone_only_images_per_sec"] > 0 and report["proposer_to_backbone"] > 0
+    assert report["end_to_end_fraction_of_backbone"] == pytest.approx(
+        report["images_per_sec"] / report["backbone_only_images_per_sec"])
     stages = {"decode", "proposer", "filter", "backbone", "smfa", "search", "nms_raster"}
     assert stages <= set(report["stages"]) and stages <= set(report["reference_stages"])
     assert report["device"] == "cpu" and report["backend"] == "onnxruntime" and report["images"] == 4
-    assert report["search"].startswith("faiss") and report["kernels"] == []
-    assert "images/s" in run.stdout and "reference path" in run.stdout
+    assert report["search"] == "numpy-flat (BLAS)" and report["kernels"] == []
+    assert "the backbone alone" in run.stdout and "reference path" in run.stdout
