@@ -92,6 +92,6 @@ def test_cached_export_records_its_verification():
 
     path = model_path("effnet-lite2/block19")
     meta = json.loads(path.with_name(path.name + ".json").read_text())
-    assert meta["model"] == "efficientnet-lite2" and meta["block"] == 19 and meta["export_version"] == 2
+    assert meta["model"] == "efficientnet-lite2" and meta["blocks"] == [19] and meta["export_version"] == 2
     # verified against torch within tolerance x the output's magnitude (features reach tens): a small absolute diff
     assert meta["tolerance"] == EXPORT_TOLERANCE and 0 <= meta["max_abs_diff"] < 100 * EXPORT_TOLERANCE
