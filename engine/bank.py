@@ -267,7 +267,8 @@ class FeatureBank:
 
     @classmethod
     def load(cls, path, backbone=None) -> "FeatureBank":
-        """Read a bank directory, verifying format, version and checksums; with `backbone`, also that it matches."""
+        """Read a bank directory, verifying format, version, checksums of exactly the bank's files, and the index
+        against the vectors; with `backbone`, also that it matches."""
         import faiss
 
         path = Path(path)
@@ -278,19 +279,23 @@ class FeatureBank:
             manifest = json.loads(manifest_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BankError(f"{manifest_file} is corrupt: {error}") from error
-        if manifest.get("format") != FORMAT:
-            raise BankError(f"{path}: not a {FORMAT} directory (format={manifest.get('format')!r})")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BankError(f"{path}: not a {FORMAT} directory")
         if manifest.get("version") != FORMAT_VERSION:
             raise BankError(f"{path}: bank format version {manifest.get('version')}, this engine reads "
                             f"version {FORMAT_VERSION}; rebuild the bank")
-        for name, expected in manifest.get("files", {}).items():
+        files = manifest.get("files")
+        if not isinstance(files, dict) or set(files) != BANK_FILES - {"manifest.json"}:
+            raise BankError(f"{path}: the manifest must list checksums of exactly "
+                            f"{sorted(BANK_FILES - {'manifest.json'})}, it lists {sorted(files or {})}")
+        for name, expected in files.items():
             file = path / name
             if not file.is_file():
                 raise BankError(f"{path}: missing {name}")
             actual = _digest(file)
             if actual != expected:
-                raise BankError(f"{path}: {name} is truncated or corrupt (expected {expected['bytes']} bytes, "
-                                f"sha256 {expected['sha256'][:12]}…; found {actual['bytes']} bytes, "
+                raise BankError(f"{path}: {name} is truncated or corrupt (expected {expected.get('bytes')} bytes, "
+                                f"sha256 {str(expected.get('sha256'))[:12]}…; found {actual['bytes']} bytes, "
                                 f"sha256 {actual['sha256'][:12]}…)")
         try:
             bank = cls(np.load(path / "vectors.npy", allow_pickle=False), np.load(path / "labels.npy", allow_pickle=False),
@@ -298,10 +303,9 @@ class FeatureBank:
                        json.loads((path / "sources.json").read_text()), manifest.get("provenance", {}),
                        np.load(path / "kinds.npy", allow_pickle=False))
             index = faiss.read_index(str(path / "index.faiss"))
-        except (KeyError, ValueError, OSError, RuntimeError) as error:
+        except (KeyError, ValueError, TypeError, AttributeError, OSError, RuntimeError) as error:
             raise BankError(f"{path}: cannot read bank: {error}") from error
-        if index.ntotal != len(bank) or index.d != bank.dim:
-            raise BankError(f"{path}: index.faiss holds {index.ntotal} x {index.d}, vectors are {len(bank)} x {bank.dim}")
+        _check_index(path, index, bank)
         bank._index = index
         if backbone is not None:
             bank.check_backbone(backbone)
@@ -349,6 +353,11 @@ def _add_batch(batch, backbone, proposer, class_names, config, vectors, entries)
         unknown = [c for c in allowed if not 0 <= c < len(class_names)]
         if unknown:
             raise InputError(f"labels of image {sample.id}: class ids {unknown} outside 0..{len(class_names) - 1}")
+        values = np.unique(mask)
+        stray = values[(values != IGNORE) & ((values < 0) | (values >= len(class_names)))]
+        if len(stray):
+            raise InputError(f"mask of image {sample.id}: values {stray.tolist()} are neither classes "
+                             f"(0..{len(class_names) - 1}) nor void ({IGNORE})")
         named = [_class_regions(mask, allowed, config)]
         if regions is not None:
             named.append(_named_regions(mask, allowed, regions, len(class_names), config))
@@ -387,6 +396,20 @@ def _named_regions(mask: np.ndarray, allowed: set, proposals, num_classes: int, 
 
 #: what a bank directory holds: anything else there means it is not (only) a bank, and it is never deleted
 BANK_FILES = {"manifest.json", "vectors.npy", "labels.npy", "kinds.npy", "sources.json", "index.faiss"}
+
+
+def _check_index(path: Path, index, bank: "FeatureBank") -> None:
+    """BankError unless `index` is an inner-product index over exactly the bank's vectors (for indexes that keep
+    them: flat ones; others are checked by size, width and metric)."""
+    import faiss
+
+    if index.ntotal != len(bank) or index.d != bank.dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise BankError(f"{path}: index.faiss holds {index.ntotal} x {index.d} (metric {index.metric_type}), the "
+                        f"vectors are {len(bank)} x {bank.dim} under inner product")
+    if isinstance(index, faiss.IndexFlat) and len(bank):
+        stored = faiss.rev_swig_ptr(index.get_xb(), len(bank) * bank.dim).reshape(len(bank), bank.dim)
+        if not np.array_equal(stored, bank.vectors):
+            raise BankError(f"{path}: index.faiss holds other vectors than vectors.npy")
 
 
 def _check_replaceable(path: Path) -> None:

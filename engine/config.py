@@ -56,7 +56,10 @@ class Config:
         nprobe: inverted lists visited per query by IVF indexes.
         index_train_size: at most this many bank vectors (a fixed random sample) train an index that needs
             training (IVF centroids); FAISS wants some 40-256 per list, and training on millions takes hours.
-        batch_size: images per backbone call (images are bucketed by padded size first).
+        batch_size: images per backbone call (images are bucketed by padded size first), and per chunk of a long
+            segment_batch list.
+        max_image_pixels: larger images are refused with InputError: memory grows with the pixels (the backbone's
+            activations and the feature map; about 1.5 GB at the default 16.8 M pixels, 4096 x 4096).
         num_threads: threads for the compiled ops and the model runtime; 0 lets each library choose.
     """
 
@@ -80,6 +83,7 @@ class Config:
     nprobe: int = 16
     index_train_size: int = 262144
     batch_size: int = 4
+    max_image_pixels: int = 1 << 24
     num_threads: int = 0
 
     def __post_init__(self) -> None:
@@ -98,7 +102,7 @@ class Config:
         for name in ("erosion_iterations", "min_area", "num_threads"):
             if getattr(self, name) < 0:
                 raise InputError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("top_k", "batch_size", "nprobe", "index_train_size"):
+        for name in ("top_k", "batch_size", "nprobe", "index_train_size", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise InputError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("outlier_ratio", "background_outlier_ratio", "objectness_threshold", "nms_iou_threshold",

@@ -12,8 +12,11 @@ bank resident on a GPU). `kernels="reference"` swaps the compiled ops and the FA
 from __future__ import annotations
 
 import os
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -27,7 +30,7 @@ from .regions import Proposals, Records
 from .retrieval import retrieve
 from .search import create_index
 from .stream import StageTimes, run_stages
-from .utils import check_image
+from .utils import check_image, mask_box, rle_encode
 
 DEVICES = ("cpu", "cuda")
 KERNELS = {"compiled": ops, "reference": reference}
@@ -66,15 +69,52 @@ class Result:
         total = max(self.label_map.size, 1)
         return {name: counts[i] / total for i, name in enumerate(self.class_names) if counts[i]}
 
+    def segments(self) -> list[dict]:
+        """One record per painted proposal, most confident first (as segment-anything's automatic generator):
+        "class_id", "class" (name), "score" (confidence), "proposal_id", "area" (pixels it painted), "bbox"
+        ([x, y, width, height] of those pixels) and "segmentation" (their uncompressed COCO RLE)."""
+        records = []
+        for class_id, score, proposal in zip(self.classes, self.confidences, self.proposal_ids):
+            painted = self.owner == proposal
+            name = self.class_names[class_id] if class_id < len(self.class_names) else str(class_id)
+            records.append({"class_id": int(class_id), "class": name, "score": float(score),
+                            "proposal_id": int(proposal), "area": int(painted.sum()), "bbox": mask_box(painted),
+                            "segmentation": rle_encode(painted)})
+        return records
+
+    def to_dict(self) -> dict:
+        """Everything but the pixel maps, JSON-ready: image size, per-class pixel fractions, the segments, counts
+        and the note."""
+        return {"height": int(self.label_map.shape[0]), "width": int(self.label_map.shape[1]),
+                "classes": self.class_summary(), "segments": self.segments(),
+                "num_proposals": self.num_proposals, "num_candidates": self.num_candidates, "note": self.note}
+
+
+@dataclass
+class Skipped:
+    """An item `segment_batch` or `segment_stream` skipped with on_error="skip": its position in the input (`index`),
+    what it was, and why."""
+
+    index: int
+    item: str
+    reason: str
+
 
 @dataclass
 class _Batch:
-    """A batch between stages: checked images, then their proposals, candidate records and backbone features."""
+    """A batch between stages: the good items' checked images and input positions, then their proposals, candidate
+    records and backbone features; the skipped items of the chunk travel along to keep the output in order."""
 
     images: list
     proposals: list
+    positions: list
+    skipped: list = field(default_factory=list)
     candidates: list = field(default_factory=list)
     features: list = field(default_factory=list)
+
+
+ON_ERROR = ("raise", "skip")
+CHANNEL_ORDERS = ("RGB", "BGR")
 
 
 class Engine:
@@ -101,6 +141,7 @@ class Engine:
         self.backbone = backbone if backbone is not None else _default_backbone(self.bank, self.config, self.device)
         self.bank.check_backbone(self.backbone)
         self.proposer = proposer
+        self._proposer_lock = threading.Lock()  # the default proposer is made once, whichever thread asks first
         backend = "exact" if kernels == "reference" else "torch" if self.device != "cpu" else "faiss"
         self.index = create_index(self.bank, self.config, backend, self.device, self.config.num_threads)
         self.times = StageTimes()
@@ -118,58 +159,98 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------------ public
 
-    def segment(self, image: np.ndarray, proposals: Proposals | None = None) -> Result:
+    def segment(self, image, proposals: Proposals | None = None) -> Result:
         return self.segment_batch([image], None if proposals is None else [proposals])[0]
 
-    def segment_batch(self, images: Sequence[np.ndarray], proposals: Sequence[Proposals] | None = None) -> list[Result]:
-        """Segment HxWx3 uint8 RGB images; `proposals` (one Proposals per image) replaces the engine's proposer."""
+    def segment_batch(self, images: Sequence, proposals: Sequence[Proposals] | None = None, on_error: str = "raise",
+                      channel_order: str = "RGB") -> list:
+        """Segment images: HxWx3 uint8 arrays or image files (paths). `proposals` (one Proposals per image) replaces
+        the engine's proposer. Work goes in chunks of Config.batch_size, so memory stays bounded for long lists.
+
+        on_error: "raise" raises the first bad image's error, naming its index; "skip" returns a `Skipped` record
+            in its place and segments the others. channel_order: "BGR" for arrays from OpenCV (files are decoded
+            as RGB, with their EXIF orientation applied).
+        """
         if proposals is not None and len(proposals) != len(images):
             raise InputError(f"got {len(proposals)} proposal sets for {len(images)} images")
-        batch = self._load(list(images), None if proposals is None else list(proposals))
-        return self._post(self._model(batch)) if batch.images else []
+        self._check_modes(on_error, channel_order)
+        size, results = self.config.batch_size, []
+        for start in range(0, len(images), size):
+            given = None if proposals is None else list(proposals[start:start + size])
+            results += self._post(self._model(self._load(list(images[start:start + size]), given, start, on_error,
+                                                         channel_order)))
+        return results
 
-    def segment_stream(self, items: Iterable, batch_size: int | None = None, prefetch: int = 2) -> Iterator[Result]:
+    def segment_stream(self, items: Iterable, batch_size: int | None = None, prefetch: int = 2,
+                       on_error: str = "raise", channel_order: str = "RGB") -> Iterator:
         """Segment a stream of images, yielding one Result per item, in input order, with bounded memory.
 
-        items: each an HxWx3 uint8 RGB array, a path to an image file (decoded in the loader thread), or a pair
+        items: each an HxWx3 uint8 array, a path to an image file (decoded in the loader thread), or a pair
             (image or path, Proposals or None); items without proposals go to the engine's proposer.
         batch_size: images per batch (default Config.batch_size); all proposals of a batch are searched at once.
         prefetch: batches each queue holds between the load, model and post-processing threads.
+        on_error, channel_order: as segment_batch's; a skipped item yields a `Skipped` record in its place.
         """
         batch_size = int(batch_size or self.config.batch_size)
         if batch_size < 1 or prefetch < 1:
             raise InputError(f"batch_size and prefetch must be >= 1, got {batch_size} and {prefetch}")
-        return run_stages(items, self._load_items, [self._model, self._post], batch_size, prefetch, "moduseg")
+        self._check_modes(on_error, channel_order)
+
+        def load(chunk: list, start: int) -> _Batch:
+            pairs = [item if isinstance(item, tuple) and len(item) == 2 else (item, None) for item in chunk]
+            return self._load([image for image, _ in pairs], [given for _, given in pairs], start, on_error,
+                              channel_order)
+
+        return run_stages(items, load, [self._model, self._post], batch_size, prefetch, "moduseg")
 
     # ------------------------------------------------------------------------------------------------------ stages
 
-    def _load_items(self, items: list) -> _Batch:
-        """segment_stream's items -> a checked batch (paths decoded here)."""
+    def _load(self, images: list, proposals: list | None, start: int, on_error: str, channel_order: str) -> _Batch:
+        """Decode and check a chunk of images (paths decoded here); with on_error="skip" a bad item becomes a
+        Skipped record, else its error is raised naming its index."""
         from .data import load_image
 
-        images, proposals = [], []
-        for item in items:
-            image, given = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
-            with self.times("decode"):
-                images.append(load_image(image) if isinstance(image, (str, os.PathLike)) else image)
-            proposals.append(given)
-        return self._load(images, proposals)
-
-    def _load(self, images: list, proposals: list | None) -> _Batch:
+        batch = _Batch([], [], [])
+        proposals = [None] * len(images) if proposals is None else proposals
         with self.times("decode"):
-            checked = [check_image(image, f"images[{i}]") for i, image in enumerate(images)]
-        return _Batch(checked, [None] * len(checked) if proposals is None else proposals)
+            for offset, (image, given) in enumerate(zip(images, proposals)):
+                index = start + offset
+                try:
+                    if isinstance(image, (str, os.PathLike)):
+                        image = load_image(image)
+                    elif channel_order == "BGR" and isinstance(image, np.ndarray) and image.ndim == 3:
+                        image = image[..., ::-1]
+                    batch.images.append(check_image(image, f"images[{index}]", self.config.max_image_pixels))
+                except InputError as error:
+                    if on_error == "raise":
+                        raise
+                    batch.skipped.append(Skipped(index, _describe(image), str(error)))
+                    continue
+                batch.proposals.append(given)
+                batch.positions.append(index)
+        return batch
 
     def _model(self, batch: _Batch) -> _Batch:
+        if not batch.images:
+            return batch
         with self.times("backbone"):
             batch.features = checked_features(self.backbone, batch.images)
         with self.times("proposer"):
-            batch.proposals = self._propose(batch.images, batch.proposals, batch.features)
+            batch.proposals = self._propose(batch.images, batch.proposals, batch.features, batch.positions)
         with self.times("filter"):
             batch.candidates = [self._candidates(p) for p in batch.proposals]
         return batch
 
-    def _post(self, batch: _Batch) -> list[Result]:
+    def _post(self, batch: _Batch) -> list:
+        """The chunk's Results (and Skipped records) in input order."""
+        results = self._name_and_paint(batch) if batch.images else []
+        if not batch.skipped:
+            return results
+        merged = dict(zip(batch.positions, results))
+        merged.update((skipped.index, skipped) for skipped in batch.skipped)
+        return [merged[index] for index in sorted(merged)]
+
+    def _name_and_paint(self, batch: _Batch) -> list[Result]:
         config = self.config
         with self.times("smfa"):
             queries = [self.kernels.soft_mask_pool(f, p.atoms, c["members"], self.backbone.stride, config.pooling,
@@ -187,9 +268,15 @@ class Engine:
                 results.append(self._assemble(proposals, candidates))
         return results
 
+    @staticmethod
+    def _check_modes(on_error: str, channel_order: str) -> None:
+        if on_error not in ON_ERROR or channel_order not in CHANNEL_ORDERS:
+            raise InputError(f"on_error must be one of {ON_ERROR} and channel_order one of {CHANNEL_ORDERS}, got "
+                             f"{on_error!r} and {channel_order!r}")
+
     # ------------------------------------------------------------------------------------------------------- steps
 
-    def _propose(self, images: list, proposals: list, features: list) -> list[Proposals]:
+    def _propose(self, images: list, proposals: list, features: list, positions: list) -> list[Proposals]:
         """One Proposals per image: the given ones, the engine's proposer's for the images without (given the
         backbone's features if it reads them)."""
         missing = [i for i, p in enumerate(proposals) if p is None]
@@ -206,7 +293,7 @@ class Engine:
             proposals = list(proposals)
             for i, p in zip(missing, made):
                 proposals[i] = p
-        for i, (image, p) in enumerate(zip(images, proposals)):
+        for i, image, p in zip(positions, images, proposals):
             if not isinstance(p, Proposals):
                 raise InputError(f"proposals[{i}]: expected engine.Proposals, got {type(p).__name__}")
             if p.shape != image.shape[:2]:
@@ -217,10 +304,11 @@ class Engine:
         if self.proposer is None:
             raise InputError("no proposals given and this engine has no proposer: pass proposals=[...] or construct "
                              "the Engine with a proposer")
-        if isinstance(self.proposer, str):
-            from .models.embedded import resolve_proposer
+        with self._proposer_lock:
+            if isinstance(self.proposer, str):
+                from .models.embedded import resolve_proposer
 
-            self.proposer = resolve_proposer(self.proposer, self.config)
+                self.proposer = resolve_proposer(self.proposer, self.config)
         return self.proposer
 
     def _candidates(self, proposals: Proposals) -> Records:
@@ -254,6 +342,15 @@ class Engine:
         if self.config.num_threads:
             return self.config.num_threads
         return 0 if proposals.atoms.size > LARGE_IMAGE else 1
+
+
+def _describe(item) -> str:
+    """A short description of an input item for a Skipped record."""
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    if isinstance(item, np.ndarray):
+        return f"array {item.dtype} {item.shape}"
+    return type(item).__name__
 
 
 def _check_device(device: str) -> str:
@@ -291,18 +388,34 @@ def _default_backbone(bank: FeatureBank, config: Config, device: str):
     return create_backbone(name, **common)
 
 
-_ENGINES: dict = {}
+#: engines built by segment_batch from bank directories, most recently used last
+_ENGINES: OrderedDict = OrderedDict()
+_ENGINES_LOCK = threading.Lock()
+#: how many such engines are kept (each holds its models)
+CACHED_ENGINES = 4
 
 
-def segment_batch(images: Sequence[np.ndarray], bank, proposals: Sequence[Proposals] | None = None,
-                  proposer="embedded", config: Config | None = None) -> list[Result]:
+def segment_batch(images: Sequence, bank, proposals: Sequence[Proposals] | None = None, proposer="embedded",
+                  config: Config | None = None, **options) -> list:
     """One-call segmentation. `bank` is a FeatureBank or a bank directory; engines built from a directory are kept
-    (per path, proposer and config) so repeated calls do not reload models."""
+    (the last CACHED_ENGINES, per directory, proposer and config) so repeated calls do not reload models, and a bank
+    replaced on disk is reloaded (the key holds its manifest's modification time and size). `options`:
+    Engine.segment_batch's (on_error, channel_order)."""
     if isinstance(bank, FeatureBank):
-        engine = Engine(bank, proposer=proposer, config=config)
-    else:
-        key = (str(bank), id(proposer), repr(config))
-        if key not in _ENGINES:
-            _ENGINES[key] = Engine(bank, proposer=proposer, config=config)
-        engine = _ENGINES[key]
-    return engine.segment_batch(images, proposals)
+        return Engine(bank, proposer=proposer, config=config).segment_batch(images, proposals, **options)
+    path = Path(bank).resolve()
+    try:
+        stamp = (path / "manifest.json").stat()
+        version = (stamp.st_mtime_ns, stamp.st_size, stamp.st_ino)
+    except OSError:
+        version = None  # FeatureBank.load says what is wrong
+    key = (str(path), version, proposer if isinstance(proposer, str) or proposer is None else id(proposer),
+           repr(config))
+    with _ENGINES_LOCK:
+        entry = _ENGINES.pop(key, None)
+        if entry is None or not (entry[0] is proposer or entry[0] == proposer):
+            entry = (proposer, Engine(path, proposer=proposer, config=config))
+        _ENGINES[key] = entry  # the proposer object is kept with its engine: its id cannot be reused meanwhile
+        while len(_ENGINES) > CACHED_ENGINES:
+            _ENGINES.popitem(last=False)
+    return entry[1].segment_batch(images, proposals, **options)

@@ -1,6 +1,7 @@
 """Running a pipeline's stages in threads joined by bounded queues, and timing its stages.
 
-`run_stages(items, load, stages, ...)` feeds chunks of `items` to `load`, passes each result through `stages` in turn
+`run_stages(items, load, stages, ...)` feeds chunks of `items` to `load(chunk, start)` (start: the index of the
+chunk's first item in the stream), passes each result through `stages` in turn
 (one thread per stage) and yields the last stage's outputs in order. Neighbouring chunks overlap across stages (the
 models, the compiled kernels and FAISS release the GIL) while at most about (len(stages) + 1) * (prefetch + 1)
 chunks are alive at once, whatever the stream's length. An error in any stage stops every thread and is raised to the
@@ -51,7 +52,7 @@ class _Failure:
         self.error = error
 
 
-def run_stages(items: Iterable, load: Callable[[list], object], stages: Sequence[Callable[[object], object]],
+def run_stages(items: Iterable, load: Callable[[list, int], object], stages: Sequence[Callable[[object], object]],
                chunk_size: int, prefetch: int = 2, name: str = "stage") -> Iterator:
     """Yield the elements of stages[-1](...(stages[0](load(chunk)))) for consecutive chunks of `items`, in order."""
     stop = threading.Event()
@@ -77,16 +78,18 @@ def run_stages(items: Iterable, load: Callable[[list], object], stages: Sequence
     def loader() -> None:
         try:
             chunk: list = []
+            start = 0
             for item in items:
                 if stop.is_set():
                     return
                 chunk.append(item)
                 if len(chunk) == chunk_size:
-                    if not put(queues[0], load(chunk)):
+                    if not put(queues[0], load(chunk, start)):
                         return
+                    start += len(chunk)
                     chunk = []
             if chunk:
-                put(queues[0], load(chunk))
+                put(queues[0], load(chunk, start))
         except BaseException as error:  # noqa: BLE001 - handed to the consumer
             put(queues[0], _Failure(error))
         put(queues[0], _DONE)

@@ -10,8 +10,9 @@ import numpy as np
 from .errors import InputError
 
 
-def check_image(image, name: str = "image") -> np.ndarray:
-    """Return `image` as a C-contiguous HxWx3 uint8 RGB array, or raise InputError saying what is wrong."""
+def check_image(image, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Return `image` as a C-contiguous HxWx3 uint8 RGB array, or raise InputError saying what is wrong (including
+    more than `max_pixels` pixels)."""
     if not isinstance(image, np.ndarray):
         raise InputError(f"{name}: expected a numpy array HxWx3 uint8 RGB, got {type(image).__name__}")
     if image.ndim == 2:
@@ -23,6 +24,9 @@ def check_image(image, name: str = "image") -> np.ndarray:
         raise InputError(f"{name}: empty image of shape {image.shape}")
     if image.dtype != np.uint8:
         raise InputError(f"{name}: expected dtype uint8, got {image.dtype}")
+    if max_pixels is not None and image.shape[0] * image.shape[1] > max_pixels:
+        raise InputError(f"{name}: {image.shape[0]}x{image.shape[1]} = {image.shape[0] * image.shape[1]:,} pixels is "
+                         f"over Config.max_image_pixels ({max_pixels:,}); shrink the image or raise the limit")
     return np.ascontiguousarray(image)
 
 
@@ -64,3 +68,34 @@ def bucket_by_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[li
     for index, size in enumerate(sizes):
         groups[size].append(index)
     return [members[i:i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """Uncompressed COCO run-length encoding of an (H, W) binary mask: {"size": [H, W], "counts": [...]}, runs of
+    alternating 0s and 1s in column-major order, starting with 0s (as pycocotools and SAM's records)."""
+    mask = np.asarray(mask, bool)
+    flat = mask.ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """The (H, W) bool mask of an uncompressed COCO run-length encoding (rle_encode's inverse)."""
+    height, width = rle["size"]
+    values = np.arange(len(rle["counts"])) % 2 == 1
+    flat = np.repeat(values, rle["counts"])
+    if flat.size != height * width:
+        raise InputError(f"RLE counts cover {flat.size} pixels, size {height}x{width} needs {height * width}")
+    return flat.reshape((height, width), order="F")
+
+
+def mask_box(mask: np.ndarray) -> list[int]:
+    """[x, y, width, height] of the smallest box holding a mask's pixels ([0, 0, 0, 0] for an empty mask)."""
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return [0, 0, 0, 0]
+    return [int(columns[0]), int(rows[0]), int(columns[-1] - columns[0] + 1), int(rows[-1] - rows[0] + 1)]

@@ -272,3 +272,46 @@ def test_overwrite_replaces_only_a_bank_directory(saved_bank, tmp_path):
     file.write_text("x")
     with pytest.raises(BankError, match="not a bank directory"):
         bank.save(file, overwrite=True)
+
+
+def rewrite_manifest(path, change):
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def reseal(path, name):
+    """Re-record `name`'s checksum, as someone editing a bank by hand would."""
+    from engine.bank import _digest
+
+    rewrite_manifest(path, lambda m: m["files"].__setitem__(name, _digest(path / name)))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no files list", "must list checksums of exactly"),
+    ("file outside the bank", "must list checksums of exactly"),
+    ("other vectors in the index", "holds other vectors"),
+    ("an L2 index", "under inner product"),
+])
+def test_a_bank_whose_parts_disagree_is_refused(saved_bank, case, message):
+    import faiss
+
+    bank, path = saved_bank
+    if case == "no files list":
+        rewrite_manifest(path, lambda m: m.pop("files"))
+    elif case == "file outside the bank":
+        rewrite_manifest(path, lambda m: m["files"].__setitem__("../secret", {"sha256": "0", "bytes": 0}))
+    else:
+        index = faiss.IndexFlatIP(bank.dim) if case == "other vectors in the index" else faiss.IndexFlatL2(bank.dim)
+        index.add(np.roll(bank.vectors, 1, axis=0) if case == "other vectors in the index" else bank.vectors)
+        faiss.write_index(index, str(path / "index.faiss"))
+        reseal(path, "index.faiss")
+    with pytest.raises(BankError, match=message):
+        FeatureBank.load(path)
+
+
+def test_mask_values_outside_the_class_list_are_refused(rng, toy, CLASSES, ColorBackbone):
+    image, label = toy.scene(rng, classes=(1, 2))
+    label[0, 0] = 9
+    with pytest.raises(InputError, match=r"values \[9\] are neither classes"):
+        FeatureBank.build([Sample("a", image, [1, 2], label)], ColorBackbone(), CLASSES, progress=False)

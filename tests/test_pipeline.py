@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import engine
-from engine import Engine, FeatureBank, Proposals
+from engine import Config, Engine, FeatureBank, Proposals
 from engine.errors import BankError, InputError, ModelError
 from engine.models import ground_truth_proposals
 
@@ -159,7 +159,8 @@ def test_bad_inputs(make_engine, toy, rng):
     image, label = toy.scene(rng)
     proposals = ground_truth_proposals(label)
     for bad, message in [(image[..., 0], "grayscale"), (np.dstack([image, image[..., :1]]), "RGBA"),
-                         (image.astype(np.float32), "uint8"), (image[:0], "empty"), ("x.jpg", "numpy array")]:
+                         (image.astype(np.float32), "uint8"), (image[:0], "empty"), ("x.jpg", "cannot read image x.jpg"),
+                         ([1, 2, 3], "numpy array")]:
         with pytest.raises(InputError, match=message):
             eng.segment(bad, proposals)
     with pytest.raises(InputError, match=r"proposals\[0\]: atoms of shape \(96, 127\), the image is \(96, 128\)"):
@@ -208,6 +209,17 @@ def test_module_level_segment_batch_with_bank_directory(toy_bank, toy, rng, tmp_
     # an in-memory bank works the same
     again = engine.segment_batch([image], toy_bank, proposals=[ground_truth_proposals(label)], proposer=None)
     np.testing.assert_array_equal(again[0].label_map, label)
+    # a bank replaced on disk is served as replaced, not from the cached engine
+    from engine import pipeline
+
+    other = FeatureBank(toy_bank.vectors, np.where(toy_bank.labels == 3, 1, toy_bank.labels), toy_bank.class_names,
+                        toy_bank.backbone, toy_bank.config)
+    other.save(path, overwrite=True)
+    replaced = engine.segment_batch([image], path, proposals=[ground_truth_proposals(label)])
+    assert set(np.unique(replaced[0].label_map)) == {0, 1}  # blue regions are now named red
+    for i in range(pipeline.CACHED_ENGINES + 2):  # the cache stays bounded
+        engine.segment_batch([image], path, proposals=[ground_truth_proposals(label)], config=Config(top_k=i + 1))
+    assert len(pipeline._ENGINES) == pipeline.CACHED_ENGINES
 
 
 def test_nan_or_misshapen_features_are_a_clear_error(make_engine, toy, rng):
@@ -318,3 +330,67 @@ def test_empty_stream_and_no_candidates(make_engine, toy, rng):
     image, _ = toy.scene(rng)
     result = next(eng.segment_stream([(image, Proposals.empty(*image.shape[:2]))]))
     assert "no proposals" in result.note and not result.label_map.any()
+
+
+def test_on_error_skip_keeps_the_good_items_in_order(make_engine, toy, rng, tmp_path):
+    from PIL import Image
+
+    from engine.pipeline import Skipped
+
+    eng = make_engine()
+    data = scenes(toy, rng, 5)
+    path = tmp_path / "scene.png"
+    Image.fromarray(data[1][0]).save(path)
+    items = [data[0][0], str(path), "missing.jpg", data[3][0][..., 0], data[4][0]]  # file, missing, grayscale
+    proposals = [ground_truth_proposals(label) for _, label in data]
+    with pytest.raises(InputError, match="cannot read image missing.jpg"):
+        eng.segment_batch(items, proposals)
+    got = eng.segment_batch(items, proposals, on_error="skip")
+    want = eng.segment_batch([data[i][0] for i in (0, 1, 4)], [proposals[i] for i in (0, 1, 4)])
+    assert [type(r).__name__ for r in got] == ["Result", "Result", "Skipped", "Skipped", "Result"]
+    assert got[2] == Skipped(2, "missing.jpg", got[2].reason) and "cannot read image" in got[2].reason
+    assert got[3].index == 3 and "grayscale" in got[3].reason and got[3].item.startswith("array uint8")
+    for a, b in zip([got[0], got[1], got[4]], want):
+        np.testing.assert_array_equal(a.label_map, b.label_map)
+    streamed = list(eng.segment_stream(zip(items, proposals), batch_size=2, on_error="skip"))
+    assert [getattr(r, "index", None) for r in streamed] == [None, None, 2, 3, None]  # global indices, not in-batch
+    items[2] = data[2][0]
+    with pytest.raises(InputError, match=r"images\[3\]: grayscale"):  # the index in the stream, not in its batch
+        list(eng.segment_stream(zip(items, proposals), batch_size=2))
+    with pytest.raises(InputError, match="on_error must be one of"):
+        eng.segment_batch(items, proposals, on_error="ignore")
+
+
+def test_bgr_arrays_long_lists_and_the_size_limit(make_engine, toy, rng):
+    eng = make_engine()
+    data = scenes(toy, rng, 9)  # more than batch_size: segmented in chunks
+    images, proposals = [image for image, _ in data], [ground_truth_proposals(label) for _, label in data]
+    rgb = eng.segment_batch(images, proposals)
+    bgr = eng.segment_batch([image[..., ::-1].copy() for image in images], proposals, channel_order="BGR")
+    assert len(rgb) == 9
+    for a, b in zip(rgb, bgr):
+        np.testing.assert_array_equal(a.label_map, b.label_map)
+    small = make_engine(config=eng.config.replace(max_image_pixels=1000))
+    with pytest.raises(InputError, match="over Config.max_image_pixels"):
+        small.segment(images[0], proposals[0])
+
+
+def test_result_records_are_the_painted_segments(make_engine, toy, rng):
+    import json
+
+    from engine.utils import rle_decode
+
+    image, label = toy.scene(rng, classes=(1, 2))
+    result = make_engine().segment(image, ground_truth_proposals(label))
+    record = json.loads(json.dumps(result.to_dict()))  # JSON-ready
+    assert (record["height"], record["width"]) == label.shape and record["note"] == result.note
+    assert len(record["segments"]) == len(result.classes) > 0
+    painted = np.zeros(label.shape, np.int64)
+    for segment in record["segments"]:
+        mask = rle_decode(segment["segmentation"])
+        assert segment["area"] == mask.sum() and segment["class"] == result.class_names[segment["class_id"]]
+        x, y, w, h = segment["bbox"]
+        assert mask[y:y + h, x:x + w].sum() == mask.sum()
+        np.testing.assert_array_equal(result.label_map[mask], segment["class_id"])
+        painted += mask
+    assert painted.max() == 1 and (painted == 1).sum() == (result.owner >= 0).sum()

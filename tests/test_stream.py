@@ -26,7 +26,11 @@ def wait_for_no_threads(name: str, seconds: float = 5.0) -> None:
 def test_outputs_in_input_order_through_every_stage(rng, chunk_size, prefetch):
     delays = rng.uniform(0, 0.002, 40)  # stages finish chunks at uneven speeds
 
-    def load(chunk):
+    starts = []
+
+    def load(chunk, start):
+        starts.append(start)
+        assert chunk[0] == start  # the index of the chunk's first item in the stream
         return [(x, delays[x]) for x in chunk]
 
     def double(batch):
@@ -39,12 +43,16 @@ def test_outputs_in_input_order_through_every_stage(rng, chunk_size, prefetch):
 
     got = list(run_stages(range(40), load, [double, finish], chunk_size, prefetch, name="order"))
     assert got == [2 * x + 1 for x in range(40)]
+    assert starts == list(range(0, 40, chunk_size))
     wait_for_no_threads("order")
 
 
 def test_no_items_and_no_stages():
-    assert list(run_stages([], list, [lambda b: b], 3, name="empty")) == []
-    assert list(run_stages("abc", list, [], 2, name="bare")) == ["a", "b", "c"]  # the loader's chunks as they are
+    def as_list(chunk, start):
+        return list(chunk)
+
+    assert list(run_stages([], as_list, [lambda b: b], 3, name="empty")) == []
+    assert list(run_stages("abc", as_list, [], 2, name="bare")) == ["a", "b", "c"]  # the loader's chunks as they are
     wait_for_no_threads("empty")
     wait_for_no_threads("bare")
 
@@ -57,7 +65,7 @@ def test_an_error_anywhere_reaches_the_consumer_after_the_good_chunks(where):
                 raise KeyError("bad item")
             yield x
 
-    def load(chunk):
+    def load(chunk, start):
         if where == "load" and 6 in chunk:
             raise KeyError("bad load")
         return chunk
@@ -92,7 +100,7 @@ def test_closing_early_stops_the_threads_and_the_reading():
             x += 1
 
     chunk_size, prefetch, stages = 2, 1, 2
-    stream = run_stages(endless(), list, [list] * stages, chunk_size, prefetch, name="close")
+    stream = run_stages(endless(), lambda chunk, start: list(chunk), [list] * stages, chunk_size, prefetch, name="close")
     assert next(stream) == 0
     time.sleep(0.3)  # let every queue fill
     # a chunk in the loader's hand + one per queue + one in each stage + the one being yielded

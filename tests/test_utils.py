@@ -47,3 +47,21 @@ def test_bucket_by_size_groups_equal_sizes_in_first_seen_order():
     assert bucket_by_size(sizes, 2) == [[0, 2], [3, 6], [1, 4], [5]]
     assert bucket_by_size(sizes, 10) == [[0, 2, 3, 6], [1, 4], [5]]
     assert bucket_by_size([], 3) == []
+
+
+def test_rle_round_trip_and_coco_convention(rng):
+    from engine.utils import mask_box, rle_decode, rle_encode
+
+    for shape in [(1, 1), (5, 7), (40, 33)]:
+        for fill in (0.0, 0.3, 1.0):
+            mask = rng.random(shape) < fill
+            rle = rle_encode(mask)
+            assert rle["size"] == list(shape) and sum(rle["counts"]) == mask.size
+            np.testing.assert_array_equal(rle_decode(rle), mask)
+    mask = np.array([[0, 1], [1, 1]], bool)  # column-major: 0, 1, 1, 1 -> one 0 then three 1s
+    assert rle_encode(mask)["counts"] == [1, 3]
+    assert rle_encode(np.ones((2, 2), bool))["counts"] == [0, 4]
+    assert mask_box(mask) == [0, 0, 2, 2] and mask_box(np.zeros((3, 3), bool)) == [0, 0, 0, 0]
+    box = np.zeros((10, 10), bool)
+    box[2:5, 3:9] = True
+    assert mask_box(box) == [3, 2, 6, 3]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import InputError
 
@@ -42,14 +42,15 @@ EIGHT_BIT_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YC
 
 
 def load_image(path) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB (8-bit grayscale, palette and RGBA files are converted). Images of more
-    than 8 bits a channel (16-bit PNG, float TIFF) are refused rather than silently saturated or blacked out."""
+    """Read an image file as HxWx3 uint8 RGB, upright (its EXIF orientation applied; 8-bit grayscale, palette and
+    RGBA files are converted). Images of more than 8 bits a channel (16-bit PNG, float TIFF) are refused rather than
+    silently saturated or blacked out."""
     try:
         with Image.open(path) as image:
             if image.mode not in EIGHT_BIT_MODES:
                 raise InputError(f"image {path}: mode {image.mode!r} is not 8 bits a channel; convert it to 8-bit RGB "
                                  "(the engine would otherwise have to guess its range)")
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except Image.DecompressionBombError as error:
         raise InputError(f"image {path} is too large to decode safely: {error}") from error
     except (OSError, ValueError) as error:
@@ -111,6 +112,10 @@ class VOCDataset:
         if not split_file.is_file():
             raise InputError(f"dataset {self.root}: no split file {split_file}")
         self.ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        # an id names files inside the root and the outputs written for it: a plain file name, never a path
+        unsafe = [i for i in self.ids if Path(i).name != i or i in (".", "..") or "\\" in i]
+        if unsafe:
+            raise InputError(f"{split_file}: image ids must be plain file names, got {unsafe[:3]}")
         names_file = self.root / "class_names.txt"
         self.class_names = read_class_names(names_file) if names_file.is_file() else VOC_CLASSES
         self._class_index = {name: i for i, name in enumerate(self.class_names)}

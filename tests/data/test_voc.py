@@ -79,3 +79,27 @@ def test_class_names_file_is_strict(tmp_path):
     path.write_text("background\ncat\ncat\n")
     with pytest.raises(InputError, match="repeated: \\['cat'\\]"):
         read_class_names(path)
+
+
+def test_split_ids_that_are_paths_are_refused(tmp_path):
+    (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("good\n../../x/evil\n")
+    with pytest.raises(InputError, match=r"plain file names, got \['../../x/evil'\]"):
+        VOCDataset(tmp_path, "val")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    from engine.data import load_image
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    upright = load_image(path)
+    assert upright.shape == (40, 20, 3)  # displayed upright: portrait
+    assert upright[:20].mean() > 200 and upright[20:].mean() < 50  # the white half is on top
