@@ -12,33 +12,81 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from . import __version__
 from .config import Config
-from .errors import ModuSegError
+from .errors import InputError, ModuSegError
 from .registry import DEFAULT_BACKBONE
 
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field (--top-k, --vote, ...); unset flags keep the bank's or the default value."""
-    group = parser.add_argument_group("method knobs (see engine.Config)")
+    """One flag per Config field (--top-k, --vote, ...) with its documented meaning, and --config FILE (JSON or YAML,
+    any Config fields); unset flags keep the file's, then the bank's or the default value."""
+    group = parser.add_argument_group("method knobs (engine.Config)")
+    group.add_argument("--config", dest="config_file", default=None, metavar="FILE",
+                       help="a JSON or YAML file of Config fields (flags given too take precedence)")
+    meanings = _field_docs()
     for f in dataclasses.fields(Config):
         kind, flag = type(f.default), f"--{f.name.replace('_', '-')}"
+        text = f"{meanings.get(f.name, '')} (default {f.default})".strip()
         if kind is bool:  # --region-entries / --no-region-entries
             group.add_argument(flag, dest=f"config_{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                               help=f"default {f.default}")
+                               help=text)
             continue
         group.add_argument(flag, dest=f"config_{f.name}", type=kind, default=None, metavar=kind.__name__.upper(),
-                           help=f"default {f.default}")
+                           help=text)
+
+
+def _field_docs() -> dict[str, str]:
+    """Config's docstring, one line of meaning per field (what the --help of each flag says)."""
+    docs, name = {}, None
+    for line in (Config.__doc__ or "").splitlines():
+        stripped = line.strip()
+        head, _, rest = stripped.partition(": ")
+        if head in {f.name for f in dataclasses.fields(Config)} and rest:
+            name, docs[head] = head, rest
+        elif name and line.startswith(" " * 12) and stripped:
+            docs[name] += " " + stripped
+        else:
+            name = None
+    return {k: v.replace("%", "%%") for k, v in docs.items()}
 
 
 def _config(args, base: Config | None = None) -> Config:
+    base = base or Config()
+    if getattr(args, "config_file", None):
+        base = base.replace(**_read_config_file(args.config_file))
     changes = {f.name: getattr(args, f"config_{f.name}") for f in dataclasses.fields(Config)
                if getattr(args, f"config_{f.name}") is not None}
-    return (base or Config()).replace(**changes)
+    return base.replace(**changes)
+
+
+def _read_config_file(path) -> dict:
+    """Config fields from a JSON file, or a YAML one (with PyYAML installed); unknown fields are refused."""
+    text = Path(path).read_text()
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as error:
+            raise InputError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or give JSON") from error
+        values = yaml.safe_load(text)
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}: not JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: expected a mapping of Config fields, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"{path}: unknown Config fields {unknown}; known: {sorted(known)}")
+    return values
 
 
 def _chunks(items, size):
@@ -86,8 +134,7 @@ def cmd_eval(args) -> int:
                            f"{list(dataset.class_names)}")
     # ground-truth proposals are passed per batch below; "auto" is the engine's embedded proposer
     engine = Engine(bank, proposer="embedded" if args.proposals == "auto" else None, config=config)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(args.out)
     if args.save_predictions:
         (out / "predictions").mkdir(exist_ok=True)
     confusion = ConfusionMatrix(bank.class_names)
@@ -118,23 +165,73 @@ def cmd_eval(args) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_files(specs: list[str]) -> tuple[list[Path], Path]:
+    """Image files from files, directories (searched recursively) and glob patterns, in order, each once; and the
+    folder their outputs are named relative to (the deepest folder holding them all)."""
+    import glob
+
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            found.append(path)
+        elif glob.has_magic(spec):
+            found += sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        else:
+            raise InputError(f"{spec}: no such image file, folder or glob match")
+    found = list(dict.fromkeys(p.resolve() for p in found))
+    if not found:
+        raise InputError(f"no image files in {specs}")
+    base = Path(os.path.commonpath([str(p.parent) for p in found]))
+    return found, base
+
+
 def cmd_segment(args) -> int:
+    from tqdm.auto import tqdm
+
     from .bank import FeatureBank
-    from .data import load_image, save_label_map
-    from .pipeline import Engine
+    from .data import save_label_map
+    from .pipeline import Engine, Skipped
+    from .report import colourise, overlay
 
     bank = FeatureBank.load(args.bank)
     config = _config(args, bank.config)
-    engine = Engine(bank, config=config)
-    out = Path(args.out)
+    engine = Engine(bank, config=config, device=args.device)
+    out = _output_dir(args.out)
+    paths, base = image_files(args.images)
+    failures = []
+    with tqdm(total=len(paths), desc="segment", unit="img") as bar:
+        for path, result in zip(paths, engine.segment_stream(paths, on_error="skip")):
+            bar.update(1)
+            if isinstance(result, Skipped):
+                failures.append({"image": str(path), "reason": result.reason})
+                continue
+            target = out / path.relative_to(base).with_suffix("")  # relative paths kept: a/x.jpg, b/x.jpg differ
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_label_map(result.label_map, target.with_suffix(".png"))
+            (target.parent / f"{target.name}.json").write_text(json.dumps({"image": str(path), **result.to_dict()}))
+            if args.overlay:
+                from .data import load_image
+
+                overlay(load_image(path), result, target.parent / f"{target.name}_overlay.jpg")
+    if failures:
+        (out / "failures.json").write_text(json.dumps(failures, indent=2))
+        print(f"{len(failures)} of {len(paths)} images skipped (reasons in {out / 'failures.json'})", file=sys.stderr)
+    print(f"{len(paths) - len(failures)} label maps (+ JSON records{', overlays' if args.overlay else ''}) -> {out}")
+    return 1 if failures else 0
+
+
+def _output_dir(path) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; name a folder")
     out.mkdir(parents=True, exist_ok=True)
-    for paths in _chunks([Path(p) for p in args.images], config.batch_size):
-        results = engine.segment_batch([load_image(p) for p in paths])
-        for path, result in zip(paths, results):
-            save_label_map(result.label_map, out / f"{path.stem}.png")
-            classes = ", ".join(f"{n} {100 * f:.0f}%" for n, f in result.class_summary().items())
-            print(f"{path} -> {out / (path.stem + '.png')}: {classes}{'  (' + result.note + ')' if result.note else ''}")
-    return 0
+    return out
 
 
 def cmd_triton_repo(args) -> int:
@@ -192,6 +289,7 @@ def cmd_report(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moduseg", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build-bank", help="build a feature bank from a VOC-layout dataset")
@@ -216,10 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
-    segment = commands.add_parser("segment", help="segment image files into VOC-palette PNG label maps")
+    segment = commands.add_parser("segment", help="segment images into VOC-palette PNG label maps, JSON records "
+                                  "per image (class, score, area, box, RLE mask per segment) and overlays")
     segment.add_argument("--bank", required=True)
-    segment.add_argument("images", nargs="+")
-    segment.add_argument("--out", required=True)
+    segment.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    segment.add_argument("--out", required=True, help="output folder; outputs keep the inputs' relative paths")
+    segment.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
+                         help="also write the image blended with its label map and a legend (default on)")
+    segment.add_argument("--device", default="cpu", help="cpu or cuda (the backbone and the bank search)")
     _add_config_flags(segment)
     segment.set_defaults(run=cmd_segment)
 
@@ -259,12 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 1 the engine refused or failed (bad input, bank or model; or images skipped), 2 a usage
+    error (argparse)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except ModuSegError as error:
         print(f"moduseg {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

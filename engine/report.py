@@ -205,6 +205,27 @@ def colourise(label_map: np.ndarray) -> np.ndarray:
     return palette[label_map]
 
 
+def overlay(image: np.ndarray, result, path, alpha: float = 0.5) -> None:
+    """Write `image` blended with its label map's colours (background left as it is) and, below it, a legend of the
+    classes present, largest share first (as mmseg's show_result)."""
+    colours = colourise(result.label_map)
+    painted = (result.label_map != 0)[..., None]
+    blended = np.where(painted, (1 - alpha) * image + alpha * colours, image).astype(np.uint8)
+    shares = sorted(((share, name) for name, share in result.class_summary().items() if name != "background"),
+                    reverse=True)
+    rows = max(1, len(shares))
+    legend = np.full((22 * rows + 6, image.shape[1], 3), 255, np.uint8)
+    index = {name: i for i, name in enumerate(result.class_names)}
+    for row, (share, name) in enumerate(shares):
+        top = 4 + 22 * row
+        legend[top:top + 16, 6:30] = colourise(np.array([[index[name]]], np.uint8))[0, 0]
+        cv2.putText(legend, f"{name} {100 * share:.0f}%", (36, top + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    if not shares:
+        cv2.putText(legend, "background only", (6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate([blended, legend]), cv2.COLOR_RGB2BGR))
+
+
 def write_sheet(path: Path, samples, predictions, width: int = 320) -> None:
     """A PNG grid: one line per image — image | ground truth | prediction (VOC palette; void is white)."""
     lines = []

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
                             max_batch_size=args.max_batch_size, fp16=not args.fp32)
     except ModuSegError as error:
         print(f"build_tensorrt: error: {error}", file=sys.stderr)
-        return 2
+        return 1
     print(json.dumps(info, indent=2))
     return 0
 

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         source = model_path(backbone_spec(args.backbone, args.weights), args.cache)
     except ModuSegError as error:
         print(f"export_onnx: error: {error}", file=sys.stderr)
-        return 2
+        return 1
     shutil.copyfile(source, args.out)
     print(f"{args.backbone} -> {args.out} ({source.stat().st_size / 1e6:.1f} MB; verified export {source.name})")
     return 0

@@ -26,7 +26,7 @@ def test_build_bank_eval_segment(small_voc, tmp_path, capsys):
                  "--top-k", "1"]) == 0
     manifest = json.loads((bank / "manifest.json").read_text())
     assert manifest["backbone"]["id"].startswith("effnet-lite2/multilayer") and manifest["config"]["top_k"] == 1
-    assert main(["build-bank", "--data", str(small_voc), "--out", str(bank)]) == 2
+    assert main(["build-bank", "--data", str(small_voc), "--out", str(bank)]) == 1
     assert "exists" in capsys.readouterr().err
 
     out = tmp_path / "eval"
@@ -37,30 +37,57 @@ def test_build_bank_eval_segment(small_voc, tmp_path, capsys):
     assert set(metrics["per_class"]) == set(manifest["class_names"])
     assert len(list((out / "predictions").glob("*.png"))) == 3
 
+    # files from two folders with the same name, a folder and a glob: outputs keep their relative paths
     image = sorted((small_voc / "JPEGImages").glob("*.jpg"))[0]
+    inputs = tmp_path / "inputs"
+    for sub in ("a", "b"):
+        (inputs / sub).mkdir(parents=True)
+        shutil.copy(image, inputs / sub / image.name)
+    (inputs / "b" / "broken.jpg").write_bytes(b"not a jpeg")
     segmented = tmp_path / "segmented"
-    assert main(["segment", "--bank", str(bank), str(image), "--out", str(segmented)]) == 0
-    png = Image.open(segmented / f"{image.stem}.png")
-    assert png.mode == "P" and png.size == Image.open(image).size
-    assert np.asarray(png).max() < len(manifest["class_names"])
+    code = main(["segment", "--bank", str(bank), str(inputs / "a" / image.name), str(inputs / "b"),
+                 str(inputs / "*" / "*.jpg"), "--out", str(segmented)])
+    assert code == 1  # one image could not be read: the others are written, the failure recorded
+    for sub in ("a", "b"):
+        png = Image.open(segmented / sub / f"{image.stem}.png")
+        assert png.mode == "P" and png.size == Image.open(image).size
+        assert np.asarray(png).max() < len(manifest["class_names"])
+        record = json.loads((segmented / sub / f"{image.stem}.json").read_text())
+        assert record["image"].endswith(f"{sub}/{image.name}") and (record["height"], record["width"]) == png.size[::-1]
+        assert all({"class", "score", "area", "bbox", "segmentation"} <= set(r) for r in record["segments"])
+        assert Image.open(segmented / sub / f"{image.stem}_overlay.jpg").size[0] == png.size[0]
+    failures = json.loads((segmented / "failures.json").read_text())
+    assert [f["image"].endswith("broken.jpg") for f in failures] == [True] and "cannot read image" in failures[0]["reason"]
 
 
 def test_clear_errors(small_voc, tmp_path, capsys):
-    assert main(["segment", "--bank", str(tmp_path / "none"), "x.jpg", "--out", str(tmp_path)]) == 2
+    assert main(["segment", "--bank", str(tmp_path / "none"), "x.jpg", "--out", str(tmp_path)]) == 1
     assert "not a feature bank" in capsys.readouterr().err
-    assert main(["eval", "--bank", str(tmp_path), "--data", str(small_voc), "--out", str(tmp_path / "o")]) == 2
+    assert main(["eval", "--bank", str(tmp_path), "--data", str(small_voc), "--out", str(tmp_path / "o")]) == 1
     assert "not a feature bank" in capsys.readouterr().err
-    assert main(["build-bank", "--data", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert main(["build-bank", "--data", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
     assert "no split file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # a usage error: argparse's exit code 2
+        main(["build-bank", "--data", str(small_voc), "--out", str(tmp_path / "b"), "--top-k", "five"])
+    assert usage.value.code == 2
+    with pytest.raises(SystemExit) as version:
+        main(["--version"])
+    assert version.value.code == 0 and "moduseg 0.1.0" in capsys.readouterr().out
     bad = small_voc.parent / "bad_labels"
     shutil.copytree(small_voc, bad)
     labels = json.loads((bad / "image_labels.json").read_text())
     labels[next(iter(labels))] = ["unicorn"]
     (bad / "image_labels.json").write_text(json.dumps(labels))
-    assert main(["build-bank", "--data", str(bad), "--out", str(tmp_path / "b")]) == 2
+    assert main(["build-bank", "--data", str(bad), "--out", str(tmp_path / "b")]) == 1
     assert "unknown class names ['unicorn']" in capsys.readouterr().err
-    assert main(["build-bank", "--data", str(small_voc), "--out", str(tmp_path / "b"), "--vote", "majority"]) == 2
+    assert main(["build-bank", "--data", str(small_voc), "--out", str(tmp_path / "b"), "--vote", "majority"]) == 1
     assert "Config.vote must be one of" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["eval", "--bank", str(tmp_path), "--data", str(small_voc), "--out", str(tmp_path / "file")]) == 1
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"top_k": 3, "votes": "count"}))
+    assert main(["build-bank", "--data", str(small_voc), "--out", str(tmp_path / "b"), "--config", str(settings)]) == 1
+    assert "unknown Config fields ['votes']" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():
@@ -79,7 +106,7 @@ def test_triton_repo_configs_only(tmp_path, capsys):
                                triton_model_name(DEFAULT_BACKBONE, "python")]
     assert all(c.max_batch_size == 4 for c in configs.values())
     assert "config.pbtxt" in capsys.readouterr().out
-    assert main(["triton-repo", "--out", str(tmp_path), "--backbone", "resnet/layer3", "--configs-only"]) == 2
+    assert main(["triton-repo", "--out", str(tmp_path), "--backbone", "resnet/layer3", "--configs-only"]) == 1
     assert "unknown backbone" in capsys.readouterr().err
 
 
@@ -121,6 +148,19 @@ def test_serve_prints_urls_and_stops_the_server_on_sigterm(triton_launcher, repo
                 os.kill(server_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_config_file_then_flags(tmp_path):
+    from engine.cli import _config, build_parser
+
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"top_k": 3, "region_purity": 0.7}))
+    args = build_parser().parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--config", str(settings),
+                                      "--top-k", "9"])
+    config = _config(args)
+    assert (config.top_k, config.region_purity) == (9, 0.7)  # the flag wins over the file
+    help_text = build_parser().parse_args(["segment", "--bank", "b", "x", "--out", "o"])  # parses
+    assert help_text.overlay is True
 
 
 def test_boolean_config_flags_parse_both_ways():
