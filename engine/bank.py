@@ -298,7 +298,8 @@ class FeatureBank:
                                 f"sha256 {str(expected.get('sha256'))[:12]}…; found {actual['bytes']} bytes, "
                                 f"sha256 {actual['sha256'][:12]}…)")
         try:
-            bank = cls(np.load(path / "vectors.npy", allow_pickle=False), np.load(path / "labels.npy", allow_pickle=False),
+            bank = cls(np.load(path / "vectors.npy", allow_pickle=False),
+                       np.load(path / "labels.npy", allow_pickle=False),
                        manifest["class_names"], manifest["backbone"], Config.from_dict(manifest["config"]),
                        json.loads((path / "sources.json").read_text()), manifest.get("provenance", {}),
                        np.load(path / "kinds.npy", allow_pickle=False))

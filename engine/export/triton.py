@@ -19,11 +19,11 @@ backend only, in its own venv made by scripts/triton_env.sh); the GPU variants a
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from ..models.runtime import tensorrt_unavailable_reason
 from ..registry import DEFAULT_BACKBONE, TRITON_VARIANTS, backbone_spec, triton_model_name
 from .tensorrt import build_engine
 
+LOG = logging.getLogger(__name__)
 VARIANTS = TRITON_VARIANTS
 #: requests of up to this many images; the dynamic batcher merges requests of equal padded size up to it.
 DEFAULT_MAX_BATCH_SIZE = 8
@@ -233,8 +234,8 @@ def write_repository(out: str | os.PathLike, backbone: str | None = None, varian
             else:
                 reason = tensorrt_unavailable_reason()
                 if reason is not None:
-                    print(f"{name}: config only, no model.plan ({reason}); build the plan where TensorRT and a GPU "
-                          f"are, with the server's TensorRT version (docs/serving.md)", file=sys.stderr)
+                    LOG.warning("%s: config only, no model.plan (%s); build the plan where TensorRT and a GPU are, "
+                                "with the server's TensorRT version (docs/serving.md)", name, reason)
                 else:
                     build_engine(onnx_source, version_dir / "model.plan", backbone=backbone,
                                  max_batch_size=max_batch_size)

@@ -84,13 +84,18 @@ class TritonRuntime(Runtime):
     concurrency: requests in flight at once when a batch is split (at most max_batch_size images each).
     max_batch_size: images per request; None takes the model's max_batch_size (a model without batching gets one
         request per image).
+    ssl: TLS to the server; None (default) follows the url's scheme ("https://" or "grpcs://" mean TLS), never
+        silently plaintext for an https url. ssl_options: passed to tritonclient as they are (http: `ssl_options`,
+        `insecure`; grpc: `root_certificates`, `private_key`, `certificate_chain`).
+    headers: HTTP headers or gRPC metadata sent with every call (authentication, routing).
     """
 
     name = "triton"
 
     def __init__(self, url: str | None = None, model_name: str | None = None, backbone: str | None = None,
                  protocol: str = "http", model_version: str = "", timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 0.5, concurrency: int = 4, max_batch_size: int | None = None) -> None:
+                 backoff: float = 0.5, concurrency: int = 4, max_batch_size: int | None = None,
+                 ssl: bool | None = None, ssl_options: dict | None = None, headers: dict | None = None) -> None:
         if protocol not in PROTOCOLS:
             raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if timeout <= 0 or retries < 0 or backoff < 0 or concurrency < 1 or \
@@ -100,9 +105,15 @@ class TritonRuntime(Runtime):
         if model_name is None and backbone is None:
             raise InputError("TritonRuntime needs model_name or backbone")
         url = url or DEFAULT_URLS[protocol]
-        for scheme in ("http://", "https://", "grpc://"):
-            if url.startswith(scheme):
-                url = url[len(scheme):]
+        scheme, _, rest = url.partition("://")
+        if rest:
+            if scheme not in ("http", "https", "grpc", "grpcs"):
+                raise InputError(f"Triton url {url!r}: the scheme must be http, https, grpc or grpcs")
+            if ssl is False and scheme in ("https", "grpcs"):
+                raise InputError(f"Triton url {url!r} asks for TLS but ssl=False")
+            ssl = scheme in ("https", "grpcs") if ssl is None else ssl
+            url = rest
+        self.ssl, self.headers = bool(ssl), dict(headers or {})
         self.url, self.protocol, self.model_version = url.rstrip("/"), protocol, str(model_version)
         self.timeout, self.retries, self.backoff, self.concurrency = float(timeout), int(retries), float(backoff), \
             int(concurrency)
@@ -118,9 +129,9 @@ class TritonRuntime(Runtime):
             if protocol == "http":
                 self.client = client_module.InferenceServerClient(
                     self.url, concurrency=self.concurrency, connection_timeout=self.timeout,
-                    network_timeout=self.timeout)
+                    network_timeout=self.timeout, ssl=self.ssl, **(ssl_options or {}))
             else:
-                self.client = client_module.InferenceServerClient(self.url)
+                self.client = client_module.InferenceServerClient(self.url, ssl=self.ssl, **(ssl_options or {}))
         except Exception as error:  # a malformed url
             raise ModelError(f"cannot make a Triton {protocol} client for {self.url}: {_describe(error)}") from error
         self._wait_live()
@@ -131,7 +142,9 @@ class TritonRuntime(Runtime):
     # ------------------------------------------------------------------------------------------------- plumbing
 
     def _kwargs(self) -> dict:
-        return {} if self.protocol == "http" else {"client_timeout": self.timeout}
+        """Keyword arguments every client call takes: the headers, and gRPC's per-call timeout."""
+        extra = {"headers": self.headers} if self.headers else {}
+        return extra if self.protocol == "http" else {"client_timeout": self.timeout, **extra}
 
     def _retrying(self, what: str, call: Callable[[], object]):
         """call() with bounded retries on transient failures; ModelError naming `what` when they run out."""
@@ -191,13 +204,15 @@ class TritonRuntime(Runtime):
         except ModelError as error:
             raise ModelError(f"{error} The server's models: {self._repository_states()}") from error
         if self.protocol == "http":
-            metadata = self._retrying("model metadata", lambda: self.client.get_model_metadata(name, version))
-            config = self._retrying("model config", lambda: self.client.get_model_config(name, version))
+            metadata = self._retrying("model metadata",
+                                      lambda: self.client.get_model_metadata(name, version, **self._kwargs()))
+            config = self._retrying("model config",
+                                    lambda: self.client.get_model_config(name, version, **self._kwargs()))
         else:
             metadata = self._retrying("model metadata", lambda: self.client.get_model_metadata(
-                name, version, as_json=True, client_timeout=self.timeout))
+                name, version, as_json=True, **self._kwargs()))
             config = self._retrying("model config", lambda: self.client.get_model_config(
-                name, version, as_json=True, client_timeout=self.timeout)).get("config", {})
+                name, version, as_json=True, **self._kwargs())).get("config", {})
         self.model_max_batch_size = int(config.get("max_batch_size", 0) or 0)
         self._inputs = {t["name"]: ([int(d) for d in t["shape"]], t["datatype"]) for t in metadata["inputs"]}
         self._outputs = {t["name"]: ([int(d) for d in t["shape"]], t["datatype"]) for t in metadata["outputs"]}
@@ -276,7 +291,8 @@ class TritonRuntime(Runtime):
         return merged
 
     def describe(self) -> dict:
-        return {**super().describe(), "url": self.url, "protocol": self.protocol, "model": self.model_name,
+        return {**super().describe(), "url": self.url, "protocol": self.protocol, "ssl": self.ssl,
+                "model": self.model_name,
                 "platform": self.platform, "max_batch_size": self.max_batch_size}
 
     def close(self) -> None:
@@ -298,7 +314,7 @@ def _infer_concurrently(runtime: "TritonRuntime", chunks: list[dict[str, np.ndar
             try:
                 handles.append(runtime.client.async_infer(runtime.model_name, infer_inputs,
                                                           model_version=runtime.model_version,
-                                                          outputs=infer_outputs))
+                                                          outputs=infer_outputs, **runtime._kwargs()))
             except Exception:  # noqa: BLE001 - retried synchronously below
                 handles.append(None)
         for index, handle in enumerate(handles):
@@ -320,8 +336,9 @@ def _infer_concurrently(runtime: "TritonRuntime", chunks: list[dict[str, np.ndar
                 done.release()
 
             try:
-                runtime.client.async_infer(runtime.model_name, infer_inputs, callback, model_version=runtime.model_version,
-                                        outputs=infer_outputs, client_timeout=runtime.timeout)
+                runtime.client.async_infer(runtime.model_name, infer_inputs, callback,
+                                           model_version=runtime.model_version, outputs=infer_outputs,
+                                           **runtime._kwargs())
                 sent += 1
             except Exception:  # noqa: BLE001
                 pass

@@ -72,6 +72,23 @@ def test_argument_checks():
             TritonRuntime("127.0.0.1:1", backbone=DEFAULT_BACKBONE, **bad)
     with pytest.raises(InputError, match="apply to runtime='triton' only"):
         create_backbone(DEFAULT_BACKBONE, runtime="onnxruntime", url="127.0.0.1:8000")
+    with pytest.raises(InputError, match="asks for TLS but ssl=False"):
+        TritonRuntime("https://127.0.0.1:1", backbone=DEFAULT_BACKBONE, ssl=False)
+    with pytest.raises(InputError, match="the scheme must be"):
+        TritonRuntime("ftp://127.0.0.1:1", backbone=DEFAULT_BACKBONE)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_an_https_url_is_never_sent_in_plaintext(triton_server, protocol, sleeps):
+    # the local server speaks plaintext only: a TLS client must fail its handshake, not fall back
+    scheme = "https" if protocol == "http" else "grpcs"
+    with pytest.raises(ModelError):
+        TritonRuntime(f"{scheme}://{url(triton_server, protocol)}", backbone=DEFAULT_BACKBONE, protocol=protocol,
+                      retries=0, timeout=5)
+    plain = TritonRuntime(url(triton_server, protocol), backbone=DEFAULT_BACKBONE, protocol=protocol,
+                          headers={"x-moduseg-test": "1"})
+    assert plain.describe()["ssl"] is False and plain.headers == {"x-moduseg-test": "1"}
+    plain.close()
 
 
 # -------------------------------------------------------------------------------------- against a real server
