@@ -128,6 +128,10 @@ class Engine:
     config: inference knobs; defaults to the bank's config.
     device: "cpu" or "cuda" ("cuda:N"): where the default backbone runs and the bank is searched.
     kernels: "compiled" (engine.ops and FAISS) or "reference" (engine.reference and an exact NumPy scan).
+
+    An Engine may be shared by threads: concurrent segment_batch / segment_stream calls give the results each would
+    give alone (the models, kernels and search keep no per-call state; the stage timers and the lazily made proposer
+    are locked).
     """
 
     def __init__(self, bank, backbone=None, proposer="embedded", config: Config | None = None, device: str = "cpu",

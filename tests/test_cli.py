@@ -173,3 +173,13 @@ def test_boolean_config_flags_parse_both_ways():
     assert _config(args).region_entries is True
     args = parser.parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--region-purity", "0.7"])
     assert _config(args).region_purity == 0.7 and _config(args).region_entries is True
+
+
+def test_yaml_config_file(tmp_path):
+    from engine.cli import _config, build_parser
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("top_k: 7\nregion_entries: false\n")
+    args = build_parser().parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--config", str(settings)])
+    config = _config(args)
+    assert (config.top_k, config.region_entries) == (7, False)

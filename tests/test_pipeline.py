@@ -394,3 +394,27 @@ def test_result_records_are_the_painted_segments(make_engine, toy, rng):
         np.testing.assert_array_equal(result.label_map[mask], segment["class_id"])
         painted += mask
     assert painted.max() == 1 and (painted == 1).sum() == (result.owner >= 0).sum()
+
+
+def test_threads_sharing_one_engine_get_what_each_would_alone(make_engine, toy, rng):
+    data = scenes(toy, rng, 6)
+    images = [image for image, _ in data]
+    alone = make_engine().segment_batch(images)  # the embedded proposer on the toy features
+    shared = make_engine()  # its proposer is made lazily, by whichever thread asks first
+    outputs, errors = {}, []
+
+    def work(k):
+        try:
+            outputs[k] = shared.segment_batch(images)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors and len(outputs) == 4
+    for results in outputs.values():
+        for a, b in zip(results, alone):
+            assert_same(a, b)

@@ -9,6 +9,7 @@ proposer the feature maps it computes for retrieval anyway, so proposals cost no
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -49,6 +50,7 @@ class EmbeddedProposer(Proposer):
                  levels: Sequence[int] = (100, 50), colour_weight: float = 1.0, size_weight: float = 3.0,
                  merge_group: int | None = -1, min_area: int = 300, num_threads: int = 1) -> None:
         self._backbone = backbone
+        self._lock = threading.Lock()
         self.n_superpixels = int(n_superpixels)
         self.superpixel_scale = float(superpixel_scale)
         self.levels = tuple(sorted({int(k) for k in levels}, reverse=True))
@@ -60,8 +62,9 @@ class EmbeddedProposer(Proposer):
 
     @property
     def backbone(self):
-        if self._backbone is None:
-            self._backbone = create_backbone(DEFAULT_BACKBONE)
+        with self._lock:  # made once, whichever thread asks first
+            if self._backbone is None:
+                self._backbone = create_backbone(DEFAULT_BACKBONE)
         return self._backbone
 
     def propose(self, images: Sequence[np.ndarray], features: Sequence[np.ndarray] | None = None,

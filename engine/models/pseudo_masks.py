@@ -6,6 +6,7 @@ seeds, class prototypes shared across the images that name each class, a backgro
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -69,6 +70,7 @@ class EmbeddedPseudoMasker:
                  num_threads: int = 0) -> None:
         self._backbone = backbone
         self._focus = focus
+        self._lock = threading.Lock()
         self.n_superpixels = int(n_superpixels)
         self.saliency_side = int(saliency_side)
         self.fg_threshold = float(fg_threshold)
@@ -83,14 +85,16 @@ class EmbeddedPseudoMasker:
 
     @property
     def backbone(self):
-        if self._backbone is None:
-            self._backbone = create_backbone(DEFAULT_BACKBONE, num_threads=self.num_threads)
+        with self._lock:  # made once, whichever thread asks first
+            if self._backbone is None:
+                self._backbone = create_backbone(DEFAULT_BACKBONE, num_threads=self.num_threads)
         return self._backbone
 
     @property
     def focus(self):
-        if self._focus is None:
-            self._focus = create_backbone(SALIENCY_BACKBONE, num_threads=self.num_threads)
+        with self._lock:
+            if self._focus is None:
+                self._focus = create_backbone(SALIENCY_BACKBONE, num_threads=self.num_threads)
         return self._focus
 
     def prepare(self, image: np.ndarray, classes: Sequence[int], features: np.ndarray | None = None,

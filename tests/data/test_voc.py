@@ -103,3 +103,15 @@ def test_exif_orientation_is_applied(tmp_path):
     upright = load_image(path)
     assert upright.shape == (40, 20, 3)  # displayed upright: portrait
     assert upright[:20].mean() > 200 and upright[20:].mean() < 50  # the white half is on top
+
+
+def test_decompression_bombs_are_input_errors(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from engine.data import load_image
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is then more than twice the limit: a "bomb"
+    with pytest.raises(InputError, match="too large to decode safely"):
+        load_image(path)
