@@ -257,7 +257,13 @@ class FeatureBank:
             if path.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
                 os.replace(path, old / path.name)
-            os.replace(staging, path)
+            try:
+                os.replace(staging, path)
+            except BaseException:
+                if old is not None and not path.exists():
+                    os.replace(old / path.name, path)  # the old bank back in place
+                    shutil.rmtree(old, ignore_errors=True)
+                raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

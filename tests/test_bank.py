@@ -315,3 +315,25 @@ def test_mask_values_outside_the_class_list_are_refused(rng, toy, CLASSES, Color
     label[0, 0] = 9
     with pytest.raises(InputError, match=r"values \[9\] are neither classes"):
         FeatureBank.build([Sample("a", image, [1, 2], label)], ColorBackbone(), CLASSES, progress=False)
+
+
+def test_a_failed_replacement_leaves_the_old_bank_in_place(saved_bank, monkeypatch):
+    import os
+
+    bank, path = saved_bank
+    before = FeatureBank.load(path).vectors.copy()
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the old bank is aside, the new one is about to move in: the machine "crashes"
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("engine.bank.os.replace", failing_replace)
+    other = FeatureBank(bank.vectors[:-1], bank.labels[:-1], bank.class_names, bank.backbone, bank.config)
+    with pytest.raises(OSError, match="simulated crash"):
+        other.save(path, overwrite=True)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(FeatureBank.load(path).vectors, before)  # the old bank, whole, where it was
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]  # no staging left

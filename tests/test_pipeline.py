@@ -418,3 +418,15 @@ def test_threads_sharing_one_engine_get_what_each_would_alone(make_engine, toy, 
     for results in outputs.values():
         for a, b in zip(results, alone):
             assert_same(a, b)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (1, 5000), (3, 5000), (5000, 1)])
+def test_tiny_and_extreme_aspect_images_return_at_once(make_engine, rng, shape):
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    finished = []
+    thread = threading.Thread(target=lambda: finished.append(make_engine().segment(image)), daemon=True)
+    thread.start()
+    thread.join(60)  # a hang guard, not a timing assertion
+    assert finished, "the engine did not return"
+    result = finished[0]
+    assert result.label_map.shape == shape and (result.note or len(result.classes))
