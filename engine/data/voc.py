@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..constants import IGNORE  # noqa: F401  (VOC's void label, kept importable from here)
 from ..errors import InputError
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
-IGNORE = 255
 
 
 def _voc_palette() -> list[int]:

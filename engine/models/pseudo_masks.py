@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import ops
 from ..config import Config
+from ..constants import IGNORE
 from ..errors import InputError
 from ..registry import DEFAULT_BACKBONE
 from ..utils import check_image
@@ -137,7 +138,7 @@ class EmbeddedPseudoMasker:
             sim_bg = np.maximum(sim_bg, (r.features @ centres.T).max(axis=1))
         z = similarity[np.arange(len(best)), best] - sim_bg + self.saliency_bias * (r.saliency - 0.5)
         leaf_label[z > self.band] = best_class[z > self.band]
-        leaf_label[np.abs(z) <= self.band] = 255
+        leaf_label[np.abs(z) <= self.band] = IGNORE
         return leaf_label
 
     def _class_scores(self, r: ImageRegions, similarity: np.ndarray) -> np.ndarray:
