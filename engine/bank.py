@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -152,35 +152,46 @@ class FeatureBank:
 
         config = config or Config()
         proposer = resolve_proposer(proposer, config) if config.region_entries else None
-        class_names = tuple(class_names)
-        vectors: list[np.ndarray] = []
-        entries: list[BankEntry] = []
-        batch: list = []
-        if total is None and hasattr(samples, "__len__"):
-            total = len(samples)
-        with tqdm(total=total, desc="building feature bank", unit="img", disable=not progress) as bar:
-            for sample in samples:
-                batch.append(sample)
-                if len(batch) == config.batch_size:
-                    _add_batch(batch, backbone, proposer, class_names, config, vectors, entries)
-                    bar.update(len(batch))
-                    batch = []
-            if batch:
-                _add_batch(batch, backbone, proposer, class_names, config, vectors, entries)
-                bar.update(len(batch))
-        matrix = np.concatenate(vectors) if vectors else np.zeros((0, int(backbone.dim)), np.float32)
-        labels = np.array([e.class_id for e in entries], np.int32)
-        kinds = np.array([KINDS.index(e.kind) for e in entries], np.uint8)
-        keep = reject_outliers(matrix, labels, config, kinds == KINDS.index("class"))
+        parts = list(bank_parts(samples, backbone, class_names, config, proposer, progress, total))
+        bank = cls.from_parts(parts, class_names, backbone.describe(), config, provenance)
+        bank.provenance["proposer"] = getattr(proposer, "name", None)
+        return bank
+
+    @classmethod
+    def from_parts(cls, parts: Sequence["BankPart"], class_names: Sequence[str], backbone_record: dict,
+                   config: Config | None = None, provenance: dict | None = None,
+                   keep: np.ndarray | None = None) -> "FeatureBank":
+        """The bank of a sequence of parts (see `BankPart`): their entries concatenated in the order given, then
+        per-class outlier rejection over all of them (`reject_outliers`). Merging shards or appending images is this
+        call over the parts of each, so outlier rejection sees the union, as one build over all images would.
+
+        backbone_record: the backbone's `describe()` dict. keep: a keep-mask over the concatenated entries computed
+        elsewhere (the Ray build's distributed outlier rejection, which equals `reject_outliers`); None computes it.
+        """
+        config = config or Config()
+        parts = list(parts)
+        dim = int(backbone_record.get("dim", -1))
+        for i, part in enumerate(parts):
+            if part.dim != dim:
+                raise BankError(f"bank part {i} holds {part.dim}-d vectors; the backbone {backbone_record.get('id')} "
+                                f"gives {dim}-d")
+        matrix = np.concatenate([p.vectors for p in parts]) if parts else np.zeros((0, dim), np.float32)
+        labels = np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.int32)
+        kinds = np.concatenate([p.kinds for p in parts]) if parts else np.zeros(0, np.uint8)
+        sources = [source for p in parts for source in p.sources]
+        if keep is None:
+            keep = reject_outliers(matrix, labels, config, kinds == KINDS.index("class"))
+        keep = np.asarray(keep, bool)
+        if keep.shape != labels.shape:
+            raise InputError(f"keep-mask of {keep.shape} for {len(labels)} bank entries")
         if not keep.any():
             raise InputError("no bank vector survived: every class mask was smaller than "
                              f"min_area={config.min_area} px after erosion (or there were no samples)")
         record = dict(provenance or {})
         record.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         record["vectors_before_outlier_rejection"] = int(len(matrix))
-        record["proposer"] = getattr(proposer, "name", None)
-        return cls(matrix[keep], labels[keep], class_names, backbone.describe(), config,
-                   [entries[i].image_id for i in np.flatnonzero(keep)], record, kinds[keep])
+        return cls(matrix[keep], labels[keep], tuple(class_names), dict(backbone_record), config,
+                   [sources[i] for i in np.flatnonzero(keep)], record, kinds[keep])
 
     # ----------------------------------------------------------------------------------------------------- access
 
@@ -322,24 +333,209 @@ class FeatureBank:
 def reject_outliers(vectors: np.ndarray, labels: np.ndarray, config: Config,
                     subject: np.ndarray | None = None) -> np.ndarray:
     """Keep-mask: per class, drop the `ratio` fraction (rounded down) of vectors farthest (Euclidean) from the class
-    mean; foreground uses `outlier_ratio`, background (class 0) `background_outlier_ratio`. Ties keep the earlier.
-    `subject`: a boolean mask of the vectors the rule applies to (the class prototypes); the others are kept."""
+    mean; foreground uses `outlier_ratio`, background (class 0) `background_outlier_ratio`. Among equal distances
+    the earlier vector is dropped first (`drop_farthest`). `subject`: a boolean mask of the vectors the rule applies
+    to (the class prototypes); the others are kept."""
     keep = np.ones(len(vectors), bool)
     subject = np.ones(len(vectors), bool) if subject is None else subject
     for class_id in np.unique(labels[subject]):
         members = np.flatnonzero((labels == class_id) & subject)
-        ratio = config.background_outlier_ratio if class_id == 0 else config.outlier_ratio
-        n_drop = int(len(members) * ratio)
+        n_drop = outlier_count(int(class_id), len(members), config)
         if n_drop == 0:
             continue
         distance = np.linalg.norm(vectors[members] - vectors[members].mean(axis=0), axis=1)
-        farthest = members[np.argsort(-distance, kind="stable")[:n_drop]]
-        keep[farthest] = False
+        keep[drop_farthest(members, distance, n_drop)] = False
     return keep
 
 
-def _add_batch(batch, backbone, proposer, class_names, config, vectors, entries) -> None:
-    """The entries of a batch of samples: purified class prototypes and, with a proposer, region entries."""
+def outlier_count(class_id: int, n: int, config: Config) -> int:
+    """How many of a class's `n` vectors outlier rejection drops: int(n * ratio)."""
+    return int(n * (config.background_outlier_ratio if class_id == 0 else config.outlier_ratio))
+
+
+def drop_farthest(members: np.ndarray, distance: np.ndarray, n_drop: int) -> np.ndarray:
+    """The `n_drop` members with the largest distance; a stable sort, so among equal distances the one earlier in
+    `members` goes first. Shared by `reject_outliers` and the distributed build, so both break ties alike."""
+    return members[np.argsort(-distance, kind="stable")[:n_drop]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parts: a bank before outlier rejection, in pieces that can be built apart, kept, merged and appended to
+
+PART_FORMAT = "moduseg-bank-part"
+PARTS_FORMAT = "moduseg-bank-parts"
+PARTS_VERSION = 1
+#: a part directory's files; part.json (sizes and checksums of the others) is written last and marks it complete
+PART_FILES = ("vectors.npy", "labels.npy", "kinds.npy", "sources.json")
+
+
+@dataclass
+class BankPart:
+    """The entries of one batch of bank images before outlier rejection: vectors (n, dim) float32, their class ids,
+    kinds (indices into KINDS) and source image ids, in build order; `images`: every image the batch featurised,
+    also those that gave no entry (so merging can refuse an image counted twice)."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    kinds: np.ndarray
+    sources: list[str]
+    images: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        self.labels = np.ascontiguousarray(self.labels, dtype=np.int32).reshape(-1)
+        self.kinds = np.ascontiguousarray(self.kinds, dtype=np.uint8).reshape(-1)
+        self.sources, self.images = [str(s) for s in self.sources], [str(i) for i in self.images]
+        n = len(self.labels)
+        if self.vectors.ndim != 2 or len(self.vectors) != n or len(self.kinds) != n or len(self.sources) != n:
+            raise BankError(f"bank part: vectors {self.vectors.shape}, labels ({n},), kinds {self.kinds.shape} and "
+                            f"{len(self.sources)} sources disagree")
+
+    @classmethod
+    def empty(cls, dim: int, images: Sequence[str] = ()) -> "BankPart":
+        return cls(np.zeros((0, dim), np.float32), [], [], [], list(images))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def save(self, path) -> Path:
+        """Write the part directory atomically (a temporary sibling renamed into place, part.json written last);
+        an existing `path` is refused."""
+        path = Path(path)
+        if path.exists():
+            raise BankError(f"{path} exists: a bank part is never overwritten")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            np.save(staging / "vectors.npy", self.vectors)
+            np.save(staging / "labels.npy", self.labels)
+            np.save(staging / "kinds.npy", self.kinds)
+            (staging / "sources.json").write_text(json.dumps(self.sources))
+            record = {"format": PART_FORMAT, "version": PARTS_VERSION, "size": len(self), "dim": self.dim,
+                      "images": self.images, "files": {name: _digest(staging / name) for name in PART_FILES}}
+            (staging / "part.json").write_text(json.dumps(record))
+            os.replace(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path) -> "BankPart":
+        """Read a part directory; BankError unless it is complete (part.json present) and its files match it."""
+        path = Path(path)
+        try:
+            record = json.loads((path / "part.json").read_text())
+        except (OSError, ValueError) as error:
+            raise BankError(f"{path} is not a complete bank part (no readable part.json): {error}") from error
+        if not isinstance(record, dict) or record.get("format") != PART_FORMAT:
+            raise BankError(f"{path}: not a {PART_FORMAT} directory")
+        for name in PART_FILES:
+            if not (path / name).is_file() or _digest(path / name) != record.get("files", {}).get(name):
+                raise BankError(f"{path}: {name} is missing, truncated or corrupt")
+        try:
+            part = cls(np.load(path / "vectors.npy", allow_pickle=False), np.load(path / "labels.npy"),
+                       np.load(path / "kinds.npy"), json.loads((path / "sources.json").read_text()),
+                       record.get("images", []))
+        except (ValueError, OSError) as error:
+            raise BankError(f"{path}: cannot read bank part: {error}") from error
+        if len(part) != record.get("size") or part.dim != record.get("dim"):
+            raise BankError(f"{path}: part.json says {record.get('size')} x {record.get('dim')}, the files hold "
+                            f"{len(part)} x {part.dim}")
+        return part
+
+
+def bank_parts(samples: Iterable, backbone, class_names: Sequence[str], config: Config | None = None,
+               proposer=None, progress: bool = True, total: int | None = None) -> Iterator[BankPart]:
+    """Featurise samples (as `FeatureBank.build` takes them) one batch of `config.batch_size` at a time: one
+    BankPart per batch, in input order. proposer: a Proposer for region entries, or None (resolve "embedded" with
+    engine.models.embedded.resolve_proposer first)."""
+    config = config or Config()
+    class_names = tuple(class_names)
+    batch: list = []
+    if total is None and hasattr(samples, "__len__"):
+        total = len(samples)
+    with tqdm(total=total, desc="building feature bank", unit="img", disable=not progress) as bar:
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == config.batch_size:
+                yield featurise_batch(batch, backbone, proposer, class_names, config)
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            yield featurise_batch(batch, backbone, proposer, class_names, config)
+            bar.update(len(batch))
+
+
+def save_parts(parts: Sequence[BankPart], path, class_names: Sequence[str], backbone_record: dict,
+               config: Config, overwrite: bool = False) -> Path:
+    """Write a parts directory: part-000000/, part-000001/, ... in order and parts.json (what they were built with:
+    classes, backbone, config; and the part names), staged in a temporary sibling and renamed into place, so a
+    parts directory without parts.json, or half of one, never appears at `path`. With `overwrite`, an existing
+    parts directory (and only that) is replaced."""
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise BankError(f"{path} exists; pass overwrite=True (--overwrite) to replace the parts there")
+        if not (path / "parts.json").is_file():
+            raise BankError(f"{path} is not a bank parts directory (no parts.json): refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        names = [f"part-{i:06d}" for i in range(len(parts))]
+        for name, part in zip(names, parts):
+            part.save(staging / name)
+        record = {"format": PARTS_FORMAT, "version": PARTS_VERSION, "class_names": list(class_names),
+                  "backbone": dict(backbone_record), "config": config.to_dict(), "parts": names,
+                  "entries": int(sum(len(p) for p in parts)), "images": int(sum(len(p.images) for p in parts))}
+        (staging / "parts.json").write_text(json.dumps(record, indent=2))
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_parts(path) -> tuple[list[BankPart], dict]:
+    """The parts of a parts directory, in order, and its parts.json record (class_names, backbone, config);
+    BankError if parts.json is missing or a part it lists is missing or incomplete."""
+    path = Path(path)
+    try:
+        record = json.loads((path / "parts.json").read_text())
+    except (OSError, ValueError) as error:
+        raise BankError(f"{path} is not a complete bank parts directory (no readable parts.json): {error}") from error
+    if not isinstance(record, dict) or record.get("format") != PARTS_FORMAT or record.get("version") != PARTS_VERSION:
+        raise BankError(f"{path}: not a {PARTS_FORMAT} directory of version {PARTS_VERSION}")
+    return [BankPart.load(path / name) for name in record["parts"]], record
+
+
+def merge_parts(*groups: Sequence[BankPart]) -> list[BankPart]:
+    """The parts of several builds (shards, or an old bank's and new images'), in the order given; InputError if an
+    image was featurised in two of them (it would count twice in outlier rejection and retrieval)."""
+    seen: dict[str, int] = {}
+    for g, group in enumerate(groups):
+        for part in group:
+            for image in part.images:
+                if seen.setdefault(image, g) != g:
+                    raise InputError(f"image {image} is in parts of two builds ({seen[image]} and {g}): merge "
+                                     "builds of disjoint images only")
+    return [part for group in groups for part in group]
+
+
+def featurise_batch(batch, backbone, proposer, class_names: Sequence[str], config: Config) -> BankPart:
+    """The BankPart of a batch of samples: purified class prototypes and, with a proposer, region entries."""
+    vectors: list[np.ndarray] = []
+    entries: list[BankEntry] = []
     images = [s.image for s in batch]
     # non-finite features are not an error here: their vectors are dropped like empty ones (the method's rule)
     features = checked_features(backbone, images, [f"image {s.id}" for s in batch], finite=False)
@@ -376,6 +572,10 @@ def _add_batch(batch, backbone, proposer, class_names, config, vectors, entries)
             pooled = ops.soft_mask_pool(feature_map, atoms, members, backbone.stride, **pooling)
             vectors.append(pooled[usable])
             entries.extend(BankEntry(sample.id, int(c), kind) for c in np.asarray(class_ids)[usable])
+    dim = int(backbone.dim)
+    return BankPart(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
+                    [e.class_id for e in entries], [KINDS.index(e.kind) for e in entries],
+                    [e.image_id for e in entries], [s.id for s in batch])
 
 
 def _class_regions(mask: np.ndarray, allowed: set, config: Config):
