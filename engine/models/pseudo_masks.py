@@ -160,48 +160,76 @@ class EmbeddedPseudoMasker:
 
     def assign(self, regions: Sequence[ImageRegions]) -> list[np.ndarray]:
         """Joint class assignment over a set of prepared images (prototypes are shared between them): one uint8
-        label per superpixel of each image."""
-        fg = [r.saliency >= self.fg_threshold for r in regions]
+        label per superpixel of each image. Each step is a per-image partial sum reduced in image order
+        (`initial_sums`, `iteration_sums`, `refinement_sums`, `reduce_prototypes`), so a distributed run that
+        computes the partial sums elsewhere and reduces them in the same order gets the same prototypes."""
         classes = sorted({c for r in regions for c in r.classes})
         dim = regions[0].features.shape[1] if regions else 0
-        # initial prototypes: foreground mean of each image, shared among its labels
-        protos = {c: np.zeros(dim, np.float64) for c in classes}
-        for r, f in zip(regions, fg):
-            if not r.classes or not f.any():
-                continue
-            mean = (r.features[f] * r.area[f, None]).sum(0) / r.area[f].sum()
-            for c in r.classes:
-                protos[c] += mean / len(r.classes)
-        protos = {c: _unit_vector(v) for c, v in protos.items()}
+        protos = self.reduce_prototypes([self.initial_sums(r) for r in regions], classes, dim)
         for _ in range(max(self.iterations, 1)):
-            sums = {c: np.zeros(dim, np.float64) for c in classes}
-            for r, f in zip(regions, fg):
-                if not r.classes:
-                    continue
-                own = np.stack([protos[c] for c in r.classes])
-                best = np.argmax(self._class_scores(r, r.features @ own.T), axis=1)
-                for j, c in enumerate(r.classes):
-                    chosen = f & (best == j)
-                    sums[c] += (r.features[chosen] * r.area[chosen, None]).sum(0)
-            protos = {c: (_unit_vector(sums[c]) if np.any(sums[c]) else protos[c]) for c in classes}
-        background = [r.saliency <= self.bg_threshold for r in regions]
-        centres = np.zeros((0, dim), np.float32)
-        if self.bg_clusters > 0 and any(b.any() for b in background):
-            pool = np.concatenate([r.features[b] for r, b in zip(regions, background)])
-            weight = np.concatenate([r.area[b] for r, b in zip(regions, background)])
-            centres = _spherical_kmeans(pool, weight, self.bg_clusters)
+            protos = self.reduce_prototypes([self.iteration_sums(r, protos) for r in regions], classes, dim, protos)
+        centres = self.background_centres([self.background_pool(r) for r in regions], dim)
         for round_ in range(self.refinements + 1):
-            masks = []
-            for r, b in zip(regions, background):
-                masks.append(self._decide(r, b, protos, centres))
+            masks = [self.decide(r, protos, centres) for r in regions]
             if round_ < self.refinements:  # prototypes again, from every superpixel the decision gave the class
-                sums = {c: np.zeros(dim, np.float64) for c in classes}
-                for r, leaf_label in zip(regions, masks):
-                    for c in r.classes:
-                        chosen = leaf_label == c
-                        sums[c] += (r.features[chosen] * r.area[chosen, None]).sum(0)
-                protos = {c: (_unit_vector(sums[c]) if np.any(sums[c]) else protos[c]) for c in classes}
+                protos = self.reduce_prototypes([self.refinement_sums(r, m) for r, m in zip(regions, masks)],
+                                                classes, dim, protos)
         return masks
+
+    # ------------------------------------------------------------- assign's per-image pieces and their reductions
+
+    def initial_sums(self, r: ImageRegions) -> dict[int, np.ndarray]:
+        """An image's share of the initial prototypes: its foreground mean, split evenly among its labels."""
+        f = r.saliency >= self.fg_threshold
+        if not r.classes or not f.any():
+            return {}
+        mean = (r.features[f] * r.area[f, None]).sum(0) / r.area[f].sum()
+        return {c: mean / len(r.classes) for c in r.classes}
+
+    def iteration_sums(self, r: ImageRegions, protos: dict) -> dict[int, np.ndarray]:
+        """An image's share of one prototype iteration: the area-weighted feature sum of the foreground seeds that
+        score best for each of its classes."""
+        if not r.classes:
+            return {}
+        f = r.saliency >= self.fg_threshold
+        own = np.stack([protos[c] for c in r.classes])
+        best = np.argmax(self._class_scores(r, r.features @ own.T), axis=1)
+        return {c: (r.features[f & (best == j)] * r.area[f & (best == j), None]).sum(0)
+                for j, c in enumerate(r.classes)}
+
+    def refinement_sums(self, r: ImageRegions, leaf_label: np.ndarray) -> dict[int, np.ndarray]:
+        """An image's share of a refinement: the area-weighted feature sum of the superpixels decided as each of its
+        classes."""
+        return {c: (r.features[leaf_label == c] * r.area[leaf_label == c, None]).sum(0) for c in r.classes}
+
+    @staticmethod
+    def reduce_prototypes(shares, classes: Sequence[int], dim: int, previous: dict | None = None) -> dict:
+        """Unit prototypes from per-image shares (dicts class -> float64 sum), added in the order given; a class
+        with a zero sum keeps its `previous` prototype (with no previous: the zero vector)."""
+        sums = {c: np.zeros(dim, np.float64) for c in classes}
+        for share in shares:
+            for c, v in share.items():
+                sums[c] += v
+        if previous is None:
+            return {c: _unit_vector(v) for c, v in sums.items()}
+        return {c: (_unit_vector(sums[c]) if np.any(sums[c]) else previous[c]) for c in classes}
+
+    def background_pool(self, r: ImageRegions) -> tuple[np.ndarray, np.ndarray]:
+        """An image's background seeds: their features and areas (pooled over all images for the k-means)."""
+        b = r.saliency <= self.bg_threshold
+        return r.features[b], r.area[b]
+
+    def background_centres(self, pools, dim: int) -> np.ndarray:
+        """The `bg_clusters` spherical k-means centres of all images' background seeds, pooled in the order given."""
+        pools = list(pools)
+        if self.bg_clusters <= 0 or not any(len(area) for _, area in pools):
+            return np.zeros((0, dim), np.float32)
+        return _spherical_kmeans(np.concatenate([f for f, _ in pools]), np.concatenate([a for _, a in pools]),
+                                 self.bg_clusters)
+
+    def decide(self, r: ImageRegions, protos: dict, centres: np.ndarray) -> np.ndarray:
+        """Step 3 for one image with the shared prototypes and background centres: a uint8 label per superpixel."""
+        return self._decide(r, r.saliency <= self.bg_threshold, protos, centres)
 
 
 def _spherical_kmeans(points: np.ndarray, weight: np.ndarray, k: int, iterations: int = 10) -> np.ndarray:
