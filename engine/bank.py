@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .config import Config
 from .constants import IGNORE
+from .deps import require
 from .errors import BankError, InputError
 from .models.base import checked_features
 from .search import make_faiss_index
@@ -234,7 +235,7 @@ class FeatureBank:
         `overwrite`, an existing bank (a directory holding a bank manifest, and nothing else) is replaced: the old
         one is renamed aside, the new one renamed in, then the old one deleted, so a crash at any point leaves a
         whole bank at `path` or beside it, never half of one. Anything else at `path` is refused, never deleted."""
-        import faiss
+        faiss = require("faiss", "the bank's FAISS index")
 
         path = Path(path)
         if path.exists() and not overwrite:
@@ -286,7 +287,7 @@ class FeatureBank:
     def load(cls, path, backbone=None) -> "FeatureBank":
         """Read a bank directory, verifying format, version, checksums of exactly the bank's files, and the index
         against the vectors; with `backbone`, also that it matches."""
-        import faiss
+        faiss = require("faiss", "the bank's FAISS index")
 
         path = Path(path)
         manifest_file = path / "manifest.json"
@@ -608,7 +609,7 @@ BANK_FILES = {"manifest.json", "vectors.npy", "labels.npy", "kinds.npy", "source
 def _check_index(path: Path, index, bank: "FeatureBank") -> None:
     """BankError unless `index` is an inner-product index over exactly the bank's vectors (for indexes that keep
     them: flat ones; others are checked by size, width and metric)."""
-    import faiss
+    faiss = require("faiss", "the bank's FAISS index")
 
     if index.ntotal != len(bank) or index.d != bank.dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise BankError(f"{path}: index.faiss holds {index.ntotal} x {index.d} (metric {index.metric_type}), the "

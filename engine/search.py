@@ -24,6 +24,7 @@ import abc
 import numpy as np
 
 from .config import Config
+from .deps import check_torch_device, require
 from .errors import InputError
 
 BACKENDS = ("faiss", "torch", "exact")  # "faiss": FlatIndex for "Flat", FAISS for any other factory string
@@ -80,7 +81,7 @@ class FaissIndex(SearchIndex):
         self.backend = f"faiss-cpu {config.index}"
 
     def _search(self, queries, k):
-        import faiss
+        faiss = require("faiss", "the FAISS search")
 
         # a small search runs on one thread: an OpenMP team's fork and join would cost more than the scan
         threads = self.num_threads or (1 if queries.size * self.size < SMALL_SEARCH else 0)
@@ -168,6 +169,7 @@ class TorchIndex(SearchIndex):
         import torch
 
         super().__init__(vectors, labels, num_classes)
+        check_torch_device(device)  # no GPU, or no kernel image for it: ModelError naming both
         if chunk_rows < 1:
             raise InputError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self.device = torch.device(device)
@@ -212,7 +214,7 @@ def create_index(bank, config: Config, backend: str = "faiss", device: str = "cu
 def make_faiss_index(vectors: np.ndarray, config: Config):
     """A FAISS inner-product index from the factory string `config.index` ("Flat" exact; "IVFn,Flat" trained here on
     at most `config.index_train_size` vectors, a fixed random sample)."""
-    import faiss
+    faiss = require("faiss", "the FAISS index")
 
     vectors = np.ascontiguousarray(vectors, np.float32)
     try:
