@@ -14,7 +14,7 @@ proposals=${MODUSEG_PROPOSALS:-auto}
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 . .venv/bin/activate
 pip install -q torch==2.13.0          # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
-pip install -q ".[export]"
+pip install -q ".[cpu,export]"
 
 moduseg build-bank --data "$data" --split train --masks "$masks" --out "$out/bank" --overwrite ${MODUSEG_ARGS:-}
 moduseg eval --bank "$out/bank" --data "$data" --split val --proposals "$proposals" --out "$out/eval" ${MODUSEG_ARGS:-}

@@ -7,6 +7,6 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q torch==2.13.0          # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
-pip install -q ".[export,test]"
+pip install -q ".[cpu,export,test]"  # cpu: onnxruntime + faiss-cpu (the gpu extra has their GPU builds)
 # Run from tests/ so that `import engine` is the installed package (with its compiled extension), not the sources.
 cd tests && python -m pytest -ra "$@"

