@@ -403,6 +403,29 @@ class BankPart:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
+    @classmethod
+    def concatenate(cls, parts: Sequence["BankPart"]) -> "BankPart":
+        """One part holding the entries (and images) of `parts`, in the order given."""
+        parts = list(parts)
+        if not parts:
+            raise InputError("no bank parts to concatenate")
+        return cls(np.concatenate([p.vectors for p in parts]), np.concatenate([p.labels for p in parts]),
+                   np.concatenate([p.kinds for p in parts]), [s for p in parts for s in p.sources],
+                   [i for p in parts for i in p.images])
+
+    def per_image(self) -> list["BankPart"]:
+        """One part per image of `images`, in order (entries are grouped by image in build order), so parts made in
+        batches of any composition can be regrouped in image order."""
+        if len(set(self.images)) != len(self.images):
+            raise InputError(f"bank part lists an image twice: {self.images}")
+        rows = {image: [] for image in self.images}
+        for row, source in enumerate(self.sources):
+            if source not in rows:
+                raise InputError(f"bank part: entry {row} comes from image {source}, which the part does not list")
+            rows[source].append(row)
+        return [BankPart(self.vectors[r], self.labels[r], self.kinds[r], [image] * len(r), [image])
+                for image, r in ((image, np.asarray(rows[image], np.int64)) for image in self.images)]
+
     def save(self, path) -> Path:
         """Write the part directory atomically (a temporary sibling renamed into place, part.json written last);
         an existing `path` is refused."""
