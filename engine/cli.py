@@ -3,8 +3,8 @@
     moduseg build-bank --data ROOT --split train --masks gt|pseudo --out BANK_DIR
     moduseg eval --bank BANK_DIR --data ROOT --split val --proposals gt|auto --out RESULT_DIR
     moduseg segment --bank BANK_DIR IMAGES... --out DIR
-    moduseg triton-repo --out REPO [--backbone NAME] [--variants python onnx tensorrt]
-    moduseg serve --repo REPO [--http-port 8000 --grpc-port 8001]
+    moduseg triton-repo --out REPO [--backbone NAME] [--variants python onnx tensorrt] [--gpus 0,1] [--no-warmup] ...
+    moduseg serve --repo REPO [--http-port 8000 --grpc-port 8001] [--server-arg=--log-verbose=1]
 """
 
 from __future__ import annotations
@@ -89,32 +89,83 @@ def _read_config_file(path) -> dict:
     return values
 
 
+def _add_ray_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help=f"{what}; without ADDRESS a local cluster is started (or RAY_ADDRESS used), else "
+                             "ray.init(address=ADDRESS) (needs pip install 'moduseg-engine[ray]')")
+    parser.add_argument("--actors", type=int, default=None, metavar="N",
+                        help="Ray actors (default: one per GPU in the cluster, else one per CPU)")
+
+
 def _chunks(items, size):
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
 def cmd_build_bank(args) -> int:
-    from .bank import FeatureBank
+    from .bank import FeatureBank, bank_parts, load_parts, merge_parts, save_parts
     from .data import VOCDataset
+    from .errors import BankError
     from .models import create_backbone
+    from .models.embedded import resolve_proposer
 
     config = _config(args)
-    dataset = VOCDataset(args.data, args.split)
+    if args.data is None and not args.add_parts:
+        raise InputError("give --data (images to featurise) and/or --add-parts (parts of earlier builds to merge)")
+    parts_dir = Path(args.parts) if args.parts else Path(f"{args.out}.parts")
+    for target in (Path(args.out), parts_dir if args.keep_parts else None):
+        if target is not None and target.exists() and not args.overwrite:
+            raise BankError(f"{target} exists; pass --overwrite to replace it")
     backbone = create_backbone(args.backbone, batch_size=config.batch_size, num_threads=config.num_threads)
-    samples = dataset
-    if args.masks == "pseudo":
-        from .models.pseudo_masks import pseudo_mask_samples
-
-        samples = pseudo_mask_samples(dataset, config, backbone=backbone)
+    class_names, groups, provenance = None, [], {"masks": args.masks}
+    for earlier in args.add_parts or []:
+        parts, record = load_parts(earlier)
+        if record["backbone"].get("id") != backbone.id or int(record["backbone"].get("dim", -1)) != backbone.dim:
+            raise BankError(f"--add-parts {earlier}: built with backbone {record['backbone'].get('id')}, this build "
+                            f"runs {backbone.id}")
+        if class_names is not None and tuple(record["class_names"]) != class_names:
+            raise BankError(f"--add-parts {earlier}: classes {record['class_names']} differ from {list(class_names)}")
+        class_names = tuple(record["class_names"])
+        groups.append(parts)
+    provenance["added_parts"] = [str(Path(p).resolve()) for p in args.add_parts or []]
     start = time.perf_counter()
-    bank = FeatureBank.build(samples, backbone, dataset.class_names, config, total=len(dataset),
-                             provenance={"data": str(Path(args.data).resolve()), "split": args.split,
-                                         "masks": args.masks, "images": len(dataset)})
+    if args.data is not None:
+        dataset = VOCDataset(args.data, args.split)
+        if class_names is not None and tuple(dataset.class_names) != class_names:
+            raise BankError(f"{args.data}: classes {list(dataset.class_names)} differ from the added parts' "
+                            f"{list(class_names)}")
+        class_names = tuple(dataset.class_names)
+        provenance.update({"data": str(Path(args.data).resolve()), "split": args.split, "images": len(dataset)})
+        if args.ray is not None:
+            from .distributed import build_parts_ray
+
+            groups.append(build_parts_ray(args.data, args.split, args.masks, args.backbone, config,
+                                          address=args.ray or None, actors=args.actors))
+            provenance["proposer"] = "embedded" if config.region_entries else None
+            provenance["ray"] = args.ray or "local"
+        else:
+            samples = dataset
+            if args.masks == "pseudo":
+                from .models.pseudo_masks import pseudo_mask_samples
+
+                samples = pseudo_mask_samples(dataset, config, backbone=backbone)
+            proposer = resolve_proposer("embedded", config) if config.region_entries else None
+            provenance["proposer"] = getattr(proposer, "name", None)
+            groups.append(list(bank_parts(samples, backbone, class_names, config, proposer, total=len(dataset))))
+    parts = merge_parts(*groups)
+    keep = None
+    if args.ray is not None:
+        from .distributed import reject_outliers_ray
+
+        keep = reject_outliers_ray(parts, config, address=args.ray or None)
+    if args.keep_parts:
+        save_parts(parts, parts_dir, class_names, backbone.describe(), config, overwrite=args.overwrite)
+    bank = FeatureBank.from_parts(parts, class_names, backbone.describe(), config, provenance, keep=keep)
     bank.save(args.out, overwrite=args.overwrite)
     counts = {n: int(c) for n, c in zip(bank.class_names, bank.class_counts()) if c}
-    print(f"bank: {len(bank)} vectors ({bank.dim}-d, {bank.backbone['id']}) from {len(dataset)} images in "
-          f"{time.perf_counter() - start:.1f} s -> {args.out}")
+    print(f"bank: {len(bank)} vectors ({bank.dim}-d, {bank.backbone['id']}) from {sum(len(p.images) for p in parts)} "
+          f"images in {time.perf_counter() - start:.1f} s -> {args.out}"
+          + (f" (parts: {parts_dir})" if args.keep_parts else ""))
     print(f"per class: {counts}")
     return 0
 
@@ -168,9 +219,11 @@ def cmd_eval(args) -> int:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def image_files(specs: list[str]) -> tuple[list[Path], Path]:
-    """Image files from files, directories (searched recursively) and glob patterns, in order, each once; and the
-    folder their outputs are named relative to (the deepest folder holding them all)."""
+def image_files(specs: list[str], manifest=None) -> tuple[list[Path], Path]:
+    """Image files from files, directories (searched recursively) and glob patterns, in order, then those a manifest
+    file lists, each once; and the folder their outputs are named relative to (the deepest folder holding them all).
+    A spec matching nothing is an InputError; a manifest's paths are not checked here (a missing one is recorded as
+    a failure when it is segmented)."""
     import glob
 
     found: list[Path] = []
@@ -184,45 +237,122 @@ def image_files(specs: list[str]) -> tuple[list[Path], Path]:
             found += sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         else:
             raise InputError(f"{spec}: no such image file, folder or glob match")
+    if manifest is not None:
+        found += read_manifest(manifest)
     found = list(dict.fromkeys(p.resolve() for p in found))
     if not found:
-        raise InputError(f"no image files in {specs}")
+        raise InputError(f"no image files in {specs}" + (f" or {manifest}" if manifest is not None else ""))
     base = Path(os.path.commonpath([str(p.parent) for p in found]))
     return found, base
+
+
+def read_manifest(path) -> list[Path]:
+    """The image paths a manifest file lists, one a line (blank lines and lines starting with # skipped); a relative
+    path is relative to the manifest's folder. An unreadable or empty manifest is an InputError."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"--manifest {path}: cannot read it: {error}") from error
+    entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not entries:
+        raise InputError(f"--manifest {path} lists no image paths (one a line)")
+    return [path.parent / entry for entry in entries]
+
+
+# Per-image outputs of `moduseg segment` (the Ray batch run writes the same through these): under OUT, the image's
+# path relative to the inputs' base folder without its suffix, then .png (label map), _overlay.jpg and .json (record).
+# Each file is written to a temporary name and renamed into place, the JSON record last, so a record means "done".
+
+def output_stem(path: Path, base: Path, out: Path) -> Path:
+    """OUT/relative/path/name of an image's outputs, without suffix (a/x.jpg and b/x.jpg do not collide)."""
+    relative = Path(path).relative_to(base)
+    return out / relative.parent / relative.stem
+
+
+def outputs_done(path: Path, base: Path, out: Path) -> bool:
+    """Whether an image's outputs are complete: its JSON record, written last, exists."""
+    stem = output_stem(path, base, out)
+    return (stem.parent / f"{stem.name}.json").is_file()
+
+
+def write_outputs(path: Path, result, base: Path, out: Path, with_overlay: bool = True) -> Path:
+    """Write one image's outputs atomically (label map PNG, overlay JPEG if asked, JSON record last); returns the
+    record's path."""
+    from .data import load_image, save_label_map
+    from .report import overlay
+
+    stem = output_stem(path, base, out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(stem.parent / f"{stem.name}.png", lambda tmp: save_label_map(result.label_map, tmp))
+    if with_overlay:
+        _write_atomic(stem.parent / f"{stem.name}_overlay.jpg", lambda tmp: overlay(load_image(path), result, tmp))
+    record = stem.parent / f"{stem.name}.json"
+    _write_atomic(record, lambda tmp: tmp.write_text(json.dumps({"image": str(path), **result.to_dict()})))
+    return record
+
+
+def write_failures(out: Path, failures: list[dict]) -> Path:
+    """OUT/failures.jsonl (one {"image", "reason"} object a line) written atomically; removed when there are none."""
+    target = out / FAILURES_FILE
+    if not failures:
+        target.unlink(missing_ok=True)
+        return target
+    _write_atomic(target, lambda tmp: tmp.write_text("".join(json.dumps(f) + "\n" for f in failures)))
+    return target
+
+
+FAILURES_FILE = "failures.jsonl"
+
+
+def _write_atomic(target: Path, write) -> None:
+    """write(tmp) to a hidden temporary sibling with the same suffix (image writers pick the format from it), then
+    rename it over `target`."""
+    tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp{target.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cmd_segment(args) -> int:
     from tqdm.auto import tqdm
 
     from .bank import FeatureBank
-    from .data import save_label_map
-    from .pipeline import Engine, Skipped
-    from .report import colourise, overlay
 
-    bank = FeatureBank.load(args.bank)
+    bank = FeatureBank.load(args.bank)  # checked here, before any work, also when Ray actors load it again
     config = _config(args, bank.config)
-    engine = Engine(bank, config=config, device=args.device)
     out = _output_dir(args.out)
-    paths, base = image_files(args.images)
-    failures = []
-    with tqdm(total=len(paths), desc="segment", unit="img") as bar:
-        for path, result in zip(paths, engine.segment_stream(paths, on_error="skip")):
-            bar.update(1)
-            if isinstance(result, Skipped):
-                failures.append({"image": str(path), "reason": result.reason})
-                continue
-            target = out / path.relative_to(base).with_suffix("")  # relative paths kept: a/x.jpg, b/x.jpg differ
-            target.parent.mkdir(parents=True, exist_ok=True)
-            save_label_map(result.label_map, target.with_suffix(".png"))
-            (target.parent / f"{target.name}.json").write_text(json.dumps({"image": str(path), **result.to_dict()}))
-            if args.overlay:
-                from .data import load_image
+    paths, base = image_files(args.images, args.manifest)
+    if args.ray is not None:
+        from .distributed import segment_ray
 
-                overlay(load_image(path), result, target.parent / f"{target.name}_overlay.jpg")
+        summary = segment_ray(paths, base, out, args.bank, config, address=args.ray or None, actors=args.actors,
+                              with_overlay=args.overlay, resume=args.resume, device=args.device)
+    else:
+        from .pipeline import Engine, Skipped
+
+        engine = Engine(bank, config=config, device=args.device)
+        todo = [p for p in paths if not (args.resume and outputs_done(p, base, out))]
+        failures = []
+        with tqdm(total=len(todo), desc="segment", unit="img") as bar:
+            for path, result in zip(todo, engine.segment_stream(todo, on_error="skip")):
+                bar.update(1)
+                if isinstance(result, Skipped):
+                    failures.append({"image": str(path), "reason": result.reason})
+                else:
+                    write_outputs(path, result, base, out, args.overlay)
+        summary = {"images": len(paths), "done_before": len(paths) - len(todo),
+                   "written": len(todo) - len(failures), "failures": failures}
+    failures = summary["failures"]
+    write_failures(out, failures)
     if failures:
-        (out / "failures.json").write_text(json.dumps(failures, indent=2))
-        print(f"{len(failures)} of {len(paths)} images skipped (reasons in {out / 'failures.json'})", file=sys.stderr)
-    print(f"{len(paths) - len(failures)} label maps (+ JSON records{', overlays' if args.overlay else ''}) -> {out}")
+        print(f"{len(failures)} of {len(paths)} images failed (reasons in {out / FAILURES_FILE})", file=sys.stderr)
+    print(f"{summary['written']} written, {summary['done_before']} already done, {len(failures)} failed, of "
+          f"{len(paths)} images: label maps + JSON records{' + overlays' if args.overlay else ''} -> {out}"
+          + (" (all done)" if not failures else ""))
     return 1 if failures else 0
 
 
@@ -234,16 +364,37 @@ def _output_dir(path) -> Path:
     return out
 
 
+def _gpu_ids(text: str) -> list[int]:
+    """--gpus 0,1 -> [0, 1]."""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpus takes comma-separated GPU ids, e.g. 0,1; got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"--gpus takes GPU ids >= 0, e.g. 0,1; got {text!r}")
+    return ids
+
+
 def cmd_triton_repo(args) -> int:
-    from .export.triton import write_repository
+    from .export.triton import DEFAULT_PLAN_CCS, plan_records, write_repository
 
     written = write_repository(args.out, backbone=args.backbone, variants=args.variants,
                                with_models=not args.configs_only, onnx_path=args.onnx, plan_path=args.plan,
-                               max_batch_size=args.max_batch_size, instances=args.instances,
-                               num_threads=args.num_threads)
+                               plan_cc=args.plan_cc, max_batch_size=args.max_batch_size, instances=args.instances,
+                               num_threads=args.num_threads, queue_delay_us=args.queue_delay_us, gpus=args.gpus,
+                               warmup=args.warmup, max_side=args.max_side,
+                               compute_capabilities=args.compute_capabilities or DEFAULT_PLAN_CCS,
+                               execution_env=args.execution_env)
     for name, path in written.items():
         files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
         print(f"{path}: {', '.join(files)}")
+        for plan, record in plan_records(path).items():
+            if record is None or not record.get("tensorrt"):
+                print(f"  {plan}: TensorRT version unknown (no build record): it must equal the server's")
+            else:
+                print(f"  {plan}: TensorRT {record['tensorrt']}, built on {record.get('gpu')} (compute capability "
+                      f"{record.get('compute_capability')}); sides {record.get('min_side')}..{record.get('max_side')}, "
+                      f"batch <= {record.get('max_batch')}")
     return 0
 
 
@@ -259,7 +410,8 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     server = LocalServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
-                         metrics_port=args.metrics_port, models=args.models, env_dir=args.env, log_path=args.log)
+                         metrics_port=args.metrics_port, models=args.models, env_dir=args.env, log_path=args.log,
+                         extra_args=args.server_arg or ())
     server.start(timeout=args.start_timeout)
     print(f"tritonserver (pid {server.process.pid}) serving {', '.join(server.models)} from {server.repo}\n"
           f"  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}\n"
@@ -293,13 +445,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build-bank", help="build a feature bank from a VOC-layout dataset")
-    build.add_argument("--data", required=True, help="dataset root (VOC layout)")
+    build.add_argument("--data", default=None, help="dataset root (VOC layout)")
     build.add_argument("--split", default="train")
     build.add_argument("--masks", choices=("gt", "pseudo"), default="gt",
                        help="class masks: ground truth (oracle bank) or pseudo-masks from image-level labels")
     build.add_argument("--backbone", default=DEFAULT_BACKBONE)
     build.add_argument("--out", required=True, help="bank directory to write")
     build.add_argument("--overwrite", action="store_true", help="replace an existing bank directory")
+    build.add_argument("--parts", default=None, metavar="DIR",
+                       help="where the bank's parts (entries before outlier rejection, needed to merge or append) are "
+                            "kept (default: OUT.parts next to the bank)")
+    build.add_argument("--keep-parts", action=argparse.BooleanOptionalAction, default=True,
+                       help="write the parts directory (default on)")
+    build.add_argument("--add-parts", nargs="+", default=None, metavar="DIR",
+                       help="parts directories of earlier builds (shards, or the bank appended to): the bank is "
+                            "built over their entries and the new ones, outlier rejection over the union")
+    _add_ray_flags(build, "featurise on a Ray cluster: actors hold the backbone and proposer")
     _add_config_flags(build)
     build.set_defaults(run=cmd_build_bank)
 
@@ -317,11 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment images into VOC-palette PNG label maps, JSON records "
                                   "per image (class, score, area, box, RLE mask per segment) and overlays")
     segment.add_argument("--bank", required=True)
-    segment.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    segment.add_argument("images", nargs="*", help="image files, folders (searched recursively) or glob patterns")
+    segment.add_argument("--manifest", default=None, metavar="FILE",
+                         help="a file listing image paths, one a line (relative to its folder); a missing one is "
+                              "recorded as a failure")
+    segment.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                         help="skip images whose JSON record (written last) exists in --out (default on); "
+                              "failed images are retried")
     segment.add_argument("--out", required=True, help="output folder; outputs keep the inputs' relative paths")
     segment.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                          help="also write the image blended with its label map and a legend (default on)")
     segment.add_argument("--device", default="cpu", help="cpu or cuda (the backbone and the bank search)")
+    _add_ray_flags(segment, "segment on a Ray cluster: actors each hold an Engine and write the outputs")
     _add_config_flags(segment)
     segment.set_defaults(run=cmd_segment)
 
@@ -333,11 +501,32 @@ def build_parser() -> argparse.ArgumentParser:
                       help="python: onnxruntime on CPU in the python backend; onnx / tensorrt: GPU platforms")
     repo.add_argument("--configs-only", action="store_true", help="config.pbtxt and model.py only, no model files")
     repo.add_argument("--onnx", default=None, help="ONNX file to serve (default: the cached export)")
-    repo.add_argument("--plan", default=None, help="TensorRT plan for the tensorrt variant (default: built here "
-                                                     "if TensorRT and a GPU exist, else left out)")
-    repo.add_argument("--max-batch-size", type=int, default=8)
+    repo.add_argument("--plan", action="append", default=None, metavar="PLAN",
+                      help="a TensorRT plan built elsewhere, placed as model.smXY.plan with its record PLAN.json "
+                           "(repeatable; default: one built here for this GPU if TensorRT and a GPU exist, else none)")
+    repo.add_argument("--plan-cc", action="append", default=None, metavar="X.Y",
+                      help="compute capability each --plan was built for, in order (e.g. 8.6; default: from PLAN.json)")
+    repo.add_argument("--compute-capabilities", nargs="+", default=None, metavar="X.Y",
+                      help="GPUs the tensorrt config maps to plan files (cc_model_filenames; default 7.5 8.0 8.6 8.9 "
+                           "9.0, plus those of the plans present)")
+    repo.add_argument("--max-batch-size", type=int, default=8, help="largest batch per execution (default 8)")
     repo.add_argument("--instances", type=int, default=1, help="model instances (per GPU for GPU variants)")
-    repo.add_argument("--num-threads", type=int, default=0, help="python variant: onnxruntime threads per instance")
+    repo.add_argument("--num-threads", type=int, default=0,
+                      help="intra-op threads per instance (python: onnxruntime; onnx: intra_op_thread_count; 0: the "
+                           "runtime's choice)")
+    repo.add_argument("--queue-delay-us", type=int, default=2000,
+                      help="how long the dynamic batcher may hold a request to fill a batch (default 2000)")
+    repo.add_argument("--gpus", type=_gpu_ids, default=None, metavar="0,1",
+                      help="GPU ids of the GPU variants' instances (default: every GPU the server sees)")
+    repo.add_argument("--max-side", type=int, default=None,
+                      help="largest padded image side: the TensorRT profile's (default 1024), and stated as a limit "
+                           "for the python and onnx variants too when given")
+    repo.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                      help="model_warmup at load: 512x512 images, batch 1 and --max-batch-size (default on)")
+    repo.add_argument("--execution-env", default=None, metavar="ARCHIVE",
+                      help="python variant: a packed environment with onnxruntime (scripts/pack_triton_env.sh) for a "
+                           "server without it (NGC's -py3 image): a local archive is placed in the model directory; "
+                           "'$$TRITON_MODEL_DIRECTORY/FILE' (single quotes) or an absolute server path is written as is")
     repo.set_defaults(run=cmd_triton_repo)
 
     serve = commands.add_parser("serve", help="run a local tritonserver (python backend) over a model repository")
@@ -349,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--env", default=None, help="server venv (default .triton-venv, made by scripts/triton_env.sh)")
     serve.add_argument("--log", default=None, help="server log file (default: a temporary file)")
     serve.add_argument("--start-timeout", type=float, default=120.0)
+    serve.add_argument("--server-arg", action="append", default=None, metavar="ARG",
+                       help="one more tritonserver argument, e.g. --server-arg=--log-verbose=1 or "
+                            "--server-arg=--backend-config=python,shm-default-byte-size=16777216 (repeatable)")
     serve.set_defaults(run=cmd_serve)
     report = commands.add_parser("report", help="the paper's table rows on VOC-layout data sets (JSON, Markdown, PNG)")
     report.add_argument("--data-root", default="../shared/data", help="folder holding the data sets")

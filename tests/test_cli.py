@@ -56,7 +56,7 @@ def test_build_bank_eval_segment(small_voc, tmp_path, capsys):
         assert record["image"].endswith(f"{sub}/{image.name}") and (record["height"], record["width"]) == png.size[::-1]
         assert all({"class", "score", "area", "bbox", "segmentation"} <= set(r) for r in record["segments"])
         assert Image.open(segmented / sub / f"{image.stem}_overlay.jpg").size[0] == png.size[0]
-    failures = json.loads((segmented / "failures.json").read_text())
+    failures = [json.loads(line) for line in (segmented / "failures.jsonl").read_text().splitlines()]
     assert [f["image"].endswith("broken.jpg") for f in failures] == [True] and "cannot read image" in failures[0]["reason"]
 
 
