@@ -5,12 +5,17 @@ what it computes locally. The runtime
 
 - finds the model (given by name, or the first ready one of a backbone's generated variants: tensorrt, onnx, python),
   reads its metadata and config, and checks each request against them before sending (names, ranks, fixed dims,
-  dtypes): a mismatch is an InputError naming the input and the model's shape, not a server round trip;
+  dtypes, and the limits the config states as parameters: `min_side` / `max_side` of an image's padded side, e.g. a
+  TensorRT plan's optimisation profile): a mismatch is an InputError naming the input, the limit and the model, not
+  a server round trip;
 - splits a batch into requests of at most the model's max_batch_size and keeps up to `concurrency` of them in flight,
   so the server's dynamic batcher and instances see parallel work;
 - retries transient failures (server unreachable, model not ready / unavailable, timeouts) at most `retries` times
   with exponential backoff, then raises ModelError saying what was tried; other errors (bad shapes, a failing model)
-  are raised at once.
+  are raised at once;
+- is thread-safe: tritonclient's client objects are not, so every thread that uses the runtime gets its own client,
+  made on its first call with the same arguments (its own HTTP connection pool or gRPC channel); close() closes them
+  all, and a client whose thread has ended is closed when the next one is made.
 
     runtime = TritonRuntime("127.0.0.1:8001", backbone="effnet-lite2/block19", protocol="grpc")
     backbone = create_backbone("effnet-lite2/block19", runtime="triton", url="127.0.0.1:8000")
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -125,21 +131,58 @@ class TritonRuntime(Runtime):
         except ImportError as error:
             raise ModelError("the Triton runtime needs tritonclient: pip install 'tritonclient[http,grpc]'") from error
         self._module = client_module
+        self._ssl_options = dict(ssl_options or {})
+        self._local = threading.local()
+        self._clients: dict[int, tuple] = {}  # id of the owning thread -> (weakref to the thread, client)
+        self._clients_lock = threading.Lock()
+        self.client  # the constructing thread's client: a malformed url fails here  # noqa: B018
         try:
-            if protocol == "http":
-                self.client = client_module.InferenceServerClient(
-                    self.url, concurrency=self.concurrency, connection_timeout=self.timeout,
-                    network_timeout=self.timeout, ssl=self.ssl, **(ssl_options or {}))
-            else:
-                self.client = client_module.InferenceServerClient(self.url, ssl=self.ssl, **(ssl_options or {}))
-        except Exception as error:  # a malformed url
-            raise ModelError(f"cannot make a Triton {protocol} client for {self.url}: {_describe(error)}") from error
-        self._wait_live()
-        self.model_name = model_name or self._pick_model(backbone)
-        self._load_metadata()
+            self._wait_live()
+            self.model_name = model_name or self._pick_model(backbone)
+            self._load_metadata()
+        except BaseException:
+            self.close()  # no connection left open by a runtime that never came to be
+            raise
         self.max_batch_size = max_batch_size or (self.model_max_batch_size or None)
 
     # ------------------------------------------------------------------------------------------------- plumbing
+
+    @property
+    def client(self):
+        """This thread's tritonclient client (made on the thread's first use: the client objects are not
+        thread-safe, and an HTTP client's connection pool belongs to the thread that made it)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._make_client()
+            self._local.client = client
+        return client
+
+    def _make_client(self):
+        module = self._module
+        try:
+            if self.protocol == "http":
+                client = module.InferenceServerClient(self.url, concurrency=self.concurrency,
+                                                      connection_timeout=self.timeout, network_timeout=self.timeout,
+                                                      ssl=self.ssl, **self._ssl_options)
+            else:
+                client = module.InferenceServerClient(self.url, ssl=self.ssl, **self._ssl_options)
+        except Exception as error:  # a malformed url
+            raise ModelError(f"cannot make a Triton {self.protocol} client for {self.url}: {_describe(error)}") \
+                from error
+        thread = threading.current_thread()
+        with self._clients_lock:
+            ended = [key for key, (owner, _) in self._clients.items() if owner() is None or not owner().is_alive()]
+            stale = [self._clients.pop(key)[1] for key in ended]
+            self._clients[id(thread)] = (weakref.ref(thread), client)
+        for old in stale:
+            _close_quietly(old)
+        return client
+
+    @property
+    def open_clients(self) -> int:
+        """How many per-thread clients are open."""
+        with self._clients_lock:
+            return len(self._clients)
 
     def _kwargs(self) -> dict:
         """Keyword arguments every client call takes: the headers, and gRPC's per-call timeout."""
@@ -214,6 +257,15 @@ class TritonRuntime(Runtime):
             config = self._retrying("model config", lambda: self.client.get_model_config(
                 name, version, as_json=True, **self._kwargs())).get("config", {})
         self.model_max_batch_size = int(config.get("max_batch_size", 0) or 0)
+        self.parameters = {key: (value.get("string_value", "") if isinstance(value, dict) else str(value))
+                           for key, value in (config.get("parameters") or {}).items()}
+        self.limits = {}
+        for key in ("min_side", "max_side"):
+            value = self.parameters.get(key, "")
+            if value:
+                if not value.strip().isdigit():
+                    raise ModelError(f"Triton model {name}: config parameter {key} {value!r} is not an integer")
+                self.limits[key] = int(value)
         self._inputs = {t["name"]: ([int(d) for d in t["shape"]], t["datatype"]) for t in metadata["inputs"]}
         self._outputs = {t["name"]: ([int(d) for d in t["shape"]], t["datatype"]) for t in metadata["outputs"]}
         self.input_names = list(self._inputs)
@@ -239,6 +291,7 @@ class TritonRuntime(Runtime):
             if array.ndim != len(shape) or any(want != -1 and want != got for want, got in zip(shape, array.shape)):
                 raise InputError(f"input {name!r}: shape {tuple(array.shape)} does not fit Triton model "
                                  f"{self.model_name}'s {tuple(shape)} (-1 = any)")
+            self._check_limits(name, array.shape, shape)
             if self.model_max_batch_size:
                 if batch is not None and array.shape[0] != batch:
                     raise InputError(f"inputs disagree on the batch size: {array.shape[0]} vs {batch}")
@@ -247,6 +300,21 @@ class TritonRuntime(Runtime):
                     raise InputError(f"input {name!r}: empty batch")
             checked[name] = np.ascontiguousarray(array)
         return checked
+
+    def _check_limits(self, name: str, got: tuple, want: Sequence[int]) -> None:
+        """The config's min_side / max_side against an image input's padded H and W (the two dynamic dims of a
+        (batch, H, W, C) input); InputError naming the limit and the model."""
+        if not self.limits or len(want) != 4 or list(want[1:3]) != [-1, -1]:
+            return
+        height, width = int(got[1]), int(got[2])
+        top, bottom = self.limits.get("max_side"), self.limits.get("min_side")
+        if top is not None and max(height, width) > top:
+            raise InputError(f"input {name!r}: padded image {height} x {width} exceeds max_side {top} of Triton model "
+                             f"{self.model_name} (a limit in its config, e.g. its TensorRT profile): downscale the "
+                             f"image, or serve a model made for larger images (moduseg triton-repo --max-side N)")
+        if bottom is not None and min(height, width) < bottom:
+            raise InputError(f"input {name!r}: padded image {height} x {width} is below min_side {bottom} of Triton "
+                             f"model {self.model_name}")
 
     def _request(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]):
         module = self._module
@@ -292,14 +360,24 @@ class TritonRuntime(Runtime):
 
     def describe(self) -> dict:
         return {**super().describe(), "url": self.url, "protocol": self.protocol, "ssl": self.ssl,
-                "model": self.model_name,
-                "platform": self.platform, "max_batch_size": self.max_batch_size}
+                "model": self.model_name, "platform": self.platform, "max_batch_size": self.max_batch_size,
+                "limits": dict(self.limits)}
 
     def close(self) -> None:
-        try:
-            self.client.close()
-        except Exception:  # noqa: BLE001 - closing a dead connection
-            pass
+        """Close every thread's client (a later call makes a new one for its thread)."""
+        with self._clients_lock:
+            clients = [client for _, client in self._clients.values()]
+            self._clients.clear()
+            self._local = threading.local()
+        for client in clients:
+            _close_quietly(client)
+
+
+def _close_quietly(client) -> None:
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - closing a dead connection
+        pass
 
 
 def _infer_concurrently(runtime: "TritonRuntime", chunks: list[dict[str, np.ndarray]],
