@@ -376,7 +376,7 @@ def _gpu_ids(text: str) -> list[int]:
 
 
 def cmd_triton_repo(args) -> int:
-    from .export.triton import DEFAULT_PLAN_CCS, plan_records, write_repository
+    from .export.triton import DEFAULT_PLAN_CCS, plan_records, plan_version_problems, write_repository
 
     written = write_repository(args.out, backbone=args.backbone, variants=args.variants,
                                with_models=not args.configs_only, onnx_path=args.onnx, plan_path=args.plan,
@@ -395,6 +395,11 @@ def cmd_triton_repo(args) -> int:
                 print(f"  {plan}: TensorRT {record['tensorrt']}, built on {record.get('gpu')} (compute capability "
                       f"{record.get('compute_capability')}); sides {record.get('min_side')}..{record.get('max_side')}, "
                       f"batch <= {record.get('max_batch')}")
+    if args.server_tensorrt:
+        problems = [p for path in written.values() for p in plan_version_problems(path, args.server_tensorrt)]
+        for problem in problems:
+            print(f"moduseg triton-repo: {problem}", file=sys.stderr)
+        return 1 if problems else 0
     return 0
 
 
@@ -523,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "for the python and onnx variants too when given")
     repo.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                       help="model_warmup at load: 512x512 images, batch 1 and --max-batch-size (default on)")
+    repo.add_argument("--server-tensorrt", default=None, metavar="VERSION",
+                      help="the TensorRT version of the server that will load the plans (NGC release notes of its "
+                           "yy.mm): exit 1 naming every plan built by another version, or of unknown version")
     repo.add_argument("--execution-env", default=None, metavar="ARCHIVE",
                       help="python variant: a packed environment with onnxruntime (scripts/pack_triton_env.sh) for a "
                            "server without it (NGC's -py3 image): a local archive is placed in the model directory; "

@@ -110,6 +110,48 @@ def test_triton_repo_configs_only(tmp_path, capsys):
     assert "unknown backbone" in capsys.readouterr().err
 
 
+def test_triton_repo_knobs(tmp_path, capsys):
+    """Every knob of the generated configs is reachable from the command line."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
+    import json
+
+    from engine.export import triton as tx
+
+    plan = tmp_path / "built-on-a100.plan"
+    plan.write_bytes(b"engine")
+    (tmp_path / "built-on-a100.plan.json").write_text(json.dumps(
+        {"tensorrt": "10.3.0", "gpu": "NVIDIA A100", "compute_capability": "8.0", "min_side": 32, "max_side": 1024,
+         "max_batch": 8}))
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", "--out", str(repo), "--variants", "python", "tensorrt", "--instances", "2",
+                 "--max-batch-size", "4", "--queue-delay-us", "50", "--gpus", "0,1", "--num-threads", "3",
+                 "--no-warmup", "--max-side", "640", "--compute-capabilities", "8.6",
+                 "--execution-env", "$$TRITON_MODEL_DIRECTORY/py.tar.gz", "--plan", str(plan), "--plan-cc", "8.0",
+                 "--onnx", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "1/model.sm80.plan: TensorRT 10.3.0, built on NVIDIA A100 (compute capability 8.0)" in out
+    configs = tx.validate_repository(repo)
+    python, tensorrt = (configs[triton_model_name(DEFAULT_BACKBONE, v)] for v in ("python", "tensorrt"))
+    for config in (python, tensorrt):
+        assert config.max_batch_size == 4 and config.instance_group[0].count == 2 and not config.model_warmup
+        assert config.dynamic_batching.max_queue_delay_microseconds == 50
+    assert list(tensorrt.instance_group[0].gpus) == [0, 1] and sorted(tensorrt.cc_model_filenames) == ["8.0", "8.6"]
+    assert tensorrt.parameters["max_side"].string_value == "640"  # the plan takes 1024: the stricter limit holds
+    assert python.parameters["num_threads"].string_value == "3"
+    assert python.parameters["EXECUTION_ENV_PATH"].string_value == "$$TRITON_MODEL_DIRECTORY/py.tar.gz"
+    assert python.parameters["max_side"].string_value == "640"
+    # the server's TensorRT version checked against the plans' records
+    assert main(["triton-repo", "--out", str(repo), "--variants", "tensorrt", "--configs-only",
+                 "--server-tensorrt", "10.3"]) == 0
+    assert main(["triton-repo", "--out", str(repo), "--variants", "tensorrt", "--configs-only",
+                 "--server-tensorrt", "10.5.0"]) == 1
+    assert "built by TensorRT 10.3.0 on NVIDIA A100, the server has 10.5.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["triton-repo", "--out", str(repo), "--gpus", "0,-1", "--configs-only"])
+    assert usage.value.code == 2
+    assert "--gpus takes GPU ids >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_serve_prints_urls_and_stops_the_server_on_sigterm(triton_launcher, repo_root, tmp_path):
     from engine.export import triton as tx

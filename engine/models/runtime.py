@@ -186,6 +186,24 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
+def cuda_device_info(index: int = 0) -> dict:
+    """{"name", "compute_capability": "8.0"} of CUDA device `index`, read through libcuda (no framework), for naming
+    a TensorRT plan after the GPU that built it; ModelError without a GPU."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        raise ModelError(reason)
+    cuda = ctypes.CDLL("libcuda.so.1")
+    device, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    if cuda.cuDeviceGet(ctypes.byref(device), int(index)) != 0:
+        raise ModelError(f"the CUDA driver has no device {index}")
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76 (cuda.h)
+    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)
+    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)
+    name = ctypes.create_string_buffer(256)
+    cuda.cuDeviceGetName(name, 256, device)
+    return {"name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
+
+
 def tensorrt_unavailable_reason() -> str | None:
     """None when TensorRT can run here (a GPU and the tensorrt package), else why not."""
     reason = gpu_unavailable_reason()

@@ -49,6 +49,103 @@ def test_rendered_configs_parse_as_triton_model_configs(backbone, variant):
     else:
         platform = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[variant]
         assert config.platform == platform and group.kind == pb.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0]
+    if variant == "tensorrt":  # a plan per compute capability, model.plan for any other GPU
+        assert dict(config.cc_model_filenames) == {cc: f"model.sm{cc.replace('.', '')}.plan"
+                                                   for cc in tx.DEFAULT_PLAN_CCS}
+        assert config.default_model_filename == "model.plan"
+    else:
+        assert not config.cc_model_filenames
+    # warmup by default: zeros at batch 1, random data at max_batch_size, 512 x 512 uint8 images
+    assert [(w.batch_size, list(w.inputs["images"].dims), w.inputs["images"].WhichOneof("input_data_type"))
+            for w in config.model_warmup] == [(1, [512, 512, 3], "zero_data"), (8, [512, 512, 3], "random_data")]
+    assert all(w.inputs["images"].data_type == pb.TYPE_UINT8 for w in config.model_warmup)
+
+
+@pytest.mark.parametrize("variant", tx.VARIANTS)
+def test_config_knobs_per_variant(variant):
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    inputs, outputs = tx.backbone_io(BACKBONE)
+    name = triton_model_name(BACKBONE, variant)
+    extra = {}
+    if variant == "tensorrt":
+        extra["plans"] = {"8.6": "model.sm86.plan", "12.0": "model.sm120.plan"}
+    if variant == "python":
+        extra["execution_env"] = "$$TRITON_MODEL_DIRECTORY/moduseg-py312.tar.gz"
+    text = tx.render_config(name, variant, inputs, outputs, max_batch_size=4, instances=3, queue_delay_us=100,
+                            num_threads=2, gpus=[0, 2], warmup_side=0, min_side=32, max_side=768, **extra)
+    config = tx.validate_config(text, name)
+    assert not config.model_warmup and "model_warmup" not in text
+    assert config.max_batch_size == 4 and config.instance_group[0].count == 3
+    assert config.dynamic_batching.max_queue_delay_microseconds == 100
+    assert {k: v.string_value for k, v in config.parameters.items() if k.endswith("_side")} == \
+        {"min_side": "32", "max_side": "768"}
+    if variant == "python":
+        assert config.parameters["EXECUTION_ENV_PATH"].string_value == "$$TRITON_MODEL_DIRECTORY/moduseg-py312.tar.gz"
+        assert config.parameters["num_threads"].string_value == "2" and not list(config.instance_group[0].gpus)
+    else:
+        assert list(config.instance_group[0].gpus) == [0, 2] and "EXECUTION_ENV_PATH" not in config.parameters
+    if variant == "onnx":
+        assert config.parameters["intra_op_thread_count"].string_value == "2"  # the ONNX Runtime backend's knob
+    if variant == "tensorrt":
+        assert dict(config.cc_model_filenames) == {"8.6": "model.sm86.plan", "12.0": "model.sm120.plan"}
+    for bad in (dict(execution_env="/env.tar.gz"), dict(plans={"8.0": "model.sm80.plan"})):
+        wrong = "onnx" if variant == "python" else variant
+        if (wrong == "tensorrt" and "plans" in bad):
+            continue
+        with pytest.raises(InputError, match="variant"):
+            tx.render_config(name, wrong, inputs, outputs, **bad)
+    with pytest.raises(InputError, match="warmup side within max_side"):
+        tx.render_config(name, variant, inputs, outputs, max_side=256)  # warmup at 512 would not fit
+    with pytest.raises(InputError, match="gpus must be"):
+        tx.render_config(name, variant, inputs, outputs, gpus=[])
+    assert pb.TYPE_UINT8 == config.input[0].data_type
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("$$TRITON_MODEL_DIRECTORY/../other/env.tar.gz", "without '..'"),
+    ("$$TRITON_MODEL_DIRECTORY", "name a file"),
+    ("12345TRITON_MODEL_DIRECTORY/env.tar.gz", "single quotes"),  # "$$" expanded by a shell
+    ("env.tar.gz", "absolute path"),
+])
+def test_execution_env_values_are_checked(value, problem):
+    with pytest.raises(InputError, match=problem):
+        tx.check_execution_env(value)
+    assert tx.check_execution_env("/opt/envs/py312.tar.gz") == "/opt/envs/py312.tar.gz"
+
+
+_BASE = ('name: "m"\nbackend: "python"\nmax_batch_size: 4\n'
+         'input [ { name: "images" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] } ]\n'
+         'output [ { name: "y" data_type: TYPE_FP32 dims: [ -1 ] } ]\n')
+_WARM = ('model_warmup [ {{ name: "w" batch_size: {batch} inputs {{ key: "{name}" value {{ data_type: {dtype} '
+         'dims: [ {dims} ] {data} }} }} }} ]\n')
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (_WARM.format(batch=8, name="images", dtype="TYPE_UINT8", dims="64, 64, 3", data="zero_data: true"),
+     "batch_size 8 outside 1..4"),
+    (_WARM.format(batch=1, name="pixels", dtype="TYPE_UINT8", dims="64, 64, 3", data="zero_data: true"),
+     "differ from the model's"),
+    (_WARM.format(batch=1, name="images", dtype="TYPE_FP32", dims="64, 64, 3", data="zero_data: true"),
+     "does not fit"),
+    (_WARM.format(batch=1, name="images", dtype="TYPE_UINT8", dims="64, -1, 3", data="zero_data: true"),
+     "does not fit"),
+    (_WARM.format(batch=1, name="images", dtype="TYPE_UINT8", dims="64, 64, 4", data="zero_data: true"),
+     "does not fit"),
+    (_WARM.format(batch=1, name="images", dtype="TYPE_UINT8", dims="64, 64, 3", data=""), "has no data"),
+    ('parameters [ { key: "max_side" value: { string_value: "32" } } ]\n' +
+     _WARM.format(batch=1, name="images", dtype="TYPE_UINT8", dims="64, 64, 3", data="zero_data: true"),
+     "side 64 beyond max_side 32"),
+    ('parameters [ { key: "max_side" value: { string_value: "1k" } } ]\n', "not a positive integer"),
+    ('parameters [ { key: "min_side" value: { string_value: "64" } }, '
+     '{ key: "max_side" value: { string_value: "32" } } ]\n', "min_side 64 > max_side 32"),
+    ('parameters [ { key: "EXECUTION_ENV_PATH" value: { string_value: "env.tar.gz" } } ]\n', "absolute path"),
+    ('cc_model_filenames [ { key: "sm80" value: "model.sm80.plan" } ]\n', "expected MAJOR.MINOR"),
+])
+def test_invalid_additions_are_refused(extra, problem):
+    with pytest.raises(ModelError, match=problem):
+        tx.validate_config(_BASE + extra, "m")
+    tx.validate_config(_BASE, "m")  # the base alone is fine
 
 
 def test_render_config_refusals():
@@ -119,6 +216,96 @@ def test_write_repository_layout_and_refusals(tmp_path):
         tx.validate_repository(repo)
     with pytest.raises(InputError, match="is not a directory"):
         tx.validate_repository(tmp_path / "nowhere")
+
+
+def _plan(tmp_path, name, record=None):
+    plan = tmp_path / name
+    plan.write_bytes(b"serialized engine " + name.encode())
+    if record is not None:
+        (tmp_path / (name + ".json")).write_text(json.dumps(record))
+    return plan
+
+
+def test_plans_are_named_per_compute_capability_with_their_records(tmp_path):
+    """--plan / --plan-cc: each plan placed as model.smXY.plan with its record; the config maps every placed
+    capability besides the defaults; the limits it states are those of the plans' profiles."""
+    repo = tmp_path / "repo"
+    built_on_a10 = _plan(tmp_path, "a10.plan", {"tensorrt": "10.3.0", "gpu": "NVIDIA A10", "compute_capability": "8.6",
+                                                "min_side": 32, "max_side": 768, "max_batch": 8})
+    unrecorded = _plan(tmp_path, "b200.plan")
+    written = tx.write_repository(repo, BACKBONE, variants=["tensorrt"], plan_path=[built_on_a10, unrecorded],
+                                  plan_cc=[None, "10.0"], compute_capabilities=["8.0"])
+    model_dir = written[triton_model_name(BACKBONE, "tensorrt")]
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == [
+        "model.sm100.plan", "model.sm100.plan.json", "model.sm86.plan", "model.sm86.plan.json"]
+    assert (model_dir / "1" / "model.sm86.plan").read_bytes() == built_on_a10.read_bytes()
+    records = tx.plan_records(model_dir)
+    assert records["1/model.sm86.plan"]["tensorrt"] == "10.3.0" and records["1/model.sm86.plan"]["plan"] == \
+        "model.sm86.plan"
+    assert records["1/model.sm100.plan"]["tensorrt"] is None and "unknown" in records["1/model.sm100.plan"]["note"]
+    config = tx.validate_repository(repo)[model_dir.name]
+    assert dict(config.cc_model_filenames) == {"8.0": "model.sm80.plan", "8.6": "model.sm86.plan",
+                                               "10.0": "model.sm100.plan"}
+    assert config.parameters["max_side"].string_value == "768"  # the A10 plan's profile, not the default 1024
+    assert config.parameters["min_side"].string_value == "32"
+    assert [list(w.inputs["images"].dims) for w in config.model_warmup] == [[512, 512, 3]] * 2
+    # refreshing the configs keeps mapping the plans already there, and stating their limits
+    tx.write_repository(repo, BACKBONE, variants=["tensorrt"], with_models=False, compute_capabilities=[])
+    config = tx.validate_repository(repo)[model_dir.name]
+    assert sorted(config.cc_model_filenames) == ["10.0", "8.6"]
+    assert config.parameters["max_side"].string_value == "768"
+    with pytest.raises(InputError, match="takes batches up to 8, less than max_batch_size 16"):
+        tx.write_repository(repo, BACKBONE, variants=["tensorrt"], with_models=False, max_batch_size=16)
+    # a record that contradicts --plan-cc, a profile smaller than max_batch_size, counts that do not pair
+    with pytest.raises(InputError, match="built on compute capability 8.6 .*NVIDIA A10.*not 9.0"):
+        tx.write_repository(repo, BACKBONE, variants=["tensorrt"], plan_path=built_on_a10, plan_cc="9.0")
+    with pytest.raises(InputError, match="takes batches up to 8, less than max_batch_size 16"):
+        tx.write_repository(repo, BACKBONE, variants=["tensorrt"], plan_path=built_on_a10, max_batch_size=16)
+    with pytest.raises(InputError, match="2 plan file.* but 3 compute capabilities"):
+        tx.write_repository(repo, BACKBONE, variants=["tensorrt"], plan_path=[built_on_a10, unrecorded],
+                            plan_cc=["8.6", "10.0", "9.0"])
+    with pytest.raises(InputError, match="expected MAJOR.MINOR"):
+        tx.write_repository(repo, BACKBONE, variants=["tensorrt"], plan_path=unrecorded, plan_cc="ampere")
+    with pytest.raises(InputError, match="names the capability of a plan"):
+        tx.write_repository(repo, BACKBONE, variants=["tensorrt"], plan_cc="8.0")
+
+
+def test_a_plan_of_unknown_capability_is_the_default_model_plan(tmp_path):
+    repo = tmp_path / "repo"
+    written = tx.write_repository(repo, BACKBONE, variants=["tensorrt"], plan_path=_plan(tmp_path, "x.plan"))
+    version_dir = written[triton_model_name(BACKBONE, "tensorrt")] / "1"
+    assert sorted(p.name for p in version_dir.iterdir()) == ["model.plan", "model.plan.json"]
+    config = tx.validate_repository(repo)[triton_model_name(BACKBONE, "tensorrt")]
+    assert config.default_model_filename == "model.plan" and config.parameters["max_side"].string_value == "1024"
+
+
+def test_limits_warmup_and_execution_env_from_write_repository(tmp_path):
+    fake_onnx = _placeholder(tmp_path)
+    archive = tmp_path / "moduseg-py312.tar.gz"
+    archive.write_bytes(b"packed")
+    repo = tmp_path / "repo"
+    tx.write_repository(repo, BACKBONE, variants=["python", "onnx", "tensorrt"], onnx_path=fake_onnx, max_side=300,
+                        warmup=True, execution_env=archive, gpus=[1], queue_delay_us=0, max_batch_size=2)
+    configs = tx.validate_repository(repo)
+    python = configs[triton_model_name(BACKBONE, "python")]
+    assert python.parameters["EXECUTION_ENV_PATH"].string_value == "$$TRITON_MODEL_DIRECTORY/moduseg-py312.tar.gz"
+    assert (repo / triton_model_name(BACKBONE, "python") / archive.name).read_bytes() == b"packed"
+    for config in configs.values():
+        # 300 rounded up to the padding multiple 32; warmup at 512 would exceed it: the largest multiple within
+        assert config.parameters["max_side"].string_value == "320"
+        assert [(w.batch_size, list(w.inputs["images"].dims)) for w in config.model_warmup] == \
+            [(1, [320, 320, 3]), (2, [320, 320, 3])]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert "min_side" not in python.parameters  # only the plan's profile has a lower bound
+    assert configs[triton_model_name(BACKBONE, "tensorrt")].parameters["min_side"].string_value == "32"
+    assert list(configs[triton_model_name(BACKBONE, "onnx")].instance_group[0].gpus) == [1]
+    tx.write_repository(repo, BACKBONE, variants=["python"], with_models=False, warmup=False)
+    python = tx.validate_repository(repo)[triton_model_name(BACKBONE, "python")]
+    assert not python.model_warmup and "max_side" not in python.parameters
+    with pytest.raises(InputError, match="not a file here"):
+        tx.write_repository(repo, BACKBONE, variants=["python"], with_models=False, execution_env="env.tar.gz")
+    with pytest.raises(InputError, match="below .* padding multiple 32"):
+        tx.write_repository(repo, BACKBONE, with_models=False, max_side=16)
 
 
 def test_local_server_refusals_before_starting(tmp_path, monkeypatch):
@@ -229,6 +416,10 @@ def test_python_backend_model_groups_requests_by_shape(tmp_path, monkeypatch, rn
     (version_dir / "model.onnx").unlink()
     with pytest.raises(RuntimeError, match="no ONNX graph"):
         module.TritonPythonModel().initialize(args)
+    # a server whose Python has no onnxruntime (NGC's -py3 image): says what to do instead of a bare ImportError
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(RuntimeError, match="cannot import onnxruntime.*pack_triton_env.sh.*onnx variant"):
+        module.TritonPythonModel().initialize(args)
 
 
 # ------------------------------------------------------------------------------- a real tritonserver, end to end
@@ -244,6 +435,23 @@ def voc_bank(voc_root, backbone_factory):
     bank = FeatureBank.build([train[i] for i in range(12)], local, train.class_names, progress=False)
     val = VOCDataset(voc_root, "val")
     return bank, local, [val[i] for i in range(6)]
+
+
+@pytest.mark.slow
+def test_the_local_server_loads_the_generated_warmup(triton_server):
+    """tritonserver accepted the generated config with its model_warmup (it runs the samples at load: a sample the
+    model could not take would have failed the load) and reports it back as written."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(triton_server.http_url)
+    try:
+        config = client.get_model_config(triton_model_name(BACKBONE, "python"))
+        stats = client.get_inference_statistics(triton_model_name(BACKBONE, "python"))
+    finally:
+        client.close()
+    assert [(w["batch_size"], w["inputs"]["images"]["dims"]) for w in config["model_warmup"]] == \
+        [(1, [512, 512, 3]), (8, [512, 512, 3])]
+    assert stats["model_stats"][0]["name"] == triton_model_name(BACKBONE, "python")
 
 
 @pytest.mark.slow
@@ -270,3 +478,48 @@ def test_engine_through_triton_equals_in_process(triton_server, voc_bank, protoc
         np.testing.assert_array_equal(a.classes, b.classes)
     assert any(r.classes.size for r in through)  # something was named, not an all-background pass
     served.runtime.close()
+
+
+# ------------------------------------------------------------------------------------- scripts/pack_triton_env.sh
+
+
+def _pack(repo_root, tmp_path, *args, conda=False):
+    """Run scripts/pack_triton_env.sh with a PATH holding only the tools it uses (and a stand-in conda if asked)."""
+    import os
+    import shutil
+    import subprocess
+
+    tools = tmp_path / "bin"
+    tools.mkdir(exist_ok=True)
+    for tool in ("dirname", "sed", "du", "cut", "rm", "cat"):
+        target = tools / tool
+        if not target.exists():
+            target.symlink_to(shutil.which(tool))
+    if conda:
+        (tools / "conda").write_text("#!/bin/sh\nexit 0\n")
+        (tools / "conda").chmod(0o755)
+    return subprocess.run([shutil.which("bash"), str(repo_root / "scripts" / "pack_triton_env.sh"), *args],
+                          capture_output=True, text=True, env={"PATH": str(tools), "HOME": str(tmp_path)},
+                          cwd=tmp_path, timeout=60)
+
+
+def test_pack_triton_env_arguments(repo_root, tmp_path):
+    """What can run here (no conda): the argument handling, the plan of commands (--dry-run), and the explanation
+    when conda is missing."""
+    run = _pack(repo_root, tmp_path, "--dry-run", "--python", "3.10", "--with-engine", "--package", "tqdm>=4",
+                "--out", "env.tar.gz", conda=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("+ conda create") and "python=3.10" in lines[0]
+    assert any("pip install -q numpy\\<2 onnxruntime tqdm\\>=4" in line for line in lines)
+    assert any(line.endswith(f"{repo_root}\\[cpu\\]") for line in lines)  # --with-engine
+    assert "conda_pack" in lines[-1] and f"-o {tmp_path}/env.tar.gz" in lines[-1]  # relative to the caller
+    help_text = _pack(repo_root, tmp_path, "--help")
+    assert help_text.returncode == 0 and "EXECUTION_ENV_PATH" in help_text.stdout
+    for bad, message in [(["--python", "3"], "MAJOR.MINOR"), (["--out", "env.zip"], ".tar.gz"),
+                         (["--frobnicate"], "unknown argument")]:
+        run = _pack(repo_root, tmp_path, *bad)
+        assert run.returncode == 2 and message in run.stderr
+    (tmp_path / "bin" / "conda").unlink()
+    run = _pack(repo_root, tmp_path)  # no conda on PATH
+    assert run.returncode == 2 and "no conda, mamba or micromamba" in run.stderr and "onnx or tensorrt" in run.stderr

@@ -8,7 +8,9 @@ path relative to the version directory, or absolute).
 Requests that the dynamic batcher hands over together are grouped by their per-image input shape and run through
 onnxruntime as one batch per group, then split back per request; only the outputs a request asks for are returned.
 Config parameters (all optional): `onnx_file`, `num_threads` (onnxruntime intra-op threads, 0 = onnxruntime's
-choice).
+choice); `min_side` / `max_side` are for the clients; `EXECUTION_ENV_PATH` is the python backend's own: a packed
+environment (scripts/pack_triton_env.sh) that brings onnxruntime where the server's Python lacks it (NGC's -py3 image
+has the ONNX Runtime *backend*, not the Python package).
 """
 
 import json
@@ -20,9 +22,16 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
-        import onnxruntime as ort
-
         self.model_config = json.loads(args["model_config"])
+        try:
+            import onnxruntime as ort
+        except ImportError as error:
+            env = self.model_config.get("parameters", {}).get("EXECUTION_ENV_PATH", {}).get("string_value")
+            raise pb_utils.TritonModelException(
+                f"{args['model_name']}: the python backend's environment cannot import onnxruntime ({error}); "
+                + (f"the execution environment {env} lacks it" if env else
+                   "give the model a packed environment that has it (scripts/pack_triton_env.sh, then "
+                   "`moduseg triton-repo --execution-env ARCHIVE`) or serve the onnx variant instead"))
         parameters = {key: value.get("string_value", "")
                       for key, value in self.model_config.get("parameters", {}).items()}
         version_dir = os.path.join(args["model_repository"], args["model_version"])
