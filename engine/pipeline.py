@@ -210,29 +210,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------------------ stages
 
     def _load(self, images: list, proposals: list | None, start: int, on_error: str, channel_order: str) -> _Batch:
-        """Decode and check a chunk of images (paths decoded here); with on_error="skip" a bad item becomes a
-        Skipped record, else its error is raised naming its index."""
-        from .data import load_image
-
-        batch = _Batch([], [], [])
-        proposals = [None] * len(images) if proposals is None else proposals
         with self.times("decode"):
-            for offset, (image, given) in enumerate(zip(images, proposals)):
-                index = start + offset
-                try:
-                    if isinstance(image, (str, os.PathLike)):
-                        image = load_image(image)
-                    elif channel_order == "BGR" and isinstance(image, np.ndarray) and image.ndim == 3:
-                        image = image[..., ::-1]
-                    batch.images.append(check_image(image, f"images[{index}]", self.config.max_image_pixels))
-                except InputError as error:
-                    if on_error == "raise":
-                        raise
-                    batch.skipped.append(Skipped(index, _describe(image), str(error)))
-                    continue
-                batch.proposals.append(given)
-                batch.positions.append(index)
-        return batch
+            return load_batch(images, proposals, start, on_error, channel_order, self.config.max_image_pixels)
 
     def _model(self, batch: _Batch) -> _Batch:
         if not batch.images:
@@ -247,12 +226,7 @@ class Engine:
 
     def _post(self, batch: _Batch) -> list:
         """The chunk's Results (and Skipped records) in input order."""
-        results = self._name_and_paint(batch) if batch.images else []
-        if not batch.skipped:
-            return results
-        merged = dict(zip(batch.positions, results))
-        merged.update((skipped.index, skipped) for skipped in batch.skipped)
-        return [merged[index] for index in sorted(merged)]
+        return in_input_order(batch, self._name_and_paint(batch) if batch.images else [])
 
     def _name_and_paint(self, batch: _Batch) -> list[Result]:
         config = self.config
@@ -346,6 +320,41 @@ class Engine:
         if self.config.num_threads:
             return self.config.num_threads
         return 0 if proposals.atoms.size > LARGE_IMAGE else 1
+
+
+def load_batch(images: list, proposals: list | None, start: int, on_error: str, channel_order: str,
+               max_pixels: int | None) -> _Batch:
+    """Decode and check a chunk of images (paths decoded here); with on_error="skip" a bad item becomes a Skipped
+    record, else its error is raised naming its index (`start` + its position)."""
+    from .data import load_image
+
+    batch = _Batch([], [], [])
+    proposals = [None] * len(images) if proposals is None else proposals
+    for offset, (image, given) in enumerate(zip(images, proposals)):
+        index = start + offset
+        try:
+            if isinstance(image, (str, os.PathLike)):
+                image = load_image(image)
+            elif channel_order == "BGR" and isinstance(image, np.ndarray) and image.ndim == 3:
+                image = image[..., ::-1]
+            batch.images.append(check_image(image, f"images[{index}]", max_pixels))
+        except InputError as error:
+            if on_error == "raise":
+                raise
+            batch.skipped.append(Skipped(index, _describe(image), str(error)))
+            continue
+        batch.proposals.append(given)
+        batch.positions.append(index)
+    return batch
+
+
+def in_input_order(batch: _Batch, results: list) -> list:
+    """The results of a batch's good items merged with its Skipped records, in input order."""
+    if not batch.skipped:
+        return results
+    merged = dict(zip(batch.positions, results))
+    merged.update((skipped.index, skipped) for skipped in batch.skipped)
+    return [merged[index] for index in sorted(merged)]
 
 
 def _describe(item) -> str:

@@ -2,9 +2,10 @@
 # Create (idempotently) the Triton server's own virtual environment, default .triton-venv/ in the repository root.
 #
 # It holds the real tritonserver 2.51 (python backend only) shipped inside nvidia-pytriton==0.7.0, numpy<2 (the python
-# backend stub silently returns empty tensors with numpy 2) and onnxruntime, which the generated python-backend model
-# runs on CPU. The server itself runs from here; the engine and its tests keep their own venv (numpy 2) and talk to the
-# server through tritonclient only.
+# backend stub silently returns empty tensors with numpy 2), onnxruntime, which the generated python-backend backbone
+# model runs on CPU, and this checkout's engine (built here, on numpy 1.26), which the whole-segmentation model
+# (moduseg_segment) runs. The engine and its tests keep their own venv (numpy 2) and talk to the server through
+# tritonclient only. The stamp holds a digest of the engine's sources, so a changed engine is reinstalled.
 #
 #   bash scripts/triton_env.sh [DIR]        # PYTHON=python3.11 to choose the interpreter (3.8-3.13)
 #
@@ -17,7 +18,9 @@ DIR="${1:-.triton-venv}"
 PYTHON="${PYTHON:-python3}"
 PYTRITON_VERSION=0.7.0
 STAMP="$DIR/.moduseg-triton-env"
-WANT="nvidia-pytriton==$PYTRITON_VERSION numpy<2 onnxruntime v2"
+ENGINE_DIGEST=$(find engine csrc CMakeLists.txt pyproject.toml -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' \
+    -o -name 'CMakeLists.txt' -o -name '*.toml' \) | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
+WANT="nvidia-pytriton==$PYTRITON_VERSION numpy<2 onnxruntime engine-$ENGINE_DIGEST v3"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$DIR/bin/moduseg-tritonserver" ]; then
     echo "triton server env ready: $DIR"
@@ -30,7 +33,10 @@ if [ ! -x "$DIR/bin/python" ]; then
     "$PYTHON" -m venv "$DIR"
 fi
 "$DIR/bin/python" -m pip install -q --upgrade pip
-"$DIR/bin/python" -m pip install -q "numpy<2" onnxruntime
+"$DIR/bin/python" -m pip install -q "numpy<2" onnxruntime "faiss-cpu==1.15.1"
+# the engine itself (its compiled module works on numpy 1.26: pybind11 binds numpy at run time)
+"$DIR/bin/python" -m pip install -q "numpy<2" .
+"$DIR/bin/python" -m pip install -q --no-deps --force-reinstall .   # pip keeps an installed version of the same number
 # pytriton's own Python dependencies (tritonclient, grpcio, gevent, typer, ...) are not needed to run its tritonserver
 # binary: install the package alone (and never import it)
 "$DIR/bin/python" -m pip install -q --no-deps "nvidia-pytriton==$PYTRITON_VERSION"

@@ -642,7 +642,8 @@ class LocalServer:
             raise InputError(f"models {unknown} are not in {self.repo} (it holds {sorted(configs)})")
         self.models = list(models)
         for name in self.models:
-            if configs[name].backend == "python" and not any((self.repo / name).glob("[0-9]*/model.onnx")):
+            backbone_model = configs[name].backend == "python" and "onnx_file" in configs[name].parameters
+            if backbone_model and not any((self.repo / name).glob("[0-9]*/model.onnx")):
                 raise ModelError(f"{self.repo / name} has no model.onnx next to its model.py: fill the repository "
                                  f"with `moduseg triton-repo --out {self.repo}`")
         self.launcher = server_env(env_dir)
