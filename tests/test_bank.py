@@ -337,3 +337,90 @@ def test_a_failed_replacement_leaves_the_old_bank_in_place(saved_bank, monkeypat
     monkeypatch.undo()
     np.testing.assert_array_equal(FeatureBank.load(path).vectors, before)  # the old bank, whole, where it was
     assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]  # no staging left
+
+
+# ---------------------------------------------------------------------------------------------- parts, merge, append
+
+
+def toy_parts(samples, ColorBackbone, CLASSES, config):
+    from engine.bank import bank_parts
+    from engine.models.embedded import resolve_proposer
+
+    return list(bank_parts(samples, ColorBackbone(), CLASSES, config, resolve_proposer("embedded", config),
+                           progress=False))
+
+
+def assert_same_bank(got, want):
+    np.testing.assert_array_equal(got.vectors, want.vectors)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.kinds, want.kinds)
+    assert got.sources == want.sources and got.class_names == want.class_names and got.backbone == want.backbone
+
+
+def test_build_is_from_parts_of_its_batches(rng, toy, CLASSES, ColorBackbone):
+    config = Config(min_area=100, batch_size=2)
+    samples = toy.samples(rng, 5)
+    parts = toy_parts(samples, ColorBackbone, CLASSES, config)
+    assert [p.images for p in parts] == [["img0", "img1"], ["img2", "img3"], ["img4"]]
+    assert sum(len(p) for p in parts) > 0 and all(set(p.sources) <= set(p.images) for p in parts)
+    built = FeatureBank.build(samples, ColorBackbone(), CLASSES, config, progress=False)
+    merged = FeatureBank.from_parts(parts, CLASSES, ColorBackbone().describe(), config)
+    assert_same_bank(merged, built)
+    assert merged.provenance["vectors_before_outlier_rejection"] == sum(len(p) for p in parts) > len(merged)
+    # regrouping per image and back gives the same parts
+    from engine.bank import BankPart
+
+    regrouped = BankPart.concatenate([single for p in parts for single in p.per_image()])
+    whole = BankPart.concatenate(parts)
+    np.testing.assert_array_equal(regrouped.vectors, whole.vectors)
+    assert regrouped.sources == whole.sources and regrouped.images == whole.images
+
+
+def test_shards_merge_and_append_equal_one_build_over_the_union(rng, toy, CLASSES, ColorBackbone, tmp_path):
+    from engine.bank import load_parts, merge_parts, save_parts
+
+    config = Config(min_area=100)
+    samples = toy.samples(rng, 9)
+    one_build = FeatureBank.build(samples, ColorBackbone(), CLASSES, config, progress=False)
+    # two shards built apart, kept on disk, merged
+    shards = []
+    for k, shard in enumerate((samples[:5], samples[5:])):
+        parts = toy_parts(shard, ColorBackbone, CLASSES, config)
+        save_parts(parts, tmp_path / f"shard{k}", CLASSES, ColorBackbone().describe(), config)
+        shards.append(load_parts(tmp_path / f"shard{k}")[0])
+    record = load_parts(tmp_path / "shard0")[1]
+    assert record["class_names"] == list(CLASSES) and record["backbone"]["id"] == "test/color"
+    merged = FeatureBank.from_parts(merge_parts(*shards), CLASSES, ColorBackbone().describe(), config)
+    assert_same_bank(merged, one_build)
+    # appending is the same call over the old bank's kept parts and the new ones: rejection sees the union
+    assert merged.provenance["vectors_before_outlier_rejection"] == sum(len(p) for s in shards for p in s)
+    with pytest.raises(InputError, match="img0 is in parts of two builds"):
+        merge_parts(shards[0], shards[0][:1])
+
+
+def test_incomplete_parts_are_never_loaded(rng, toy, CLASSES, ColorBackbone, tmp_path):
+    from engine.bank import BankPart, load_parts, save_parts
+
+    config = Config(min_area=100)
+    parts = toy_parts(toy.samples(rng, 3), ColorBackbone, CLASSES, config)
+    path = save_parts(parts, tmp_path / "parts", CLASSES, ColorBackbone().describe(), config)
+    assert sorted(p.name for p in path.iterdir()) == ["part-000000", "parts.json"]  # no staging left behind
+    with pytest.raises(BankError, match="exists"):
+        save_parts(parts, path, CLASSES, ColorBackbone().describe(), config)
+    # a part without its marker (as a crash before part.json would leave it) or with a damaged file is refused
+    part = path / "part-000000"
+    (part / "part.json").rename(tmp_path / "marker")
+    with pytest.raises(BankError, match="not a complete bank part"):
+        load_parts(path)
+    (tmp_path / "marker").rename(part / "part.json")
+    np.save(part / "labels.npy", np.zeros(3, np.int32))
+    with pytest.raises(BankError, match="labels.npy is missing, truncated or corrupt"):
+        BankPart.load(part)
+    # a parts directory without parts.json (staging, or half written) is refused, and never replaced
+    (path / "parts.json").unlink()
+    with pytest.raises(BankError, match="not a complete bank parts directory"):
+        load_parts(path)
+    with pytest.raises(BankError, match="not a bank parts directory"):
+        save_parts(parts, path, CLASSES, ColorBackbone().describe(), config, overwrite=True)
+    with pytest.raises(BankError, match="bank part 0 holds 4-d vectors"):
+        FeatureBank.from_parts(parts, CLASSES, {"id": "other", "dim": 8}, config)

@@ -1,0 +1,204 @@
+"""engine.distributed on a local Ray cluster (2 CPUs, loopback): the Ray bank build equals the single-process one
+(ground-truth and pseudo masks), distributed outlier rejection equals reject_outliers (ties included), `moduseg
+segment --ray` writes what the single-process command writes, records bad files and resumes, and a killed actor is
+either recovered from or ends the build with a clear error and no bank."""
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray", reason="ray[data] is not installed (pip install 'moduseg-engine[ray]')")
+
+from engine import distributed  # noqa: E402
+from engine.bank import BankPart, FeatureBank, bank_parts, reject_outliers  # noqa: E402
+from engine.cli import main  # noqa: E402
+from engine.config import Config  # noqa: E402
+from engine.data import VOCDataset  # noqa: E402
+from engine.errors import InputError, ModelError  # noqa: E402
+from engine.models.embedded import resolve_proposer  # noqa: E402
+from engine.registry import DEFAULT_BACKBONE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the module (2 CPUs, no dashboard), shut down after it."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def single_process_parts(root, masks, config, backbone_factory):
+    dataset = VOCDataset(root, "train")
+    backbone = backbone_factory(DEFAULT_BACKBONE)
+    samples = dataset
+    if masks == "pseudo":
+        from engine.models.pseudo_masks import pseudo_mask_samples
+
+        samples = pseudo_mask_samples(dataset, config, backbone=backbone, progress=False)
+    proposer = resolve_proposer("embedded", config) if config.region_entries else None
+    return list(bank_parts(samples, backbone, dataset.class_names, config, proposer, progress=False)), dataset, backbone
+
+
+def assert_same_parts(got, want):
+    assert [p.images for p in got] == [p.images for p in want]
+    for g, w in zip(got, want):
+        assert g.sources == w.sources
+        np.testing.assert_array_equal(g.labels, w.labels)
+        np.testing.assert_array_equal(g.kinds, w.kinds)
+        np.testing.assert_allclose(g.vectors, w.vectors, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("masks", ["gt", "pseudo"])
+def test_ray_bank_equals_single_process_bank(cluster, small_voc, backbone_factory, masks):
+    config = Config(batch_size=2)  # 3 batches of the 6 images, over 2 actors
+    want, dataset, backbone = single_process_parts(small_voc, masks, config, backbone_factory)
+    got = distributed.build_parts_ray(small_voc, "train", masks, DEFAULT_BACKBONE, config, progress=False)
+    assert_same_parts(got, want)
+    keep = distributed.reject_outliers_ray(got, config, progress=False)
+    whole = BankPart.concatenate(want)
+    np.testing.assert_array_equal(keep, reject_outliers(whole.vectors, whole.labels, config, whole.kinds == 0))
+    ray_bank = FeatureBank.from_parts(got, dataset.class_names, backbone.describe(), config, keep=keep)
+    single_bank = FeatureBank.from_parts(want, dataset.class_names, backbone.describe(), config)
+    assert ray_bank.sources == single_bank.sources
+    np.testing.assert_allclose(ray_bank.vectors, single_bank.vectors, atol=1e-5, rtol=0)
+
+
+def test_distributed_outlier_rejection_equals_reject_outliers(cluster, rng):
+    """Random parts with exact ties (repeated vectors) and region entries that are never rejected."""
+    config = Config(outlier_ratio=0.3, background_outlier_ratio=0.1)
+    parts = []
+    for k in range(5):
+        n = int(rng.integers(0, 12))
+        vectors = rng.normal(size=(n, 6)).astype(np.float32)
+        if n > 3:
+            vectors[1] = vectors[0]  # equal distances: the earlier one must be dropped first
+        labels, kinds = rng.integers(0, 4, n), rng.integers(0, 2, n)
+        parts.append(BankPart(vectors, labels, kinds, [f"p{k}"] * n, [f"p{k}"]))
+    parts.append(BankPart(np.repeat(parts[0].vectors[:1], 8, axis=0) if len(parts[0]) else np.ones((8, 6)),
+                          [1] * 8, [0] * 8, ["dup"] * 8, ["dup"]))  # a class of identical vectors
+    whole = BankPart.concatenate(parts)
+    want = reject_outliers(whole.vectors, whole.labels, config, whole.kinds == 0)
+    got = distributed.reject_outliers_ray(parts, config, progress=False)
+    assert (~want).sum() > 0
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def voc_bank(small_voc, tmp_path_factory):
+    """A ground-truth bank of the 6 small-voc train images, built by the single-process command."""
+    out = tmp_path_factory.mktemp("ray_bank") / "bank"
+    assert main(["build-bank", "--data", str(small_voc), "--out", str(out), "--no-keep-parts"]) == 0
+    return out
+
+
+def bad_files(folder):
+    """Three bad images: garbage bytes, a truncated JPEG, a text file named .png."""
+    good = sorted(folder.glob("*.jpg"))[0].read_bytes()
+    (folder / "garbage.jpg").write_bytes(os.urandom(2000))
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (folder / "text.png").write_text("not an image\n")
+    return {str((folder / name).resolve()) for name in ("garbage.jpg", "truncated.jpg", "text.png")}
+
+
+@pytest.mark.slow
+def test_segment_ray_writes_what_segment_writes_records_bad_files_and_resumes(cluster, small_voc, voc_bank,
+                                                                             tmp_path, capsys):
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    images = sorted((small_voc / "JPEGImages").glob("*.jpg"))[:4]
+    for i, image in enumerate(images):
+        shutil.copy(image, inputs / ("sub" if i % 2 else "") / image.name)
+    bad = bad_files(inputs)
+    out, reference = tmp_path / "ray", tmp_path / "single"
+    assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(reference)]) == 1
+    capsys.readouterr()
+    assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(out), "--ray"]) == 1
+    printed = capsys.readouterr()
+    assert "4 written, 0 already done, 3 failed" in printed.out
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert {f["image"] for f in failures} == bad and all(f["reason"] for f in failures)
+    # the same files as the single-process command, with the same contents (overlays: same size)
+    written = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert written == sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert len([p for p in written if p.suffix == ".json" and p.name != "failures.jsonl"]) == 4
+    for name in written:  # scores may differ in the last bits (one runtime thread per actor here)
+        if name.suffix == ".png":
+            np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(reference / name)))
+        elif name.suffix == ".json":
+            got, want = (json.loads((root / name).read_text()) for root in (out, reference))
+            scores = [[segment.pop("score") for segment in record["segments"]] for record in (got, want)]
+            np.testing.assert_allclose(scores[0], scores[1], atol=1e-5)
+            assert got == want, name
+    assert not [p for p in out.rglob(".*")]  # no temporary files left
+    # a rerun writes nothing new; one missing record is redone, and only it
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(out), "--ray"]) == 1
+    assert "0 written, 4 already done, 3 failed" in capsys.readouterr().out
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    record = next(out.rglob("*.json"))
+    record.unlink()
+    assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(out), "--ray"]) == 1
+    assert "1 written, 3 already done, 3 failed" in capsys.readouterr().out and record.is_file()
+    # fixed inputs leave the failure list; a manifest's missing file is recorded, not fatal
+    for path in bad:
+        os.remove(path)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"# inputs\n{images[0].name}\n\n{tmp_path / 'missing.jpg'}\n")
+    shutil.copy(images[0], tmp_path / images[0].name)
+    listed = tmp_path / "listed"
+    assert main(["segment", "--bank", str(voc_bank), "--manifest", str(manifest), "--out", str(listed),
+                 "--ray", "--no-overlay"]) == 1
+    failures = [json.loads(line) for line in (listed / "failures.jsonl").read_text().splitlines()]
+    assert [f["image"] for f in failures] == [str(tmp_path / "missing.jpg")]
+    assert (listed / f"{images[0].stem}.json").is_file()
+    assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(out), "--ray"]) == 0
+    assert "(all done)" in capsys.readouterr().out and not (out / "failures.jsonl").exists()
+
+
+def test_clear_errors(cluster, voc_bank, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    assert main(["segment", "--bank", str(voc_bank), "--manifest", str(empty), "--out", str(tmp_path / "o")]) == 1
+    assert "lists no image paths" in capsys.readouterr().err
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="nothing answers at 127.0.0.1:1"):
+        distributed._check_reachable("127.0.0.1:1")
+    assert time.perf_counter() - start < 10
+    with pytest.raises(InputError, match="expected HOST:PORT"):
+        distributed._check_reachable("no-port")
+    with pytest.raises(InputError, match="--actors must be >= 1"):
+        distributed._pool(ray, 0, Config())
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    with pytest.raises(ModelError, match=r"pip install 'moduseg-engine\[ray\]'"):
+        distributed.ray_module()
+
+
+@pytest.mark.slow
+def test_killed_actor_is_recovered_or_fails_clearly_without_a_bank(cluster, small_voc, backbone_factory, tmp_path,
+                                                                   monkeypatch, capsys):
+    config = Config(batch_size=2)
+    want, _, _ = single_process_parts(small_voc, "gt", config, backbone_factory)
+    # one actor's process exits on its 2nd batch, once: Ray restarts it and retries the batch
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(distributed.FAULT_ENV, f"2:{marker}")
+    got = distributed.build_parts_ray(small_voc, "train", "gt", DEFAULT_BACKBONE, config, progress=False)
+    assert marker.exists()  # the crash happened
+    assert_same_parts(got, want)
+    # every actor's process exits on its first batch: restarts run out, the build stops in bounded time with a
+    # clear error, and neither a bank nor a parts directory appears
+    monkeypatch.setenv(distributed.FAULT_ENV, "1")
+    out = tmp_path / "bank"
+    start = time.perf_counter()
+    assert main(["build-bank", "--data", str(small_voc), "--out", str(out), "--ray", "--batch-size", "2"]) == 1
+    assert time.perf_counter() - start < 90
+    assert "Ray bank build failed: ActorDiedError" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crashed"]
