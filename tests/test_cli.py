@@ -225,3 +225,63 @@ def test_yaml_config_file(tmp_path):
     args = build_parser().parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--config", str(settings)])
     config = _config(args)
     assert (config.top_k, config.region_entries) == (7, False)
+
+
+@pytest.mark.slow
+def test_build_bank_merges_shards_and_appends(small_voc, tmp_path, capsys):
+    from engine.bank import FeatureBank
+
+    train = (small_voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    for name, ids in (("first", train[:3]), ("rest", train[3:])):
+        (small_voc / "ImageSets" / "Segmentation" / f"{name}.txt").write_text("\n".join(ids) + "\n")
+    build = ["build-bank", "--data", str(small_voc), "--batch-size", "2"]
+    assert main(build + ["--split", "train", "--out", str(tmp_path / "whole"), "--no-keep-parts"]) == 0
+    assert not (tmp_path / "whole.parts").exists()
+    for split in ("first", "rest"):
+        assert main(build + ["--split", split, "--out", str(tmp_path / split)]) == 0
+        assert (tmp_path / f"{split}.parts" / "parts.json").is_file()
+    # merged shards, and the second shard appended to the first: both are the one build over all six images
+    assert main(["build-bank", "--add-parts", str(tmp_path / "first.parts"), str(tmp_path / "rest.parts"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    assert main(build + ["--split", "rest", "--add-parts", str(tmp_path / "first.parts"),
+                         "--out", str(tmp_path / "appended")]) == 0
+    whole = FeatureBank.load(tmp_path / "whole")
+    for name in ("merged", "appended"):
+        bank = FeatureBank.load(tmp_path / name)
+        np.testing.assert_array_equal(bank.vectors, whole.vectors)
+        np.testing.assert_array_equal(bank.labels, whole.labels)
+        assert bank.sources == whole.sources
+    capsys.readouterr()
+    assert main(build + ["--split", "first", "--add-parts", str(tmp_path / "first.parts"),
+                         "--out", str(tmp_path / "twice")]) == 1
+    assert "in parts of two builds" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+    assert main(["build-bank", "--out", str(tmp_path / "nothing")]) == 1
+    assert "give --data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_segment_resumes_and_reads_a_manifest(small_voc, tmp_path, capsys):
+    bank = tmp_path / "bank"
+    assert main(["build-bank", "--data", str(small_voc), "--out", str(bank), "--no-keep-parts"]) == 0
+    images = sorted((small_voc / "JPEGImages").glob("*.jpg"))[:2]
+    manifest = tmp_path / "images.txt"
+    manifest.write_text("\n".join(str(p) for p in images) + "\n# a comment\nmissing.jpg\n")
+    out = tmp_path / "out"
+    segment = ["segment", "--bank", str(bank), "--manifest", str(manifest), "--out", str(out), "--no-overlay"]
+    capsys.readouterr()
+    assert main(segment) == 1  # the missing file is a recorded failure, not an error
+    assert "2 written, 0 already done, 1 failed" in capsys.readouterr().out
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["image"] for f in failures] == [str(tmp_path / "missing.jpg")]
+    records = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    assert len(records) == 2 and not list(out.rglob(".*"))
+    assert main(segment) == 1
+    assert "0 written, 2 already done, 1 failed" in capsys.readouterr().out
+    assert records == {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    manifest.write_text("\n".join(str(p) for p in images) + "\n")
+    assert main(segment + ["--no-resume"]) == 0
+    assert "2 written, 0 already done, 0 failed, of 2 images" in capsys.readouterr().out
+    assert not (out / "failures.jsonl").exists()
+    manifest.write_text("# nothing\n")
+    assert main(segment) == 1
+    assert "lists no image paths" in capsys.readouterr().err
