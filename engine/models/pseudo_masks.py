@@ -1,7 +1,8 @@
 """Pseudo-masks (the bank's seeds) from images and their image-level labels only, with no text model: saliency
 seeds, class prototypes shared across the images that name each class, a background model, and refinement.
 
-`pseudo_mask_samples(dataset, config)` is what `moduseg build-bank --masks pseudo` runs.
+`pseudo_mask_samples(dataset, config)` is what `moduseg build-bank --masks pseudo` runs; with `--ray`,
+engine.distributed runs the same per-image steps in Ray actors and tasks.
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ def pseudo_mask_samples(dataset, config: Config | None = None, masker: EmbeddedP
                         backbone=None, progress: bool = True):
     """Samples of `dataset` whose `.mask` is the embedded pseudo-mask (image-level labels only; the dataset's
     ground truth is never read). Two passes: every image is prepared (models run once each) and classes are
-    assigned jointly; then each sample is yielded with its mask painted. Memory: a few KB per image. `backbone`
+    assigned jointly; then each sample is yielded with its mask painted. Memory: the superpixel features,
+    about 400 x dim x 4 bytes per image (a few hundred KB at 680-d). `backbone`
     describes the superpixels (give the bank's)."""
     from tqdm.auto import tqdm
 
