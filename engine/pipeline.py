@@ -24,6 +24,7 @@ import numpy as np
 from . import ops, reference
 from .bank import FeatureBank
 from .config import Config
+from .deps import check_torch_device
 from .errors import InputError, ModelError
 from .models.base import checked_features
 from .regions import Proposals, Records
@@ -380,6 +381,7 @@ def _check_device(device: str) -> str:
     if not torch.cuda.is_available():
         raise ModelError(f"device={device!r} requested but torch {torch.__version__} sees no CUDA GPU "
                          f"(CUDA build: {torch.version.cuda}); use device='cpu'")
+    check_torch_device(device)  # a GPU this torch build has no kernels for: a clear error, not "no kernel image"
     return device
 
 

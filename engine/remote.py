@@ -22,7 +22,7 @@ from .config import Config
 from .errors import InputError, ModelError
 from .export.triton_segment import SEGMENT_MODEL
 from .export.triton_segment_model import INPUT, LABELS, SEGMENTS
-from .pipeline import _Batch, in_input_order, load_batch
+from .pipeline import Skipped, _Batch, in_input_order, load_batch
 from .stream import StageTimes, run_stages
 
 
@@ -67,15 +67,9 @@ class RemoteEngine:
                              f"{self.runtime.input_names}, outputs {self.runtime.output_names})")
         self.concurrency = int(concurrency)
         self.max_image_pixels = Config().max_image_pixels if max_image_pixels is None else max_image_pixels
-        self.class_names = tuple(json.loads(self._parameter("class_names") or "[]"))
+        self.class_names = tuple(json.loads(self.runtime.parameters.get("class_names") or "[]"))
         self.times = StageTimes()
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="moduseg-remote")
-
-    def _parameter(self, key: str) -> str | None:
-        value = self.runtime.parameters.get(key) if hasattr(self.runtime, "parameters") else None
-        if value is None:
-            value = _config_parameters(self.runtime).get(key)
-        return value
 
     def describe(self) -> dict:
         return {"remote": self.runtime.describe(), "concurrency": self.concurrency}
@@ -88,7 +82,7 @@ class RemoteEngine:
         _check_modes(on_error, channel_order)
         with self.times("decode"):
             batch = load_batch(list(images), None, 0, on_error, channel_order, self.max_image_pixels)
-        return self._serve(batch)
+        return self._serve(batch, on_error)
 
     def segment_stream(self, items: Iterable, batch_size: int | None = None, prefetch: int = 2,
                        on_error: str = "raise", channel_order: str = "RGB") -> Iterator:
@@ -100,15 +94,21 @@ class RemoteEngine:
             with self.times("decode"):
                 return load_batch(chunk, None, start, on_error, channel_order, self.max_image_pixels)
 
-        return run_stages(items, load, [self._serve], batch_size, prefetch, "moduseg-remote")
+        return run_stages(items, load, [lambda batch: self._serve(batch, on_error)], batch_size, prefetch,
+                          "moduseg-remote")
 
-    def _serve(self, batch: _Batch) -> list:
+    def _serve(self, batch: _Batch, on_error: str) -> list:
         with self.times("server"):
-            results = list(self._pool.map(self._one, batch.images))
+            results = list(self._pool.map(self._one, batch.images, batch.positions, [on_error] * len(batch.images)))
         return in_input_order(batch, results)
 
-    def _one(self, image: np.ndarray) -> ServedResult:
-        answer = self.runtime.run({INPUT: image[None]}, [LABELS, SEGMENTS])
+    def _one(self, image: np.ndarray, index: int, on_error: str):
+        try:
+            answer = self.runtime.run({INPUT: image[None]}, [LABELS, SEGMENTS])
+        except InputError as error:  # refused before sending (e.g. over the model's max_side)
+            if on_error == "raise":
+                raise InputError(f"images[{index}]: {error}") from error
+            return Skipped(index, f"array {image.dtype} {image.shape}", str(error))
         record = answer[SEGMENTS].reshape(-1)[0]
         record = json.loads(record.decode() if isinstance(record, bytes) else record)
         label_map = np.ascontiguousarray(answer[LABELS][0])
@@ -132,16 +132,3 @@ def _check_modes(on_error: str, channel_order: str) -> None:
     from .pipeline import Engine
 
     Engine._check_modes(on_error, channel_order)
-
-
-def _config_parameters(runtime) -> dict[str, str]:
-    """The model config's string parameters, read through the runtime's client."""
-    kwargs = runtime._kwargs()
-    if runtime.protocol == "http":
-        config = runtime.client.get_model_config(runtime.model_name, runtime.model_version, **kwargs)
-    else:
-        config = runtime.client.get_model_config(runtime.model_name, runtime.model_version, as_json=True,
-                                                 **kwargs).get("config", {})
-    parameters = config.get("parameters", {}) or {}
-    return {key: (value.get("string_value") if isinstance(value, dict) else value)
-            for key, value in parameters.items()}

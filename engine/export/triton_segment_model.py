@@ -14,7 +14,8 @@ score, area, box and COCO RLE mask per segment). A bad image fails its own reque
 
 Config parameters: `backbone_model` (required: the backbone model's name in this server), `bank_dir` (default "bank",
 relative to the version directory), `backbone_batch_size` (images per backbone call, at most that model's
-max_batch_size), `num_threads` (engine threads; 0 = the libraries' choice), `class_names` (JSON, read by clients).
+max_batch_size), `num_threads` (engine threads; 0 = the libraries' choice), `class_names` (JSON, read by clients),
+`max_side` (the backbone model's longest image side; a larger image fails its own request, not its batch).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class TritonPythonModel:
         backbone = create_backbone(bank.backbone_name, runtime=runtime, weights=weights,
                                    batch_size=int(parameters.get("backbone_batch_size") or config.batch_size))
         self.engine = Engine(bank, backbone=backbone, config=config)
+        self.max_side = int(parameters.get("max_side") or 0)
         types = {o["name"]: o["data_type"] for o in model_config["output"]}
         self.label_dtype = pb_utils.triton_string_to_numpy(types[LABELS])
         if len(bank.class_names) > np.iinfo(self.label_dtype).max + 1:
@@ -74,6 +76,10 @@ class TritonPythonModel:
             if array is None or array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
                 got = "nothing" if array is None else f"{array.dtype} {list(array.shape)}"
                 responses[index] = _error(pb, f"{INPUT} must be uint8 (B, H, W, 3) RGB images, got {got}")
+                continue
+            if self.max_side and max(array.shape[1:3]) > self.max_side:
+                responses[index] = _error(pb, f"{INPUT} of {array.shape[1]}x{array.shape[2]} is over this model's "
+                                              f"max_side {self.max_side}")
                 continue
             images += list(array)
             owners += [index] * len(array)

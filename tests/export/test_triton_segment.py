@@ -35,7 +35,10 @@ def test_the_config_states_ragged_batching_types_and_parameters():
     assert parameters["backbone_model"] == BACKBONE_MODEL and parameters["num_threads"] == "3"
     assert json.loads(parameters["class_names"]) == ["background", "cat"]
     assert parameters["EXECUTION_ENV_PATH"] == "$$TRITON_MODEL_DIRECTORY/env.tar.gz"
-    assert "EXECUTION_ENV_PATH" not in render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
+    plain = render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
+    assert "EXECUTION_ENV_PATH" not in plain and "max_side" not in plain
+    limited = validate_config(render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], max_side=1024))
+    assert limited.parameters["max_side"].string_value == "1024"
 
 
 def test_labels_widen_past_256_classes_and_bad_knobs_are_refused():
@@ -121,7 +124,8 @@ def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_reque
 
     bank, local, images = voc_bank
     bank.save(tmp_path / "bank")
-    model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2)
+    model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2,
+                                    max_side=1000)
     fake = _FakeBackend(local)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
     model = triton_segment_model.TritonPythonModel()
@@ -130,8 +134,11 @@ def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_reque
     assert len({im.shape for im in images[:3]}) > 1  # one execute() over several sizes
     requests = [[fake.module.Tensor("IMAGE", im[None])] for im in images[:3]]
     requests.insert(1, [fake.module.Tensor("IMAGE", images[0][None].astype(np.float32))])
+    requests.append([fake.module.Tensor("IMAGE", np.zeros((1, 40, 1001, 3), np.uint8))])
     responses = model.execute(requests)
     assert responses[1].has_error() and "uint8" in responses[1].error().message()
+    assert responses[-1].has_error() and "max_side 1000" in responses[-1].error().message()
+    responses = responses[:-1]
     expected = Engine(bank, backbone=local).segment_batch(images[:3])
     for response, result in zip([responses[0], *responses[2:]], expected):
         outputs = {t.name(): t.as_numpy() for t in response.output_tensors}
