@@ -322,8 +322,13 @@ def cmd_segment(args) -> int:
 
     from .bank import FeatureBank
 
-    bank = FeatureBank.load(args.bank)  # checked here, before any work, also when Ray actors load it again
-    config = _config(args, bank.config)
+    if (args.bank is None) == (args.url is None):
+        raise InputError("give --bank (segment here) or --url (a Triton server's segmentation model), not both")
+    if args.url is not None and args.ray is not None:
+        raise InputError("--url and --ray do not combine: scale a served model with server replicas instead")
+    if args.url is None:
+        bank = FeatureBank.load(args.bank)  # checked here, before any work, also when Ray actors load it again
+        config = _config(args, bank.config)
     out = _output_dir(args.out)
     paths, base = image_files(args.images, args.manifest)
     if args.ray is not None:
@@ -334,7 +339,13 @@ def cmd_segment(args) -> int:
     else:
         from .pipeline import Engine, Skipped
 
-        engine = Engine(bank, config=config, device=args.device)
+        if args.url is None:
+            engine = Engine(bank, config=config, device=args.device)
+        else:
+            from .remote import RemoteEngine
+
+            engine = RemoteEngine(args.url, model_name=args.model, protocol=args.protocol,
+                                  concurrency=args.concurrency, headers=_headers(args.header))
         todo = [p for p in paths if not (args.resume and outputs_done(p, base, out))]
         failures = []
         with tqdm(total=len(todo), desc="segment", unit="img") as bar:
@@ -354,6 +365,17 @@ def cmd_segment(args) -> int:
           f"{len(paths)} images: label maps + JSON records{' + overlays' if args.overlay else ''} -> {out}"
           + (" (all done)" if not failures else ""))
     return 1 if failures else 0
+
+
+def _headers(pairs) -> dict[str, str]:
+    """--header KEY=VALUE (repeatable) -> {KEY: VALUE}."""
+    headers = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--header {pair!r}: expected KEY=VALUE")
+        headers[key.strip()] = value
+    return headers
 
 
 def _output_dir(path) -> Path:
@@ -378,7 +400,16 @@ def _gpu_ids(text: str) -> list[int]:
 def cmd_triton_repo(args) -> int:
     from .export.triton import DEFAULT_PLAN_CCS, plan_records, plan_version_problems, write_repository
 
-    written = write_repository(args.out, backbone=args.backbone, variants=args.variants,
+    bank_backbone = None
+    if args.bank is not None:
+        from .bank import FeatureBank
+
+        bank_backbone = FeatureBank.load(args.bank).backbone_name
+        if args.backbone not in (None, bank_backbone):
+            raise InputError(f"--backbone {args.backbone} differs from the bank's backbone {bank_backbone}")
+        if args.segment_backbone not in args.variants:
+            raise InputError(f"--segment-backbone {args.segment_backbone} is not among --variants {args.variants}")
+    written = write_repository(args.out, backbone=args.backbone or bank_backbone, variants=args.variants,
                                with_models=not args.configs_only, onnx_path=args.onnx, plan_path=args.plan,
                                plan_cc=args.plan_cc, max_batch_size=args.max_batch_size, instances=args.instances,
                                num_threads=args.num_threads, queue_delay_us=args.queue_delay_us, gpus=args.gpus,
@@ -395,6 +426,17 @@ def cmd_triton_repo(args) -> int:
                 print(f"  {plan}: TensorRT {record['tensorrt']}, built on {record.get('gpu')} (compute capability "
                       f"{record.get('compute_capability')}); sides {record.get('min_side')}..{record.get('max_side')}, "
                       f"batch <= {record.get('max_batch')}")
+    if args.bank is not None:
+        from .export.triton_segment import write_segment_model
+        from .registry import triton_model_name
+
+        model_dir = write_segment_model(
+            args.out, args.bank, triton_model_name(bank_backbone, args.segment_backbone),
+            max_batch_size=args.max_batch_size, instances=args.segment_instances, queue_delay_us=args.queue_delay_us,
+            num_threads=args.num_threads, backbone_batch_size=args.max_batch_size,
+            execution_env=args.execution_env)
+        print(f"{model_dir}: whole segmentation (calls {triton_model_name(bank_backbone, args.segment_backbone)}), "
+              f"bank {args.bank}")
     if args.server_tensorrt:
         problems = [p for path in written.values() for p in plan_version_problems(path, args.server_tensorrt)]
         for problem in problems:
@@ -482,7 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment images into VOC-palette PNG label maps, JSON records "
                                   "per image (class, score, area, box, RLE mask per segment) and overlays")
-    segment.add_argument("--bank", required=True)
+    segment.add_argument("--bank", default=None, help="the feature bank (segment in this process)")
+    segment.add_argument("--url", default=None,
+                         help="segment on a Triton server instead: its HTTP or gRPC address (http(s)://, grpc(s)://"
+                              " or HOST:PORT with --protocol), serving the moduseg_segment model")
+    segment.add_argument("--protocol", choices=("http", "grpc"), default="http", help="with --url (default http)")
+    segment.add_argument("--model", default="moduseg_segment", help="with --url: the segmentation model's name")
+    segment.add_argument("--header", action="append", default=None, metavar="KEY=VALUE",
+                         help="with --url: an HTTP header / gRPC metadata sent with every request (repeatable)")
+    segment.add_argument("--concurrency", type=int, default=4, help="with --url: requests in flight (default 4)")
     segment.add_argument("images", nargs="*", help="image files, folders (searched recursively) or glob patterns")
     segment.add_argument("--manifest", default=None, metavar="FILE",
                          help="a file listing image paths, one a line (relative to its folder); a missing one is "
@@ -500,7 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     repo = commands.add_parser("triton-repo", help="write a Triton model repository serving a backbone")
     repo.add_argument("--out", required=True, help="repository directory (created or refreshed)")
-    repo.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    repo.add_argument("--backbone", default=None, help=f"default: the --bank's backbone, else {DEFAULT_BACKBONE}")
+    repo.add_argument("--bank", default=None,
+                      help="also write the whole-segmentation model moduseg_segment with this bank (python backend; "
+                           "calls the --segment-backbone variant of the bank's backbone through BLS)")
+    repo.add_argument("--segment-backbone", choices=("python", "onnx", "tensorrt"), default="python",
+                      help="with --bank: the backbone variant the segmentation model calls (default python; onnx or "
+                           "tensorrt on NGC's GPU server)")
+    repo.add_argument("--segment-instances", type=int, default=1,
+                      help="with --bank: segmentation model instances (CPU; each holds the bank in memory)")
     repo.add_argument("--variants", nargs="+", default=["python", "onnx", "tensorrt"],
                       choices=("python", "onnx", "tensorrt"),
                       help="python: onnxruntime on CPU in the python backend; onnx / tensorrt: GPU platforms")

@@ -233,3 +233,37 @@ def test_a_backbone_model_is_refused_as_a_segmentation_model(triton_server):
 
     with pytest.raises(ModelError, match="not a segmentation model"):
         RemoteEngine(triton_server.http_url, model_name=BACKBONE_MODEL, retries=0)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+@pytest.mark.slow
+def test_the_cli_writes_the_segmentation_model_and_segments_through_a_url(segment_server, voc_bank, voc_root,
+                                                                          tmp_path):
+    from engine import Engine
+    from engine.cli import main
+    from engine.data import load_label_map
+
+    bank, local, _ = voc_bank
+    bank.save(tmp_path / "bank")
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", "--out", str(repo), "--variants", "python", "--configs-only", "--bank",
+                 str(tmp_path / "bank"), "--segment-instances", "2", "--max-side", "1024"]) == 0
+    config = validate_config((repo / SEGMENT_MODEL / "config.pbtxt").read_text(), SEGMENT_MODEL)
+    assert config.instance_group[0].count == 2 and config.parameters["max_side"].string_value == "1024"
+    assert config.parameters["backbone_model"].string_value == BACKBONE_MODEL
+    assert (repo / SEGMENT_MODEL / "1" / "bank" / "manifest.json").is_file()
+    assert main(["triton-repo", "--out", str(repo), "--configs-only", "--bank", str(tmp_path / "bank"),
+                 "--backbone", "effnet-lite2/block19"]) == 1  # not the bank's backbone
+
+    images = sorted((voc_root / "JPEGImages").glob("*.jpg"))[:2]
+    out = tmp_path / "out"
+    assert main(["segment", "--url", f"grpc://{segment_server.grpc_url}", "--protocol", "grpc", "--header",
+                 "x-request-source=test", *map(str, images), "--out", str(out)]) == 0
+    expected = Engine(bank, backbone=local).segment_batch(images)
+    for path, result in zip(images, expected):
+        assert np.array_equal(load_label_map(out / f"{path.stem}.png"), result.label_map)
+        assert json.loads((out / f"{path.stem}.json").read_text())["segments"][0]["class_id"] == \
+            result.segments()[0]["class_id"]
+    assert main(["segment", "--url", segment_server.http_url, "--bank", str(tmp_path / "bank"), str(images[0]),
+                 "--out", str(out)]) == 1  # one or the other
