@@ -260,65 +260,10 @@ def read_manifest(path) -> list[Path]:
     return [path.parent / entry for entry in entries]
 
 
-# Per-image outputs of `moduseg segment` (the Ray batch run writes the same through these): under OUT, the image's
-# path relative to the inputs' base folder without its suffix, then .png (label map), _overlay.jpg and .json (record).
-# Each file is written to a temporary name and renamed into place, the JSON record last, so a record means "done".
-
-def output_stem(path: Path, base: Path, out: Path) -> Path:
-    """OUT/relative/path/name of an image's outputs, without suffix (a/x.jpg and b/x.jpg do not collide)."""
-    relative = Path(path).relative_to(base)
-    return out / relative.parent / relative.stem
-
-
-def outputs_done(path: Path, base: Path, out: Path) -> bool:
-    """Whether an image's outputs are complete: its JSON record, written last, exists."""
-    stem = output_stem(path, base, out)
-    return (stem.parent / f"{stem.name}.json").is_file()
-
-
-def write_outputs(path: Path, result, base: Path, out: Path, with_overlay: bool = True) -> Path:
-    """Write one image's outputs atomically (label map PNG, overlay JPEG if asked, JSON record last); returns the
-    record's path."""
-    from .data import load_image, save_label_map
-    from .report import overlay
-
-    stem = output_stem(path, base, out)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(stem.parent / f"{stem.name}.png", lambda tmp: save_label_map(result.label_map, tmp))
-    if with_overlay:
-        _write_atomic(stem.parent / f"{stem.name}_overlay.jpg", lambda tmp: overlay(load_image(path), result, tmp))
-    record = stem.parent / f"{stem.name}.json"
-    _write_atomic(record, lambda tmp: tmp.write_text(json.dumps({"image": str(path), **result.to_dict()})))
-    return record
-
-
-def write_failures(out: Path, failures: list[dict]) -> Path:
-    """OUT/failures.jsonl (one {"image", "reason"} object a line) written atomically; removed when there are none."""
-    target = out / FAILURES_FILE
-    if not failures:
-        target.unlink(missing_ok=True)
-        return target
-    _write_atomic(target, lambda tmp: tmp.write_text("".join(json.dumps(f) + "\n" for f in failures)))
-    return target
-
-
-FAILURES_FILE = "failures.jsonl"
-
-
-def _write_atomic(target: Path, write) -> None:
-    """write(tmp) to a hidden temporary sibling with the same suffix (image writers pick the format from it), then
-    rename it over `target`."""
-    tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp{target.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def cmd_segment(args) -> int:
     from tqdm.auto import tqdm
+
+    from .outputs import FAILURES_FILE, outputs_done, write_failures, write_outputs
 
     from .bank import FeatureBank
 
@@ -486,11 +431,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moduseg", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_bank_parsers(commands) -> None:
+    """build-bank and eval."""
     build = commands.add_parser("build-bank", help="build a feature bank from a VOC-layout dataset")
     build.add_argument("--data", default=None, help="dataset root (VOC layout)")
     build.add_argument("--split", default="train")
@@ -522,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
+
+def _add_segment_parser(commands) -> None:
     segment = commands.add_parser("segment", help="segment images into VOC-palette PNG label maps, JSON records "
                                   "per image (class, score, area, box, RLE mask per segment) and overlays")
     segment.add_argument("--bank", default=None, help="the feature bank (segment in this process)")
@@ -548,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(segment)
     segment.set_defaults(run=cmd_segment)
 
+
+def _add_triton_parsers(commands) -> None:
+    """triton-repo and serve."""
     repo = commands.add_parser("triton-repo", help="write a Triton model repository serving a backbone")
     repo.add_argument("--out", required=True, help="repository directory (created or refreshed)")
     repo.add_argument("--backbone", default=None, help=f"default: the --bank's backbone, else {DEFAULT_BACKBONE}")
@@ -608,6 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one more tritonserver argument, e.g. --server-arg=--log-verbose=1 or "
                             "--server-arg=--backend-config=python,shm-default-byte-size=16777216 (repeatable)")
     serve.set_defaults(run=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moduseg", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    _add_bank_parsers(commands)
+    _add_segment_parser(commands)
+    _add_triton_parsers(commands)
+
     report = commands.add_parser("report", help="the paper's table rows on VOC-layout data sets (JSON, Markdown, PNG)")
     report.add_argument("--data-root", default="../shared/data", help="folder holding the data sets")
     report.add_argument("--datasets", nargs="+", default=["voc2012-mini", "camvid"])

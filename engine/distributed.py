@@ -10,7 +10,7 @@ are reduced on the driver from per-image partial sums in image order at each ite
 order as one process), and the featurising actors paint each image's mask from its superpixel labels.
 
 Batch segmentation (`segment_ray`): image paths are a Ray Dataset; actors each hold an Engine (the bank loaded once
-per actor) and write every image's outputs with `engine.cli.write_outputs`, as `moduseg segment` does; an image that
+per actor) and write every image's outputs with `engine.outputs.write_outputs`, as `moduseg segment` does; an image that
 cannot be read or segmented comes back as a failure, never an error.
 
 Assumptions: every node sees the data set, the bank and the output folder at the same paths (a shared file system).
@@ -399,7 +399,7 @@ class _Segmenter:
                 "reason": np.array(self._segment(paths), dtype=object)}
 
     def _segment(self, paths: list[Path]) -> list[str]:
-        from .cli import write_outputs
+        from .outputs import write_outputs
         from .pipeline import Skipped
 
         try:
@@ -458,6 +458,6 @@ def segment_ray(paths: Sequence[Path], base: Path, out: Path, bank, config: Conf
 
 
 def _done(path, base, out) -> bool:
-    from .cli import outputs_done
+    from .outputs import outputs_done
 
     return outputs_done(Path(path), Path(base), Path(out))

@@ -231,21 +231,13 @@ class TritonRuntime(Runtime):
 
         return self._retrying(f"finding a ready model of backbone {backbone}", first_ready)
 
-    def _repository_states(self) -> str:
-        try:
-            index = self.client.get_model_repository_index(**self._kwargs())
-        except Exception as error:  # noqa: BLE001 - only for the message
-            return f"(repository index unavailable: {_describe(error)})"
-        entries = index if isinstance(index, list) else [{"name": m.name, "state": m.state} for m in index.models]
-        return ", ".join(f"{e.get('name')} {e.get('state') or 'UNLOADED'}" for e in entries) or "none"
-
     def _load_metadata(self) -> None:
         name, version = self.model_name, self.model_version
         try:
             self._retrying(f"model {name!r} readiness",
                            lambda: self.client.is_model_ready(name, version, **self._kwargs()))
         except ModelError as error:
-            raise ModelError(f"{error} The server's models: {self._repository_states()}") from error
+            raise ModelError(f"{error} The server's models: {_repository_states(self)}") from error
         if self.protocol == "http":
             metadata = self._retrying("model metadata",
                                       lambda: self.client.get_model_metadata(name, version, **self._kwargs()))
@@ -274,48 +266,6 @@ class TritonRuntime(Runtime):
 
     # ---------------------------------------------------------------------------------------------------- run
 
-    def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        checked, batch = {}, None
-        for name in self.input_names:
-            shape, datatype = self._inputs[name]
-            array = np.asarray(inputs[name])
-            dtype = _DTYPES.get(datatype)
-            if dtype is None:
-                raise ModelError(f"Triton model {self.model_name}: input {name!r} has unsupported type {datatype}")
-            if array.dtype != dtype:
-                if not np.can_cast(array.dtype, dtype, "same_kind"):
-                    raise InputError(f"input {name!r}: dtype {array.dtype} cannot be sent as {datatype} to Triton "
-                                     f"model {self.model_name}")
-                array = array.astype(dtype)
-            # the metadata's shape includes the batch dimension (-1) when the model batches
-            if array.ndim != len(shape) or any(want != -1 and want != got for want, got in zip(shape, array.shape)):
-                raise InputError(f"input {name!r}: shape {tuple(array.shape)} does not fit Triton model "
-                                 f"{self.model_name}'s {tuple(shape)} (-1 = any)")
-            self._check_limits(name, array.shape, shape)
-            if self.model_max_batch_size:
-                if batch is not None and array.shape[0] != batch:
-                    raise InputError(f"inputs disagree on the batch size: {array.shape[0]} vs {batch}")
-                batch = array.shape[0]
-                if batch == 0:
-                    raise InputError(f"input {name!r}: empty batch")
-            checked[name] = np.ascontiguousarray(array)
-        return checked
-
-    def _check_limits(self, name: str, got: tuple, want: Sequence[int]) -> None:
-        """The config's min_side / max_side against an image input's padded H and W (the two dynamic dims of a
-        (batch, H, W, C) input); InputError naming the limit and the model."""
-        if not self.limits or len(want) != 4 or list(want[1:3]) != [-1, -1]:
-            return
-        height, width = int(got[1]), int(got[2])
-        top, bottom = self.limits.get("max_side"), self.limits.get("min_side")
-        if top is not None and max(height, width) > top:
-            raise InputError(f"input {name!r}: padded image {height} x {width} exceeds max_side {top} of Triton model "
-                             f"{self.model_name} (a limit in its config, e.g. its TensorRT profile): downscale the "
-                             f"image, or serve a model made for larger images (moduseg triton-repo --max-side N)")
-        if bottom is not None and min(height, width) < bottom:
-            raise InputError(f"input {name!r}: padded image {height} x {width} is below min_side {bottom} of Triton "
-                             f"model {self.model_name}")
-
     def _request(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]):
         module = self._module
         infer_inputs = []
@@ -338,7 +288,7 @@ class TritonRuntime(Runtime):
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         requested = self._check_request(inputs, outputs)
-        arrays = self._check_inputs(inputs)
+        arrays = _checked_inputs(self, inputs)
         if not self.model_max_batch_size:
             return self._infer_sync(arrays, requested)
         batch = next(iter(arrays.values())).shape[0]
@@ -429,3 +379,58 @@ def _infer_concurrently(runtime: "TritonRuntime", chunks: list[dict[str, np.ndar
         if results[index] is None:
             results[index] = runtime._infer_sync(chunk, outputs)
     return results
+
+
+def _repository_states(runtime: "TritonRuntime") -> str:
+    """The server's models and their states, for error messages."""
+    try:
+        index = runtime.client.get_model_repository_index(**runtime._kwargs())
+    except Exception as error:  # noqa: BLE001 - only for the message
+        return f"(repository index unavailable: {_describe(error)})"
+    entries = index if isinstance(index, list) else [{"name": m.name, "state": m.state} for m in index.models]
+    return ", ".join(f"{e.get('name')} {e.get('state') or 'UNLOADED'}" for e in entries) or "none"
+
+
+def _checked_inputs(runtime: "TritonRuntime", inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The request's arrays checked against the model's metadata and limits (cast where safe), or InputError."""
+    checked, batch = {}, None
+    for name in runtime.input_names:
+        shape, datatype = runtime._inputs[name]
+        array = np.asarray(inputs[name])
+        dtype = _DTYPES.get(datatype)
+        if dtype is None:
+            raise ModelError(f"Triton model {runtime.model_name}: input {name!r} has unsupported type {datatype}")
+        if array.dtype != dtype:
+            if not np.can_cast(array.dtype, dtype, "same_kind"):
+                raise InputError(f"input {name!r}: dtype {array.dtype} cannot be sent as {datatype} to Triton "
+                                 f"model {runtime.model_name}")
+            array = array.astype(dtype)
+        # the metadata's shape includes the batch dimension (-1) when the model batches
+        if array.ndim != len(shape) or any(want != -1 and want != got for want, got in zip(shape, array.shape)):
+            raise InputError(f"input {name!r}: shape {tuple(array.shape)} does not fit Triton model "
+                             f"{runtime.model_name}'s {tuple(shape)} (-1 = any)")
+        _check_limits(runtime, name, array.shape, shape)
+        if runtime.model_max_batch_size:
+            if batch is not None and array.shape[0] != batch:
+                raise InputError(f"inputs disagree on the batch size: {array.shape[0]} vs {batch}")
+            batch = array.shape[0]
+            if batch == 0:
+                raise InputError(f"input {name!r}: empty batch")
+        checked[name] = np.ascontiguousarray(array)
+    return checked
+
+
+def _check_limits(runtime: "TritonRuntime", name: str, got: tuple, want: Sequence[int]) -> None:
+    """The config's min_side / max_side against an image input's padded H and W (the two dynamic dims of a
+    (batch, H, W, C) input); InputError naming the limit and the model."""
+    if not runtime.limits or len(want) != 4 or list(want[1:3]) != [-1, -1]:
+        return
+    height, width = int(got[1]), int(got[2])
+    top, bottom = runtime.limits.get("max_side"), runtime.limits.get("min_side")
+    if top is not None and max(height, width) > top:
+        raise InputError(f"input {name!r}: padded image {height} x {width} exceeds max_side {top} of Triton model "
+                         f"{runtime.model_name} (a limit in its config, e.g. its TensorRT profile): downscale the "
+                         f"image, or serve a model made for larger images (moduseg triton-repo --max-side N)")
+    if bottom is not None and min(height, width) < bottom:
+        raise InputError(f"input {name!r}: padded image {height} x {width} is below min_side {bottom} of Triton "
+                         f"model {runtime.model_name}")
