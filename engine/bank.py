@@ -10,7 +10,10 @@ Queries at inference are such regions too (parts, stuff, whole objects), so they
 kind.
 
 Saved as a versioned directory with checksums, so a truncated or corrupt bank, or one built with another backbone, is
-refused on load.
+refused on load. The vectors are stored once (`vectors.npy`, read memory-mapped); an approximate index adds its
+trained quantizer and codes, never a second copy of the vectors (INDEX_STORAGE). Each file's size and the sha256 of
+its first and last HASH_BLOCK bytes are checked at every load (`verify="quick"`), the full sha256 on request
+(`verify="full"`, `moduseg verify-bank`), so loading a large bank does not read it whole.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from .constants import IGNORE
 from .deps import require
 from .errors import BankError, InputError
 from .models.base import checked_features
-from .search import make_faiss_index
+from .search import (BLOCK_ROWS, ONDISK_SUFFIX, build_ondisk_index, make_faiss_index, ondisk_data_file,
+                     read_ondisk_index, write_ondisk_index)
 
 FORMAT = "moduseg-feature-bank"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: vectors stored once (no flat index.faiss), per-storage index files, quick/full checksums
 #: BankEntry kinds, as stored in kinds.npy
 KINDS = ("class", "region")
 
@@ -118,7 +122,8 @@ class FeatureBank:
     kinds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        mapped = isinstance(self.vectors, np.memmap) or isinstance(getattr(self.vectors, "base", None), np.memmap)
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)  # a mapped float32 array stays mapped
         self.labels = np.ascontiguousarray(self.labels, dtype=np.int32).reshape(-1)
         self.kinds = (np.zeros(len(self.labels), np.uint8) if self.kinds is None
                       else np.ascontiguousarray(self.kinds, dtype=np.uint8).reshape(-1))
@@ -132,7 +137,9 @@ class FeatureBank:
                             f"{self.backbone.get('dim')}-d")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise BankError(f"bank labels outside 0..{len(self.class_names) - 1}")
-        if not np.isfinite(self.vectors).all():
+        # memory-mapped vectors (a loaded bank, or one larger than memory) are not read whole here: save checks them
+        # a block at a time, and load's checksums say the file is the one saved
+        if not mapped and not np.isfinite(self.vectors).all():
             raise BankError("bank vectors contain NaN or inf")
         self._index = None
 
@@ -214,8 +221,9 @@ class FeatureBank:
 
     @property
     def index(self):
-        """The FAISS inner-product index over the vectors (built on first use from `config.index`; saved with the
-        bank)."""
+        """The FAISS inner-product index over the vectors: a loaded bank's (an approximate index's codes, or its
+        on-disk lists mapped), else built in memory on first use from `config.index`. A "Flat" bank is searched by
+        engine.search.FlatIndex over the vectors, so this exact FAISS copy is made only when asked for."""
         if self._index is None:
             self._index = make_faiss_index(self.vectors, self.config)
         return self._index
@@ -230,26 +238,30 @@ class FeatureBank:
 
     # -------------------------------------------------------------------------------------------------- persistence
 
-    def save(self, path, overwrite: bool = False) -> Path:
+    def save(self, path, overwrite: bool = False, ondisk: bool | None = None, shard_rows: int = 1 << 20) -> Path:
         """Write the bank directory atomically: written to a temporary sibling, then renamed into place. With
         `overwrite`, an existing bank (a directory holding a bank manifest, and nothing else) is replaced: the old
         one is renamed aside, the new one renamed in, then the old one deleted, so a crash at any point leaves a
-        whole bank at `path` or beside it, never half of one. Anything else at `path` is refused, never deleted."""
-        faiss = require("faiss", "the bank's FAISS index")
+        whole bank at `path` or beside it, never half of one. Anything else at `path` is refused, never deleted.
 
+        The vectors are written once, a block at a time (a memory-mapped bank is never read whole), and the index
+        as INDEX_STORAGE says. `ondisk`: an IVF bank's index with its inverted lists in a file of their own, read
+        memory-mapped at load (for banks larger than memory: built by engine.search.build_ondisk_index from the
+        vectors, `shard_rows` vectors a shard, never whole in memory); None keeps a loaded on-disk index on disk."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise BankError(f"{path} exists; pass overwrite=True (--overwrite) to replace the bank there")
         if path.exists():
             _check_replaceable(path)
+        storage = self._storage(ondisk)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            np.save(staging / "vectors.npy", self.vectors)
+            _write_vectors(staging / "vectors.npy", self.vectors)
             np.save(staging / "labels.npy", self.labels)
             np.save(staging / "kinds.npy", self.kinds)
             (staging / "sources.json").write_text(json.dumps(self.sources))
-            faiss.write_index(self.index, str(staging / "index.faiss"))
+            self._write_index(staging, path, storage, shard_rows)
             manifest = {
                 "format": FORMAT,
                 "version": FORMAT_VERSION,
@@ -261,8 +273,8 @@ class FeatureBank:
                 "kind_counts": {kind: int((self.kinds == i).sum()) for i, kind in enumerate(KINDS)},
                 "config": self.config.to_dict(),
                 "provenance": self.provenance,
-                "files": {name: _digest(staging / name)
-                          for name in ("vectors.npy", "labels.npy", "kinds.npy", "sources.json", "index.faiss")},
+                "index_storage": storage,
+                "files": {name: _seal(staging / name) for name in _bank_files(storage)},
             }
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
             old = None
@@ -283,12 +295,56 @@ class FeatureBank:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
-    @classmethod
-    def load(cls, path, backbone=None) -> "FeatureBank":
-        """Read a bank directory, verifying format, version, checksums of exactly the bank's files, and the index
-        against the vectors; with `backbone`, also that it matches."""
+    def _storage(self, ondisk: bool | None) -> str:
+        """How save stores this bank's index (a key of INDEX_STORAGE)."""
+        if self.config.index == "Flat":
+            if ondisk:
+                raise InputError("ondisk=True needs an IVF index (Config.index \"IVF16384,PQ64\"), not \"Flat\"")
+            return "exact"
+        if ondisk is None:
+            ondisk = self._index is not None and ondisk_data_file(self._index) is not None
+        if ondisk:
+            return "ondisk"
         faiss = require("faiss", "the bank's FAISS index")
+        ivf = faiss.try_extract_index_ivf(self.index)
+        return "ivf-lists" if ivf is not None and isinstance(faiss.downcast_index(self.index), faiss.IndexIVFFlat) \
+            else "codes"
 
+    def _write_index(self, staging: Path, final: Path, storage: str, shard_rows: int) -> None:
+        """The index files of `storage` into `staging` (renamed to `final` afterwards)."""
+        if storage == "exact":
+            return
+        faiss = require("faiss", "the bank's FAISS index")
+        if storage == "codes":
+            faiss.write_index(self.index, str(staging / "index.faiss"))
+        elif storage == "ivf-lists":
+            # the vectors are the IVF-Flat lists' codes: store the trained index without them, and each vector's list
+            lists = np.empty(len(self), np.int64)
+            invlists = self.index.invlists
+            for number in range(self.index.nlist):
+                rows = faiss.rev_swig_ptr(invlists.get_ids(number), invlists.list_size(number))
+                lists[rows] = number
+            empty = faiss.clone_index(self.index)
+            empty.reset()
+            faiss.write_index(empty, str(staging / "index.faiss"))
+            np.save(staging / "ivf_lists.npy", lists)
+        else:
+            index = self._index if self._index is not None and ondisk_data_file(self._index) is not None else \
+                build_ondisk_index(self.vectors, self.config, staging / "index.faiss", shard_rows)
+            # the index file records where its lists are: where they will be once the bank is renamed into place
+            write_ondisk_index(index, staging / "index.faiss", recorded=final.absolute() / "index.faiss")
+
+    @classmethod
+    def load(cls, path, backbone=None, verify: str = "quick") -> "FeatureBank":
+        """Read a bank directory, verifying format, version, that the manifest lists exactly the bank's files and
+        their checksums, and the index against the vectors; with `backbone`, also that it matches. The vectors are
+        memory-mapped (read as searches need them).
+
+        verify: "quick" checks each file's size and the sha256 of its first and last HASH_BLOCK bytes (the whole
+        file's for small ones): a truncated, extended or replaced file is refused without reading the bank whole;
+        "full" rehashes every byte (a file corrupted in its middle too); `moduseg verify-bank` runs it."""
+        if verify not in VERIFY:
+            raise InputError(f"verify must be one of {VERIFY}, got {verify!r}")
         path = Path(path)
         manifest_file = path / "manifest.json"
         if not manifest_file.is_file():
@@ -302,33 +358,38 @@ class FeatureBank:
         if manifest.get("version") != FORMAT_VERSION:
             raise BankError(f"{path}: bank format version {manifest.get('version')}, this engine reads "
                             f"version {FORMAT_VERSION}; rebuild the bank")
+        storage = manifest.get("index_storage")
+        if storage not in INDEX_STORAGE:
+            raise BankError(f"{path}: unknown index storage {storage!r}; known: {sorted(INDEX_STORAGE)}")
+        expected_files = set(_bank_files(storage))
         files = manifest.get("files")
-        if not isinstance(files, dict) or set(files) != BANK_FILES - {"manifest.json"}:
-            raise BankError(f"{path}: the manifest must list checksums of exactly "
-                            f"{sorted(BANK_FILES - {'manifest.json'})}, it lists {sorted(files or {})}")
+        if not isinstance(files, dict) or set(files) != expected_files:
+            raise BankError(f"{path}: the manifest must list checksums of exactly {sorted(expected_files)}, it "
+                            f"lists {sorted(files or {})}")
         for name, expected in files.items():
-            file = path / name
-            if not file.is_file():
-                raise BankError(f"{path}: missing {name}")
-            actual = _digest(file)
-            if actual != expected:
-                raise BankError(f"{path}: {name} is truncated or corrupt (expected {expected.get('bytes')} bytes, "
-                                f"sha256 {str(expected.get('sha256'))[:12]}…; found {actual['bytes']} bytes, "
-                                f"sha256 {actual['sha256'][:12]}…)")
+            _verify(path, name, expected, verify)
         try:
-            bank = cls(np.load(path / "vectors.npy", allow_pickle=False),
+            bank = cls(np.load(path / "vectors.npy", mmap_mode="r", allow_pickle=False),
                        np.load(path / "labels.npy", allow_pickle=False),
                        manifest["class_names"], manifest["backbone"], Config.from_dict(manifest["config"]),
                        json.loads((path / "sources.json").read_text()), manifest.get("provenance", {}),
                        np.load(path / "kinds.npy", allow_pickle=False))
-            index = faiss.read_index(str(path / "index.faiss"))
+            index = _read_index(path, storage, bank)
         except (KeyError, ValueError, TypeError, AttributeError, OSError, RuntimeError) as error:
             raise BankError(f"{path}: cannot read bank: {error}") from error
-        _check_index(path, index, bank)
+        if index is not None:
+            _check_index(path, index, bank)
         bank._index = index
         if backbone is not None:
             bank.check_backbone(backbone)
         return bank
+
+    @staticmethod
+    def verify(path) -> dict:
+        """Check a bank directory fully (every byte of every file, as load(verify="full")) and return its
+        manifest; BankError naming the first problem."""
+        FeatureBank.load(path, verify="full")
+        return json.loads((Path(path) / "manifest.json").read_text())
 
 
 def reject_outliers(vectors: np.ndarray, labels: np.ndarray, config: Config,
@@ -625,22 +686,80 @@ def _named_regions(mask: np.ndarray, allowed: set, proposals, num_classes: int, 
     return proposals.atoms, proposals.members[named], majority[named]
 
 
-#: what a bank directory holds: anything else there means it is not (only) a bank, and it is never deleted
-BANK_FILES = {"manifest.json", "vectors.npy", "labels.npy", "kinds.npy", "sources.json", "index.faiss"}
+#: how a bank stores its search index (manifest "index_storage"), and the files that adds to the vectors, labels,
+#: kinds and sources every bank holds. The vectors are never stored twice:
+#: "exact": Config.index "Flat", searched from vectors.npy (engine.search.FlatIndex), nothing more stored;
+#: "ivf-lists": an IVF-Flat index, whose codes would be the vectors again: the trained index without its lists, and
+#:     each vector's list (8 bytes a vector); load refills the lists from vectors.npy, no training or assignment;
+#: "codes": any other FAISS index (IVF-PQ, scalar quantizers...), written whole: codes, not vectors (an HNSW,Flat
+#:     or other index keeping raw vectors would hold a second copy);
+#: "ondisk": an IVF index (IVF-PQ) whose inverted lists are a file of their own, memory-mapped at load
+#:     (FeatureBank.save(ondisk=True), for banks larger than memory).
+INDEX_STORAGE = {"exact": (), "ivf-lists": ("index.faiss", "ivf_lists.npy"), "codes": ("index.faiss",),
+                 "ondisk": ("index.faiss", "index" + ONDISK_SUFFIX)}
+#: what a bank directory may hold: anything else there means it is not (only) a bank, and it is never deleted
+BANK_FILES = {"manifest.json", "vectors.npy", "labels.npy", "kinds.npy", "sources.json",
+              *(name for names in INDEX_STORAGE.values() for name in names)}
+#: FeatureBank.load's checks: sizes and head/tail hashes ("quick"), or every byte ("full")
+VERIFY = ("quick", "full")
+#: bytes hashed at each end of a file by the quick check; a file of at most twice this is hashed whole
+HASH_BLOCK = 1 << 20
+
+
+def _bank_files(storage: str) -> tuple[str, ...]:
+    """The files listed in the manifest of a bank with this index storage."""
+    return ("vectors.npy", "labels.npy", "kinds.npy", "sources.json", *INDEX_STORAGE[storage])
+
+
+def _write_vectors(file: Path, vectors: np.ndarray) -> None:
+    """vectors.npy written a block of rows at a time (a memory-mapped bank is never read whole), each block checked
+    for NaN and inf first."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": tuple(int(n) for n in vectors.shape)}
+    with open(file, "wb") as handle:
+        np.lib.format.write_array_header_2_0(handle, header)
+        for start in range(0, len(vectors), BLOCK_ROWS):
+            block = np.ascontiguousarray(vectors[start:start + BLOCK_ROWS], np.float32)
+            if not np.isfinite(block).all():
+                raise BankError(f"bank vectors contain NaN or inf (rows {start}..{start + len(block) - 1})")
+            handle.write(block.tobytes())
+
+
+def _read_index(path: Path, storage: str, bank: "FeatureBank"):
+    """The index of a bank directory as INDEX_STORAGE stores it (None for "exact": nothing to read)."""
+    if storage == "exact":
+        return None
+    faiss = require("faiss", "the bank's FAISS index")
+    if storage == "ondisk":
+        index = read_ondisk_index(path / "index.faiss")
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+        have = (path / ("index" + ONDISK_SUFFIX)).stat().st_size
+        if have < lists.totsize:  # a mapped file shorter than its lists would crash the first search that reads them
+            raise BankError(f"{path}: index{ONDISK_SUFFIX} holds {have} bytes, its lists need {lists.totsize}")
+        return index
+    index = faiss.read_index(str(path / "index.faiss"))
+    if storage == "ivf-lists":
+        ivf = faiss.try_extract_index_ivf(index)
+        lists = np.load(path / "ivf_lists.npy", allow_pickle=False)
+        if ivf is None or index.ntotal or lists.shape != (len(bank),) or lists.dtype != np.int64 or (
+                len(lists) and (lists.min() < 0 or lists.max() >= ivf.nlist)):
+            raise BankError(f"{path}: ivf_lists.npy ({lists.shape}, {lists.dtype}) must give each of the "
+                            f"{len(bank)} vectors one of the empty IVF index's lists")
+        for start in range(0, len(bank), BLOCK_ROWS):  # the lists refilled in row order, as they were built
+            block = np.ascontiguousarray(bank.vectors[start:start + BLOCK_ROWS], np.float32)
+            assign = np.ascontiguousarray(lists[start:start + len(block)])
+            index.add_core(len(block), faiss.swig_ptr(block), None, faiss.swig_ptr(assign))
+    return index
 
 
 def _check_index(path: Path, index, bank: "FeatureBank") -> None:
-    """BankError unless `index` is an inner-product index over exactly the bank's vectors (for indexes that keep
-    them: flat ones; others are checked by size, width and metric)."""
+    """BankError unless `index` is an inner-product index of the bank's size and width (the vectors are stored
+    once, so there is no second copy to compare)."""
     faiss = require("faiss", "the bank's FAISS index")
 
     if index.ntotal != len(bank) or index.d != bank.dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise BankError(f"{path}: index.faiss holds {index.ntotal} x {index.d} (metric {index.metric_type}), the "
                         f"vectors are {len(bank)} x {bank.dim} under inner product")
-    if isinstance(index, faiss.IndexFlat) and len(bank):
-        stored = faiss.rev_swig_ptr(index.get_xb(), len(bank) * bank.dim).reshape(len(bank), bank.dim)
-        if not np.array_equal(stored, bank.vectors):
-            raise BankError(f"{path}: index.faiss holds other vectors than vectors.npy")
 
 
 def _check_replaceable(path: Path) -> None:
@@ -663,3 +782,46 @@ def _digest(file: Path) -> dict:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             sha.update(chunk)
     return {"sha256": sha.hexdigest(), "bytes": file.stat().st_size}
+
+
+def _ends(file: Path, block: int) -> dict:
+    """sha256 of a file's first and last `block` bytes."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = hashlib.sha256(handle.read(block)).hexdigest()
+        handle.seek(max(0, size - block))
+        tail = hashlib.sha256(handle.read(block)).hexdigest()
+    return {"head_sha256": head, "tail_sha256": tail}
+
+
+def _seal(file: Path) -> dict:
+    """A bank file's manifest record: size and full sha256, plus for a file longer than 2 HASH_BLOCK the sha256 of
+    its first and last HASH_BLOCK bytes (the quick check), with the block size used."""
+    record = _digest(file)
+    if record["bytes"] > 2 * HASH_BLOCK:
+        record.update(block=HASH_BLOCK, **_ends(file, HASH_BLOCK))
+    return record
+
+
+def _verify(path: Path, name: str, expected, verify: str) -> None:
+    """BankError unless bank file `name` matches its manifest record (_seal): size and head/tail hashes ("quick";
+    a small file's full hash), or size and full hash ("full")."""
+    file = path / name
+    if not file.is_file():
+        raise BankError(f"{path}: missing {name}")
+    if not isinstance(expected, dict):
+        raise BankError(f"{path}: the manifest's record of {name} is not a checksum record")
+    size = file.stat().st_size
+    if size != expected.get("bytes"):
+        raise BankError(f"{path}: {name} is truncated or corrupt (expected {expected.get('bytes')} bytes, found "
+                        f"{size})")
+    block = expected.get("block")
+    if verify == "quick" and isinstance(block, int) and block > 0 and size > 2 * block:
+        actual, keys = _ends(file, block), ("head_sha256", "tail_sha256")
+    else:
+        actual, keys = _digest(file), ("sha256",)
+    for key in keys:
+        if actual[key] != expected.get(key):
+            where = {"head_sha256": f"in its first {block} bytes", "tail_sha256": f"in its last {block} bytes"}
+            raise BankError(f"{path}: {name} is corrupt {where.get(key, '')}".rstrip() + f" (sha256 "
+                            f"{str(expected.get(key))[:12]}…, found {actual[key][:12]}…)")

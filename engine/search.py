@@ -7,11 +7,18 @@ class ids. Which device searches is a property of the index (as in faiss's torch
 - `FlatIndex`: exact search on the CPU: one BLAS matrix product per batch of queries and a partial selection (for
   `Config.index == "Flat"`, the default: on a 2-core CPU it is 3 to 6 times faster than FAISS's flat index on the
   engine's 680-d banks, docs/decisions.md);
-- `FaissIndex`: FAISS on the CPU for the approximate index factory strings (`Config.index`: "IVF4096,Flat" ...) that
-  large banks need;
+- `FaissIndex`: FAISS on the CPU for the approximate index factory strings (`Config.index`: "IVF4096,Flat",
+  "IVF16384,PQ64" ...) that large banks need, `Config.nprobe` passed with every search (so indexes are shared, never
+  re-tuned in place); `open_ondisk_index` makes one over an on-disk IVF index;
 - `TorchIndex`: the bank resident on a torch device (a GPU), exact top-K by matrix product (faiss-gpu when the
   installed faiss has it);
 - `ExactIndex`: a brute-force NumPy scan sorting every score, the plain reference the others are tested against.
+
+Banks larger than memory (docs/scaling.md): `build_ondisk_index` trains an IVF index (IVF-PQ: codes, not vectors) on
+a sample of the vectors, fills it shard by shard (each shard an IVF index sharing the trained quantizer, written to
+disk), merges the shards' inverted lists into one file beside the index (FAISS's `OnDiskInvertedLists`), and
+`read_ondisk_index` maps that file into memory instead of reading it: only the lists a query probes are paged in.
+The vectors themselves may be a memory-mapped array: every builder here reads them a block of rows at a time.
 
 Exact ties: the NumPy and torch scans keep the lowest bank rows first, so their results depend neither on chunking
 nor on threading; FAISS's flat heaps order exactly tied similarities by insertion, otherwise the results agree.
@@ -20,6 +27,10 @@ nor on threading; FAISS's flat heaps order exactly tied similarities by insertio
 from __future__ import annotations
 
 import abc
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +41,10 @@ from .errors import InputError
 BACKENDS = ("faiss", "torch", "exact")  # "faiss": FlatIndex for "Flat", FAISS for any other factory string
 #: below this many multiply-adds (queries x bank x dim) a FAISS search runs on one thread unless told otherwise
 SMALL_SEARCH = 1 << 27
+#: rows read from a (memory-mapped) vector array at a time by the index builders: 64 Ki rows of 680-d = 178 MB
+BLOCK_ROWS = 1 << 16
+#: the suffix of the file beside an on-disk IVF index that holds its inverted lists (codes and row ids)
+ONDISK_SUFFIX = ".ivfdata"
 
 
 class SearchIndex(abc.ABC):
@@ -38,8 +53,8 @@ class SearchIndex(abc.ABC):
     backend: str
 
     def __init__(self, vectors: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
-        self.dim = int(vectors.shape[1])
-        self.size = int(vectors.shape[0])
+        # `vectors` may also be just their (rows, dim) shape, for an index that keeps no vectors (IVF-PQ)
+        self.size, self.dim = (int(n) for n in (vectors.shape if hasattr(vectors, "shape") else vectors))
         self.labels = np.asarray(labels, np.int64)
         self.num_classes = int(num_classes)
         self.class_counts = np.bincount(self.labels, minlength=self.num_classes)
@@ -75,10 +90,16 @@ class FaissIndex(SearchIndex):
     """
 
     def __init__(self, vectors, labels, num_classes: int, config: Config, index=None, num_threads: int = 0) -> None:
-        super().__init__(vectors, labels, num_classes)
+        if vectors is None and index is None:
+            raise InputError("FaissIndex needs the vectors or a built index")
+        super().__init__(vectors if vectors is not None else (index.ntotal, index.d), labels, num_classes)
+        if len(self.labels) != self.size:
+            raise InputError(f"{len(self.labels)} labels for an index of {self.size} vectors")
         self.index = index if index is not None else make_faiss_index(vectors, config)
+        self.nprobe = int(config.nprobe)
+        self._params = _ivf_parameters(self.index, self.nprobe)
         self.num_threads = int(num_threads)
-        self.backend = f"faiss-cpu {config.index}"
+        self.backend = f"faiss-cpu {config.index}" + (" (on disk)" if ondisk_data_file(self.index) else "")
 
     def _search(self, queries, k):
         faiss = require("faiss", "the FAISS search")
@@ -86,13 +107,28 @@ class FaissIndex(SearchIndex):
         # a small search runs on one thread: an OpenMP team's fork and join would cost more than the scan
         threads = self.num_threads or (1 if queries.size * self.size < SMALL_SEARCH else 0)
         if not threads:
-            return self.index.search(queries, k)
+            return self.index.search(queries, k, params=self._params)
         before = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(threads)
         try:
-            return self.index.search(queries, k)
+            return self.index.search(queries, k, params=self._params)
         finally:
             faiss.omp_set_num_threads(before)
+
+
+def _ivf_parameters(index, nprobe: int):
+    """Search parameters giving an IVF index (bare, or behind a pre-transform such as OPQ) `nprobe`; None for an
+    index without inverted lists."""
+    faiss = require("faiss", "the FAISS search")
+
+    if faiss.try_extract_index_ivf(index) is None:
+        return None
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    if isinstance(index, faiss.IndexPreTransform):
+        wrapper = faiss.SearchParametersPreTransform(index_params=params)
+        wrapper._moduseg_inner = params  # the wrapper holds a raw pointer: keep the inner parameters alive
+        return wrapper
+    return params
 
 
 class ExactIndex(SearchIndex):
@@ -163,7 +199,11 @@ def _top_k_of(values: np.ndarray, columns: np.ndarray, k: int, rows: np.ndarray 
 class TorchIndex(SearchIndex):
     """The bank resident on a torch device: exact top-K by chunked matrix products (`chunk_rows` bank rows at a time,
     so the (Q, chunk) score block stays small for big banks), or faiss-gpu's flat index when the installed faiss has
-    GPU support. Queries go up and results come back as NumPy arrays; `search_tensors` keeps them on the device."""
+    GPU support. Queries go up and results come back as NumPy arrays; `search_tensors` keeps them on the device.
+
+    The vectors are on the device once: in faiss-gpu's index, or else in `self.vectors` (None with faiss-gpu). They
+    go up a block of rows at a time, so a memory-mapped bank is never copied whole into host memory; on the CPU
+    device `self.vectors` shares the NumPy array's memory."""
 
     def __init__(self, vectors, labels, num_classes: int, device: str = "cuda", chunk_rows: int = 1 << 18) -> None:
         import torch
@@ -174,8 +214,8 @@ class TorchIndex(SearchIndex):
             raise InputError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self.device = torch.device(device)
         self.chunk_rows = int(chunk_rows)
-        self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(self.device)
         self.faiss_index = _faiss_gpu_index(vectors, self.device)
+        self.vectors = None if self.faiss_index is not None else _to_device(torch, vectors, self.device)
         self.backend = f"{'faiss-gpu' if self.faiss_index is not None else 'torch-topk'} on {self.device}"
 
     def _search(self, queries, k):
@@ -194,14 +234,32 @@ class TorchIndex(SearchIndex):
         return topk_inner_product(queries.to(torch.float32), self.vectors, k, self.chunk_rows)
 
 
+def _to_device(torch, vectors: np.ndarray, device):
+    """(M, D) float32 vectors as one tensor on `device`, copied up a block of rows at a time (a memory-mapped array
+    is paged in block by block, never whole in host memory); on the CPU, the array's own memory when it can be."""
+    import warnings
+
+    vectors = np.asarray(vectors)
+    if device.type == "cpu" and vectors.dtype == np.float32 and vectors.flags.c_contiguous:
+        with warnings.catch_warnings():  # a read-only (memory-mapped) array: the tensor is never written
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(vectors)
+    out = torch.empty(tuple(vectors.shape), dtype=torch.float32, device=device)
+    for start in range(0, len(vectors), BLOCK_ROWS):
+        block = np.ascontiguousarray(vectors[start:start + BLOCK_ROWS], np.float32)
+        out[start:start + len(block)].copy_(torch.from_numpy(block))
+    return out
+
+
 def create_index(bank, config: Config, backend: str = "faiss", device: str = "cuda",
                  num_threads: int = 0) -> SearchIndex:
     """The search index over `bank` for a backend of BACKENDS ("torch" on `device`)."""
     if backend == "faiss" and config.index == "Flat":
         return FlatIndex(bank.vectors, bank.labels, len(bank.class_names))
     if backend == "faiss":
-        # the bank's own index serves when it was made with the same index knobs; other knobs get their own index
-        same = (config.index, config.nprobe) == (bank.config.index, bank.config.nprobe)
+        # the bank's own index (an on-disk one included) serves when it was made from the same factory string, with
+        # this config's nprobe; another factory string gets an index of its own, built from the bank's vectors
+        same = config.index == bank.config.index
         return FaissIndex(bank.vectors, bank.labels, len(bank.class_names), config, bank.index if same else None,
                           num_threads)
     if backend == "torch":
@@ -212,25 +270,177 @@ def create_index(bank, config: Config, backend: str = "faiss", device: str = "cu
 
 
 def make_faiss_index(vectors: np.ndarray, config: Config):
-    """A FAISS inner-product index from the factory string `config.index` ("Flat" exact; "IVFn,Flat" trained here on
-    at most `config.index_train_size` vectors, a fixed random sample)."""
+    """A FAISS inner-product index in memory from the factory string `config.index` ("Flat" exact; "IVFn,Flat",
+    "IVFn,PQm" trained here on at most `config.index_train_size` vectors, a fixed random sample). `vectors` may be
+    memory-mapped: they are added a block of rows at a time."""
+    index = train_index(vectors, config)
+    for start in range(0, len(vectors), BLOCK_ROWS):
+        index.add(np.ascontiguousarray(vectors[start:start + BLOCK_ROWS], np.float32))
+    return index
+
+
+def train_index(vectors: np.ndarray, config: Config):
+    """An empty FAISS inner-product index from `config.index`, trained (when it needs training: IVF centroids, PQ
+    codebooks) on at most `config.index_train_size` of `vectors`, a fixed random sample, so the same vectors and
+    config always give the same index. An IVF index gets `config.nprobe` as its default."""
     faiss = require("faiss", "the FAISS index")
 
-    vectors = np.ascontiguousarray(vectors, np.float32)
     try:
-        index = faiss.index_factory(vectors.shape[1], config.index, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(int(vectors.shape[1]), config.index, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         raise InputError(f"Config.index {config.index!r} is not a FAISS index factory string: {error}") from error
+    ivf = faiss.try_extract_index_ivf(index)
+    pq = faiss.downcast_index(ivf) if ivf is not None else index  # the IndexIVFPQ behind the base-class proxy
+    if getattr(pq, "do_polysemous_training", False):
+        # polysemous codes serve Hamming-filtered search, which the engine never uses; training them (a permutation
+        # search after the codebooks) takes 30x the codebooks' own time
+        pq.do_polysemous_training = False
     if not index.is_trained:
-        sample = vectors
+        rows = np.arange(len(vectors))
         if len(vectors) > config.index_train_size:
-            rows = np.random.default_rng(0).choice(len(vectors), config.index_train_size, replace=False)
-            sample = vectors[np.sort(rows)]
-        index.train(sample)
-    if hasattr(index, "nprobe"):
-        index.nprobe = config.nprobe
-    index.add(vectors)
+            rows = np.sort(np.random.default_rng(0).choice(len(vectors), config.index_train_size, replace=False))
+        # sorted rows read a memory-mapped array front to back; only the sample is ever in memory
+        index.train(np.ascontiguousarray(vectors[rows], np.float32))
+    if ivf is not None:
+        ivf.nprobe = config.nprobe
     return index
+
+
+# ---------------------------------------------------------------------------------------- on-disk IVF (IVF-PQ)
+
+
+def build_ondisk_index(vectors: np.ndarray, config: Config, index_path, shard_rows: int = 1 << 20,
+                       progress=None):
+    """Build an IVF index from `config.index` (an IVF factory string; "IVFn,PQm" keeps m bytes a vector) over
+    `vectors` (M, D), possibly memory-mapped and larger than memory, with its inverted lists on disk:
+
+    1. train on `config.index_train_size` sampled vectors (train_index);
+    2. fill shards of `shard_rows` vectors, each an empty copy of the trained index with the rows as FAISS ids,
+       written to a temporary directory beside `index_path` (add_shards);
+    3. merge the shards' lists into `index_path` with ONDISK_SUFFIX and write the index (merge_shards).
+
+    Memory: the training sample, one shard's codes and one block of vectors at a time. Returns the merged index,
+    read back memory-mapped (read_ondisk_index). `progress(stage, seconds)` is called after each stage ("train",
+    "add", "merge") when given."""
+    import time
+
+    faiss = require("faiss", "the on-disk FAISS index")
+    index_path = Path(index_path)
+    start = time.perf_counter()
+    trained = train_index(vectors, config)
+    if faiss.try_extract_index_ivf(trained) is None:
+        raise InputError(f"an on-disk index needs an IVF factory string (\"IVF16384,PQ64\"), got {config.index!r}")
+    if progress:
+        progress("train", time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix=".shards.", dir=index_path.parent) as directory:
+        start = time.perf_counter()
+        shards = add_shards(trained, vectors, directory, shard_rows)
+        if progress:
+            progress("add", time.perf_counter() - start)
+        start = time.perf_counter()
+        merge_shards(trained, shards, index_path)
+        if progress:
+            progress("merge", time.perf_counter() - start)
+    return read_ondisk_index(index_path)
+
+
+def add_shards(trained, vectors: np.ndarray, directory, shard_rows: int = 1 << 20, first_id: int = 0) -> list[Path]:
+    """Add `vectors` (M, D) to copies of the trained, empty IVF index `trained`, `shard_rows` vectors each, with ids
+    `first_id + row`, and write each to `directory/shardNNNNN.faiss`. Returns the shard paths in row order."""
+    faiss = require("faiss", "the on-disk FAISS index")
+
+    if shard_rows < 1:
+        raise InputError(f"shard_rows must be >= 1, got {shard_rows}")
+    if trained.ntotal:
+        raise InputError(f"the trained index must be empty, it holds {trained.ntotal} vectors")
+    paths = []
+    for number, start in enumerate(range(0, len(vectors), shard_rows)):
+        shard = faiss.clone_index(trained)
+        stop = min(start + shard_rows, len(vectors))
+        for block in range(start, stop, BLOCK_ROWS):
+            rows = vectors[block:min(block + BLOCK_ROWS, stop)]
+            ids = np.arange(first_id + block, first_id + block + len(rows), dtype=np.int64)
+            shard.add_with_ids(np.ascontiguousarray(rows, np.float32), ids)
+        paths.append(Path(directory) / f"shard{number:05d}.faiss")
+        faiss.write_index(shard, str(paths[-1]))
+        del shard
+    return paths
+
+
+def merge_shards(trained, shard_paths, index_path) -> None:
+    """Merge the inverted lists of shard indexes (add_shards) into one `OnDiskInvertedLists` file beside
+    `index_path` (its suffix replaced by ONDISK_SUFFIX) and write the index, a copy of the trained, empty `trained`
+    pointing at that file, to `index_path`. The shards are read memory-mapped, so neither they nor the merged lists
+    need to fit in memory. Each list holds the shards' entries in shard order, so rows ascending."""
+    faiss = require("faiss", "the on-disk FAISS index")
+
+    index_path = Path(index_path).absolute()
+    index = faiss.clone_index(trained)
+    ivf = faiss.extract_index_ivf(index)
+    shards = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in shard_paths]  # alive until merged
+    pointers = faiss.InvertedListsPtrVector()
+    for path, shard in zip(shard_paths, shards):
+        lists = faiss.extract_index_ivf(shard)
+        if (shard.d, lists.nlist, lists.code_size) != (index.d, ivf.nlist, ivf.code_size):
+            raise InputError(f"shard {path}: {shard.d}-d, {lists.nlist} lists of {lists.code_size}-byte codes; the "
+                             f"trained index is {index.d}-d, {ivf.nlist} lists of {ivf.code_size}-byte codes")
+        pointers.push_back(lists.invlists)
+    merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(index_path.with_suffix(ONDISK_SUFFIX)))
+    total = merged.merge_from_multiple(pointers.data(), pointers.size(), False)
+    index.ntotal = ivf.ntotal = total
+    ivf.replace_invlists(merged, True)
+    merged.this.disown()  # the index owns the lists now
+    faiss.write_index(index, str(index_path))
+    del index, shards
+
+
+def read_ondisk_index(index_path):
+    """An on-disk IVF index (merge_shards) read with its inverted lists memory-mapped read-only from the
+    ONDISK_SUFFIX file in the same directory (wherever the pair was moved to): the quantizer and codebooks are read,
+    the lists are paged in as searches probe them."""
+    faiss = require("faiss", "the on-disk FAISS index")
+
+    index_path = Path(index_path).absolute()
+    return faiss.read_index(str(index_path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+
+
+def ondisk_data_file(index) -> Path | None:
+    """The file holding an on-disk IVF index's inverted lists; None for an index in memory."""
+    faiss = require("faiss", "the FAISS index")
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    return Path(lists.filename) if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def write_ondisk_index(index, index_path, recorded=None) -> None:
+    """Write an on-disk IVF index to `index_path` and copy its inverted lists file beside it (ONDISK_SUFFIX; not
+    copied when it is there already). `recorded`: the path the index file will have when it is read (it is moved
+    there after writing), so that reading it there finds the lists without a note from FAISS on the way."""
+    faiss = require("faiss", "the on-disk FAISS index")
+
+    index_path = Path(index_path).absolute()
+    source, target = ondisk_data_file(index), index_path.with_suffix(ONDISK_SUFFIX)
+    if source is None:
+        raise InputError("write_ondisk_index: the index keeps its inverted lists in memory")
+    if not (target.exists() and os.path.samefile(source, target)):
+        shutil.copyfile(source, target)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    # recorded in the index file; read_ondisk_index looks for that name in the index's own directory
+    lists.filename = str(Path(recorded or index_path).absolute().with_suffix(ONDISK_SUFFIX))
+    try:
+        faiss.write_index(index, str(index_path))
+    finally:
+        lists.filename = str(source)
+
+
+def open_ondisk_index(index_path, labels: np.ndarray, num_classes: int, config: Config,
+                      num_threads: int = 0) -> FaissIndex:
+    """The engine's search face over an on-disk IVF index (read_ondisk_index) whose ids are the rows of `labels`
+    (as add_shards gives them), visiting `config.nprobe` lists per query."""
+    return FaissIndex(None, labels, num_classes, config, read_ondisk_index(index_path), num_threads)
 
 
 # ----------------------------------------------------------------------------------------------- torch exact top-K
@@ -292,6 +502,7 @@ def _faiss_gpu_index(vectors: np.ndarray, device):
     options = faiss.GpuIndexFlatConfig()
     options.device = device.index if device.index is not None else 0
     index = faiss.GpuIndexFlatIP(resources, int(vectors.shape[1]), options)
-    index.add(np.ascontiguousarray(vectors, np.float32))
+    for start in range(0, len(vectors), BLOCK_ROWS):  # a block at a time: a memory-mapped bank is paged in by parts
+        index.add(np.ascontiguousarray(vectors[start:start + BLOCK_ROWS], np.float32))
     index._moduseg_resources = resources  # keep the resources alive as long as the index
     return index

@@ -167,6 +167,10 @@ def saved_bank(tmp_path, rng, toy, CLASSES, ColorBackbone):
 def test_round_trip(saved_bank, rng, CLASSES, ColorBackbone):
     bank, path = saved_bank
     loaded = FeatureBank.load(path, backbone=ColorBackbone())
+    assert np.shares_memory(loaded.vectors, np.load(path / "vectors.npy", mmap_mode="r")) or \
+        isinstance(loaded.vectors.base, np.memmap)  # memory-mapped, not read
+    assert sorted(p.name for p in path.iterdir()) == ["kinds.npy", "labels.npy", "manifest.json", "sources.json",
+                                                      "vectors.npy"]  # a flat bank: the vectors once, no index file
     np.testing.assert_array_equal(loaded.vectors, bank.vectors)
     np.testing.assert_array_equal(loaded.labels, bank.labels)
     assert loaded.class_names == CLASSES and loaded.config == bank.config and loaded.sources == bank.sources
@@ -205,15 +209,18 @@ def test_corrupt_bank_is_refused(saved_bank, damage):
         data[-3] ^= 0xFF
         vectors.write_bytes(bytes(data))
     elif damage == "delete":
-        (path / "index.faiss").unlink()
+        (path / "labels.npy").unlink()
     elif damage == "manifest":
         (path / "manifest.json").write_text("{not json")
     else:
         manifest = json.loads((path / "manifest.json").read_text())
-        manifest["version"] = 99
+        manifest["version"] = 2  # the previous format, which stored the vectors twice
         (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BankError):
-        FeatureBank.load(path)
+    message = {"version": "version 2.*rebuild the bank", "truncate": "truncated", "flip": "corrupt",
+               "delete": "missing labels.npy", "manifest": "manifest.json is corrupt"}[damage]
+    for verify in ("quick", "full"):  # a small bank's files are hashed whole by the quick check too
+        with pytest.raises(BankError, match=message):
+            FeatureBank.load(path, verify=verify)
 
 
 def test_not_a_bank(tmp_path):
@@ -282,18 +289,21 @@ def rewrite_manifest(path, change):
 
 def reseal(path, name):
     """Re-record `name`'s checksum, as someone editing a bank by hand would."""
-    from engine.bank import _digest
+    from engine.bank import _seal
 
-    rewrite_manifest(path, lambda m: m["files"].__setitem__(name, _digest(path / name)))
+    rewrite_manifest(path, lambda m: m["files"].__setitem__(name, _seal(path / name)))
 
 
 @pytest.mark.parametrize("case, message", [
     ("no files list", "must list checksums of exactly"),
     ("file outside the bank", "must list checksums of exactly"),
-    ("other vectors in the index", "holds other vectors"),
+    ("an index file in a flat bank", "must list checksums of exactly"),
+    ("an index over other vectors", r"holds 3 x 4 .*the vectors are \d+ x 4"),
     ("an L2 index", "under inner product"),
+    ("lists out of range", "must give each of the"),
+    ("unknown storage", "unknown index storage"),
 ])
-def test_a_bank_whose_parts_disagree_is_refused(saved_bank, case, message):
+def test_a_bank_whose_parts_disagree_is_refused(saved_bank, tmp_path, case, message):
     import faiss
 
     bank, path = saved_bank
@@ -301,9 +311,25 @@ def test_a_bank_whose_parts_disagree_is_refused(saved_bank, case, message):
         rewrite_manifest(path, lambda m: m.pop("files"))
     elif case == "file outside the bank":
         rewrite_manifest(path, lambda m: m["files"].__setitem__("../secret", {"sha256": "0", "bytes": 0}))
-    else:
-        index = faiss.IndexFlatIP(bank.dim) if case == "other vectors in the index" else faiss.IndexFlatL2(bank.dim)
-        index.add(np.roll(bank.vectors, 1, axis=0) if case == "other vectors in the index" else bank.vectors)
+    elif case == "an index file in a flat bank":
+        faiss.write_index(faiss.IndexFlatIP(bank.dim), str(path / "index.faiss"))
+        reseal(path, "index.faiss")
+    elif case == "unknown storage":
+        rewrite_manifest(path, lambda m: m.__setitem__("index_storage", "twice"))
+    elif case == "lists out of range":  # an IVF-Flat bank whose list file names a list the index lacks
+        path = FeatureBank(bank.vectors, bank.labels, bank.class_names, bank.backbone,
+                           bank.config.replace(index="IVF2,Flat")).save(tmp_path / "ivf")
+        lists = np.load(path / "ivf_lists.npy")
+        lists[0] = 2
+        np.save(path / "ivf_lists.npy", lists)
+        reseal(path, "ivf_lists.npy")
+    else:  # a bank storing its index's codes, whose index is not over its vectors
+        path = FeatureBank(bank.vectors, bank.labels, bank.class_names, bank.backbone,
+                           bank.config.replace(index="IVF2,SQ8")).save(tmp_path / "sq")
+        index = faiss.index_factory(bank.dim, "IVF2,SQ8", faiss.METRIC_INNER_PRODUCT if case != "an L2 index"
+                                    else faiss.METRIC_L2)
+        index.train(bank.vectors)
+        index.add(bank.vectors[:3] if case == "an index over other vectors" else bank.vectors)
         faiss.write_index(index, str(path / "index.faiss"))
         reseal(path, "index.faiss")
     with pytest.raises(BankError, match=message):
@@ -424,3 +450,104 @@ def test_incomplete_parts_are_never_loaded(rng, toy, CLASSES, ColorBackbone, tmp
         save_parts(parts, path, CLASSES, ColorBackbone().describe(), config, overwrite=True)
     with pytest.raises(BankError, match="bank part 0 holds 4-d vectors"):
         FeatureBank.from_parts(parts, CLASSES, {"id": "other", "dim": 8}, config)
+
+
+def clustered_bank(rng, CLASSES, rows=6000, dim=16, index="IVF16,PQ4", nprobe=4):
+    """A bank of `rows` clustered unit vectors (so approximate search has neighbours to find) with random labels."""
+    centres = rng.standard_normal((64, dim)).astype(np.float32)
+    vectors = centres[rng.integers(0, 64, rows)] + 0.3 * rng.standard_normal((rows, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return FeatureBank(vectors, rng.integers(0, len(CLASSES), rows), CLASSES, {"id": "test/random", "dim": dim},
+                       Config(index=index, nprobe=nprobe, index_train_size=3000))
+
+
+@pytest.mark.parametrize("index, storage, files", [
+    ("Flat", "exact", []),
+    ("IVF16,Flat", "ivf-lists", ["index.faiss", "ivf_lists.npy"]),
+    ("IVF16,PQ4", "codes", ["index.faiss"]),
+])
+def test_each_index_is_stored_without_a_second_copy_of_the_vectors(rng, tmp_path, CLASSES, index, storage, files):
+    from engine.search import create_index
+
+    bank = clustered_bank(rng, CLASSES, index=index)
+    path = bank.save(tmp_path / "bank")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["index_storage"] == storage and manifest["version"] == 3
+    base = ["kinds.npy", "labels.npy", "manifest.json", "sources.json", "vectors.npy"]
+    assert sorted(p.name for p in path.iterdir()) == sorted(base + files)
+    if files:  # the index adds its codes (4 bytes a vector here) or lists (8), never the vectors' 64
+        assert (path / "index.faiss").stat().st_size < (path / "vectors.npy").stat().st_size / 4
+    loaded = FeatureBank.load(path)
+    queries = bank.vectors[:50] + 0.01
+    for backend in ("faiss", "exact"):
+        got, want = (create_index(b, b.config, backend).search(queries, 5) for b in (loaded, bank))
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_quick_verification_checks_sizes_and_ends_full_every_byte(rng, tmp_path, CLASSES, monkeypatch):
+    monkeypatch.setattr("engine.bank.HASH_BLOCK", 256)  # so that the bank's vectors.npy has a middle
+    bank = clustered_bank(rng, CLASSES, rows=400)
+    path = bank.save(tmp_path / "bank")
+    record = json.loads((path / "manifest.json").read_text())["files"]["vectors.npy"]
+    assert record["block"] == 256 and record["bytes"] > 4 * 256 and {"head_sha256", "tail_sha256"} <= set(record)
+    vectors = path / "vectors.npy"
+    original = vectors.read_bytes()
+    FeatureBank.load(path, verify="full")
+
+    def damaged(offset):
+        data = bytearray(original)
+        data[offset] ^= 0x01
+        vectors.write_bytes(bytes(data))
+
+    damaged(len(original) // 2)  # the middle: only the full check reads it
+    FeatureBank.load(path)
+    with pytest.raises(BankError, match="vectors.npy is corrupt"):
+        FeatureBank.load(path, verify="full")
+    with pytest.raises(BankError, match="vectors.npy is corrupt"):
+        FeatureBank.verify(path)
+    for offset, where in ((200, "first 256 bytes"), (len(original) - 5, "last 256 bytes")):
+        damaged(offset)
+        for verify in ("quick", "full"):
+            with pytest.raises(BankError, match="vectors.npy is corrupt" + (f" in its {where}" * (verify == "quick"))):
+                FeatureBank.load(path, verify=verify)
+    for data in (original[:-64], original + b"\0" * 64):  # truncated, extended: the size says so
+        vectors.write_bytes(data)
+        with pytest.raises(BankError, match="vectors.npy is truncated or corrupt"):
+            FeatureBank.load(path, verify="quick")
+    vectors.write_bytes(original)
+    assert FeatureBank.verify(path)["size"] == 400
+    with pytest.raises(InputError, match="verify must be one of"):
+        FeatureBank.load(path, verify="none")
+
+
+def test_ondisk_bank_round_trip(rng, tmp_path, CLASSES):
+    faiss = pytest.importorskip("faiss")
+    from engine.search import FaissIndex, create_index, ondisk_data_file, train_index
+
+    bank = clustered_bank(rng, CLASSES, rows=5000, index="IVF16,PQ4", nprobe=4)
+    path = bank.save(tmp_path / "bank", ondisk=True, shard_rows=2000)
+    assert sorted(p.name for p in path.iterdir()) == ["index.faiss", "index.ivfdata", "kinds.npy", "labels.npy",
+                                                      "manifest.json", "sources.json", "vectors.npy"]
+    moved = path.rename(tmp_path / "moved")  # the lists are found beside the index wherever the bank goes
+    loaded = FeatureBank.load(moved)
+    assert ondisk_data_file(loaded.index) == (moved / "index.ivfdata").absolute()
+    # the same trained index, filled in memory, answers exactly the same
+    memory = train_index(bank.vectors, bank.config)
+    memory.add(bank.vectors)
+    queries = bank.vectors[::50] + 0.01
+    got = create_index(loaded, loaded.config, "faiss").search(queries, 5)
+    want = FaissIndex(bank.vectors, bank.labels, len(CLASSES), bank.config, memory).search(queries, 5)
+    assert "on disk" in create_index(loaded, loaded.config, "faiss").describe()
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    again = FeatureBank.load(loaded.save(tmp_path / "copy"))  # re-saved: still on disk, the lists copied
+    assert ondisk_data_file(again.index) == (tmp_path / "copy" / "index.ivfdata").absolute()
+    np.testing.assert_array_equal(create_index(again, again.config, "faiss").search(queries, 5)[1], got[1])
+    data = moved / "index.ivfdata"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(BankError, match="index.ivfdata is truncated"):
+        FeatureBank.load(moved)
+    with pytest.raises(InputError, match="needs an IVF index"):
+        clustered_bank(rng, CLASSES, rows=100, index="Flat").save(tmp_path / "flat", ondisk=True)
+    del faiss
