@@ -170,6 +170,19 @@ def cmd_build_bank(args) -> int:
     return 0
 
 
+def cmd_verify_bank(args) -> int:
+    """Every byte of a bank directory against its manifest's checksums (loads check sizes and file ends only)."""
+    from .bank import FeatureBank
+
+    start = time.perf_counter()
+    manifest = FeatureBank.verify(args.bank)
+    total = sum(record["bytes"] for record in manifest["files"].values())
+    print(f"{args.bank}: bank format {manifest['version']}, {manifest['size']:,} x {manifest['dim']} vectors, index "
+          f"{manifest['config']['index']} ({manifest['index_storage']}); {len(manifest['files'])} files, "
+          f"{total / 2**20:.1f} MiB, all checksums match ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .bank import FeatureBank
     from .data import VOCDataset, save_label_map
@@ -452,6 +465,11 @@ def _add_bank_parsers(commands) -> None:
     _add_ray_flags(build, "featurise on a Ray cluster: actors hold the backbone and proposer")
     _add_config_flags(build)
     build.set_defaults(run=cmd_build_bank)
+
+    verify = commands.add_parser("verify-bank", help="check every byte of a bank directory against its manifest "
+                                 "(loading checks only sizes and each file's first and last MiB)")
+    verify.add_argument("bank", help="bank directory")
+    verify.set_defaults(run=cmd_verify_bank)
 
     evaluate = commands.add_parser("eval", help="segment a split and report mIoU against its ground truth")
     evaluate.add_argument("--bank", required=True)

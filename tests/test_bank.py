@@ -551,3 +551,17 @@ def test_ondisk_bank_round_trip(rng, tmp_path, CLASSES):
     with pytest.raises(InputError, match="needs an IVF index"):
         clustered_bank(rng, CLASSES, rows=100, index="Flat").save(tmp_path / "flat", ondisk=True)
     del faiss
+
+
+def test_verify_bank_command(saved_bank, capsys):
+    from engine.cli import main
+
+    _, path = saved_bank
+    assert main(["verify-bank", str(path)]) == 0
+    assert "all checksums match" in capsys.readouterr().out
+    vectors = path / "vectors.npy"
+    data = bytearray(vectors.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    vectors.write_bytes(bytes(data))
+    assert main(["verify-bank", str(path)]) == 1
+    assert "vectors.npy is corrupt" in capsys.readouterr().err
