@@ -315,22 +315,26 @@ class FeatureBank:
         if storage == "exact":
             return
         faiss = require("faiss", "the bank's FAISS index")
+        # an on-disk bank is built here from the vectors, never first in memory
+        index = self._index if storage == "ondisk" and self._index is None else self.index
+        if storage != "ondisk" and ondisk_data_file(index) is not None:
+            index = make_faiss_index(self.vectors, self.config)  # an on-disk index saved in memory: lists of its own
         if storage == "codes":
-            faiss.write_index(self.index, str(staging / "index.faiss"))
+            faiss.write_index(index, str(staging / "index.faiss"))
         elif storage == "ivf-lists":
             # the vectors are the IVF-Flat lists' codes: store the trained index without them, and each vector's list
             lists = np.empty(len(self), np.int64)
-            invlists = self.index.invlists
-            for number in range(self.index.nlist):
+            invlists = index.invlists
+            for number in range(index.nlist):
                 rows = faiss.rev_swig_ptr(invlists.get_ids(number), invlists.list_size(number))
                 lists[rows] = number
-            empty = faiss.clone_index(self.index)
+            empty = faiss.clone_index(index)
             empty.reset()
             faiss.write_index(empty, str(staging / "index.faiss"))
             np.save(staging / "ivf_lists.npy", lists)
         else:
-            index = self._index if self._index is not None and ondisk_data_file(self._index) is not None else \
-                build_ondisk_index(self.vectors, self.config, staging / "index.faiss", shard_rows)
+            if index is None or ondisk_data_file(index) is None:
+                index = build_ondisk_index(self.vectors, self.config, staging / "index.faiss", shard_rows)
             # the index file records where its lists are: where they will be once the bank is renamed into place
             write_ondisk_index(index, staging / "index.faiss", recorded=final.absolute() / "index.faiss")
 

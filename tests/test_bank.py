@@ -565,3 +565,17 @@ def test_verify_bank_command(saved_bank, capsys):
     vectors.write_bytes(bytes(data))
     assert main(["verify-bank", str(path)]) == 1
     assert "vectors.npy is corrupt" in capsys.readouterr().err
+
+
+def test_an_ondisk_bank_saved_in_memory_gets_lists_of_its_own(rng, tmp_path, CLASSES):
+    pytest.importorskip("faiss")
+    from engine.search import create_index, ondisk_data_file
+
+    bank = clustered_bank(rng, CLASSES, rows=3000)
+    loaded = FeatureBank.load(bank.save(tmp_path / "disk", ondisk=True))
+    copy = FeatureBank.load(loaded.save(tmp_path / "memory", ondisk=False))
+    assert json.loads((tmp_path / "memory" / "manifest.json").read_text())["index_storage"] == "codes"
+    assert ondisk_data_file(copy.index) is None and not (tmp_path / "memory" / "index.ivfdata").exists()
+    queries = bank.vectors[::30]
+    np.testing.assert_array_equal(create_index(copy, copy.config).search(queries, 5)[1],
+                                  create_index(loaded, loaded.config).search(queries, 5)[1])
