@@ -9,7 +9,9 @@ class ids. Which device searches is a property of the index (as in faiss's torch
   engine's 680-d banks, docs/decisions.md);
 - `FaissIndex`: FAISS on the CPU for the approximate index factory strings (`Config.index`: "IVF4096,Flat",
   "IVF16384,PQ64" ...) that large banks need, `Config.nprobe` passed with every search (so indexes are shared, never
-  re-tuned in place); `open_ondisk_index` makes one over an on-disk IVF index;
+  re-tuned in place); `open_ondisk_index` makes one over an on-disk IVF index. An index whose scores come from
+  compressed codes (IVF-PQ, scalar quantizers) returns a shortlist of `Config.refine` x k candidates, rescored
+  exactly from the bank's (memory-mapped) vectors and cut to k (`rerank`);
 - `TorchIndex`: the bank resident on a torch device (a GPU), exact top-K by matrix product (faiss-gpu when the
   installed faiss has it);
 - `ExactIndex`: a brute-force NumPy scan sorting every score, the plain reference the others are tested against.
@@ -20,8 +22,9 @@ disk), merges the shards' inverted lists into one file beside the index (FAISS's
 `read_ondisk_index` maps that file into memory instead of reading it: only the lists a query probes are paged in.
 The vectors themselves may be a memory-mapped array: every builder here reads them a block of rows at a time.
 
-Exact ties: the NumPy and torch scans keep the lowest bank rows first, so their results depend neither on chunking
-nor on threading; FAISS's flat heaps order exactly tied similarities by insertion, otherwise the results agree.
+Exact ties: the NumPy and torch scans and the re-rank keep the lowest bank rows first, so their results depend
+neither on chunking nor on threading; FAISS's flat heaps order exactly tied similarities by insertion, otherwise the
+results agree.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ BACKENDS = ("faiss", "torch", "exact")  # "faiss": FlatIndex for "Flat", FAISS f
 SMALL_SEARCH = 1 << 27
 #: rows read from a (memory-mapped) vector array at a time by the index builders: 64 Ki rows of 680-d = 178 MB
 BLOCK_ROWS = 1 << 16
+#: candidates (query x shortlist entries) rescored at a time by the re-rank: 16 Ki of 680-d = 45 MB gathered
+RERANK_ROWS = 1 << 14
 #: the suffix of the file beside an on-disk IVF index that holds its inverted lists (codes and row ids)
 ONDISK_SUFFIX = ".ivfdata"
 
@@ -85,6 +90,10 @@ class SearchIndex(abc.ABC):
 class FaissIndex(SearchIndex):
     """A FAISS index on the CPU. `index`: a built one (a loaded bank's); else made from `config.index`.
 
+    vectors: the bank's vectors (may be memory-mapped), or None for an index alone (an on-disk one). With them, an
+    index whose scores are approximate (compressed codes: IVF-PQ, scalar quantizers; not Flat, IVF-Flat or HNSW-Flat)
+    searches `config.refine` x k candidates and returns the best k rescored exactly from the vectors (`rerank`: exact
+    similarities, ties lowest row first as in FlatIndex); `config.refine` 0, or no vectors, returns FAISS's own top k.
     num_threads: OpenMP threads for each search (0 = FAISS's default); FAISS's thread count is per calling thread,
     so other threads are unaffected.
     """
@@ -95,13 +104,25 @@ class FaissIndex(SearchIndex):
         super().__init__(vectors if vectors is not None else (index.ntotal, index.d), labels, num_classes)
         if len(self.labels) != self.size:
             raise InputError(f"{len(self.labels)} labels for an index of {self.size} vectors")
+        if index is not None and vectors is not None and (index.ntotal, index.d) != (self.size, self.dim):
+            raise InputError(f"an index of {index.ntotal} x {index.d} vectors given {self.size} x {self.dim} vectors")
         self.index = index if index is not None else make_faiss_index(vectors, config)
         self.nprobe = int(config.nprobe)
         self._params = _ivf_parameters(self.index, self.nprobe)
         self.num_threads = int(num_threads)
-        self.backend = f"faiss-cpu {config.index}" + (" (on disk)" if ondisk_data_file(self.index) else "")
+        # the vectors are kept (not copied: a memory-mapped bank stays on disk) only when the re-rank reads them
+        self.refine = int(config.refine) if vectors is not None and not exact_scores(self.index) else 0
+        self.vectors = vectors if self.refine else None
+        self.backend = (f"faiss-cpu {config.index}" + (" (on disk)" if ondisk_data_file(self.index) else "") +
+                        (f", exact re-rank of {self.refine} x k" if self.refine else ""))
 
     def _search(self, queries, k):
+        if not self.refine:
+            return self._faiss_search(queries, k)
+        similarities, rows = self._faiss_search(queries, min(k * self.refine, self.size))
+        return rerank(queries, similarities, rows, self.vectors, k)
+
+    def _faiss_search(self, queries, k):
         faiss = require("faiss", "the FAISS search")
 
         # a small search runs on one thread: an OpenMP team's fork and join would cost more than the scan
@@ -114,6 +135,37 @@ class FaissIndex(SearchIndex):
             return self.index.search(queries, k, params=self._params)
         finally:
             faiss.omp_set_num_threads(before)
+
+
+def exact_scores(index) -> bool:
+    """Whether a FAISS index scores candidates from the raw vectors (Flat, IVF-Flat, HNSW-Flat, or an index with a
+    refinement stage of its own): re-ranking its results would change nothing but the order of exact ties."""
+    faiss = require("faiss", "the FAISS search")
+
+    return isinstance(faiss.downcast_index(index),
+                      (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat, faiss.IndexRefine))
+
+
+def rerank(queries: np.ndarray, similarities: np.ndarray, rows: np.ndarray, vectors: np.ndarray,
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of each query's shortlist `rows` (Q, n), n >= k, rescored exactly: the inner products of
+    `queries` (Q, D) with those rows of `vectors` (M, D), possibly memory-mapped. Rows -1 (FAISS found fewer than n
+    candidates) keep their `similarities` (FAISS's lowest float) and stay last. Ties: lowest row first, the rule of
+    FlatIndex. Up to RERANK_ROWS candidates at a time; each group's distinct rows are read once, in ascending order
+    (a memory-mapped bank is read front to back, each page once)."""
+    step = max(1, RERANK_ROWS // rows.shape[1])
+    best_values, best_rows = [], []
+    for start in range(0, len(queries), step):
+        block, scores = rows[start:start + step], np.array(similarities[start:start + step], np.float32)
+        found = block >= 0
+        unique, position = np.unique(block[found], return_inverse=True)
+        gathered = np.ascontiguousarray(vectors[unique], np.float32)
+        which = np.nonzero(found)[0] + start  # each found candidate's query
+        scores[found] = np.einsum("id,id->i", queries[which], gathered[position.ravel()])
+        values, columns = _top_k_of(scores, block, k)
+        best_values.append(values)
+        best_rows.append(columns)
+    return np.concatenate(best_values), np.concatenate(best_rows)
 
 
 def _ivf_parameters(index, nprobe: int):
@@ -437,10 +489,12 @@ def write_ondisk_index(index, index_path, recorded=None) -> None:
 
 
 def open_ondisk_index(index_path, labels: np.ndarray, num_classes: int, config: Config,
-                      num_threads: int = 0) -> FaissIndex:
+                      num_threads: int = 0, vectors: np.ndarray | None = None) -> FaissIndex:
     """The engine's search face over an on-disk IVF index (read_ondisk_index) whose ids are the rows of `labels`
-    (as add_shards gives them), visiting `config.nprobe` lists per query."""
-    return FaissIndex(None, labels, num_classes, config, read_ondisk_index(index_path), num_threads)
+    (as add_shards gives them), visiting `config.nprobe` lists per query. `vectors`: the bank's vectors (a
+    memory-mapped array: np.load(..., mmap_mode="r")), for the exact re-rank of `config.refine` x k candidates;
+    without them FAISS's own top k from the codes."""
+    return FaissIndex(vectors, labels, num_classes, config, read_ondisk_index(index_path), num_threads)
 
 
 # ----------------------------------------------------------------------------------------------- torch exact top-K

@@ -21,6 +21,8 @@ def test_defaults_and_paper_settings():
     assert Config(erosion_iterations=0).erosion_size == 1
     assert VOTES == ("count", "balanced", "weighted") and POOLINGS == ("soft", "hard")
     assert EROSIONS == ("fixed", "adaptive")
+    assert (config.index, config.nprobe, config.refine) == ("Flat", 16, 8)
+    assert Config(refine=0).refine == 0 and Config(refine=1).refine == 1  # 0 = off; 1 = FAISS's k, rescored
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -32,6 +34,7 @@ def test_defaults_and_paper_settings():
     ({"top_k": 0}, "top_k must be >= 1"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"nprobe": 0}, "nprobe must be >= 1"),
+    ({"refine": -1}, "refine must be >= 0"),
     ({"index_train_size": 0}, "index_train_size must be >= 1"),
     ({"outlier_ratio": 1.5}, r"outlier_ratio must be in \[0, 1\]"),
     ({"background_outlier_ratio": -0.1}, r"background_outlier_ratio must be in \[0, 1\]"),
@@ -60,7 +63,8 @@ def test_dict_round_trip_and_unknown_fields():
 
 
 @pytest.mark.parametrize("field, value", [("top_k", "5"), ("top_k", 5.0), ("top_k", True), ("region_entries", 1),
-                                          ("region_purity", "0.7"), ("vote", 3), ("objectness_threshold", None)])
+                                          ("region_purity", "0.7"), ("vote", 3), ("objectness_threshold", None),
+                                          ("refine", 2.0), ("refine", None)])
 def test_wrong_types_are_refused_with_the_field_named(field, value):
     with pytest.raises(InputError, match=f"Config.{field} must be a"):
         Config(**{field: value})
