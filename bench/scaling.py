@@ -3,15 +3,17 @@ search, ms per query, process memory), the in-memory comparison of IVF with exac
 stream.
 
     python bench/scaling.py [--vectors 10000000] [--dim 208] [--index IVF4096,PQ52] [--nprobe 4 16 64 256]
-                            [--data DIR] [--keep-data] [--in-memory] [--stream 0] [--json FILE]
+                            [--refine 0 8] [--data DIR] [--keep-data] [--in-memory] [--stream 0] [--json FILE]
 
 On-disk part (the default): the synthetic vectors are generated a block at a time straight into DIR/vectors.npy
 (never whole in memory), clustered like a real bank (vectors around --centres unit centres, L2-normalised: uniform
 random vectors have no neighbours worth the name). In a fresh process, engine.search.build_ondisk_index trains the
 index on Config.index_train_size sampled vectors, fills it shard by shard (--shard-rows vectors a shard, each written
 to disk) and merges the shards' inverted lists into one on-disk file; in another fresh process the index is loaded
-memory-mapped (engine.search.open_ondisk_index, the engine's search face) and searched at each --nprobe. Exact
-top-K (K = Config().top_k) comes from streaming the vector file in blocks. Memory is read from /proc/self/status of
+memory-mapped (engine.search.open_ondisk_index, the engine's search face, given the memory-mapped vectors for the
+exact re-rank) and searched at each --nprobe and each --refine (Config.refine: a shortlist of refine x K PQ
+candidates rescored exactly from the vectors; 0 = the codes' own top K). Exact top-K (K = Config().top_k) comes from
+streaming the vector file in blocks. Memory is read from /proc/self/status of
 each process: VmHWM (peak resident), RssAnon (the process's own memory) and RssFile (pages of mapped files, which the
 kernel can drop at will). DIR and everything in it are deleted afterwards unless --keep-data.
 
@@ -134,22 +136,25 @@ def build_stage(vectors_path: str, index_path: str, config: dict, shard_rows: in
     return {"seconds": times, "memory": memory()}
 
 
-def serve_stage(index_path: str, labels_path: str, queries: np.ndarray, truth: np.ndarray, config: dict,
-                nprobes: list[int], single: int) -> dict:
-    """In a fresh process: load the on-disk index (memory-mapped) behind the engine's search face and search."""
+def serve_stage(index_path: str, labels_path: str, vectors_path: str, queries: np.ndarray, truth: np.ndarray,
+                config: dict, nprobes: list[int], refines: list[int], single: int) -> dict:
+    """In a fresh process: load the on-disk index and the vectors (both memory-mapped) behind the engine's search
+    face and search at each (nprobe, refine)."""
     from engine.search import FaissIndex, open_ondisk_index
 
     report = {"memory_before_load": memory()}
     start = time.perf_counter()
     labels = np.load(labels_path)
-    index = open_ondisk_index(index_path, labels, int(labels.max()) + 1, Config(**config))
+    vectors = np.load(vectors_path, mmap_mode="r")
+    index = open_ondisk_index(index_path, labels, int(labels.max()) + 1, Config(**config), vectors=vectors)
     report["load_s"] = time.perf_counter() - start
     report["memory_after_load"] = memory()
     report["backend"] = index.describe()
     k = truth.shape[1]
     rows = []
-    for nprobe in nprobes:
-        face = FaissIndex(None, index.labels, index.num_classes, Config(**{**config, "nprobe": nprobe}), index.index)
+    for nprobe, refine in itertools.product(nprobes, refines):
+        face = FaissIndex(vectors, index.labels, index.num_classes,
+                          Config(**{**config, "nprobe": nprobe, "refine": refine}), index.index)
         cold = time.perf_counter()
         _, found = face.search(queries, k)
         cold = time.perf_counter() - cold
@@ -163,7 +168,7 @@ def serve_stage(index_path: str, labels_path: str, queries: np.ndarray, truth: n
             start = time.perf_counter()
             face.search(query[None], k)
             one.append(time.perf_counter() - start)
-        rows.append({"nprobe": nprobe, "recall": recall_at_k(found, truth),
+        rows.append({"nprobe": nprobe, "refine": refine, "recall": recall_at_k(found, truth),
                      "top1_in_k": float(np.mean([t[0] in f for f, t in zip(found, truth)])),
                      "batch_ms_per_query": 1000 * float(np.median(batch)) / len(queries),
                      "first_batch_ms_per_query": 1000 * cold / len(queries),
@@ -180,6 +185,7 @@ def ondisk_scaling(args) -> dict:
     vectors_path, labels_path, index_path = data / "vectors.npy", data / "labels.npy", data / "index.faiss"
     config = {"index": args.index, "nprobe": args.nprobe[0], "index_train_size": args.train_sample}
     report = {"vectors": args.vectors, "dim": args.dim, "centres": args.centres, "index": args.index, "k": k,
+              "nprobe": args.nprobe, "refine": args.refine,
               "queries": args.queries, "train_sample": args.train_sample, "shard_rows": args.shard_rows,
               "cpu_count": os.cpu_count()}
     spawn = multiprocessing.get_context("spawn")  # fresh processes: each stage's peak memory is its own
@@ -209,8 +215,8 @@ def ondisk_scaling(args) -> dict:
         print(f"exact top-{k} of {args.queries} queries by streaming the vectors: {report['exact_s']:.0f} s", flush=True)
 
         with spawn.Pool(1) as pool:
-            report["serve"] = pool.apply(serve_stage, (str(index_path), str(labels_path), queries, truth, config,
-                                                       args.nprobe, args.single))
+            report["serve"] = pool.apply(serve_stage, (str(index_path), str(labels_path), str(vectors_path), queries,
+                                                       truth, config, args.nprobe, args.refine, args.single))
     finally:
         if not args.keep_data:
             shutil.rmtree(data, ignore_errors=True)
@@ -218,11 +224,12 @@ def ondisk_scaling(args) -> dict:
     after = serve["memory_after_load"]
     print(f"loaded in {serve['load_s']:.2f} s ({serve['backend']}): RSS {after['rss_mb']:.0f} MB "
           f"(own {after['anon_mb']:.0f} MB, mapped files {after['file_mb']:.0f} MB)")
-    print(f"| nprobe | recall@{k} | top-1 in {k} | ms/query (batch of {args.queries}) | ms/query (first batch) | "
-          f"ms (one query) | RSS MB (own + mapped) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| nprobe | refine | recall@{k} | top-1 in {k} | ms/query (batch of {args.queries}) | "
+          f"ms/query (first batch) | ms (one query) | RSS MB (own + mapped) |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in serve["rows"]:
-        print(f"| {row['nprobe']} | {row['recall']:.3f} | {row['top1_in_k']:.3f} | {row['batch_ms_per_query']:.3f} | "
+        print(f"| {row['nprobe']} | {row['refine']} | {row['recall']:.3f} | {row['top1_in_k']:.3f} | "
+              f"{row['batch_ms_per_query']:.3f} | "
               f"{row['first_batch_ms_per_query']:.3f} | {row['single_query_ms']:.3f} | "
               f"{row['memory']['anon_mb']:.0f} + {row['memory']['file_mb']:.0f} |")
     print(f"peak RSS: build {report['build']['memory']['peak_mb']:.0f} MB, serve {serve['memory_after_search']['peak_mb']:.0f} MB")
@@ -332,6 +339,9 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=200, help="one batch of queries (a few images' proposals)")
     parser.add_argument("--index", help="factory string (default IVF4096,PQ52 on disk, IVF4096,Flat in memory)")
     parser.add_argument("--nprobe", type=int, nargs="+", help="default 4 16 64 256 on disk, 1 4 16 64 in memory")
+    parser.add_argument("--refine", type=int, nargs="+",
+                        help=f"Config.refine values searched at each nprobe (on disk; 0 = no re-rank; default 0 and "
+                             f"Config's {Config().refine})")
     parser.add_argument("--train-sample", type=int, help="train on this many vectors (Config.index_train_size; "
                         "default Config's on disk, all in memory)")
     parser.add_argument("--shard-rows", type=int, default=1 << 20, help="vectors per shard (on disk)")
@@ -354,6 +364,9 @@ def main(argv=None) -> int:
         args.vectors = args.vectors or 10_000_000
         args.index = args.index or "IVF4096,PQ52"
         args.nprobe = args.nprobe or [4, 16, 64, 256]
+        args.refine = args.refine or [0, Config().refine]
+        if min(args.refine) < 0:
+            parser.error("--refine values must be >= 0")
         args.train_sample = args.train_sample or Config().index_train_size
     report = {}
     if not args.no_search:
