@@ -3,6 +3,7 @@ the keys the issue names; the fault run must end every request (no hang) and giv
 assertions."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ def test_serving_benchmark_tiny_run_with_a_fault_writes_json(repo_root, voc_root
     run = subprocess.run([sys.executable, str(repo_root / "bench" / "serving.py"), "--data", str(voc_root),
                           "--bank-images", "6", "--images", "3", "--requests", "4", "--levels", "1", "3",
                           "--fault-requests", "16", "--json", str(out)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "MODUSEG_TRITON_ENV": str(triton_launcher.parents[1])})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["identical_to_inprocess"] is True and report["errors"] == 0
