@@ -253,7 +253,7 @@ class FeatureBank:
             raise BankError(f"{path} exists; pass overwrite=True (--overwrite) to replace the bank there")
         if path.exists():
             _check_replaceable(path)
-        storage = self._storage(ondisk)
+        storage = _index_storage(self, ondisk)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
@@ -261,7 +261,7 @@ class FeatureBank:
             np.save(staging / "labels.npy", self.labels)
             np.save(staging / "kinds.npy", self.kinds)
             (staging / "sources.json").write_text(json.dumps(self.sources))
-            self._write_index(staging, path, storage, shard_rows)
+            _write_index(self, staging, path, storage, shard_rows)
             manifest = {
                 "format": FORMAT,
                 "version": FORMAT_VERSION,
@@ -294,49 +294,6 @@ class FeatureBank:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return path
-
-    def _storage(self, ondisk: bool | None) -> str:
-        """How save stores this bank's index (a key of INDEX_STORAGE)."""
-        if self.config.index == "Flat":
-            if ondisk:
-                raise InputError("ondisk=True needs an IVF index (Config.index \"IVF16384,PQ64\"), not \"Flat\"")
-            return "exact"
-        if ondisk is None:
-            ondisk = self._index is not None and ondisk_data_file(self._index) is not None
-        if ondisk:
-            return "ondisk"
-        faiss = require("faiss", "the bank's FAISS index")
-        ivf = faiss.try_extract_index_ivf(self.index)
-        return "ivf-lists" if ivf is not None and isinstance(faiss.downcast_index(self.index), faiss.IndexIVFFlat) \
-            else "codes"
-
-    def _write_index(self, staging: Path, final: Path, storage: str, shard_rows: int) -> None:
-        """The index files of `storage` into `staging` (renamed to `final` afterwards)."""
-        if storage == "exact":
-            return
-        faiss = require("faiss", "the bank's FAISS index")
-        # an on-disk bank is built here from the vectors, never first in memory
-        index = self._index if storage == "ondisk" and self._index is None else self.index
-        if storage != "ondisk" and ondisk_data_file(index) is not None:
-            index = make_faiss_index(self.vectors, self.config)  # an on-disk index saved in memory: lists of its own
-        if storage == "codes":
-            faiss.write_index(index, str(staging / "index.faiss"))
-        elif storage == "ivf-lists":
-            # the vectors are the IVF-Flat lists' codes: store the trained index without them, and each vector's list
-            lists = np.empty(len(self), np.int64)
-            invlists = index.invlists
-            for number in range(index.nlist):
-                rows = faiss.rev_swig_ptr(invlists.get_ids(number), invlists.list_size(number))
-                lists[rows] = number
-            empty = faiss.clone_index(index)
-            empty.reset()
-            faiss.write_index(empty, str(staging / "index.faiss"))
-            np.save(staging / "ivf_lists.npy", lists)
-        else:
-            if index is None or ondisk_data_file(index) is None:
-                index = build_ondisk_index(self.vectors, self.config, staging / "index.faiss", shard_rows)
-            # the index file records where its lists are: where they will be once the bank is renamed into place
-            write_ondisk_index(index, staging / "index.faiss", recorded=final.absolute() / "index.faiss")
 
     @classmethod
     def load(cls, path, backbone=None, verify: str = "quick") -> "FeatureBank":
@@ -708,6 +665,50 @@ BANK_FILES = {"manifest.json", "vectors.npy", "labels.npy", "kinds.npy", "source
 VERIFY = ("quick", "full")
 #: bytes hashed at each end of a file by the quick check; a file of at most twice this is hashed whole
 HASH_BLOCK = 1 << 20
+
+
+def _index_storage(bank: "FeatureBank", ondisk: bool | None) -> str:
+    """How FeatureBank.save stores the bank's index (a key of INDEX_STORAGE)."""
+    if bank.config.index == "Flat":
+        if ondisk:
+            raise InputError("ondisk=True needs an IVF index (Config.index \"IVF16384,PQ64\"), not \"Flat\"")
+        return "exact"
+    if ondisk is None:
+        ondisk = bank._index is not None and ondisk_data_file(bank._index) is not None
+    if ondisk:
+        return "ondisk"
+    faiss = require("faiss", "the bank's FAISS index")
+    ivf = faiss.try_extract_index_ivf(bank.index)
+    return "ivf-lists" if ivf is not None and isinstance(faiss.downcast_index(bank.index), faiss.IndexIVFFlat) \
+        else "codes"
+
+def _write_index(bank: "FeatureBank", staging: Path, final: Path, storage: str, shard_rows: int) -> None:
+    """The index files of `storage` into `staging` (renamed to `final` afterwards)."""
+    if storage == "exact":
+        return
+    faiss = require("faiss", "the bank's FAISS index")
+    # an on-disk bank is built here from the vectors, never first in memory
+    index = bank._index if storage == "ondisk" and bank._index is None else bank.index
+    if storage != "ondisk" and ondisk_data_file(index) is not None:
+        index = make_faiss_index(bank.vectors, bank.config)  # an on-disk index saved in memory: lists of its own
+    if storage == "codes":
+        faiss.write_index(index, str(staging / "index.faiss"))
+    elif storage == "ivf-lists":
+        # the vectors are the IVF-Flat lists' codes: store the trained index without them, and each vector's list
+        lists = np.empty(len(bank), np.int64)
+        invlists = index.invlists
+        for number in range(index.nlist):
+            rows = faiss.rev_swig_ptr(invlists.get_ids(number), invlists.list_size(number))
+            lists[rows] = number
+        empty = faiss.clone_index(index)
+        empty.reset()
+        faiss.write_index(empty, str(staging / "index.faiss"))
+        np.save(staging / "ivf_lists.npy", lists)
+    else:
+        if index is None or ondisk_data_file(index) is None:
+            index = build_ondisk_index(bank.vectors, bank.config, staging / "index.faiss", shard_rows)
+        # the index file records where its lists are: where they will be once the bank is renamed into place
+        write_ondisk_index(index, staging / "index.faiss", recorded=final.absolute() / "index.faiss")
 
 
 def _bank_files(storage: str) -> tuple[str, ...]:

@@ -418,12 +418,12 @@ def cmd_serve(args) -> int:
                          metrics_port=args.metrics_port, models=args.models, env_dir=args.env, log_path=args.log,
                          extra_args=args.server_arg or ())
     server.start(timeout=args.start_timeout)
-    print(f"tritonserver (pid {server.process.pid}) serving {', '.join(server.models)} from {server.repo}\n"
-          f"  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}\n"
-          f"  log     {server.log_path}\n"
-          f"use: create_backbone(NAME, runtime='triton', url='{server.grpc_url}', protocol='grpc'); Ctrl-C stops",
-          flush=True)
-    try:
+    try:  # a SIGTERM may arrive as soon as the addresses are out, even before print returns
+        print(f"tritonserver (pid {server.process.pid}) serving {', '.join(server.models)} from {server.repo}\n"
+              f"  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}\n"
+              f"  log     {server.log_path}\n"
+              f"use: create_backbone(NAME, runtime='triton', url='{server.grpc_url}', protocol='grpc'), or "
+              f"RemoteEngine(url) for moduseg_segment; Ctrl-C stops", flush=True)
         server.process.wait()
         print(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}", file=sys.stderr)
         return 1

@@ -170,7 +170,7 @@ def segment_server(triton_launcher, voc_bank, tmp_path_factory):
     tx.write_repository(repo, DEFAULT_BACKBONE, variants=["python"], onnx_path=model_path(DEFAULT_BACKBONE),
                         num_threads=1)
     write_segment_model(repo, root / "bank", BACKBONE_MODEL, queue_delay_us=300_000, num_threads=1)
-    server = tx.LocalServer(repo, log_path=root / "tritonserver.log")
+    server = tx.LocalServer(repo, env_dir=triton_launcher.parents[1], log_path=root / "tritonserver.log")
     server.start(timeout=180)
     yield server
     server.stop()
