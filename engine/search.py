@@ -93,7 +93,8 @@ class FaissIndex(SearchIndex):
     vectors: the bank's vectors (may be memory-mapped), or None for an index alone (an on-disk one). With them, an
     index whose scores are approximate (compressed codes: IVF-PQ, scalar quantizers; not Flat, IVF-Flat or HNSW-Flat)
     searches `config.refine` x k candidates and returns the best k rescored exactly from the vectors (`rerank`: exact
-    similarities, ties lowest row first as in FlatIndex); `config.refine` 0, or no vectors, returns FAISS's own top k.
+    similarities, ties lowest row first as in FlatIndex), reading memory-mapped vectors through a mapping advised
+    random access (`random_access`); `config.refine` 0, or no vectors, returns FAISS's own top k.
     num_threads: OpenMP threads for each search (0 = FAISS's default); FAISS's thread count is per calling thread,
     so other threads are unaffected.
     """
@@ -110,9 +111,9 @@ class FaissIndex(SearchIndex):
         self.nprobe = int(config.nprobe)
         self._params = _ivf_parameters(self.index, self.nprobe)
         self.num_threads = int(num_threads)
-        # the vectors are kept (not copied: a memory-mapped bank stays on disk) only when the re-rank reads them
+        # the vectors are kept (never copied: a memory-mapped bank stays on disk) only when the re-rank reads them
         self.refine = int(config.refine) if vectors is not None and not exact_scores(self.index) else 0
-        self.vectors = vectors if self.refine else None
+        self.vectors = random_access(vectors) if self.refine else None
         self.backend = (f"faiss-cpu {config.index}" + (" (on disk)" if ondisk_data_file(self.index) else "") +
                         (f", exact re-rank of {self.refine} x k" if self.refine else ""))
 
@@ -144,6 +145,31 @@ def exact_scores(index) -> bool:
 
     return isinstance(faiss.downcast_index(index),
                       (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat, faiss.IndexRefine))
+
+
+def random_access(vectors: np.ndarray) -> np.ndarray:
+    """`vectors` for reading scattered rows: when they are (a view of) a read-only memory-mapped .npy (a loaded
+    bank's), the same bytes through a mapping of the file of their own, advised random access (MADV_RANDOM), so that
+    a row not in the page cache costs a read of its own page, not of the kernel's read-around window (8 MiB on the
+    machine measured: 1,000 random rows of an uncached 2 GB file read 1.9 GB and took 1.4 s; advised, 4.6 MB and
+    42 ms; docs/scaling.md). The bank's own mapping keeps its read-ahead for sequential scans; the page cache is
+    shared, so nothing is copied. Any other array is returned as it is."""
+    import mmap
+
+    mapped = vectors
+    while isinstance(mapped, np.ndarray) and not (isinstance(mapped, np.memmap) and
+                                                  isinstance(mapped.base, mmap.mmap)):
+        mapped = mapped.base  # a view's base, down to the memmap over the file's mapping
+    if (not isinstance(mapped, np.memmap) or mapped.mode != "r" or not hasattr(mmap, "MADV_RANDOM")
+            or vectors.dtype != np.float32 or not vectors.flags.c_contiguous or vectors.size == 0):
+        return vectors
+    start = mapped.offset + (vectors.ctypes.data - mapped.ctypes.data)  # the rows' first byte in the file
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    with open(mapped.filename, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), start - aligned + vectors.nbytes, access=mmap.ACCESS_READ,
+                            offset=aligned)
+    mapping.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapping, np.float32, vectors.size, start - aligned).reshape(vectors.shape)
 
 
 def rerank(queries: np.ndarray, similarities: np.ndarray, rows: np.ndarray, vectors: np.ndarray,

@@ -5,6 +5,7 @@ checks, create_index and make_faiss_index."""
 from __future__ import annotations
 
 import itertools
+import mmap
 from types import SimpleNamespace
 
 import numpy as np
@@ -278,6 +279,13 @@ def test_memory_mapped_vectors_are_not_copied(rng, tmp_path):
 # ------------------------------------------------------------------------------- exact re-rank of a PQ shortlist
 
 
+def mapping_of(array):
+    """The buffer at the bottom of an array's chain of bases (a memoryview's object: an mmap for random_access)."""
+    while isinstance(array, np.ndarray):
+        array = array.base
+    return getattr(array, "obj", array)
+
+
 def recall(found, truth):
     return np.mean([len(np.intersect1d(f[f >= 0], t)) / t.size for f, t in zip(found, truth)])
 
@@ -294,7 +302,9 @@ def test_rerank_raises_ivfpq_recall_and_is_exact_over_the_lists_searched(ondisk,
     refined = open_ondisk_index(directory / "index.faiss", labels, 5, config.replace(refine=8), vectors=vectors)
     assert plain.refine == 0 and "re-rank" not in plain.describe() and plain.vectors is None
     assert refined.refine == 8 and "exact re-rank of 8 x k" in refined.describe()
-    assert np.shares_memory(refined.vectors, vectors)  # the memory-mapped bank, not a copy
+    # the bank's file through a mapping of its own, advised random access: the same bytes, nothing read or copied
+    assert isinstance(mapping_of(refined.vectors), mmap.mmap) and not np.shares_memory(refined.vectors, vectors)
+    np.testing.assert_array_equal(refined.vectors, vectors)
     before, after = recall(plain.search(queries, 5)[1], truth), recall(refined.search(queries, 5)[1], truth)
     # the lists probed bound it: a shortlist of every candidate in them (refine x k >= 20,000) reaches no higher
     ceiling = recall(FaissIndex(vectors, labels, 5, config.replace(refine=4000), memory).search(queries, 5)[1], truth)
@@ -396,3 +406,19 @@ def test_rerank_applies_to_approximate_scores_only(rng, toy_bank):
         search.RERANK_ROWS = small
     np.testing.assert_array_equal(grouped[1], one[1])
     np.testing.assert_array_equal(grouped[0], one[0])
+
+
+def test_random_access_maps_the_same_rows_again(rng, tmp_path):
+    from engine.search import random_access
+
+    np.save(tmp_path / "v.npy", normalised(rng, 5000, 24))
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    for view in (mapped, mapped[1234:], mapped[7:4000], np.ascontiguousarray(mapped, np.float32)):  # offsets
+        again = random_access(view)  # in pages unaligned to the mapping granularity too
+        assert isinstance(mapping_of(again), mmap.mmap) and not np.shares_memory(again, view)
+        assert again.shape == view.shape and again.dtype == np.float32
+        np.testing.assert_array_equal(again, view)
+    in_memory = np.array(mapped)
+    writable = np.load(tmp_path / "v.npy", mmap_mode="c")  # copy-on-write: its changes are its own, kept
+    for array in (in_memory, writable, mapped[:, :10], mapped[:0]):
+        assert random_access(array) is array
