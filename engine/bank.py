@@ -40,6 +40,7 @@ from .errors import BankError, InputError
 from .models.base import checked_features
 from .search import (BLOCK_ROWS, ONDISK_SUFFIX, build_ondisk_index, make_faiss_index, ondisk_data_file,
                      read_ondisk_index, write_ondisk_index)
+from .utils import file_sha256
 
 FORMAT = "moduseg-feature-bank"
 FORMAT_VERSION = 3  # 3: vectors stored once (no flat index.faiss), per-storage index files, quick/full checksums
@@ -277,22 +278,10 @@ class FeatureBank:
                 "files": {name: _seal(staging / name) for name in _bank_files(storage)},
             }
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            old = None
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-                os.replace(path, old / path.name)
-            try:
-                os.replace(staging, path)
-            except BaseException:
-                if old is not None and not path.exists():
-                    os.replace(old / path.name, path)  # the old bank back in place
-                    shutil.rmtree(old, ignore_errors=True)
-                raise
+            _swap_in(staging, path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return path
 
     @classmethod
@@ -539,16 +528,10 @@ def save_parts(parts: Sequence[BankPart], path, class_names: Sequence[str], back
                   "backbone": dict(backbone_record), "config": config.to_dict(), "parts": names,
                   "entries": int(sum(len(p) for p in parts)), "images": int(sum(len(p.images) for p in parts))}
         (staging / "parts.json").write_text(json.dumps(record, indent=2))
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(staging, path)
+        _swap_in(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -711,6 +694,25 @@ def _write_index(bank: "FeatureBank", staging: Path, final: Path, storage: str, 
         write_ondisk_index(index, staging / "index.faiss", recorded=final.absolute() / "index.faiss")
 
 
+def _swap_in(staging: Path, path: Path) -> None:
+    """Rename the finished directory `staging` to `path`. An existing `path` is renamed aside first and deleted only
+    once the new one is in place (put back if that rename fails), so a crash at any point leaves a whole directory at
+    `path` or beside it, never half of one."""
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.replace(path, old / path.name)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old / path.name, path)  # the old directory back in place
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _bank_files(storage: str) -> tuple[str, ...]:
     """The files listed in the manifest of a bank with this index storage."""
     return ("vectors.npy", "labels.npy", "kinds.npy", "sources.json", *INDEX_STORAGE[storage])
@@ -782,11 +784,7 @@ def _check_replaceable(path: Path) -> None:
 
 
 def _digest(file: Path) -> dict:
-    sha = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(chunk)
-    return {"sha256": sha.hexdigest(), "bytes": file.stat().st_size}
+    return {"sha256": file_sha256(file), "bytes": file.stat().st_size}
 
 
 def _ends(file: Path, block: int) -> dict:

@@ -20,7 +20,6 @@ plan that the server's TensorRT or GPU cannot load is visible before the server 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -32,7 +31,7 @@ from typing import Sequence
 from ..errors import InputError, ModelError
 from ..models.runtime import TensorRTLogger, cuda_device_info, tensorrt_module
 from ..registry import DEFAULT_BACKBONE, backbone_spec
-from ..utils import ceil_div
+from ..utils import ceil_div, file_sha256
 
 
 @dataclass(frozen=True)
@@ -111,14 +110,6 @@ def read_plan_record(plan_path: str | os.PathLike) -> dict | None:
     return record
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _keep_fp32(trt, layer) -> bool:
     """Normalisation layers and the reductions / softmax / pow / sqrt of decomposed normalisations stay in fp32: in
     fp16 their sums of squares overflow or lose the small variances."""
@@ -190,7 +181,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, bac
               "input": spec.input_name, **profile_limits(profiles),
               "profiles": [{k: list(v) for k, v in vars(p).items()} for p in profiles],
               "fp16": fp16, "fp32_layers": pinned, "layers": network.num_layers,
-              "onnx": str(onnx_path), "onnx_sha256": _sha256(Path(onnx_path)),
+              "onnx": str(onnx_path), "onnx_sha256": file_sha256(Path(onnx_path)),
               "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "build_seconds": round(time.perf_counter() - start, 1), "size": plan_path.stat().st_size}
     record_path(plan_path).write_text(json.dumps(record, indent=2) + "\n")

@@ -9,7 +9,6 @@ file is rebuilt.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -20,6 +19,7 @@ import numpy as np
 
 from ..errors import ModelError
 from ..registry import EXPORT_VERSION
+from ..utils import file_sha256
 
 CACHE_ENV = "MODUSEG_CACHE"
 
@@ -33,14 +33,6 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     except OSError as error:
         raise ModelError(f"cannot create the model cache directory {chosen}: {error}") from error
     return chosen
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -65,7 +57,7 @@ def _is_intact(path: Path, meta_path: Path) -> bool:
     try:
         meta = json.loads(meta_path.read_text())
         return (meta.get("export_version") == EXPORT_VERSION and meta.get("size") == path.stat().st_size
-                and meta.get("sha256") == _sha256(path))
+                and meta.get("sha256") == file_sha256(path))
     except (OSError, ValueError):
         return False
 
@@ -93,7 +85,7 @@ def cached_file(path: str | os.PathLike, build: Callable[[Path], dict]) -> Path:
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the cache may be shared
             meta = {"export_version": EXPORT_VERSION, "file": path.name, "size": tmp.stat().st_size,
-                    "sha256": _sha256(tmp), **info}
+                    "sha256": file_sha256(tmp), **info}
             meta_tmp = tmp.with_suffix(".json.tmp")
             meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
             os.replace(tmp, path)
