@@ -178,7 +178,7 @@ class Engine:
         """
         if proposals is not None and len(proposals) != len(images):
             raise InputError(f"got {len(proposals)} proposal sets for {len(images)} images")
-        self._check_modes(on_error, channel_order)
+        check_modes(on_error, channel_order)
         size, results = self.config.batch_size, []
         for start in range(0, len(images), size):
             given = None if proposals is None else list(proposals[start:start + size])
@@ -199,7 +199,7 @@ class Engine:
         batch_size = int(batch_size or self.config.batch_size)
         if batch_size < 1 or prefetch < 1:
             raise InputError(f"batch_size and prefetch must be >= 1, got {batch_size} and {prefetch}")
-        self._check_modes(on_error, channel_order)
+        check_modes(on_error, channel_order)
 
         def load(chunk: list, start: int) -> _Batch:
             pairs = [item if isinstance(item, tuple) and len(item) == 2 else (item, None) for item in chunk]
@@ -246,12 +246,6 @@ class Engine:
                 candidates["confidence"] = confidences[offsets[i]:offsets[i + 1]]
                 results.append(self._assemble(proposals, candidates))
         return results
-
-    @staticmethod
-    def _check_modes(on_error: str, channel_order: str) -> None:
-        if on_error not in ON_ERROR or channel_order not in CHANNEL_ORDERS:
-            raise InputError(f"on_error must be one of {ON_ERROR} and channel_order one of {CHANNEL_ORDERS}, got "
-                             f"{on_error!r} and {channel_order!r}")
 
     # ------------------------------------------------------------------------------------------------------- steps
 
@@ -342,7 +336,7 @@ def load_batch(images: list, proposals: list | None, start: int, on_error: str, 
         except InputError as error:
             if on_error == "raise":
                 raise
-            batch.skipped.append(Skipped(index, _describe(image), str(error)))
+            batch.skipped.append(Skipped(index, describe_item(image), str(error)))
             continue
         batch.proposals.append(given)
         batch.positions.append(index)
@@ -358,7 +352,14 @@ def in_input_order(batch: _Batch, results: list) -> list:
     return [merged[index] for index in sorted(merged)]
 
 
-def _describe(item) -> str:
+def check_modes(on_error: str, channel_order: str) -> None:
+    """InputError unless on_error and channel_order are modes segment_batch / segment_stream know."""
+    if on_error not in ON_ERROR or channel_order not in CHANNEL_ORDERS:
+        raise InputError(f"on_error must be one of {ON_ERROR} and channel_order one of {CHANNEL_ORDERS}, got "
+                         f"{on_error!r} and {channel_order!r}")
+
+
+def describe_item(item) -> str:
     """A short description of an input item for a Skipped record."""
     if isinstance(item, (str, os.PathLike)):
         return os.fspath(item)

@@ -22,7 +22,7 @@ from .config import Config
 from .errors import InputError, ModelError
 from .export.triton_segment import SEGMENT_MODEL
 from .export.triton_segment_model import INPUT, LABELS, SEGMENTS
-from .pipeline import Skipped, _Batch, in_input_order, load_batch
+from .pipeline import Skipped, _Batch, check_modes, describe_item, in_input_order, load_batch
 from .stream import StageTimes, run_stages
 
 
@@ -79,7 +79,7 @@ class RemoteEngine:
 
     def segment_batch(self, images: Sequence, on_error: str = "raise", channel_order: str = "RGB") -> list:
         """As Engine.segment_batch (without proposals): ServedResults, or Skipped records with on_error="skip"."""
-        _check_modes(on_error, channel_order)
+        check_modes(on_error, channel_order)
         with self.times("decode"):
             batch = load_batch(list(images), None, 0, on_error, channel_order, self.max_image_pixels)
         return self._serve(batch, on_error)
@@ -87,8 +87,8 @@ class RemoteEngine:
     def segment_stream(self, items: Iterable, batch_size: int | None = None, prefetch: int = 2,
                        on_error: str = "raise", channel_order: str = "RGB") -> Iterator:
         """As Engine.segment_stream (without proposals): one result per item, in order, bounded memory."""
-        _check_modes(on_error, channel_order)
-        batch_size = int(batch_size or max(self.concurrency, 1))
+        check_modes(on_error, channel_order)
+        batch_size = int(batch_size or self.concurrency)
 
         def load(chunk: list, start: int) -> _Batch:
             with self.times("decode"):
@@ -108,7 +108,7 @@ class RemoteEngine:
         except InputError as error:  # refused before sending (e.g. over the model's max_side)
             if on_error == "raise":
                 raise InputError(f"images[{index}]: {error}") from error
-            return Skipped(index, f"array {image.dtype} {image.shape}", str(error))
+            return Skipped(index, describe_item(image), str(error))
         record = answer[SEGMENTS].reshape(-1)[0]
         record = json.loads(record.decode() if isinstance(record, bytes) else record)
         label_map = np.ascontiguousarray(answer[LABELS][0])
@@ -126,9 +126,3 @@ class RemoteEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _check_modes(on_error: str, channel_order: str) -> None:
-    from .pipeline import Engine
-
-    Engine._check_modes(on_error, channel_order)

@@ -25,6 +25,8 @@ import os
 
 import numpy as np
 
+from ..pipeline import Skipped
+
 INPUT = "IMAGE"
 LABELS = "LABELS"
 SEGMENTS = "SEGMENTS"
@@ -88,7 +90,7 @@ class TritonPythonModel:
         for owner, result in zip(owners, results):
             per_request.setdefault(owner, []).append(result)
         for index, members in per_request.items():
-            skipped = [r for r in members if not hasattr(r, "label_map")]
+            skipped = [r for r in members if isinstance(r, Skipped)]
             if skipped:
                 responses[index] = _error(pb, "; ".join(r.reason for r in skipped))
                 continue
