@@ -306,9 +306,10 @@ def build_parts_ray(data, split: str, masks: str, backbone: str, config: Config,
 
 def _class_sums(batch: dict, subject_kind: int) -> dict:
     """Task: per part and class, the number and float64 sum of its subject vectors (class prototypes)."""
-    orders, labels, counts, sums = [], [], [], []
+    orders, labels, counts, sums, dim = [], [], [], [], 0
     for order, blob in zip(batch["order"], batch["part"]):
         part = pickle.loads(blob)
+        dim = part.dim
         subject = part.kinds == subject_kind
         for class_id in np.unique(part.labels[subject]):
             rows = subject & (part.labels == class_id)
@@ -316,7 +317,6 @@ def _class_sums(batch: dict, subject_kind: int) -> dict:
             labels.append(class_id)
             counts.append(int(rows.sum()))
             sums.append(part.vectors[rows].astype(np.float64).sum(axis=0))
-    dim = pickle.loads(batch["part"][0]).dim if len(batch["part"]) else 0
     return {"order": np.asarray(orders, np.int64), "label": np.asarray(labels, np.int64),
             "count": np.asarray(counts, np.int64), "sum": np.asarray(sums, np.float64).reshape(len(sums), dim)}
 
