@@ -1,14 +1,31 @@
-// pybind11 module engine._C: NumPy entry points for the CPU kernels (the GIL is released while they run).
-// engine/ops.py validates everything; the checks here only guard against misuse.
+// pybind11 module engine._C: entry points of the batched ops for both devices, the CPU-only region merging, and what
+// the build holds (build_info). The batched ops take raw addresses: engine/ops.py validates the arrays (NumPy on the
+// host, torch or CuPy on a CUDA device through __cuda_array_interface__), allocates the outputs with the caller's
+// library and passes its CUDA stream; device -1 runs the CPU launcher with the GIL released. Nothing here links
+// against torch.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
-#include "kernels.h"
+#include "mask_nms/mask_nms.h"
+#include "merge_regions/merge_regions.h"
+#include "smfa/smfa.h"
+#include "vote/vote.h"
+
+#ifdef MODUSEG_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include <atomic>
+namespace moduseg {
+std::atomic<int64_t>& cuda_launch_counter();
+}
+#endif
 
 namespace py = pybind11;
 
@@ -16,69 +33,127 @@ namespace {
 
 template <typename T>
 using CArray = py::array_t<T, py::array::c_style>;
+using Addresses = std::vector<uintptr_t>;
 
 void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
 }
 
-void check_regions(const CArray<int32_t>& atoms, const CArray<uint8_t>& members) {
-  require(atoms.ndim() == 2, "atoms must be (H, W)");
-  require(members.ndim() == 2, "members must be (N, A)");
+template <typename T>
+T* at(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
 }
 
-CArray<float> soft_mask_pool(const CArray<float>& features, const CArray<int32_t>& atoms,
-                             const CArray<uint8_t>& members, int64_t stride, bool hard, double eps, bool normalize,
-                             const CArray<int64_t>& groups, int num_threads) {
-  check_regions(atoms, members);
-  require(features.ndim() == 3, "features must be (h, w, D)");
-  require(stride > 0, "stride must be positive");
-  const int64_t grid_h = features.shape(0), grid_w = features.shape(1), dim = features.shape(2);
-  const int64_t height = atoms.shape(0), width = atoms.shape(1);
-  const int64_t count = members.shape(0), num_atoms = members.shape(1);
-  require(grid_h == (height + stride - 1) / stride && grid_w == (width + stride - 1) / stride,
-          "features grid does not match ceil(H / stride) x ceil(W / stride)");
-  require(groups.ndim() == 1, "groups must be (G,)");
-  int64_t grouped = 0;
-  for (int64_t g = 0; g < groups.shape(0); ++g) grouped += groups.data()[g];
-  require(groups.shape(0) == 0 || grouped == dim, "group widths must sum to the feature width");
-  CArray<float> out({count, dim});
-  const int64_t* widths = groups.data();
-  const float* f = features.data();
-  const int32_t* a = atoms.data();
-  const uint8_t* m = members.data();
-  float* o = out.mutable_data();
-  {
-    py::gil_scoped_release release;
-    moduseg::soft_mask_pool_cpu(f, grid_h, grid_w, dim, a, height, width, num_atoms, m, count, stride, hard, eps,
-                                normalize, widths, groups.shape(0), o, num_threads);
+// One slot per image from the per-image addresses and the (B, 4) shapes: height, width, regions, atoms.
+std::vector<moduseg::ImageSlot> image_slots(const Addresses& atoms, const Addresses& members,
+                                            const CArray<int64_t>& shapes) {
+  const auto num_images = static_cast<int64_t>(atoms.size());
+  require(static_cast<int64_t>(members.size()) == num_images, "one members address per image");
+  require(shapes.ndim() == 2 && shapes.shape(0) == num_images && shapes.shape(1) == 4, "shapes must be (B, 4)");
+  std::vector<moduseg::ImageSlot> slots(static_cast<size_t>(num_images));
+  for (int64_t b = 0; b < num_images; ++b) {
+    moduseg::ImageSlot& s = slots[b];
+    s.atoms = at<const int32_t>(atoms[b]);
+    s.members = at<const uint8_t>(members[b]);
+    s.height = shapes.at(b, 0);
+    s.width = shapes.at(b, 1);
+    s.count = shapes.at(b, 2);
+    s.num_atoms = shapes.at(b, 3);
   }
-  return out;
+  return slots;
 }
 
-py::tuple mask_nms_raster(const CArray<int32_t>& atoms, const CArray<uint8_t>& members,
-                          const CArray<int32_t>& classes, const CArray<double>& scores, double iou_threshold,
-                          int32_t background, int num_threads) {
-  check_regions(atoms, members);
-  const int64_t height = atoms.shape(0), width = atoms.shape(1);
-  const int64_t count = members.shape(0), num_atoms = members.shape(1);
-  require(classes.ndim() == 1 && classes.shape(0) == count, "classes must be (N,)");
-  require(scores.ndim() == 1 && scores.shape(0) == count, "scores must be (N,)");
-  py::array_t<bool> keep(count);
-  CArray<int32_t> label_map({height, width});
-  CArray<int32_t> owner({height, width});
-  const int32_t* a = atoms.data();
-  const uint8_t* m = members.data();
-  const int32_t* c = classes.data();
-  const double* s = scores.data();
-  auto* k = reinterpret_cast<uint8_t*>(keep.mutable_data());
-  int32_t* l = label_map.mutable_data();
-  int32_t* o = owner.mutable_data();
-  {
-    py::gil_scoped_release release;
-    moduseg::mask_nms_raster_cpu(a, height, width, num_atoms, m, count, c, s, iou_threshold, background, k, l, o,
-                                 num_threads);
+void require_cuda_build(int device) {
+#ifndef MODUSEG_WITH_CUDA
+  if (device >= 0) throw std::invalid_argument("engine._C was built without CUDA: its ops take host arrays only");
+#else
+  (void)device;
+#endif
+}
+
+void soft_mask_pool(int device, uintptr_t stream, const Addresses& features, const Addresses& atoms,
+                    const Addresses& members, const CArray<int64_t>& shapes, uintptr_t out, int64_t dim,
+                    int64_t stride, bool hard, double eps, bool normalize, const std::vector<int64_t>& groups,
+                    int num_threads) {
+  require_cuda_build(device);
+  require(stride > 0 && dim >= 0, "stride must be positive");
+  require(features.size() == atoms.size(), "one features address per image");
+  require(groups.size() <= static_cast<size_t>(moduseg::kMaxGroups), "at most 16 feature groups");
+  std::vector<moduseg::ImageSlot> slots = image_slots(atoms, members, shapes);
+  for (size_t b = 0; b < slots.size(); ++b) {
+    slots[b].features = at<const float>(features[b]);
+    slots[b].grid_h = (slots[b].height + stride - 1) / stride;
+    slots[b].grid_w = (slots[b].width + stride - 1) / stride;
   }
-  return py::make_tuple(keep, label_map, owner);
+  moduseg::SmfaArgs args;
+  args.dim = dim;
+  args.stride = stride;
+  args.hard = hard;
+  args.eps = eps;
+  args.normalize = normalize;
+  args.num_groups = static_cast<int64_t>(groups.size());
+  std::copy(groups.begin(), groups.end(), args.groups);
+  args.capacity = hard ? 1 : static_cast<int32_t>(stride * stride);
+  py::gil_scoped_release release;
+#ifdef MODUSEG_WITH_CUDA
+  if (device >= 0)
+    return moduseg::soft_mask_pool_cuda(slots.data(), static_cast<int64_t>(slots.size()), args, at<float>(out),
+                                        device, at<void>(stream));
+#endif
+  (void)stream;
+  moduseg::soft_mask_pool_cpu(slots.data(), static_cast<int64_t>(slots.size()), args, at<float>(out), num_threads);
+}
+
+void mask_nms_raster(int device, uintptr_t stream, const Addresses& atoms, const Addresses& members,
+                     const Addresses& label_maps, const Addresses& owners, const CArray<int64_t>& shapes,
+                     uintptr_t classes, uintptr_t scores, uintptr_t ids, uintptr_t keep, double iou_threshold,
+                     int32_t background, int32_t drop_class, int num_threads) {
+  require_cuda_build(device);
+  require(label_maps.size() == atoms.size() && owners.size() == atoms.size(), "one output address per image");
+  std::vector<moduseg::ImageSlot> slots = image_slots(atoms, members, shapes);
+  for (size_t b = 0; b < slots.size(); ++b) {
+    slots[b].label_map = at<int32_t>(label_maps[b]);
+    slots[b].owner = at<int32_t>(owners[b]);
+  }
+  moduseg::NmsArgs args;
+  args.classes = at<const int32_t>(classes);
+  args.scores = at<const double>(scores);
+  args.ids = at<const int32_t>(ids);
+  args.keep = at<uint8_t>(keep);
+  args.iou_threshold = iou_threshold;
+  args.background = background;
+  args.drop_class = drop_class;
+  py::gil_scoped_release release;
+#ifdef MODUSEG_WITH_CUDA
+  if (device >= 0)
+    return moduseg::mask_nms_raster_cuda(slots.data(), static_cast<int64_t>(slots.size()), args, device,
+                                         at<void>(stream));
+#endif
+  (void)stream;
+  moduseg::mask_nms_raster_cpu(slots.data(), static_cast<int64_t>(slots.size()), args, num_threads);
+}
+
+void vote(int device, uintptr_t stream, uintptr_t similarities, uintptr_t labels, int64_t queries, int64_t k,
+          uintptr_t class_counts, int64_t num_classes, int32_t method, uintptr_t winner, uintptr_t confidence,
+          int num_threads) {
+  require_cuda_build(device);
+  require(method >= moduseg::kVoteCount && method <= moduseg::kVoteWeighted, "unknown vote method");
+  moduseg::VoteArgs args;
+  args.similarities = at<const float>(similarities);
+  args.labels = at<const int64_t>(labels);
+  args.class_counts = at<const int64_t>(class_counts);
+  args.queries = queries;
+  args.k = k;
+  args.num_classes = num_classes;
+  args.method = method;
+  args.winner = at<int32_t>(winner);
+  args.confidence = at<float>(confidence);
+  py::gil_scoped_release release;
+#ifdef MODUSEG_WITH_CUDA
+  if (device >= 0) return moduseg::vote_cuda(args, device, at<void>(stream));
+#endif
+  (void)stream;
+  moduseg::vote_cpu(args, num_threads);
 }
 
 py::tuple merge_regions(const CArray<int64_t>& edges, const CArray<double>& area, const CArray<float>& features,
@@ -112,19 +187,82 @@ py::tuple merge_regions(const CArray<int64_t>& edges, const CArray<double>& area
   return py::make_tuple(parent, height, node_area, coherence, snapshots, nodes);
 }
 
+// What this build holds: whether the CUDA launchers were compiled, for which GPU architectures, and the ops.
+py::dict build_info() {
+  py::dict info;
+  py::list architectures;
+#ifdef MODUSEG_WITH_CUDA
+  std::string archs = MODUSEG_CUDA_ARCHITECTURES;  // CMake's list, comma-separated: "75-real,80-real,90"
+  size_t start = 0;
+  while (start <= archs.size()) {
+    const size_t end = std::min(archs.find(',', start), archs.size());
+    std::string arch = archs.substr(start, end - start);
+    if (!arch.empty()) {
+      const size_t dash = arch.find('-');
+      const std::string number = arch.substr(0, dash), kind = dash == std::string::npos ? "" : arch.substr(dash + 1);
+      if (kind != "virtual") architectures.append("sm_" + number);
+      if (kind.empty() || kind == "virtual") architectures.append("compute_" + number);  // PTX, for newer GPUs
+    }
+    start = end + 1;
+  }
+  info["cuda"] = true;
+  info["cuda_runtime"] = CUDART_VERSION;
+#else
+  info["cuda"] = false;
+  info["cuda_runtime"] = py::none();
+#endif
+  info["architectures"] = architectures;
+  info["ops"] = py::make_tuple("soft_mask_pool", "mask_nms_raster", "vote");
+  info["cpu_ops"] = py::make_tuple("soft_mask_pool", "mask_nms_raster", "vote", "merge_regions");
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+int cuda_device_count() {
+#ifdef MODUSEG_WITH_CUDA
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no GPU: clear the error, report none
+    return 0;
+  }
+  return count;
+#else
+  return 0;
+#endif
+}
+
+int64_t cuda_launches() {
+#ifdef MODUSEG_WITH_CUDA
+  return moduseg::cuda_launch_counter().load();
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "ModuSeg compiled kernels over regions made of atoms: soft-mask pooling (SMFA) and class-specific mask "
-            "NMS + confidence-priority rasterisation";
-  m.def("soft_mask_pool", &soft_mask_pool, py::arg("features"), py::arg("atoms"), py::arg("members"),
-        py::arg("stride"), py::arg("hard"), py::arg("eps"), py::arg("normalize"), py::arg("groups"),
-        py::arg("num_threads"),
-        "SMFA. features (h, w, D) float32, atoms (H, W) int32, members (N, A) uint8 -> (N, D) float32.");
-  m.def("mask_nms_raster", &mask_nms_raster, py::arg("atoms"), py::arg("members"), py::arg("classes"),
-        py::arg("scores"), py::arg("iou_threshold"), py::arg("background"), py::arg("num_threads"),
-        "Class-specific mask NMS + rasterisation -> (keep bool (N,), label_map int32, owner int32).");
+  m.doc() = "ModuSeg compiled kernels, one body per op for the CPU (OpenMP) and CUDA launchers: batched soft-mask "
+            "pooling (SMFA), class-specific mask NMS + confidence-priority rasterisation, the retrieval vote; and "
+            "the embedded proposer's region merging (CPU). engine/ops.py is their Python face.";
+  m.def("soft_mask_pool", &soft_mask_pool, py::arg("device"), py::arg("stream"), py::arg("features"),
+        py::arg("atoms"), py::arg("members"), py::arg("shapes"), py::arg("out"), py::arg("dim"), py::arg("stride"),
+        py::arg("hard"), py::arg("eps"), py::arg("normalize"), py::arg("groups"), py::arg("num_threads"));
+  m.def("mask_nms_raster", &mask_nms_raster, py::arg("device"), py::arg("stream"), py::arg("atoms"),
+        py::arg("members"), py::arg("label_maps"), py::arg("owners"), py::arg("shapes"), py::arg("classes"),
+        py::arg("scores"), py::arg("ids"), py::arg("keep"), py::arg("iou_threshold"), py::arg("background"),
+        py::arg("drop_class"), py::arg("num_threads"));
+  m.def("vote", &vote, py::arg("device"), py::arg("stream"), py::arg("similarities"), py::arg("labels"),
+        py::arg("queries"), py::arg("k"), py::arg("class_counts"), py::arg("num_classes"), py::arg("method"),
+        py::arg("winner"), py::arg("confidence"), py::arg("num_threads"));
   m.def("merge_regions", &merge_regions, py::arg("edges"), py::arg("area"), py::arg("features"), py::arg("colour"),
         py::arg("levels"), py::arg("colour_weight"), py::arg("size_weight"),
         "Agglomerative merging -> (parent, height, area, coherence, snapshots (L, n) int32, number of nodes).");
+  m.def("build_info", &build_info, "What this build holds: CUDA launchers and architectures, ops, OpenMP.");
+  m.def("cuda_device_count", &cuda_device_count, "GPUs the CUDA runtime sees (0 without a driver or a CUDA build).");
+  m.def("cuda_launches", &cuda_launches, "CUDA kernels launched by this process's ops so far.");
 }

@@ -117,6 +117,81 @@ def mask_nms_raster(atoms, members, classes, scores, iou_threshold: float, backg
                                      iou_threshold, background)
 
 
+def soft_mask_pool_batch(features, atoms, members, stride: int, pooling: str = "soft", eps: float = 1e-8,
+                         normalize: bool = True, groups=(), num_threads: int = 0) -> np.ndarray:
+    """engine.ops.soft_mask_pool_batch's twin: each image on its own, the vectors stacked in image order."""
+    dim = np.shape(features[0])[2] if len(features) else 0
+    pooled = [soft_mask_pool(f, a, m, stride, pooling, eps, normalize, groups) for f, a, m in
+              zip(features, atoms, members)]
+    return np.concatenate(pooled) if pooled else np.zeros((0, dim), np.float32)
+
+
+def mask_nms_raster_batch(atoms, members, classes, scores, iou_threshold: float, background: int = 0,
+                          drop_class: int | None = None, ids=None, num_threads: int = 0):
+    """engine.ops.mask_nms_raster_batch's twin: each image on its own, regions of `drop_class` left out before NMS,
+    owners mapped through `ids`."""
+    classes, scores = np.asarray(classes), np.asarray(scores)
+    offsets = np.cumsum([0] + [len(m) for m in members])
+    keep = np.zeros(offsets[-1], bool)
+    label_maps, owners = [], []
+    for b, (a, m) in enumerate(zip(atoms, members)):
+        rows = np.arange(offsets[b], offsets[b + 1])
+        if drop_class is not None:
+            rows = rows[classes[rows] != drop_class]
+        kept, label_map, owner = mask_nms_raster(a, np.asarray(m)[rows - offsets[b]], classes[rows], scores[rows],
+                                                 iou_threshold, background)
+        keep[rows[kept]] = True
+        local = rows - offsets[b] if ids is None else np.asarray(ids)[rows]
+        label_maps.append(label_map)
+        owners.append(np.where(owner >= 0, local[np.clip(owner, 0, None)], -1).astype(np.int32) if len(rows)
+                      else owner)
+    return keep, label_maps, owners
+
+
+def vote(similarities, neighbour_labels, num_classes: int, method: str = "count", class_counts=None,
+         num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """engine.ops.vote's twin, from the rule: per query, per class among its K neighbours the count, the summed
+    similarity and the first rank; score = count, count / bank size ("balanced") or summed similarity ("weighted");
+    the best score wins, then the larger sum, then the first rank. Neighbour ids outside [0, num_classes) are
+    ignored."""
+    from .errors import InputError
+
+    similarities = np.asarray(similarities, np.float64)
+    neighbour_labels = np.asarray(neighbour_labels)
+    if similarities.shape != neighbour_labels.shape or similarities.ndim != 2:
+        raise InputError(f"similarities {similarities.shape} and neighbour labels {neighbour_labels.shape} must be "
+                         "equal (Q, K) shapes")
+    if method not in ("count", "balanced", "weighted"):
+        raise InputError(f"unknown vote {method!r}; expected one of ('count', 'balanced', 'weighted')")
+    if method == "balanced" and class_counts is None:
+        raise InputError("the balanced vote needs the bank's class counts")
+    queries, k = similarities.shape
+    if queries == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    valid = (neighbour_labels >= 0) & (neighbour_labels < num_classes)
+    labels = np.where(valid, neighbour_labels, 0)
+    rows = np.repeat(np.arange(queries), k)
+    counts = np.zeros((queries, num_classes))
+    sums = np.zeros((queries, num_classes))
+    np.add.at(counts, (rows, labels.ravel()), valid.ravel())
+    np.add.at(sums, (rows, labels.ravel()), np.where(valid, similarities, 0).ravel())
+    first_rank = np.full((queries, num_classes), k, np.int64)
+    rank = np.broadcast_to(np.arange(k), (queries, k))
+    np.minimum.at(first_rank, (rows, labels.ravel()), np.where(valid, rank, k).ravel())
+    score = {"count": counts, "weighted": sums,
+             "balanced": counts / np.maximum(np.asarray(class_counts, np.float64), 1)
+             if class_counts is not None else None}[method]
+    present = counts > 0
+    best_score = np.where(present, score, -np.inf)
+    tied = present & (best_score == best_score.max(axis=1, keepdims=True))
+    tied_sums = np.where(tied, sums, -np.inf)
+    tied &= tied_sums == tied_sums.max(axis=1, keepdims=True)
+    winner = np.argmin(np.where(tied, first_rank, k + 1), axis=1).astype(np.int32)
+    winner_count = counts[np.arange(queries), winner]
+    confidence = sums[np.arange(queries), winner] / np.maximum(winner_count, 1)
+    return winner, confidence.astype(np.float32)
+
+
 def merge_regions(edges, area, features, colour, levels, colour_weight: float = 1.0, size_weight: float = 3.0):
     """engine.ops.merge_regions's twin: the same greedy merging, one merge at a time with Python's heap (entries
     (distance, i, j), so equal distances go to the smaller ids), every quantity in float64."""

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 from engine.errors import InputError
-from engine.retrieval import retrieve, vote
+from engine import ops, reference
+from engine.retrieval import retrieve
 from engine.search import ExactIndex
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def vote(request):
+    """The compiled vote (engine.ops, the CPU launcher of csrc/vote) and its NumPy twin (engine.reference)."""
+    return {"compiled": ops.vote, "reference": reference.vote}[request.param]
 
 
 def vote_loop(similarities, labels, num_classes, method="count", class_counts=None):
@@ -45,7 +52,7 @@ def random_neighbours(rng):
 
 
 @pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
-def test_vote_matches_loop_on_random_inputs(rng, method):
+def test_vote_matches_loop_on_random_inputs(rng, method, vote):
     for _ in range(50):
         similarities, labels, num_classes, counts = random_neighbours(rng)
         got = vote(similarities, labels, num_classes, method, counts)
@@ -54,24 +61,24 @@ def test_vote_matches_loop_on_random_inputs(rng, method):
         np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
 
 
-def test_most_neighbours_wins():
+def test_most_neighbours_wins(vote):
     classes, confidence = vote([[0.9, 0.8, 0.7]], [[1, 2, 2]], 3)
     assert classes[0] == 2 and confidence[0] == pytest.approx(0.75)
 
 
-def test_count_tie_goes_to_larger_summed_similarity():
+def test_count_tie_goes_to_larger_summed_similarity(vote):
     classes, confidence = vote([[0.9, 0.8, 0.7, 0.1]], [[1, 2, 2, 1]], 3)
     assert classes[0] == 2 and confidence[0] == pytest.approx(0.75)
 
 
-def test_exact_tie_goes_to_first_in_rank_order():
+def test_exact_tie_goes_to_first_in_rank_order(vote):
     classes, _ = vote([[0.5, 0.5, 0.5, 0.5]], [[2, 1, 1, 2]], 3)
     assert classes[0] == 2
     classes, _ = vote([[0.5, 0.5, 0.5, 0.5]], [[1, 2, 2, 1]], 3)
     assert classes[0] == 1
 
 
-def test_balanced_vote_divides_by_bank_count():
+def test_balanced_vote_divides_by_bank_count(vote):
     # Background (0) has 3 of 4 neighbours but 100 bank vectors; class 1 has 1 neighbour of its 2 vectors.
     sims, labels = [[0.9, 0.8, 0.7, 0.6]], [[0, 0, 1, 0]]
     assert vote(sims, labels, 2, "count", [100, 2])[0][0] == 0
@@ -79,7 +86,7 @@ def test_balanced_vote_divides_by_bank_count():
     assert classes[0] == 1 and confidence[0] == pytest.approx(0.7)
 
 
-def test_weighted_vote_sums_similarities():
+def test_weighted_vote_sums_similarities(vote):
     # Class 2 has more neighbours (count wins) but class 1's single neighbour is far closer than both.
     sims, labels = [[0.9, 0.3, 0.3]], [[1, 2, 2]]
     assert vote(sims, labels, 3, "count")[0][0] == 2
@@ -90,12 +97,12 @@ def test_weighted_vote_sums_similarities():
     assert vote([[0.3, 0.6, 0.3]], [[2, 1, 2]], 3, "weighted")[0][0] == 2
 
 
-def test_no_valid_neighbour_is_background_with_zero_confidence():
+def test_no_valid_neighbour_is_background_with_zero_confidence(vote):
     classes, confidence = vote([[0.0, 0.0]], [[-1, -1]], 3)
     assert classes[0] == 0 and confidence[0] == 0
 
 
-def test_empty_and_bad_inputs():
+def test_empty_and_bad_inputs(vote):
     classes, confidence = vote(np.zeros((0, 5)), np.zeros((0, 5), int), 3)
     assert classes.shape == (0,) and confidence.shape == (0,)
     with pytest.raises(InputError):
@@ -118,7 +125,7 @@ def test_retrieve_is_search_then_vote(rng, method):
     np.testing.assert_allclose(confidences, want[1], rtol=1e-6)
 
 
-def test_retrieve_names_regions_by_their_nearest_bank_vectors():
+def test_retrieve_names_regions_by_their_nearest_bank_vectors(vote):
     vectors = np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0.95, 0.05], [0, 0, 1]], np.float32)
     index = ExactIndex(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), [1, 1, 2, 2, 0], num_classes=3)
     classes, confidences = retrieve(index, np.array([[1, 0.05, 0], [0.02, 1, 0], [0, 0, 1]], np.float32), 2)

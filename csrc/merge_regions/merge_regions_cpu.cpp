@@ -7,7 +7,7 @@
 #include <tuple>
 #include <vector>
 
-#include "kernels.h"
+#include "merge_regions/merge_regions.h"
 
 namespace moduseg {
 

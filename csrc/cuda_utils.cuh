@@ -1,0 +1,104 @@
+// What every CUDA launcher needs: error checks that throw (no exit, no sync), the per-batch image table and scratch
+// on the caller's stream (stream-ordered allocation: freed when the stream reaches it, no host sync), a thread-block
+// Team for the shared bodies, and a count of kernel launches (moduseg::cuda_launches) that tests read to show the
+// launches per batch do not grow with images or regions.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "host_device.h"
+
+namespace moduseg {
+
+std::atomic<int64_t>& cuda_launch_counter();
+
+inline void cuda_check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess)
+    throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(status));
+}
+
+// After a kernel launch: a bad configuration is reported at once (no synchronisation), and the launch is counted.
+inline void launched(const char* kernel) {
+  cuda_check(cudaGetLastError(), kernel);
+  cuda_launch_counter().fetch_add(1, std::memory_order_relaxed);
+}
+
+// Device memory for the duration of one launcher call, allocated and freed in stream order.
+class StreamBuffer {
+ public:
+  StreamBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
+    if (bytes) cuda_check(cudaMallocAsync(&data_, bytes, stream), "cudaMallocAsync");
+  }
+  ~StreamBuffer() {
+    if (data_) cudaFreeAsync(data_, stream_);
+  }
+  StreamBuffer(StreamBuffer&& other) noexcept : data_(other.data_), stream_(other.stream_) { other.data_ = nullptr; }
+  StreamBuffer(const StreamBuffer&) = delete;
+  StreamBuffer& operator=(const StreamBuffer&) = delete;
+  StreamBuffer& operator=(StreamBuffer&&) = delete;
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+
+ private:
+  void* data_ = nullptr;
+  cudaStream_t stream_;
+};
+
+// The image table on the device: one small host-to-device copy per batch (from pageable memory, so the host table
+// may be freed when the call returns).
+inline StreamBuffer upload_slots(const ImageSlot* slots, int64_t num_images, cudaStream_t stream) {
+  StreamBuffer table(sizeof(ImageSlot) * static_cast<size_t>(num_images), stream);
+  if (num_images)
+    cuda_check(cudaMemcpyAsync(table.as<ImageSlot>(), slots, sizeof(ImageSlot) * num_images,
+                               cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync (image table)");
+  return table;
+}
+
+// Selects the caller's device for the duration of a launcher call.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cuda_check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (device != previous_) cuda_check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
+inline unsigned blocks_for(int64_t work, int threads) {
+  return static_cast<unsigned>((work + threads - 1) / threads);
+}
+
+// A thread block as a Team of the shared bodies: lanes are threads; sum reduces in a fixed order (deterministic).
+struct BlockTeam {
+  int64_t lane, lanes;
+  double* scratch;  // blockDim.x doubles of shared memory
+  __device__ void sync() const { __syncthreads(); }
+  __device__ double sum(double x) const {
+    scratch[lane] = x;
+    __syncthreads();
+    for (int64_t half = 1; half < lanes; half *= 2) {
+      const int64_t partner = lane + half;
+      const bool add = lane % (2 * half) == 0 && partner < lanes;
+      const double value = add ? scratch[partner] : 0.0;
+      __syncthreads();
+      if (add) scratch[lane] += value;
+      __syncthreads();
+    }
+    const double total = scratch[0];
+    __syncthreads();
+    return total;
+  }
+};
+
+}  // namespace moduseg
