@@ -5,6 +5,7 @@
     moduseg segment --bank BANK_DIR IMAGES... --out DIR
     moduseg triton-repo --out REPO [--backbone NAME] [--variants python onnx tensorrt] [--gpus 0,1] [--no-warmup] ...
     moduseg serve --repo REPO [--http-port 8000 --grpc-port 8001] [--server-arg=--log-verbose=1]
+    moduseg info [--json]
 """
 
 from __future__ import annotations
@@ -444,6 +445,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    """What a bug report needs (engine.info): versions, the compiled extension's CUDA kernels, runtimes, GPUs."""
+    from .info import collect, format_text
+
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
 def _add_bank_parsers(commands) -> None:
     """build-bank and eval."""
     build = commands.add_parser("build-bank", help="build a feature bank from a VOC-layout dataset")
@@ -591,6 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--quick", action="store_true", help="only the system rows (defaults and paper settings)")
     report.add_argument("--sheet-images", type=int, default=4, help="val images on each PNG sheet")
     report.set_defaults(run=cmd_report)
+
+    info = commands.add_parser("info", help="what a bug report needs: versions, the compiled extension (which CUDA "
+                               "kernels, for which architectures), the runtimes found and the GPUs")
+    info.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    info.set_defaults(run=cmd_info)
     return parser
 
 
