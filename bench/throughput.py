@@ -75,32 +75,56 @@ def median_rate(passes, count: int) -> tuple[float, list[float]]:
 
 
 def run_backbone(backbone, images, repeats: int, batch_size: int, sync=None) -> dict:
-    """The backbone alone on decoded images, in batches of `batch_size`: images/sec (the engine's ceiling)."""
+    """The backbone alone on decoded images, in batches of `batch_size`: images/sec (the engine's ceiling). On a GPU
+    its features stay there, as the engine's do."""
+    run = backbone.features_on_device if sync else backbone.features
+
     def one_pass():
         for start in range(0, len(images), batch_size):
-            backbone.features(images[start:start + batch_size])
+            run(images[start:start + batch_size])
         if sync:
             sync()
 
-    backbone.features(images[:batch_size])  # warm-up
+    run(images[:batch_size])  # warm-up
     rate, rates = median_rate([one_pass] * repeats, len(images))
     return {"images_per_sec": rate, "rates": rates}
 
 
 def run_engine(engine: Engine, paths, repeats: int, batch_size: int, sync=None) -> dict:
-    """Median images/sec of segment_stream over the image files, and per-image stage ms."""
+    """Median images/sec of segment_stream over the image files, per-image stage ms, the host's CPU time per image
+    (every thread of the process), and on a GPU the device ms per stage (CUDA events), our kernels' launches per
+    batch and the peak GPU memory torch allocated."""
+    from engine import ops
+
     def one_pass():
         for _ in engine.segment_stream(paths, batch_size=batch_size):
             pass
         if sync:
             sync()
 
+    on_gpu = engine.device != "cpu"
     for _ in engine.segment_stream(paths[:batch_size], batch_size=batch_size):  # warm-up
         pass
+    if on_gpu:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        engine.times.on_device(True)
     engine.times.reset()
+    launches, cpu_start = ops.cuda_launches(), time.process_time()
     rate, rates = median_rate([one_pass] * repeats, len(paths))
+    host_ms = 1000.0 * (time.process_time() - cpu_start) / (repeats * len(paths))
+    batches = repeats * -(-len(paths) // batch_size)
     stage_ms = {stage: 1000.0 * seconds / (repeats * len(paths)) for stage, seconds in engine.times.seconds.items()}
-    return {"images_per_sec": rate, "rates": rates, "stage_ms": stage_ms}
+    result = {"images_per_sec": rate, "rates": rates, "stage_ms": stage_ms, "host_cpu_ms_per_image": host_ms}
+    if on_gpu:
+        result["device_stage_ms"] = {stage: 1000.0 * seconds / (repeats * len(paths))
+                                     for stage, seconds in engine.times.device_seconds().items()}
+        result["kernel_launches_per_batch"] = (ops.cuda_launches() - launches) / batches
+        result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        engine.times.on_device(False)
+    return result
 
 
 def split_times(stage_ms: dict) -> tuple[float, float]:
@@ -140,6 +164,12 @@ def print_report(args, config, described, bank, bank_seconds, paths, main_run, r
           if backbone_ms else "")
     print(f"engine's own work {own_ms:.2f} ms/img = {100 * own_ms / model_ms:.1f}% of model time {model_ms:.2f} ms/img"
           if model_ms else f"engine's own work {own_ms:.2f} ms/img")
+    print(f"host CPU time {main_run['host_cpu_ms_per_image']:.2f} core-ms/img (all threads of the process)")
+    if "device_stage_ms" in main_run:
+        print("device ms/img per stage (CUDA events, idle gaps included): " + ", ".join(
+            f"{stage} {ms:.3f}" for stage, ms in main_run["device_stage_ms"].items()))
+        print(f"our CUDA kernels: {main_run['kernel_launches_per_batch']:.1f} launches per batch; peak GPU memory "
+              f"(torch allocations) {main_run['peak_gpu_memory_mb']:.0f} MB")
     print(f"RSS peak {peak_rss_mb():.0f} MB")
 
 
@@ -185,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     alone = run_backbone(backbone, [load_image(p) for p in paths], args.repeats, config.batch_size, sync)
     main_run = run_engine(engine, paths, args.repeats, config.batch_size, sync)
     reference_run = None
-    if not args.no_reference:
+    if not args.no_reference and args.device == "cpu":  # the NumPy twins run on the host only
         reference = Engine(bank, backbone=backbone, proposer=proposer, config=config, kernels="reference")
         reference_run = run_engine(reference, paths, args.repeats, config.batch_size)
     described = engine.describe()
@@ -211,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             "stages": stage,
             "reference_stages": reference_run["stage_ms"] if reference_run else None,
             "stage_unit": "ms per image (summed over threads: stages overlap in segment_stream)",
+            "host_cpu_ms_per_image": main_run["host_cpu_ms_per_image"],
+            "device_stage_ms": main_run.get("device_stage_ms"),
+            "kernel_launches_per_batch": main_run.get("kernel_launches_per_batch"),
+            "peak_gpu_memory_mb": main_run.get("peak_gpu_memory_mb"),
             "model_ms_per_image": model_ms,
             "engine_ms_per_image": own_ms,
             "device": described["device"],

@@ -131,3 +131,26 @@ def stream(where: Place) -> int:
     import torch
 
     return int(torch.cuda.current_stream(where.index).cuda_stream)
+
+
+def host_all(arrays: list) -> list[np.ndarray]:
+    """Several arrays as NumPy arrays, device ones copied down together: every copy is queued (into pinned memory)
+    before one wait for the stream, instead of one synchronisation per array."""
+    on_device = [i for i, x in enumerate(arrays) if place(x).is_cuda]
+    out = [None if i in on_device else host(x) for i, x in enumerate(arrays)]
+    torch_arrays = [i for i in on_device if _library(arrays[i]) == "torch"]
+    if torch_arrays:
+        import torch
+
+        copies = {}
+        for i in torch_arrays:
+            copies[i] = torch.empty(arrays[i].shape, dtype=arrays[i].dtype, pin_memory=True)
+            copies[i].copy_(arrays[i], non_blocking=True)
+        for device in {arrays[i].device for i in torch_arrays}:
+            torch.cuda.current_stream(device).synchronize()
+        for i, copy in copies.items():
+            out[i] = copy.numpy()
+    for i in on_device:
+        if out[i] is None:
+            out[i] = host(arrays[i])
+    return out

@@ -1,6 +1,9 @@
 """Constants shared across the engine (one place each): the void label and the pixel normalisations of the
 embedded models."""
 
+#: class id of the background in every bank and label map: proposals voted background are dropped before NMS
+BACKGROUND = 0
+
 #: label-map value for void / ignore pixels (VOC's border, CamVid's void): never a class, never scored
 IGNORE = 255
 

@@ -15,6 +15,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -22,8 +23,10 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from . import ops, reference
+from .arrays import contiguous, host_all, place
 from .bank import FeatureBank
 from .config import Config
+from .constants import BACKGROUND
 from .deps import check_torch_device
 from .errors import InputError, ModelError
 from .models.base import checked_features
@@ -147,9 +150,15 @@ class Engine:
         self.bank.check_backbone(self.backbone)
         self.proposer = proposer
         self._proposer_lock = threading.Lock()  # the default proposer is made once, whichever thread asks first
+        if kernels == "reference" and self.device != "cpu":
+            raise InputError("kernels='reference' (the NumPy twins) runs on the CPU only; use device='cpu'")
         backend = "exact" if kernels == "reference" else "torch" if self.device != "cpu" else "faiss"
         self.index = create_index(self.bank, self.config, backend, self.device, self.config.num_threads)
         self.times = StageTimes()
+        # on a GPU the host's only per-image work is the proposer: spread over the cores
+        self._proposer_pool = (None if self.device == "cpu" else
+                               ThreadPoolExecutor(self.config.num_threads or os.cpu_count() or 1,
+                                                  thread_name_prefix="moduseg-proposer"))
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -218,7 +227,7 @@ class Engine:
         if not batch.images:
             return batch
         with self.times("backbone"):
-            batch.features = checked_features(self.backbone, batch.images)
+            batch.features = checked_features(self.backbone, batch.images, on_device=self.device != "cpu")
         with self.times("proposer"):
             batch.proposals = self._propose(batch.images, batch.proposals, batch.features, batch.positions)
         with self.times("filter"):
@@ -230,36 +239,47 @@ class Engine:
         return in_input_order(batch, self._name_and_paint(batch) if batch.images else [])
 
     def _name_and_paint(self, batch: _Batch) -> list[Result]:
+        """SMFA, search, vote, NMS and painting for the whole batch, one compiled op each, where the features live
+        (the host, or the GPU that ran the backbone: then the regions go up once and only the label maps, owner
+        maps and the per-region classes come down)."""
         config = self.config
+        where = place(batch.features[0])
+        atoms = [contiguous(p.atoms, np.int32, where) for p in batch.proposals]
+        members = [contiguous(c["members"], np.bool_, where) for c in batch.candidates]
+        threads = self._threads(batch.proposals)
         with self.times("smfa"):
-            queries = [self.kernels.soft_mask_pool(f, p.atoms, c["members"], self.backbone.stride, config.pooling,
-                                                   config.smfa_eps, groups=self.backbone.groups,
-                                                   num_threads=self._threads(p))
-                       for f, p, c in zip(batch.features, batch.proposals, batch.candidates)]
+            queries = self.kernels.soft_mask_pool_batch(batch.features, atoms, members, self.backbone.stride,
+                                                        config.pooling, config.smfa_eps, groups=self.backbone.groups,
+                                                        num_threads=threads)
         with self.times("search"):
-            classes, confidences = retrieve(self.index, np.concatenate(queries), config.top_k, config.vote)
+            classes, confidences = retrieve(self.index, queries, config.top_k, config.vote, self.kernels)
         with self.times("nms_raster"):
+            ids = np.concatenate([c["id"] for c in batch.candidates]).astype(np.int32)
+            keep, label_maps, owners = self.kernels.mask_nms_raster_batch(
+                atoms, members, classes, confidences, config.nms_iou_threshold, drop_class=BACKGROUND, ids=ids,
+                num_threads=threads)
+            label_type = np.uint8 if len(self.class_names) <= 256 else np.int32
+            label_maps = [contiguous(m, label_type, where) for m in label_maps]  # narrowed before they come down
+            keep, classes, confidences, *maps = host_all([keep, classes, confidences, *label_maps, *owners])
             offsets = np.cumsum([0] + [len(c) for c in batch.candidates])
             results = []
             for i, (proposals, candidates) in enumerate(zip(batch.proposals, batch.candidates)):
-                candidates["class"] = classes[offsets[i]:offsets[i + 1]]
-                candidates["confidence"] = confidences[offsets[i]:offsets[i + 1]]
-                results.append(self._assemble(proposals, candidates))
+                rows = slice(offsets[i], offsets[i + 1])
+                candidates["class"], candidates["confidence"] = classes[rows], confidences[rows]
+                results.append(self._assemble(proposals, candidates, keep[rows], maps[i], maps[len(atoms) + i]))
         return results
 
     # ------------------------------------------------------------------------------------------------------- steps
 
     def _propose(self, images: list, proposals: list, features: list, positions: list) -> list[Proposals]:
         """One Proposals per image: the given ones, the engine's proposer's for the images without (given the
-        backbone's features if it reads them)."""
+        backbone's features, copied to the host, if it reads them)."""
         missing = [i for i, p in enumerate(proposals) if p is None]
         if missing:
             proposer = self._proposer()
-            shared = {}
-            if getattr(proposer, "uses_features", False):
-                shared = dict(features=[features[i] for i in missing], stride=self.backbone.stride,
-                              groups=self.backbone.groups)
-            made = proposer.propose([images[i] for i in missing], **shared)
+            uses_features = getattr(proposer, "uses_features", False)
+            maps = host_all([features[i] for i in missing]) if uses_features else [None] * len(missing)
+            made = self._run_proposer(proposer, [images[i] for i in missing], maps, uses_features)
             if len(made) != len(missing):
                 raise ModelError(f"proposer {getattr(proposer, 'name', '?')} returned {len(made)} proposal "
                                  f"sets for {len(missing)} images")
@@ -272,6 +292,18 @@ class Engine:
             if p.shape != image.shape[:2]:
                 raise InputError(f"proposals[{i}]: atoms of shape {p.shape}, the image is {image.shape[:2]}")
         return proposals
+
+    def _run_proposer(self, proposer, images: list, maps: list, uses_features: bool) -> list:
+        """The proposer over a batch: in one call on the CPU device (whose cores the other stages use), one image
+        per worker of a thread pool when the device computes the rest, so that the host work keeps up with it."""
+        def call(images, maps):
+            shared = dict(features=maps, stride=self.backbone.stride, groups=self.backbone.groups)
+            return proposer.propose(images, **(shared if uses_features else {}))
+
+        if self._proposer_pool is None or len(images) < 2:
+            return call(images, maps)
+        futures = [self._proposer_pool.submit(call, [image], [f]) for image, f in zip(images, maps)]
+        return [future.result()[0] for future in futures]
 
     def _proposer(self):
         if self.proposer is None:
@@ -291,30 +323,25 @@ class Engine:
         return records.filter((records["objectness"] >= self.config.objectness_threshold)
                               & (records["area"] >= self.config.min_area))
 
-    def _assemble(self, proposals: Proposals, candidates: Records) -> Result:
-        """Drop the proposals voted background, NMS + paint the rest, most confident first."""
-        named = candidates.filter(candidates["class"] != 0)
-        keep, label_map, owner = self.kernels.mask_nms_raster(
-            proposals.atoms, named["members"], named["class"], named["confidence"], self.config.nms_iou_threshold,
-            num_threads=self._threads(proposals))
-        kept = named.filter(keep)
+    def _assemble(self, proposals: Proposals, candidates: Records, keep: np.ndarray, label_map: np.ndarray,
+                  owner: np.ndarray) -> Result:
+        """One image's Result from its voted candidates and what NMS kept and painted, most confident first."""
+        kept = candidates.filter(keep.astype(bool))
         kept = kept.filter(np.argsort(-kept["confidence"].astype(np.float64), kind="stable"))
         note = ("no proposals: all background" if len(proposals) == 0 else
                 "no proposal passed the objectness and area filters: all background" if len(candidates) == 0 else
                 "every proposal was voted background: all background" if len(kept) == 0 else "")
-        return Result(label_map=label_map.astype(np.uint8 if len(self.class_names) <= 256 else np.int32),
-                      classes=kept["class"].astype(np.int32), confidences=kept["confidence"].astype(np.float32),
-                      proposal_ids=kept["id"].astype(np.int64),
-                      owner=np.where(owner >= 0, named["id"][np.clip(owner, 0, None)], -1).astype(np.int32)
-                      if len(named) else owner,
-                      num_proposals=len(proposals), num_candidates=len(candidates), class_names=self.class_names,
-                      note=note)
+        return Result(label_map=label_map, classes=kept["class"].astype(np.int32),
+                      confidences=kept["confidence"].astype(np.float32), proposal_ids=kept["id"].astype(np.int64),
+                      owner=owner, num_proposals=len(proposals), num_candidates=len(candidates),
+                      class_names=self.class_names, note=note)
 
-    def _threads(self, proposals: Proposals) -> int:
-        """OpenMP threads for the kernels on one image: Config.num_threads when set, else by the image's size."""
+    def _threads(self, proposals: list[Proposals]) -> int:
+        """OpenMP threads for the CPU kernels on a batch: Config.num_threads when set, else all for large images and
+        one below LARGE_IMAGE pixels (the engine's stages already keep the cores busy)."""
         if self.config.num_threads:
             return self.config.num_threads
-        return 0 if proposals.atoms.size > LARGE_IMAGE else 1
+        return 0 if sum(p.atoms.size for p in proposals) > LARGE_IMAGE else 1
 
 
 def load_batch(images: list, proposals: list | None, start: int, on_error: str, channel_order: str,

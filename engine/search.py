@@ -33,10 +33,12 @@ import abc
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .arrays import Place, contiguous, host, place, shape_of
 from .config import Config
 from .deps import check_torch_device, require
 from .errors import InputError
@@ -63,9 +65,17 @@ class SearchIndex(abc.ABC):
         self.labels = np.asarray(labels, np.int64)
         self.num_classes = int(num_classes)
         self.class_counts = np.bincount(self.labels, minlength=self.num_classes)
+        self._device_labels: dict = {}  # Place -> the labels on that device
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k inner products: (Q, k') float32 similarities and int64 rows, k' = min(k, bank size), best first."""
+    def search(self, queries, k: int) -> tuple:
+        """Top-k inner products: (Q, k') float32 similarities and int64 rows, k' = min(k, bank size), best first.
+        Queries on a CUDA device (torch / CuPy) give results on that device: searched there by an index resident on
+        it, else searched on the host and moved back (`_search_device`)."""
+        where = place(queries)
+        if where.is_cuda:
+            if len(shape_of(queries)) != 2 or shape_of(queries)[1] != self.dim:
+                raise InputError(f"queries: expected shape (Q, {self.dim}), got {shape_of(queries)}")
+            return self._search_device(queries, min(int(k), self.size), where)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise InputError(f"queries: expected shape (Q, {self.dim}), got {queries.shape}")
@@ -79,9 +89,25 @@ class SearchIndex(abc.ABC):
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The backend's search on checked, non-empty input."""
 
-    def neighbour_labels(self, rows: np.ndarray) -> np.ndarray:
-        """Class ids of search result rows; -1 where the search returned no row (FAISS's -1)."""
-        return np.where(rows >= 0, self.labels[np.clip(rows, 0, None)], -1)
+    def _search_device(self, queries, k: int, where: Place) -> tuple:
+        """Device queries, an index on the host: down, searched, results up (small arrays: Q x (D + 2k))."""
+        similarities, rows = self.search(host(queries), k)
+        return contiguous(similarities, np.float32, where), contiguous(rows, np.int64, where)
+
+    def neighbour_labels(self, rows):
+        """Class ids of search result rows; -1 where the search returned no row (FAISS's -1). Rows on a CUDA device
+        give labels on that device (the labels are copied there once)."""
+        where = place(rows)
+        if not where.is_cuda:
+            return np.where(rows >= 0, self.labels[np.clip(rows, 0, None)], -1)
+        if where not in self._device_labels:
+            self._device_labels[where] = contiguous(self.labels, np.int64, where)
+        labels = self._device_labels[where]
+        if where.library == "cupy":
+            import cupy
+
+            return cupy.where(rows >= 0, labels[cupy.clip(rows, 0, None)], -1)
+        return labels[rows.clamp(min=0)].masked_fill(rows < 0, -1)
 
     def describe(self) -> str:
         return self.backend
@@ -302,6 +328,20 @@ class TorchIndex(SearchIndex):
         similarities, rows = self.search_tensors(torch.from_numpy(queries).to(self.device), k)
         return similarities.cpu().numpy(), rows.cpu().numpy()
 
+    def _search_device(self, queries, k, where):
+        """Device queries searched where the bank lives, without leaving the device (CuPy arrays through DLPack)."""
+        import torch
+
+        if k <= 0 or shape_of(queries)[0] == 0:
+            return super()._search_device(queries, k, where)
+        tensor = queries if isinstance(queries, torch.Tensor) else torch.from_dlpack(queries)
+        similarities, rows = self.search_tensors(tensor.to(self.device, torch.float32), k)
+        if where.library == "cupy":
+            import cupy
+
+            return cupy.from_dlpack(similarities), cupy.from_dlpack(rows)
+        return similarities, rows
+
     def search_tensors(self, queries, k: int):
         """(Q, k) similarities and int64 rows as tensors on the index's device (k <= bank size, Q >= 1)."""
         import torch
@@ -341,7 +381,20 @@ def create_index(bank, config: Config, backend: str = "faiss", device: str = "cu
         return FaissIndex(bank.vectors, bank.labels, len(bank.class_names), config, bank.index if same else None,
                           num_threads)
     if backend == "torch":
-        return TorchIndex(bank.vectors, bank.labels, len(bank.class_names), device)
+        # Config.index holds on the device too: Flat is the bank resident on the GPU (exact GEMM + top-k); an
+        # approximate index is the bank's own moved to the GPU by faiss-gpu, or else stays on the CPU (warned)
+        if config.index == "Flat":
+            return TorchIndex(bank.vectors, bank.labels, len(bank.class_names), device)
+        index = create_index(bank, config, "faiss", device, num_threads)
+        gpu = _faiss_index_to_gpu(index.index, device)
+        if gpu is None:
+            warnings.warn(f"Config.index {config.index!r}: the installed faiss has no GPU support, so the bank is "
+                          f"searched on the CPU (queries go down from {device}, results back up); install "
+                          "faiss-gpu for a GPU search, or use Config.index='Flat' to hold the raw bank on the GPU",
+                          stacklevel=3)
+            return index
+        index.index, index.backend = gpu, index.backend.replace("faiss-cpu", f"faiss-gpu on {device}")
+        return index
     if backend == "exact":
         return ExactIndex(bank.vectors, bank.labels, len(bank.class_names))
     raise InputError(f"unknown search backend {backend!r}; known backends: {BACKENDS}")
@@ -563,6 +616,25 @@ def topk_inner_product(queries, vectors, k: int, chunk_rows: int = 1 << 18):
             values, rows = _best(torch, torch.cat([best_values, values], 1), torch.cat([best_rows, rows], 1), k)
         best_values, best_rows = values, rows
     return best_values, best_rows
+
+
+def _faiss_index_to_gpu(index, device: str):
+    """faiss-gpu's copy of a CPU index on `device` (index_cpu_to_gpu), or None when faiss has no GPU support or the
+    index kind has no GPU version (an on-disk index, HNSW)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return None
+    resources = faiss.StandardGpuResources()
+    try:
+        gpu = faiss.index_cpu_to_gpu(resources, int(str(device).partition(":")[2] or 0), index)
+    except RuntimeError as error:
+        warnings.warn(f"faiss-gpu cannot hold this index ({error}); it is searched on the CPU", stacklevel=4)
+        return None
+    gpu._moduseg_resources = resources  # keep the resources alive as long as the index
+    return gpu
 
 
 def _faiss_gpu_index(vectors: np.ndarray, device):

@@ -22,27 +22,57 @@ _POLL = 0.05  # seconds between checks of the stop flag while a queue is full or
 
 
 class StageTimes:
-    """Seconds spent per pipeline stage, accumulated over calls (thread-safe; bench/throughput.py reads it)."""
+    """Seconds spent per pipeline stage, accumulated over calls (thread-safe; bench/throughput.py reads it).
+
+    `on_device(True)` also records a pair of CUDA events per stage on the calling thread's current stream (torch),
+    read by `device_seconds`: the device time between a stage's start and end, idle gaps included."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._events: dict[str, list] | None = None
         self._lock = threading.Lock()
 
     @contextmanager
     def __call__(self, stage: str):
         start = time.perf_counter()
+        events = self._record() if self._events is not None else None
         try:
             yield
         finally:
             self.add(stage, time.perf_counter() - start)
+            if events is not None:
+                events[1].record()
+                with self._lock:
+                    self._events[stage].append(events)
+
+    @staticmethod
+    def _record():
+        import torch
+
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        return begin, end
 
     def add(self, stage: str, seconds: float) -> None:
         with self._lock:
             self.seconds[stage] += seconds
 
+    def on_device(self, enabled: bool = True) -> None:
+        with self._lock:
+            self._events = defaultdict(list) if enabled else None
+
+    def device_seconds(self) -> dict[str, float]:
+        """Per stage, the summed device time between its events (waits for the events to complete)."""
+        with self._lock:
+            events = {stage: list(pairs) for stage, pairs in (self._events or {}).items()}
+        return {stage: sum(begin.elapsed_time(end) for begin, end in pairs if end.synchronize() is None) / 1000.0
+                for stage, pairs in events.items()}
+
     def reset(self) -> None:
         with self._lock:
             self.seconds.clear()
+            if self._events is not None:
+                self._events = defaultdict(list)
 
 
 class _Failure:

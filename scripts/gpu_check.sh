@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, one command on the GPU machine (DESIGN.md: torch+CUDA, nvcc, no network, no faiss): builds and
-# installs the engine there, runs the GPU parity tests, times the search on the GPU (bench/kernels.py --cuda) and the
-# engine end to end on CUDA (bench/throughput.py --device cuda), and writes everything to OUT (the first argument).
+# installs the engine there (its CUDA launchers compiled for that machine's nvcc), records `moduseg info --json`,
+# runs the GPU parity tests (compiled ops on CUDA vs their CPU launchers, the device pipeline vs the CPU one), times
+# the ops on the GPU (bench/kernels.py --cuda) and the engine end to end on CUDA (bench/throughput.py --device cuda:
+# images/s beside the backbone alone, device ms per stage, host ms per image, launches per batch, peak memory), and
+# writes everything to OUT (the first argument).
 # Prepare its inputs here first with scripts/gpu_prepare.sh (carried: .whl and .gpu_data). Meant to finish within
 # 8 minutes; each step has its own time limit and a failing step does not stop the others.
 set -uo pipefail
@@ -34,6 +37,7 @@ fi
 step build 300 "$PYTHON" -m pip install -v --no-build-isolation --no-deps --target /tmp/engine .
 export PYTHONPATH=/tmp/engine:$PYTHONPATH
 step import 60 "$PYTHON" -c "import engine, engine._C; print(engine.__file__, engine.__version__)"
+step info 60 bash -c "cd /tmp && '$PYTHON' -m engine.cli info --json > '$OUT/info.json'; cat '$OUT/info.json'"
 step tests 240 bash -c "cd tests && '$PYTHON' -m pytest test_gpu.py -q -rA -p no:cacheprovider --junitxml='$OUT/tests.xml'"
 step kernels 120 "$PYTHON" bench/kernels.py --cuda --quick --repeats 3
 step throughput 240 "$PYTHON" bench/throughput.py --device cuda --images .gpu_data/voc2012-mini/JPEGImages \

@@ -430,3 +430,42 @@ def test_tiny_and_extreme_aspect_images_return_at_once(make_engine, rng, shape):
     assert finished, "the engine did not return"
     result = finished[0]
     assert result.label_map.shape == shape and (result.note or len(result.classes))
+
+
+class CountingKernels:
+    """engine._C behind a counter: how many calls each entry point gets (each call is one launch sequence)."""
+
+    def __init__(self, real) -> None:
+        self.real, self.calls = real, {}
+
+    def __getattr__(self, name):
+        target = getattr(self.real, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return target(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("images, proposals_each", [(1, 1), (8, 1), (8, 12), (16, 40)])
+def test_one_call_per_op_per_batch_whatever_the_images_and_proposals(make_engine, toy, rng, monkeypatch, images,
+                                                                     proposals_each):
+    from engine import ops
+
+    data = scenes(toy, rng, images)
+    proposals = []
+    for image, label in data:  # the ground-truth regions plus random blocks: many overlapping proposals
+        masks = [label == c for c in np.unique(label)]
+        for _ in range(proposals_each):
+            mask = np.zeros(label.shape, bool)
+            y, x = rng.integers(0, 60), rng.integers(0, 90)
+            mask[y:y + 30, x:x + 30] = True
+            masks.append(mask)
+        proposals.append(Proposals.from_masks(np.stack(masks), np.ones(len(masks), np.float32)))
+    counting = CountingKernels(ops._C)
+    monkeypatch.setattr(ops, "_C", counting)
+    eng = make_engine(config=Config(batch_size=images))
+    results = eng.segment_batch([image for image, _ in data], proposals)
+    assert len(results) == images
+    assert counting.calls == {"soft_mask_pool": 1, "vote": 1, "mask_nms_raster": 1}

@@ -20,6 +20,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from ..arrays import contiguous, place
 from ..errors import InputError, ModelError
 from ..registry import DEFAULT_BACKBONE, BackboneSpec, backbone_spec
 from ..utils import bucket_by_size, ceil_div, check_image, pad_to_multiple, padded_size
@@ -59,6 +60,13 @@ class ModelBackbone(Backbone):
     def features(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(ceil(H/stride), ceil(W/stride), dim) float32 feature map for each HxWx3 uint8 RGB image."""
         return self._run(images, want_features=True, want_saliency=False)[0]
+
+    def features_on_device(self, images: Sequence[np.ndarray]) -> list:
+        """Feature maps left on the GPU (torch CUDA tensors) when the runtime can keep them there (`run_on_device`:
+        torch and TensorRT on CUDA); otherwise `features`."""
+        if not getattr(self.runtime, "keeps_outputs_on_device", False):
+            return self.features(images)
+        return self._run(images, want_features=True, want_saliency=False, on_device=True)[0]
 
     def features_and_saliency(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Feature maps and HxW float32 saliency maps in [0, 1] (at image resolution) from one run of the graph."""
@@ -109,7 +117,7 @@ class ModelBackbone(Backbone):
         raise ModelError(f"backbone {self.id}: the runtime returned {raw.shape} for a {height}x{width} input, "
                          f"expected {expected}")
 
-    def _run(self, images: Sequence[np.ndarray], want_features: bool, want_saliency: bool):
+    def _run(self, images: Sequence[np.ndarray], want_features: bool, want_saliency: bool, on_device: bool = False):
         if isinstance(images, np.ndarray) and images.ndim == 3:
             raise InputError("images: expected a sequence of HxWx3 images, got a single array; wrap it in a list")
         images = [check_image(image, f"images[{i}]") for i, image in enumerate(images)]
@@ -120,13 +128,15 @@ class ModelBackbone(Backbone):
         saliency: list = [None] * len(images)
         for batch in bucket_by_size(sizes, self.batch_size):
             pixels = self.preprocess([images[i] for i in batch])
-            result = self.runtime.run({self.spec.input_name: pixels}, outputs)
+            run = self.runtime.run_on_device if on_device else self.runtime.run
+            result = run({self.spec.input_name: pixels}, outputs)
             if want_features:
-                maps = self._to_maps(np.asarray(result[self.spec.feature_output]), *pixels.shape[1:3])
+                raw = result[self.spec.feature_output]
+                maps = self._to_maps(raw if on_device else np.asarray(raw), *pixels.shape[1:3])
                 for j, index in enumerate(batch):
                     height, width = images[index].shape[:2]
                     grid = (ceil_div(height, self.stride), ceil_div(width, self.stride))  # cells of padding cut off
-                    features[index] = np.ascontiguousarray(maps[j, :grid[0], :grid[1]], dtype=np.float32)
+                    features[index] = contiguous(maps[j, :grid[0], :grid[1]], np.float32, place(maps))
             if want_saliency:
                 sal = np.asarray(result[self.spec.saliency_output])
                 if sal.shape != (len(batch), 1, *pixels.shape[1:3]):

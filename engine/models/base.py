@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..arrays import place
 from ..errors import InputError, ModelError
 from ..regions import Proposals
 from ..utils import ceil_div, check_image
@@ -32,21 +33,27 @@ class Backbone(abc.ABC):
     def features(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(h, w, dim) float32 feature map for each HxWx3 uint8 RGB image."""
 
+    def features_on_device(self, images: Sequence[np.ndarray]) -> list:
+        """The feature maps left where the model ran: CUDA tensors for a runtime on a GPU that can keep them there
+        (torch, TensorRT), else the host arrays of `features`."""
+        return self.features(images)
+
     def describe(self) -> dict:
         return {"id": self.id, "dim": int(self.dim), "stride": int(self.stride), "groups": list(self.groups),
                 "padding": "zero, bottom/right"}
 
 
 def checked_features(backbone: Backbone, images: Sequence[np.ndarray], names: Sequence[str] | None = None,
-                     finite: bool = True) -> list[np.ndarray]:
+                     finite: bool = True, on_device: bool = False) -> list:
     """Any backbone's features of checked images, checked before they reach a bank or an index: one
     (ceil(H/stride), ceil(W/stride), dim) map per image, all finite unless `finite` is False. `names` name the
-    images in errors (default images[i])."""
+    images in errors (default images[i]). on_device: leave them where the model ran (Backbone.features_on_device);
+    device maps are checked for finiteness with one host synchronisation for the whole batch."""
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise InputError("images: expected a sequence of HxWx3 images, got a single array; wrap it in a list")
     names = names or [f"images[{i}]" for i in range(len(images))]
     images = [check_image(image, name) for image, name in zip(images, names)]
-    features = backbone.features(images)
+    features = backbone.features_on_device(images) if on_device else backbone.features(images)
     if len(features) != len(images):
         raise ModelError(f"backbone {backbone.id} returned {len(features)} feature maps for {len(images)} images")
     for f, image, name in zip(features, images, names):
@@ -55,9 +62,23 @@ def checked_features(backbone: Backbone, images: Sequence[np.ndarray], names: Se
         if tuple(np.shape(f)) != expected:
             raise ModelError(f"backbone {backbone.id}: feature map of shape {tuple(np.shape(f))} for {name} "
                              f"({image.shape[0]}x{image.shape[1]}), expected {expected}")
-        if finite and not np.isfinite(f).all():
-            raise ModelError(f"backbone {backbone.id}: NaN or inf features for {name}")
+    bad = nonfinite(features) if finite else []
+    if bad:
+        raise ModelError(f"backbone {backbone.id}: NaN or inf features for {names[bad[0]]}")
     return features
+
+
+def nonfinite(maps: Sequence) -> list[int]:
+    """Indices of the maps holding NaN or inf; device maps are checked on the device and read back once."""
+    on_device = [i for i, f in enumerate(maps) if place(f).is_cuda]
+    flags = [not np.isfinite(f).all() if i not in on_device else False for i, f in enumerate(maps)]
+    if on_device:
+        import torch
+
+        found = torch.stack([~torch.isfinite(maps[i]).all() for i in on_device]).cpu()
+        for i, flag in zip(on_device, found.tolist()):
+            flags[i] = bool(flag)
+    return [i for i, flag in enumerate(flags) if flag]
 
 
 class Proposer(abc.ABC):

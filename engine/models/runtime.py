@@ -152,7 +152,16 @@ class TorchRuntime(Runtime):
         self.input_names = list(input_names)
         self.output_names = list(output_names)
 
+    @property
+    def keeps_outputs_on_device(self) -> bool:
+        """Whether `run_on_device` leaves the outputs on a GPU (a CUDA device)."""
+        return self.device != "cpu"
+
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        return {name: tensor.cpu().numpy() for name, tensor in self.run_on_device(inputs, outputs).items()}
+
+    def run_on_device(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict:
+        """As `run`, the outputs left as float32 tensors on the runtime's device (no copy back to the host)."""
         torch = self._torch
         requested = self._check_request(inputs, outputs)
         tensors = [torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self.device) for name in self.input_names]
@@ -164,7 +173,7 @@ class TorchRuntime(Runtime):
             raise ModelError(f"torch runtime: the module returned {len(result)} outputs, expected "
                              f"{len(self.output_names)} ({self.output_names})")
         named = dict(zip(self.output_names, result))
-        return {name: named[name].detach().float().cpu().numpy() for name in requested}
+        return {name: named[name].detach().float() for name in requested}
 
     def describe(self) -> dict:
         return {**super().describe(), "device": self.device}
@@ -288,7 +297,13 @@ class TensorRTRuntime(Runtime):
         raise InputError(f"TensorRT plan {self.plan}: input shapes {dict(shapes)} are outside every optimisation "
                          f"profile {ranges}; rebuild the plan with a larger profile")
 
+    keeps_outputs_on_device = True
+
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        return {name: tensor.cpu().numpy() for name, tensor in self.run_on_device(inputs, outputs).items()}
+
+    def run_on_device(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict:
+        """As `run`, the outputs left as float32 CUDA tensors, ready on the caller's current stream."""
         torch = self._torch
         requested = self._check_request(inputs, outputs)
         shapes = {name: tuple(np.shape(inputs[name])) for name in self.input_names}
@@ -310,8 +325,12 @@ class TensorRTRuntime(Runtime):
                 self.context.set_tensor_address(name, results[name].data_ptr())
             if not self.context.execute_async_v3(self._stream.cuda_stream):
                 raise ModelError(f"TensorRT execution failed on inputs {shapes}: {self._logger.messages[-5:]}")
-            self._stream.synchronize()
-        return {name: results[name].float().cpu().numpy() for name in requested}
+            floats = {name: results[name].float() for name in requested}
+        caller = torch.cuda.current_stream()
+        caller.wait_stream(self._stream)  # the caller's stream waits for the plan; the host does not
+        for tensor in floats.values():  # made on the plan's stream, used on the caller's: not reused before that
+            tensor.record_stream(caller)
+        return floats
 
     def describe(self) -> dict:
         return {**super().describe(), "plan": self.plan, "tensorrt": self._trt.__version__,
