@@ -1,7 +1,7 @@
-// What every CUDA launcher needs: error checks that throw (no exit, no sync), the per-batch image table and scratch
-// on the caller's stream (stream-ordered allocation: freed when the stream reaches it, no host sync), a thread-block
-// Team for the shared bodies, and a count of kernel launches (moduseg::cuda_launches) that tests read to show the
-// launches per batch do not grow with images or regions.
+// What every CUDA launcher needs: error checks that throw (no exit, no sync), the image table as a kernel parameter,
+// scratch on the caller's stream (stream-ordered allocation: freed when the stream reaches it, no host sync), a
+// thread-block Team for the shared bodies, and a count of kernel launches (moduseg::cuda_launches) that tests read
+// to show the launches per batch do not grow with images or regions.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -51,15 +51,26 @@ class StreamBuffer {
   cudaStream_t stream_;
 };
 
-// The image table on the device: one small host-to-device copy per batch (from pageable memory, so the host table
-// may be freed when the call returns).
-inline StreamBuffer upload_slots(const ImageSlot* slots, int64_t num_images, cudaStream_t stream) {
-  StreamBuffer table(sizeof(ImageSlot) * static_cast<size_t>(num_images), stream);
-  if (num_images)
-    cuda_check(cudaMemcpyAsync(table.as<ImageSlot>(), slots, sizeof(ImageSlot) * num_images,
-                               cudaMemcpyHostToDevice, stream),
-               "cudaMemcpyAsync (image table)");
-  return table;
+// The image table of a launch, passed by value as a kernel parameter (__grid_constant__: read in place from the
+// parameter bank, never copied per thread), so that no host-to-device copy (which from pageable memory would wait
+// for the stream) precedes the kernels. A batch of more images is launched in chunks of kSlotsPerLaunch.
+constexpr int64_t kSlotsPerLaunch = 48;  // 48 x 128 B: 6 KB of parameters (up to 32 KB since CUDA 12.1, sm_70+)
+
+struct SlotTable {
+  int64_t count = 0;
+  ImageSlot slot[kSlotsPerLaunch];
+};
+
+// Calls launch(table) for consecutive chunks of at most kSlotsPerLaunch images; the slots keep the whole batch's
+// offsets, so each chunk's kernels index the batch's arrays directly.
+template <typename Launch>
+void for_each_chunk(const ImageSlot* slots, int64_t num_images, Launch launch) {
+  for (int64_t first = 0; first < num_images; first += kSlotsPerLaunch) {
+    SlotTable table;
+    table.count = num_images - first < kSlotsPerLaunch ? num_images - first : kSlotsPerLaunch;
+    for (int64_t b = 0; b < table.count; ++b) table.slot[b] = slots[first + b];
+    launch(table);
+  }
 }
 
 // Selects the caller's device for the duration of a launcher call.
