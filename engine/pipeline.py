@@ -27,6 +27,7 @@ from .arrays import contiguous, host_all, place
 from .bank import FeatureBank
 from .config import Config
 from .constants import BACKGROUND
+from .data.gpu_decode import gpu_decoder_available
 from .deps import check_torch_device
 from .errors import InputError, ModelError
 from .models.base import checked_features
@@ -155,6 +156,7 @@ class Engine:
         backend = "exact" if kernels == "reference" else "torch" if self.device != "cpu" else "faiss"
         self.index = create_index(self.bank, self.config, backend, self.device, self.config.num_threads)
         self.times = StageTimes()
+        self._decode_device = self.device if gpu_decoder_available(self.device) else None  # nvJPEG for files
         # on a GPU the host's only per-image work is the proposer: spread over the cores
         self._proposer_pool = (None if self.device == "cpu" else
                                ThreadPoolExecutor(self.config.num_threads or os.cpu_count() or 1,
@@ -168,6 +170,7 @@ class Engine:
         """Device, kernels, search backend and backbone (what bench/throughput.py reports)."""
         runtime = getattr(self.backbone, "runtime", None)
         return {"device": self.device, "kernels": self.kernels.__name__, "search": self.index.describe(),
+                "decode": "nvjpeg (torchvision) on " + self._decode_device if self._decode_device else "host",
                 "backbone": self.backbone.id,
                 "runtime": runtime.describe() if hasattr(runtime, "describe") else type(self.backbone).__name__}
 
@@ -221,7 +224,8 @@ class Engine:
 
     def _load(self, images: list, proposals: list | None, start: int, on_error: str, channel_order: str) -> _Batch:
         with self.times("decode"):
-            return load_batch(images, proposals, start, on_error, channel_order, self.config.max_image_pixels)
+            return load_batch(images, proposals, start, on_error, channel_order, self.config.max_image_pixels,
+                              self._decode_device)
 
     def _model(self, batch: _Batch) -> _Batch:
         if not batch.images:
@@ -345,17 +349,28 @@ class Engine:
 
 
 def load_batch(images: list, proposals: list | None, start: int, on_error: str, channel_order: str,
-               max_pixels: int | None) -> _Batch:
-    """Decode and check a chunk of images (paths decoded here); with on_error="skip" a bad item becomes a Skipped
-    record, else its error is raised naming its index (`start` + its position)."""
+               max_pixels: int | None, decode_device: str | None = None) -> _Batch:
+    """Decode and check a chunk of images (paths decoded here: on the host, or JPEGs on `decode_device`'s GPU in
+    one call, engine.data.gpu_decode); with on_error="skip" a bad item becomes a Skipped record, else its error is
+    raised naming its index (`start` + its position)."""
     from .data import load_image
 
+    files = [i for i, image in enumerate(images) if isinstance(image, (str, os.PathLike))]
+    decoded = {}
+    if decode_device and files:
+        from .data.gpu_decode import load_images
+
+        decoded = dict(zip(files, load_images([images[i] for i in files], decode_device, max_pixels)))
     batch = _Batch([], [], [])
     proposals = [None] * len(images) if proposals is None else proposals
     for offset, (image, given) in enumerate(zip(images, proposals)):
         index = start + offset
         try:
-            if isinstance(image, (str, os.PathLike)):
+            if offset in decoded:
+                if isinstance(decoded[offset], Exception):
+                    raise decoded[offset]
+                image = decoded[offset]
+            elif isinstance(image, (str, os.PathLike)):
                 image = load_image(image)
             elif channel_order == "BGR" and isinstance(image, np.ndarray) and image.ndim == 3:
                 image = image[..., ::-1]
