@@ -34,9 +34,10 @@ if [ ! -x "$DIR/bin/python" ]; then
 fi
 "$DIR/bin/python" -m pip install -q --upgrade pip
 "$DIR/bin/python" -m pip install -q "numpy<2" onnxruntime "faiss-cpu==1.15.1"
-# the engine itself (its compiled module works on numpy 1.26: pybind11 binds numpy at run time)
-"$DIR/bin/python" -m pip install -q "numpy<2" .
-"$DIR/bin/python" -m pip install -q --no-deps --force-reinstall .   # pip keeps an installed version of the same number
+# the engine itself (its compiled module works on numpy 1.26: pybind11 binds numpy at run time); this server runs on
+# the CPU, so its engine is built without the CUDA launchers (MODUSEG_CUDA=0 saves the nvcc passes)
+MODUSEG_CUDA=0 "$DIR/bin/python" -m pip install -q "numpy<2" .
+MODUSEG_CUDA=0 "$DIR/bin/python" -m pip install -q --no-deps --force-reinstall .   # pip keeps an installed version of the same number
 # pytriton's own Python dependencies (tritonclient, grpcio, gevent, typer, ...) are not needed to run its tritonserver
 # binary: install the package alone (and never import it)
 "$DIR/bin/python" -m pip install -q --no-deps "nvidia-pytriton==$PYTRITON_VERSION"
