@@ -6,7 +6,9 @@
   as on the GPU machine: faiss is imported inside the test only);
 - Engine(device="cuda") against the CPU engine: identical label maps on toy scenes and on real VOC images with
   ground-truth proposals;
-- a TensorRT plan against onnxruntime, where TensorRT is installed.
+- a TensorRT plan against onnxruntime, where TensorRT is installed;
+- the compiled ops' CUDA launchers (engine.ops on torch tensors and CuPy arrays) against their CPU launchers,
+  and their kernel launches per batch (fixed, whatever the images and regions).
 """
 
 from __future__ import annotations
@@ -185,3 +187,231 @@ def test_tensorrt_plan_matches_onnxruntime(tmp_path, rng):
         assert got.shape == want.shape
         cosine = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1) + 1e-8)
         assert cosine.min() > 0.99, f"fp16 TensorRT features drift from onnxruntime (min cosine {cosine.min():.4f})"
+
+
+# ------------------------------------------------------------------------------------------- compiled ops on CUDA
+# engine.ops' CUDA launchers (the same bodies the CPU tests check against engine.reference) against the CPU
+# launchers, on torch tensors and CuPy arrays, and their kernel launches per batch.
+
+#: kernels a batch launches on CUDA when it has regions (csrc/*/*_cuda.cu), however many images and regions
+LAUNCHES = {"soft_mask_pool": 2, "mask_nms_raster": 4, "vote": 1}
+#: image sizes batches draw from: one pixel, one row, one column, sizes off the strides, a VOC-like one
+OP_SHAPES = [(1, 1), (1, 57), (45, 1), (13, 17), (31, 29), (64, 48), (97, 130), (120, 90), (188, 250), (375, 500)]
+
+
+@pytest.fixture(scope="module")
+def cuda_ops(torch):
+    """engine.ops with its CUDA launchers on a visible GPU (skips when engine._C was built without them)."""
+    from engine import ops
+
+    if ops._C is None:
+        pytest.skip("engine._C is not built")
+    if not ops.build_info()["cuda"]:
+        pytest.skip("engine._C was built without the CUDA launchers (no nvcc, or MODUSEG_CUDA=OFF)")
+    if ops._C.cuda_device_count() < 1:
+        pytest.skip("engine._C's CUDA runtime sees no GPU")
+    return ops
+
+
+@pytest.fixture(params=["torch", "cupy"])
+def to_device(request, torch, cuda_ops):
+    """NumPy array -> the same array on GPU 0, made by torch or by CuPy (skips where CuPy does not import or sees
+    no GPU)."""
+    if request.param == "torch":
+        return lambda x: torch.from_numpy(np.ascontiguousarray(x)).to("cuda:0")
+    cupy = pytest.importorskip("cupy")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError:
+        count = 0
+    if count < 1:
+        pytest.skip("CuPy sees no GPU")
+    return cupy.asarray
+
+
+def assert_on_device_of(out, like):
+    """`out` is an array of `like`'s library on `like`'s CUDA device."""
+    from engine.arrays import place
+
+    assert place(out).is_cuda and place(out) == place(like)
+    assert type(out).__module__.split(".")[0] == type(like).__module__.split(".")[0]
+
+
+def blocky_atoms(rng, height, width):
+    """Superpixel-like blocks with shuffled ids (some unused), or random speckle ids: (H, W) int32 and A."""
+    if rng.random() < 0.3:
+        num_atoms = int(rng.integers(1, 12))
+        return rng.integers(0, num_atoms, (height, width)).astype(np.int32), num_atoms
+    cut_y = np.unique(np.r_[0, rng.integers(0, height, int(rng.integers(0, 15)))])
+    cut_x = np.unique(np.r_[0, rng.integers(0, width, int(rng.integers(0, 15)))])
+    cells = len(cut_y) * len(cut_x)
+    num_atoms = cells + int(rng.integers(0, 4))
+    ids = rng.permutation(num_atoms)[:cells]
+    band_y = np.searchsorted(cut_y, np.arange(height), side="right") - 1
+    band_x = np.searchsorted(cut_x, np.arange(width), side="right") - 1
+    return ids[band_y[:, None] * len(cut_x) + band_x[None, :]].astype(np.int32), num_atoms
+
+
+def region_batch(rng, num_images, counts=None):
+    """Atom maps and (N, A) bool memberships of images of different sizes: random subsets and empty, full and
+    single-atom regions; counts: regions per image (default: often 0 or 1, else up to 40)."""
+    if counts is None:
+        counts = [int(rng.choice([0, 1, int(rng.integers(2, 41))])) for _ in range(num_images)]
+    shapes = [OP_SHAPES[i] for i in rng.choice(len(OP_SHAPES), num_images, replace=num_images > len(OP_SHAPES))]
+    atoms, members = [], []
+    for (height, width), count in zip(shapes, counts):
+        a, num_atoms = blocky_atoms(rng, height, width)
+        m = rng.random((count, num_atoms)) < rng.random((count, 1))
+        kinds = rng.integers(0, 6, count)
+        m[kinds == 0] = False
+        m[kinds == 1] = True
+        atoms.append(a)
+        members.append(m)
+    return atoms, members
+
+
+def patch_features(rng, atoms, stride, dim):
+    return [rng.standard_normal((-(-a.shape[0] // stride), -(-a.shape[1] // stride), dim)).astype(np.float32)
+            for a in atoms]
+
+
+@pytest.mark.parametrize("stride", [1, 7, 16])
+@pytest.mark.parametrize("pooling", ["soft", "hard"])
+def test_soft_mask_pool_batch_on_cuda_equals_cpu(cuda_ops, to_device, rng, stride, pooling):
+    from engine.arrays import host
+
+    for num_images in (1, 2, 3, 6):
+        atoms, members = region_batch(rng, num_images)
+        dim = int(rng.choice([1, 24] if stride == 1 else [1, 24, 680, 1000]))  # 680: multilayer; > 1 lane each
+        features = patch_features(rng, atoms, stride, dim)
+        for normalize, groups in ((True, ()), (False, ()), (True, (dim // 2, dim - dim // 2) if dim > 1 else ())):
+            want = cuda_ops.soft_mask_pool_batch(features, atoms, members, stride, pooling, normalize=normalize,
+                                                 groups=groups)
+            device = [to_device(x) for x in features], [to_device(x) for x in atoms], [to_device(x) for x in members]
+            got = cuda_ops.soft_mask_pool_batch(*device, stride, pooling, normalize=normalize, groups=groups)
+            assert_on_device_of(got, device[0][0])
+            assert tuple(got.shape) == want.shape and host(got).dtype == np.float32
+            np.testing.assert_allclose(host(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("drop_class", [None, 0])
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_mask_nms_raster_batch_on_cuda_equals_cpu(cuda_ops, to_device, rng, drop_class, with_ids):
+    from engine.arrays import host
+
+    for num_images in (1, 2, 5, 6):
+        atoms, members = region_batch(rng, num_images)
+        total = sum(len(m) for m in members)
+        classes = rng.integers(0, int(rng.integers(1, 4)), total)  # few classes: NMS suppresses
+        scores = np.full(total, 0.5) if rng.random() < 0.25 else np.round(rng.random(total), 1)  # ties
+        ids = rng.integers(0, 1000, total) if with_ids else None
+        d_atoms, d_members = [to_device(a) for a in atoms], [to_device(m) for m in members]
+        for threshold in (0.0, 0.4, 1.0):
+            want = cuda_ops.mask_nms_raster_batch(atoms, members, classes, scores, threshold, 255, drop_class, ids)
+            # per-region arrays on the device, and on the host (moved by the op)
+            per_region = [(to_device(classes), to_device(scores), None if ids is None else to_device(ids)),
+                          (classes, scores, ids)]
+            for d_classes, d_scores, d_ids in per_region:
+                keep, label_maps, owners = cuda_ops.mask_nms_raster_batch(d_atoms, d_members, d_classes, d_scores,
+                                                                          threshold, 255, drop_class, d_ids)
+                assert_on_device_of(keep, d_atoms[0])
+                np.testing.assert_array_equal(host(keep), want[0])
+                assert host(keep).dtype == np.bool_
+                for label_map, owner, want_label, want_owner in zip(label_maps, owners, want[1], want[2]):
+                    assert_on_device_of(label_map, d_atoms[0])
+                    assert_on_device_of(owner, d_atoms[0])
+                    np.testing.assert_array_equal(host(label_map), want_label)
+                    np.testing.assert_array_equal(host(owner), want_owner)
+
+
+@pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
+def test_vote_on_cuda_equals_cpu(cuda_ops, to_device, rng, method):
+    from engine.arrays import host
+
+    for queries, k, num_classes in ((1, 1, 1), (7, 1, 3), (300, 25, 21), (1200, 25, 21), (64, 200, 150)):
+        labels = rng.integers(-1, num_classes + 2, (queries, k))  # -1 and ids >= num_classes are ignored
+        similarities = -np.sort(-rng.integers(0, 8, (queries, k)) / 8.0, axis=1).astype(np.float32)  # ties
+        counts = rng.integers(0, 50, num_classes)
+        want = cuda_ops.vote(similarities, labels, num_classes, method, counts)
+        d_sims = to_device(similarities)
+        classes, confidences = cuda_ops.vote(d_sims, to_device(labels), num_classes, method, counts)
+        assert_on_device_of(classes, d_sims)
+        assert_on_device_of(confidences, d_sims)
+        np.testing.assert_array_equal(host(classes), want[0])
+        np.testing.assert_allclose(host(confidences), want[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_images", [1, 8])
+@pytest.mark.parametrize("regions", [3, 150])
+def test_cuda_launches_per_batch_do_not_grow_with_images_or_regions(cuda_ops, to_device, rng, num_images,
+                                                                     regions):
+    from engine.arrays import host
+
+    atoms, members = region_batch(rng, num_images, counts=[regions] * num_images)
+    total = regions * num_images
+    d_atoms, d_members = [to_device(a) for a in atoms], [to_device(m) for m in members]
+    features = [to_device(f) for f in patch_features(rng, atoms, 16, 64)]
+    classes, scores = to_device(rng.integers(0, 3, total)), to_device(rng.random(total))
+    sims, labels = to_device(rng.random((total, 25)).astype(np.float32)), to_device(rng.integers(0, 21, (total, 25)))
+
+    def launches(run):
+        before = cuda_ops.cuda_launches()
+        result = run()
+        return cuda_ops.cuda_launches() - before, result
+
+    count, pooled = launches(lambda: cuda_ops.soft_mask_pool_batch(features, d_atoms, d_members, 16))
+    assert count == LAUNCHES["soft_mask_pool"] and tuple(pooled.shape) == (total, 64)
+    count, (keep, _, _) = launches(lambda: cuda_ops.mask_nms_raster_batch(d_atoms, d_members, classes, scores, 0.4))
+    assert count == LAUNCHES["mask_nms_raster"] and host(keep).shape == (total,)
+    count, (winners, _) = launches(lambda: cuda_ops.vote(sims, labels, 21))
+    assert count == LAUNCHES["vote"] and tuple(winners.shape) == (total,)
+
+
+def test_batches_without_regions_on_cuda(cuda_ops, to_device, rng):
+    """No regions in any image: empty results on the device, background maps, and no more launches than a batch
+    with regions (SMFA and the vote launch nothing)."""
+    from engine.arrays import host
+
+    atoms, members = region_batch(rng, 4, counts=[0] * 4)
+    d_atoms, d_members = [to_device(a) for a in atoms], [to_device(m) for m in members]
+    features = [to_device(f) for f in patch_features(rng, atoms, 7, 10)]
+    before = cuda_ops.cuda_launches()
+    pooled = cuda_ops.soft_mask_pool_batch(features, d_atoms, d_members, 7)
+    assert cuda_ops.cuda_launches() == before and tuple(pooled.shape) == (0, 10)
+    assert_on_device_of(pooled, features[0])
+    before = cuda_ops.cuda_launches()
+    keep, label_maps, owners = cuda_ops.mask_nms_raster_batch(d_atoms, d_members, np.zeros(0, np.int32),
+                                                              np.zeros(0), 0.4, 255, drop_class=0)
+    assert cuda_ops.cuda_launches() - before <= LAUNCHES["mask_nms_raster"]
+    assert host(keep).shape == (0,)
+    for a, label_map, owner in zip(atoms, label_maps, owners):
+        assert_on_device_of(label_map, d_atoms[0])
+        assert (host(label_map) == 255).all() and (host(owner) == -1).all() and host(owner).shape == a.shape
+    before = cuda_ops.cuda_launches()
+    classes, confidences = cuda_ops.vote(to_device(np.zeros((0, 5), np.float32)), to_device(np.zeros((0, 5),
+                                                                                                     np.int64)), 3)
+    assert cuda_ops.cuda_launches() == before and tuple(classes.shape) == (0,) and tuple(confidences.shape) == (0,)
+
+
+def test_compiled_ops_run_on_torch_current_stream(torch, cuda_ops, rng):
+    """On a side stream the ops queue behind the work already on it and need no host synchronisation."""
+    from engine.arrays import host
+
+    atoms, members = region_batch(rng, 3, counts=[20, 5, 30])
+    features = patch_features(rng, atoms, 16, 96)
+    want = cuda_ops.soft_mask_pool_batch(features, atoms, members, 16)
+    classes, scores = rng.integers(0, 2, 55), rng.random(55)
+    want_nms = cuda_ops.mask_nms_raster_batch(atoms, members, classes, scores, 0.4)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        d_features = [torch.from_numpy(f).to("cuda", non_blocking=False) * 1.0 for f in features]  # queued on side
+        d_atoms = [torch.from_numpy(a).cuda() for a in atoms]
+        d_members = [torch.from_numpy(m).cuda() for m in members]
+        pooled = cuda_ops.soft_mask_pool_batch(d_features, d_atoms, d_members, 16)
+        keep, label_maps, _ = cuda_ops.mask_nms_raster_batch(d_atoms, d_members, torch.from_numpy(classes).cuda(),
+                                                             torch.from_numpy(scores).cuda(), 0.4)
+    side.synchronize()
+    np.testing.assert_allclose(host(pooled), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(host(keep), want_nms[0])
+    for got, label_map in zip(label_maps, want_nms[1]):
+        np.testing.assert_array_equal(host(got), label_map)
