@@ -7,8 +7,10 @@ Importable (bench/throughput.py uses `run_kernel_bench` and `format_table`) and 
     python bench/kernels.py [--repeats 5] [--threads 0] [--quick] [--cuda]
 
 Each row: one op at one size, median wall time of the reference and of the compiled op, and the speed-up; the
-outputs are checked against the reference on every row. --cuda also times the bank search on the GPU (TorchIndex on
-a CUDA device) against the exact NumPy scan (ExactIndex), when torch sees a GPU; it says it skips otherwise.
+outputs are checked against the reference on every row. The batched rows run a whole batch (8 VOC-sized images) in
+one call. --cuda also times, when torch sees a GPU (it says it skips otherwise), the bank search on the GPU
+(TorchIndex on a CUDA device) against the exact NumPy scan (ExactIndex), and the batched ops on torch CUDA tensors
+(engine.ops' CUDA launchers, timed with torch.cuda.Event) against the same ops' CPU launchers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if __package__ in (None, ""):  # `python bench/kernels.py` from the repository r
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after site-packages: an installed engine (with its compiled _C) wins
 
 from engine import ops, reference  # noqa: E402
+from engine.arrays import host  # noqa: E402
 from engine.search import ExactIndex  # noqa: E402
 
 
@@ -139,6 +142,67 @@ def bench_mask_nms_raster(height: int, width: int, count: int, num_classes: int 
     )
 
 
+def voc_batch(seed: int, count: int, atoms: int = 400, shapes=None):
+    """Atom maps and memberships of a batch of VOC-sized images (`count` proposals each, as `regions` makes them),
+    made once per arguments (the partitions take seconds). Returns (rng, atom maps, memberships)."""
+    key = (seed, count, atoms, tuple(VOC_BATCH if shapes is None else shapes))
+    if key not in _VOC_BATCHES:
+        made = [regions(seed + i, h, w, count, atoms) for i, (h, w) in enumerate(key[3])]
+        _VOC_BATCHES[key] = (np.random.default_rng(seed), [m[1] for m in made], [m[2] for m in made])
+    return _VOC_BATCHES[key]
+
+
+_VOC_BATCHES: dict = {}
+
+
+def batch_features(rng: np.random.Generator, atoms: list, stride: int, dim: int) -> list:
+    return [rng.standard_normal((-(-a.shape[0] // stride), -(-a.shape[1] // stride), dim)).astype(np.float32)
+            for a in atoms]
+
+
+def bench_soft_mask_pool_batch(stride: int, dim: int, count: int, atoms: int = 400, repeats: int = 5,
+                               num_threads: int = 0, seed: int = 0) -> BenchRow:
+    """One call over a batch of 8 VOC-sized images against the reference's image-by-image loop."""
+    rng, labels, members = voc_batch(seed, count, atoms)
+    features = batch_features(rng, labels, stride, dim)
+    want = reference.soft_mask_pool_batch(features, labels, members, stride)
+    got = ops.soft_mask_pool_batch(features, labels, members, stride, num_threads=num_threads)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    return BenchRow(
+        op="soft_mask_pool_batch", size=f"B{len(labels)} VOC s{stride} D{dim} N{count}/img A{atoms}",
+        # the check above warmed the reference (a NumPy loop: nothing to warm but caches)
+        reference_ms=median_ms(lambda: reference.soft_mask_pool_batch(features, labels, members, stride), repeats,
+                               warmup=0),
+        compiled_ms=median_ms(lambda: ops.soft_mask_pool_batch(features, labels, members, stride,
+                                                               num_threads=num_threads), repeats),
+        extra={"regions": len(want)},
+    )
+
+
+def neighbours(seed: int, queries: int, k: int, num_classes: int):
+    """(Q, K) best-first similarities and neighbour classes (a few -1: no result), and bank counts per class."""
+    rng = np.random.default_rng(seed)
+    similarities = -np.sort(-rng.random((queries, k)), axis=1).astype(np.float32)
+    labels = rng.integers(0, num_classes, (queries, k))
+    labels[rng.random((queries, k)) < 0.01] = -1
+    return similarities, labels, rng.integers(50, 5000, num_classes)
+
+
+def bench_vote(queries: int, k: int, num_classes: int, method: str = "count", repeats: int = 5,
+               num_threads: int = 0, seed: int = 0) -> BenchRow:
+    similarities, labels, counts = neighbours(seed, queries, k, num_classes)
+    want = reference.vote(similarities, labels, num_classes, method, counts)
+    got = ops.vote(similarities, labels, num_classes, method, counts, num_threads=num_threads)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    return BenchRow(
+        op=f"vote ({method})", size=f"Q{queries} K{k} C{num_classes}",
+        reference_ms=median_ms(lambda: reference.vote(similarities, labels, num_classes, method, counts), repeats),
+        compiled_ms=median_ms(lambda: ops.vote(similarities, labels, num_classes, method, counts,
+                                               num_threads=num_threads), repeats),
+    )
+
+
 def bench_merge_regions(leaves: int, dim: int, repeats: int = 5, seed: int = 0) -> BenchRow:
     """The proposer's merging over the superpixels of a 384x512 image (a grid-like region graph)."""
     rng = np.random.default_rng(seed)
@@ -169,6 +233,82 @@ def cuda_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return f"torch {torch.__version__} sees no CUDA GPU"
     return None
+
+
+def cuda_ops_unavailable_reason() -> str | None:
+    """None when engine._C has CUDA launchers and torch sees a GPU, else why the batched-op GPU rows are skipped."""
+    reason = cuda_unavailable_reason()
+    if reason is None and not ops.build_info()["cuda"]:
+        reason = "engine._C was built without the CUDA launchers"
+    return reason
+
+
+def cuda_event_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median milliseconds of fn() on the current CUDA stream, between two torch.cuda.Events recorded around it
+    (the launches' host work included where the GPU waits for it), after `warmup` untimed calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_batched_ops_cuda(stride: int = 16, dim: int = 680, count: int = 150, num_classes: int = 21,
+                           queries: int = 1200, k: int = 25, repeats: int = 5, num_threads: int = 0,
+                           seed: int = 0) -> list[BenchRow]:
+    """The batched ops on torch CUDA tensors (inputs already on the GPU) against the same ops' CPU launchers on
+    NumPy arrays: SMFA and NMS + raster over a batch of 8 VOC-sized images, the vote over Q queries. The GPU's
+    results must equal the CPU's (SMFA within 1e-5)."""
+    import torch
+
+    rng, labels, members = voc_batch(seed, count)
+    features = batch_features(rng, labels, stride, dim)
+    total = sum(len(m) for m in members)
+    classes, scores = rng.integers(0, num_classes, total), rng.random(total)
+    similarities, neighbour_labels, counts = neighbours(seed, queries, k, num_classes)
+    cuda = [[torch.from_numpy(x).cuda() for x in xs] for xs in (features, labels, members)]
+    d_features, d_labels, d_members = cuda
+    d_classes, d_scores = torch.from_numpy(classes).cuda(), torch.from_numpy(scores).cuda()
+    d_sims, d_neighbours = torch.from_numpy(similarities).cuda(), torch.from_numpy(neighbour_labels).cuda()
+    cases = [
+        ("soft_mask_pool_batch", f"B{len(labels)} VOC s{stride} D{dim} N{count}/img",
+         lambda: ops.soft_mask_pool_batch(features, labels, members, stride, num_threads=num_threads),
+         lambda: ops.soft_mask_pool_batch(d_features, d_labels, d_members, stride)),
+        ("mask_nms_raster_batch", f"B{len(labels)} VOC N{count}/img C{num_classes}",
+         lambda: ops.mask_nms_raster_batch(labels, members, classes, scores, 0.4, num_threads=num_threads),
+         lambda: ops.mask_nms_raster_batch(d_labels, d_members, d_classes, d_scores, 0.4)),
+        ("vote (count)", f"Q{queries} K{k} C{num_classes}",
+         lambda: ops.vote(similarities, neighbour_labels, num_classes, "count", counts, num_threads=num_threads),
+         lambda: ops.vote(d_sims, d_neighbours, num_classes, "count", counts)),
+    ]
+    rows = []
+    for op, size, on_cpu, on_gpu in cases:
+        want, got = on_cpu(), on_gpu()
+        torch.cuda.synchronize()
+        if op == "soft_mask_pool_batch":
+            np.testing.assert_allclose(host(got), want, rtol=1e-5, atol=1e-5)
+        elif op == "mask_nms_raster_batch":
+            np.testing.assert_array_equal(host(got[0]), want[0])
+            for a, b in zip([*got[1], *got[2]], [*want[1], *want[2]]):
+                np.testing.assert_array_equal(host(a), b)
+        else:
+            np.testing.assert_array_equal(host(got[0]), want[0])
+            np.testing.assert_allclose(host(got[1]), want[1], rtol=1e-6)
+        before = ops.cuda_launches()
+        on_gpu()
+        launches = ops.cuda_launches() - before
+        rows.append(BenchRow(op=f"{op} ({launches} launches)", size=size,
+                             reference_ms=median_ms(on_cpu, repeats), compiled_ms=cuda_event_ms(on_gpu, repeats)))
+    return rows
 
 
 def bench_search_cuda(size: int, dim: int, queries: int, k: int = 25, repeats: int = 5, seed: int = 0) -> BenchRow:
@@ -210,6 +350,12 @@ NMS_CASES = [
     (384, 512, 200, 3),
     (384, 512, 200, 20),
 ]
+#: (height, width) of the batched rows' 8 images: VOC 2012's common sizes
+VOC_BATCH = [(375, 500), (500, 375), (333, 500), (500, 333), (375, 500), (366, 500), (500, 400), (281, 500)]
+# (stride, dim, regions per image): one batch of VOC_BATCH at the multilayer backbone's stride and width
+POOL_BATCH_CASES = [(16, 680, 150)]
+# (queries, K, num_classes): about 8 images' proposals, VOC's 21 classes
+VOTE_CASES = [(1200, 25, 21)]
 # (bank size, dim, queries)
 SEARCH_CASES = [
     (100_000, 208, 200),
@@ -219,7 +365,8 @@ SEARCH_CASES = [
 
 def run_kernel_bench(repeats: int = 5, num_threads: int = 0, quick: bool = False, pool_cases=None,
                      nms_cases=None) -> list[BenchRow]:
-    """Times every case; `quick` keeps the N=50 cases only (for a smoke run inside a larger benchmark)."""
+    """Times every case; `quick` keeps the N=50 single-image cases only (for a smoke run inside a larger
+    benchmark), and the batched and vote rows."""
     pool_cases = POOL_CASES if pool_cases is None else pool_cases
     nms_cases = NMS_CASES if nms_cases is None else nms_cases
     if quick:
@@ -228,6 +375,9 @@ def run_kernel_bench(repeats: int = 5, num_threads: int = 0, quick: bool = False
     rows = [bench_soft_mask_pool(*case, repeats=repeats, num_threads=num_threads) for case in pool_cases]
     rows += [bench_mask_nms_raster(h, w, n, c, repeats=repeats, num_threads=num_threads) for h, w, n, c in nms_cases]
     rows += [bench_merge_regions(n, d, repeats=repeats) for n, d in (MERGE_CASES[:1] if quick else MERGE_CASES)]
+    rows += [bench_soft_mask_pool_batch(*case, repeats=repeats, num_threads=num_threads) for case in POOL_BATCH_CASES]
+    rows += [bench_vote(*case, method=method, repeats=repeats, num_threads=num_threads) for case in VOTE_CASES
+             for method in ("count", "balanced")]
     return rows
 
 
@@ -256,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="OpenMP threads for the compiled ops (0 = default)")
     parser.add_argument("--quick", action="store_true", help="only the N=50 cases (and the smaller bank)")
     parser.add_argument("--cuda", action="store_true", help="also time TorchIndex search on a CUDA GPU against "
-                        "ExactIndex (skipped, saying why, when torch sees no GPU)")
+                        "ExactIndex and the batched ops' CUDA launchers against their CPU launchers (skipped, "
+                        "saying why, when torch sees no GPU)")
     args = parser.parse_args(argv)
     rows = run_kernel_bench(args.repeats, args.threads, args.quick)
     threads = args.threads or os.cpu_count()
@@ -270,6 +421,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"\nbank search: TorchIndex on CUDA vs ExactIndex (NumPy), median of {args.repeats}")
             print(format_table(run_search_bench(args.repeats, args.quick), "exact numpy ms", "cuda ms"))
+        reason = cuda_ops_unavailable_reason()
+        if reason is not None:
+            print(f"--cuda: skipping the batched ops on the GPU: {reason}")
+        else:
+            print(f"\nbatched ops: CUDA launchers on torch tensors (torch.cuda.Event) vs CPU launchers ({threads} "
+                  f"thread(s)), median of {args.repeats}")
+            print(format_table(bench_batched_ops_cuda(repeats=args.repeats, num_threads=args.threads), "cpu ms",
+                               "cuda ms"))
     return 0
 
 
