@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -107,7 +108,7 @@ void soft_mask_pool(int device, uintptr_t stream, const Addresses& features, con
 void mask_nms_raster(int device, uintptr_t stream, const Addresses& atoms, const Addresses& members,
                      const Addresses& label_maps, const Addresses& owners, const CArray<int64_t>& shapes,
                      uintptr_t classes, uintptr_t scores, uintptr_t ids, uintptr_t keep, double iou_threshold,
-                     int32_t background, int32_t drop_class, int num_threads) {
+                     int32_t background, std::optional<int32_t> drop_class, int num_threads) {
   require_cuda_build(device);
   require(label_maps.size() == atoms.size() && owners.size() == atoms.size(), "one output address per image");
   std::vector<moduseg::ImageSlot> slots = image_slots(atoms, members, shapes);
@@ -122,7 +123,8 @@ void mask_nms_raster(int device, uintptr_t stream, const Addresses& atoms, const
   args.keep = at<uint8_t>(keep);
   args.iou_threshold = iou_threshold;
   args.background = background;
-  args.drop_class = drop_class;
+  args.has_drop_class = drop_class.has_value();
+  args.drop_class = drop_class.value_or(0);
   py::gil_scoped_release release;
 #ifdef MODUSEG_WITH_CUDA
   if (device >= 0)

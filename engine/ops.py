@@ -248,9 +248,9 @@ def mask_nms_raster_batch(atoms: Sequence, members: Sequence, classes: Any, scor
     op = "mask_nms_raster"
     iou_threshold = _real(op, "iou_threshold", iou_threshold)
     background = _int(op, "background", background)
-    drop_class = -1 if drop_class is None else _int(op, "drop_class", drop_class, minimum=0)
+    drop_class = None if drop_class is None else _int(op, "drop_class", drop_class)
     for name, value in (("background", background), ("drop_class", drop_class)):
-        if not _INT32.min <= value <= _INT32.max:
+        if value is not None and not _INT32.min <= value <= _INT32.max:
             raise InputError(f"{op}: {name} must fit in int32, got {value}")
     num_threads = _int(op, "num_threads", num_threads, minimum=0)
     per_region = [classes, scores] + ([] if ids is None else [ids])

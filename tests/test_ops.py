@@ -756,9 +756,6 @@ def test_mask_nms_raster_batch_edge_cases(rng):
     np.testing.assert_array_equal(owners[0], np.where(alone[2] >= 0, alone[2] + 1, -1))
 
 
-@pytest.mark.xfail(strict=True, reason="KERNEL BUG (issue 18): class -1 is the kernel's 'no drop_class' sentinel "
-                   "(engine.ops passes drop_class=-1 for None; greedy_image skips cls == drop_class), so regions of "
-                   "class -1 are never kept when nothing is dropped; the reference keeps them")
 def test_mask_nms_raster_keeps_class_minus_one_without_drop_class():
     atoms = np.array([[0, 0, 1], [0, 0, 1]], np.int32)
     members = np.array([[True, False], [False, True]])
@@ -766,6 +763,8 @@ def test_mask_nms_raster_keeps_class_minus_one_without_drop_class():
     want = reference.mask_nms_raster_batch([atoms], [members], classes, scores, 0.4)
     assert want[0].tolist() == [True, True] and (want[1][0] == [[-1, -1, 5], [-1, -1, 5]]).all()
     assert_batch_nms_equal(ops.mask_nms_raster_batch([atoms], [members], classes, scores, 0.4), want, 1)
+    dropped = ops.mask_nms_raster_batch([atoms], [members], classes, scores, 0.4, drop_class=-1)  # any class drops
+    assert dropped[0].tolist() == [False, True]
 
 def test_mask_nms_raster_batch_checks_per_region_arrays(rng):
     atoms, members = random_batch(rng, 3, counts=[2, 0, 3])
@@ -775,8 +774,8 @@ def test_mask_nms_raster_batch_checks_per_region_arrays(rng):
         ops.mask_nms_raster_batch(atoms, members, np.ones(5, int), np.ones(2), 0.4)
     with pytest.raises(InputError, match=r"ids must be \(5,\) integers"):
         ops.mask_nms_raster_batch(atoms, members, np.ones(5, int), np.ones(5), 0.4, ids=np.ones(5))
-    with pytest.raises(InputError, match="drop_class must be >= 0"):
-        ops.mask_nms_raster_batch(atoms, members, np.ones(5, int), np.ones(5), 0.4, drop_class=-1)
+    with pytest.raises(InputError, match="drop_class must be an integer"):
+        ops.mask_nms_raster_batch(atoms, members, np.ones(5, int), np.ones(5), 0.4, drop_class=0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------- vote

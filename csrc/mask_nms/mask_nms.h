@@ -2,7 +2,7 @@
 // images. Areas and intersections are sums of atom areas (exact integers) over 64-bit membership words, so the
 // greedy pass never touches pixels. Per image, in processing order (score descending, equal scores by index), a
 // region is suppressed when its IoU with an already kept region of the same class is > iou_threshold (an empty union
-// has IoU 0); regions of class `drop_class` (the vote's background, if >= 0) are never kept. Kept regions paint their
+// has IoU 0); with has_drop_class, regions of class `drop_class` (the vote's background) are never kept. Kept regions paint their
 // atoms in the same order, an atom keeping its first; unpainted pixels get `background` and owner -1.
 //
 // Bodies, each shared by both launchers, in the order they run:
@@ -26,7 +26,8 @@ struct NmsArgs {
   const int32_t* ids = nullptr;  // what `owner` records for each region (null: its index in its image)
   uint8_t* keep = nullptr;       // per region, 0/1
   double iou_threshold = 0.5;
-  int32_t background = 0, drop_class = -1;
+  int32_t background = 0, drop_class = 0;
+  bool has_drop_class = false;
 };
 
 // Scratch of a batch: per atom (batch atom slots) and per region (batch rows) / per word.
@@ -86,7 +87,7 @@ HOST_DEVICE_INLINE void greedy_image(const ImageSlot& img, const NmsArgs& args, 
     const int64_t i = s.order[first + r];
     args.keep[first + i] = 0;
     const int32_t cls = args.classes[first + i];
-    if (cls == args.drop_class) continue;
+    if (args.has_drop_class && cls == args.drop_class) continue;
     const uint64_t* bits_i = s.bits + img.word_offset + i * words;
     bool suppressed = false;
     for (int64_t q = 0; q < r && !suppressed; ++q) {  // the regions kept before it, of its class
