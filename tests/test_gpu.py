@@ -164,6 +164,39 @@ def test_engine_on_cuda_equals_cpu_on_real_images(torch, voc_bank):
         np.testing.assert_array_equal(a.label_map, b.label_map)
 
 
+def test_gpu_decode_matches_the_host_decoder(torch, voc_root, tmp_path):
+    from engine.data import load_image
+    from engine.data.gpu_decode import gpu_decoder_available, load_images
+    from engine.errors import InputError
+
+    if not gpu_decoder_available("cuda"):
+        pytest.skip("torchvision with decode_jpeg is not installed")
+    paths = sorted((voc_root / "JPEGImages").glob("*.jpg"))[:6]
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    got = load_images(paths + [tmp_path / "bad.jpg"], "cuda")
+    for path, pixels in zip(paths, got):
+        want = load_image(path)
+        assert isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.shape == want.shape
+        assert np.abs(pixels.astype(int) - want).mean() < 1.5  # nvJPEG's IDCT / upsampling vs libjpeg's
+    assert isinstance(got[-1], InputError)
+
+
+def test_engine_on_cuda_from_files_with_the_embedded_proposer(torch, voc_bank, voc_root):
+    """The whole device pipeline from JPEG files: nvJPEG, features left on the GPU, the host proposer, SMFA, search,
+    vote, NMS and raster on the GPU; against the CPU engine on the same files."""
+    bank, backbone, samples = voc_bank
+    config = bank.config.replace(top_k=1)
+    gpu = Engine(bank, config=config, device="cuda")
+    paths = [voc_root / "JPEGImages" / f"{s.id}.jpg" for s in samples]
+    got = gpu.segment_batch(paths)
+    want = cpu_engine(bank, backbone, config=config).segment_batch(paths)
+    agreement = np.mean([(a.label_map == b.label_map).mean() for a, b in zip(got, want)])
+    assert all(a.label_map.shape == b.label_map.shape and a.label_map.dtype == np.uint8 for a, b in zip(got, want))
+    assert agreement > 0.9, f"GPU and CPU label maps agree on {agreement:.3f} of the pixels"
+    if torch.cuda.is_available() and "nvjpeg" not in gpu.describe()["decode"]:
+        pytest.skip("decoded on the host: torchvision is not installed")
+
+
 # ------------------------------------------------------------------------------------------------------ TensorRT
 
 

@@ -162,6 +162,22 @@ def test_create_index_backends(toy_bank):
     assert BACKENDS == ("faiss", "torch", "exact")
 
 
+def test_device_search_honours_config_index(toy_bank, rng):
+    """The "torch" (device) backend holds a Flat bank itself, but an approximate Config.index stays that index: faiss-
+    gpu's copy where faiss has GPU support, else the CPU index with a warning (never a silent raw upload)."""
+    faiss = pytest.importorskip("faiss")
+    ivf = toy_bank.config.replace(index="IVF2,Flat", nprobe=2)
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("faiss has GPU support here: the index moves to the GPU (tests/test_gpu.py)")
+    with pytest.warns(UserWarning, match="no GPU support, so the bank is searched on the CPU"):
+        index = create_index(toy_bank, ivf, "torch", device="cpu")
+    assert isinstance(index, FaissIndex) and "IVF2,Flat" in index.describe()
+    queries = np.asarray(toy_bank.vectors[:5])
+    want = create_index(toy_bank, ivf, "faiss").search(queries, 3)
+    for got, expected in zip(index.search(queries, 3), want):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_faiss_thread_count_is_restored(rng):
     faiss = pytest.importorskip("faiss")
     vectors = normalised(rng, 50, 16)
