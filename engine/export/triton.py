@@ -109,6 +109,24 @@ def _parameters(values: dict[str, str]) -> list[str]:
     return lines + ["]"]
 
 
+def check_gpus(gpus: Sequence[int] | None) -> None:
+    """InputError unless `gpus` is None or a non-empty list of GPU ids >= 0."""
+    if gpus is not None and (not list(gpus) or any(int(g) < 0 for g in gpus)):
+        raise InputError(f"gpus must be a non-empty list of GPU ids >= 0, got {list(gpus)}")
+
+
+def instance_group(count: int, kind: str, gpus: Sequence[int] | None = None) -> list[str]:
+    """config.pbtxt lines of one instance group: `count` instances of `kind` ("KIND_CPU" or "KIND_GPU"), on `gpus`
+    (KIND_GPU only; None: count instances on every GPU the server sees)."""
+    check_gpus(gpus)
+    if gpus is not None and kind != "KIND_GPU":
+        raise InputError(f"gpus {list(gpus)} are for KIND_GPU instances, not {kind}")
+    lines = ["instance_group [", "  {", f"    count: {count}", f"    kind: {kind}"]
+    if gpus is not None:
+        lines.append(f"    gpus: [ {', '.join(str(int(g)) for g in gpus)} ]")
+    return lines + ["  }", "]"]
+
+
 def _warmup(inputs: Sequence[TensorSpec], side: int, max_batch_size: int) -> list[str]:
     """model_warmup entries: zeros at batch 1 and random data at max_batch_size, every dynamic dim at `side`."""
     entries = [("zeros", 1, "zero_data: true")]
@@ -160,8 +178,7 @@ def render_config(name: str, variant: str, inputs: Sequence[TensorSpec], outputs
             (max_side and warmup_side > max_side):
         raise InputError(f"need 0 <= min_side <= max_side and a warmup side within max_side; got min_side "
                          f"{min_side}, max_side {max_side}, warmup_side {warmup_side}")
-    if gpus is not None and (not list(gpus) or any(int(g) < 0 for g in gpus)):
-        raise InputError(f"gpus must be a non-empty list of GPU ids >= 0, got {list(gpus)}")
+    check_gpus(gpus)
     if execution_env is not None and variant != "python":
         raise InputError(f"an execution environment ({EXECUTION_ENV_KEY}) is for the python variant, not {variant}")
     if plans is not None and variant != "tensorrt":
@@ -184,11 +201,8 @@ def render_config(name: str, variant: str, inputs: Sequence[TensorSpec], outputs
     lines.append(f"max_batch_size: {max_batch_size}")
     lines += _tensors("input", inputs) + _tensors("output", outputs)
     lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {queue_delay_us}", "}"]
-    kind = "KIND_CPU" if variant == "python" else "KIND_GPU"
-    group = ["instance_group [", "  {", f"    count: {instances}", f"    kind: {kind}"]
-    if gpus is not None and variant != "python":
-        group.append(f"    gpus: [ {', '.join(str(int(g)) for g in gpus)} ]")
-    lines += group + ["  }", "]"]
+    lines += instance_group(instances, "KIND_CPU" if variant == "python" else "KIND_GPU",
+                            gpus if variant != "python" else None)
     parameters: dict[str, str] = {}
     if variant == "python":
         parameters.update(onnx_file="model.onnx", num_threads=str(num_threads))
