@@ -393,7 +393,8 @@ def cmd_triton_repo(args) -> int:
             args.out, args.bank, triton_model_name(bank_backbone, args.segment_backbone),
             max_batch_size=args.max_batch_size, instances=args.segment_instances, queue_delay_us=args.queue_delay_us,
             num_threads=args.num_threads, backbone_batch_size=args.max_batch_size,
-            execution_env=args.execution_env)
+            execution_env=args.execution_env, device=args.segment_device,
+            gpus=args.gpus if args.segment_device == "cuda" else None)
         print(f"{model_dir}: whole segmentation (calls {triton_model_name(bank_backbone, args.segment_backbone)}), "
               f"bank {args.bank}")
     if args.server_tensorrt:
@@ -533,7 +534,12 @@ def _add_triton_parsers(commands) -> None:
                       help="with --bank: the backbone variant the segmentation model calls (default python; onnx or "
                            "tensorrt on NGC's GPU server)")
     repo.add_argument("--segment-instances", type=int, default=1,
-                      help="with --bank: segmentation model instances (CPU; each holds the bank in memory)")
+                      help="with --bank: segmentation model instances (per GPU with --segment-device cuda; each "
+                           "holds the bank in memory)")
+    repo.add_argument("--segment-device", choices=("cpu", "cuda"), default="cpu",
+                      help="with --bank: where the segmentation model runs the engine: cpu (KIND_CPU instances, the "
+                           "default) or cuda (KIND_GPU instances on --gpus, the device pipeline on each instance's "
+                           "GPU, tensors kept there: FORCE_CPU_ONLY_INPUT_TENSORS \"no\")")
     repo.add_argument("--variants", nargs="+", default=["python", "onnx", "tensorrt"],
                       choices=("python", "onnx", "tensorrt"),
                       help="python: onnxruntime on CPU in the python backend; onnx / tensorrt: GPU platforms")
@@ -555,7 +561,8 @@ def _add_triton_parsers(commands) -> None:
     repo.add_argument("--queue-delay-us", type=int, default=2000,
                       help="how long the dynamic batcher may hold a request to fill a batch (default 2000)")
     repo.add_argument("--gpus", type=_gpu_ids, default=None, metavar="0,1",
-                      help="GPU ids of the GPU variants' instances (default: every GPU the server sees)")
+                      help="GPU ids of the GPU variants' instances, and of the segmentation model's with "
+                           "--segment-device cuda (default: every GPU the server sees)")
     repo.add_argument("--max-side", type=int, default=None,
                       help="largest padded image side: the TensorRT profile's (default 1024), and stated as a limit "
                            "for the python and onnx variants too when given")

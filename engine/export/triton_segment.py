@@ -1,11 +1,13 @@
 """The server-side segmentation model of a Triton repository: config, model file and bank.
 
-    REPO/moduseg_segment/config.pbtxt    backend "python", KIND_CPU instances, ragged dynamic batching
+    REPO/moduseg_segment/config.pbtxt    backend "python", KIND_CPU instances (KIND_GPU with device "cuda"), ragged
+                                         dynamic batching
     REPO/moduseg_segment/1/model.py      `from engine.export.triton_segment_model import TritonPythonModel`
     REPO/moduseg_segment/1/bank/         the feature bank (hard links to the bank's files where possible)
 
 The model calls the repository's backbone model (any variant) through BLS, so the repository must hold one; the
-bank lives in the version directory, so a new bank is a new version.
+bank lives in the version directory, so a new bank is a new version. With device "cuda" each instance runs the
+engine's device pipeline on its GPU (docs/serving.md, "On a GPU").
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 from ..bank import FeatureBank
 from ..errors import InputError
-from .triton import (DEFAULT_QUEUE_DELAY_US, TensorSpec, _execution_env, _place, _quote, _tensors,
-                     check_execution_env, validate_config)
+from .triton import (DEFAULT_QUEUE_DELAY_US, TensorSpec, _execution_env, _parameters, _place, _quote, _tensors,
+                     check_execution_env, instance_group, validate_config)
 from .triton_segment_model import INPUT, LABELS, SEGMENTS
 
 #: the segmentation model's name in a repository
 SEGMENT_MODEL = "moduseg_segment"
 #: images per execution: requests of any size are merged up to this many (ragged batching)
 DEFAULT_SEGMENT_BATCH = 8
+#: where an instance runs the engine: "cpu" (KIND_CPU) or "cuda" (KIND_GPU, the device pipeline on its GPU)
+SEGMENT_DEVICES = ("cpu", "cuda")
 _SHIM = ('"""Triton python-backend model: the whole ModuSeg segmentation (the installed engine\'s code)."""\n'
          "from engine.export.triton_segment_model import TritonPythonModel  # noqa: F401\n")
 
@@ -39,23 +44,32 @@ def segment_io(num_classes: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def render_segment_config(name: str, backbone_model: str, class_names, max_batch_size: int = DEFAULT_SEGMENT_BATCH,
                           instances: int = 1, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, num_threads: int = 0,
                           backbone_batch_size: int = 8, bank_dir: str = "bank",
-                          execution_env: str | None = None, max_side: int | None = None) -> str:
+                          execution_env: str | None = None, max_side: int | None = None, device: str = "cpu",
+                          gpus: Sequence[int] | None = None) -> str:
     """config.pbtxt text of the segmentation model.
 
     backbone_model: the backbone model it calls (same server). class_names: the bank's, stated for clients.
     max_batch_size, queue_delay_us: the dynamic batcher's (ragged: requests of any image size are merged).
-    instances: CPU model instances, each with its own Engine and copy of the bank in memory.
+    instances: model instances (per GPU with device "cuda"), each with its own Engine and copy of the bank.
     num_threads: engine threads per instance (0 = the libraries' choice).
     backbone_batch_size: images per BLS call to the backbone (at most its max_batch_size).
     execution_env: the python backend's EXECUTION_ENV_PATH (a packed environment holding the engine), or None to
         use the server's own python environment.
     max_side: the longest image side the backbone model takes (its `max_side`, e.g. a TensorRT profile's): stated
         so that clients refuse larger images before sending and the model fails only their requests.
+    device: "cpu" (KIND_CPU instances) or "cuda": KIND_GPU instances whose Engine runs on the instance's GPU
+        (parameter `device`), with FORCE_CPU_ONLY_INPUT_TENSORS "no" so the python backend hands the model its
+        inputs where they are (host or GPU memory) instead of copying them to the host first.
+    gpus: with device "cuda", the GPU ids of the instances (None: every GPU the server sees).
     """
     if max_batch_size < 1 or instances < 1 or queue_delay_us < 0 or num_threads < 0 or backbone_batch_size < 1:
         raise InputError(f"need max_batch_size, instances, backbone_batch_size >= 1 and queue_delay_us, num_threads "
                          f">= 0; got {max_batch_size}, {instances}, {backbone_batch_size}, {queue_delay_us}, "
                          f"{num_threads}")
+    if device not in SEGMENT_DEVICES:
+        raise InputError(f"device must be one of {SEGMENT_DEVICES}, got {device!r}")
+    if gpus is not None and device != "cuda":
+        raise InputError(f"gpus {list(gpus)} place GPU instances; they need device 'cuda', not {device!r}")
     inputs, outputs = segment_io(len(class_names))
     input_lines = _tensors("input", inputs)
     # ragged: the batcher may merge requests whose H and W differ (the model takes them one by one)
@@ -66,14 +80,15 @@ def render_segment_config(name: str, backbone_model: str, class_names, max_batch
         parameters["max_side"] = str(int(max_side))
     if execution_env:
         parameters["EXECUTION_ENV_PATH"] = check_execution_env(execution_env)
+    if device == "cuda":
+        parameters["device"] = device
+        parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"  # the python backend hands IMAGE over where it is, not copied
     lines = ["# generated by moduseg triton-repo (whole segmentation, python backend + BLS)", f"name: {_quote(name)}",
              'backend: "python"', f"max_batch_size: {max_batch_size}", *input_lines, *_tensors("output", outputs),
              "dynamic_batching {", f"  max_queue_delay_microseconds: {queue_delay_us}", "}",
-             "instance_group [", "  {", f"    count: {instances}", "    kind: KIND_CPU", "  }", "]", "parameters ["]
-    for i, (key, value) in enumerate(parameters.items()):
-        lines += ["  {", f"    key: {_quote(key)}", f"    value: {{ string_value: {_quote(value)} }}",
-                  "  }" + ("," if i < len(parameters) - 1 else "")]
-    return "\n".join(lines + ["]"]) + "\n"
+             *instance_group(instances, "KIND_GPU" if device == "cuda" else "KIND_CPU", gpus),
+             *_parameters(parameters)]
+    return "\n".join(lines) + "\n"
 
 
 def write_segment_model(out: str | os.PathLike, bank: str | os.PathLike, backbone_model: str,

@@ -5,7 +5,10 @@ the model's code is the installed engine's (the server's python environment must
 triton_env.sh for the local server, a packed environment through EXECUTION_ENV_PATH for NGC's container; see
 docs/serving.md). Per model instance, `initialize` loads the bank once and makes an Engine whose backbone runs in the
 same server's backbone model through BLS (engine.models.bls_runtime); the proposer, pooling, search, vote and NMS run
-here, on the instance's CPU threads.
+here: on the instance's CPU threads, or, with config parameter `device` "cuda" (KIND_GPU instances), as the engine's
+device pipeline on the instance's GPU, the backbone's features taken from BLS without a host copy where the server
+hands them over in GPU memory (DLPack), and only the label maps and what the segment records are made from coming
+back to the host.
 
 Requests: IMAGE uint8 (B, H, W, 3) RGB, any H and W (the input allows ragged batches, so the dynamic batcher merges
 requests of different sizes into one `execute`, and the engine buckets them by padded size for the backbone).
@@ -15,7 +18,9 @@ score, area, box and COCO RLE mask per segment). A bad image fails its own reque
 Config parameters: `backbone_model` (required: the backbone model's name in this server), `bank_dir` (default "bank",
 relative to the version directory), `backbone_batch_size` (images per backbone call, at most that model's
 max_batch_size), `num_threads` (engine threads; 0 = the libraries' choice), `class_names` (JSON, read by clients),
-`max_side` (the backbone model's longest image side; a larger image fails its own request, not its batch).
+`max_side` (the backbone model's longest image side; a larger image fails its own request, not its batch),
+`device` ("cpu", the default, or "cuda": the Engine on `cuda:<the instance's device id>`; the config then sets
+FORCE_CPU_ONLY_INPUT_TENSORS "no", so IMAGE may arrive in GPU memory).
 """
 
 from __future__ import annotations
@@ -51,16 +56,27 @@ class TritonPythonModel:
         if not backbone_model:
             raise pb_utils.TritonModelException(f"{name}: config parameter backbone_model (the backbone model's name "
                                                 f"in this server) is required")
+        self.device = parameters.get("device") or "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise pb_utils.TritonModelException(f"{name}: config parameter device must be 'cpu' or 'cuda', got "
+                                                f"{self.device!r}")
+        if self.device == "cuda":
+            if args.get("model_instance_kind", "GPU") != "GPU":
+                raise pb_utils.TritonModelException(f"{name}: device 'cuda' needs KIND_GPU instances, got "
+                                                    f"{args['model_instance_kind']}")
+            self.device = f"cuda:{args['model_instance_device_id']}"
         bank = FeatureBank.load(bank_dir)
         weights = bank.backbone.get("weights")
         spec = backbone_spec(bank.backbone_name, weights)
         outputs = [spec.feature_output] + ([spec.saliency_output] if spec.saliency_output else [])
-        runtime = BLSRuntime(backbone_model, [spec.input_name], outputs, pb_utils)
+        # on a GPU the engine takes the features as CUDA tensors from the BLS response (device_outputs)
+        runtime = BLSRuntime(backbone_model, [spec.input_name], outputs, pb_utils,
+                             device_outputs=self.device != "cpu", device=self.device)
         num_threads = int(parameters.get("num_threads") or 0)
         config = bank.config.replace(num_threads=num_threads)
         backbone = create_backbone(bank.backbone_name, runtime=runtime, weights=weights,
                                    batch_size=int(parameters.get("backbone_batch_size") or config.batch_size))
-        self.engine = Engine(bank, backbone=backbone, config=config)
+        self.engine = Engine(bank, backbone=backbone, config=config, device=self.device)
         self.max_side = int(parameters.get("max_side") or 0)
         types = {o["name"]: o["data_type"] for o in model_config["output"]}
         self.label_dtype = pb_utils.triton_string_to_numpy(types[LABELS])
@@ -74,7 +90,7 @@ class TritonPythonModel:
         images, owners = [], []
         for index, request in enumerate(requests):
             tensor = pb.get_input_tensor_by_name(request, INPUT)
-            array = None if tensor is None else tensor.as_numpy()
+            array = None if tensor is None else self._host_array(tensor)
             if array is None or array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
                 got = "nothing" if array is None else f"{array.dtype} {list(array.shape)}"
                 responses[index] = _error(pb, f"{INPUT} must be uint8 (B, H, W, 3) RGB images, got {got}")
@@ -99,6 +115,16 @@ class TritonPythonModel:
             responses[index] = pb.InferenceResponse(output_tensors=[pb.Tensor(LABELS, labels),
                                                                     pb.Tensor(SEGMENTS, records)])
         return responses
+
+    def _host_array(self, tensor) -> np.ndarray:
+        """A request tensor's pixels in host memory. With FORCE_CPU_ONLY_INPUT_TENSORS "no" (device "cuda") the
+        python backend may hand them over in GPU memory; they come down here because the engine's proposer reads host
+        pixels for now (the features, the heavy part, stay on the GPU)."""
+        if self.device == "cpu" or tensor.is_cpu():
+            return tensor.as_numpy()
+        import torch
+
+        return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
     def finalize(self):
         self.engine = None

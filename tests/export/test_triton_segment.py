@@ -48,25 +48,62 @@ def test_labels_widen_past_256_classes_and_bad_knobs_are_refused():
         render_segment_config(SEGMENT_MODEL, "b", ["a"], max_batch_size=0)
 
 
+def test_a_cuda_config_places_gpu_instances_that_keep_tensors_on_the_device():
+    config = validate_config(render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a", "b"], instances=2,
+                                                   device="cuda", gpus=[0, 2]), SEGMENT_MODEL)
+    group = config.instance_group[0]
+    assert group.kind == 1 and group.count == 2 and list(group.gpus) == [0, 2]  # KIND_GPU
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters["device"] == "cuda" and parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
+    everywhere = validate_config(render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cuda"))
+    assert everywhere.instance_group[0].kind == 1 and not everywhere.instance_group[0].gpus
+    # the CPU config is the one written before GPU instances existed: KIND_CPU, no device parameters
+    text = render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
+    plain = validate_config(text, SEGMENT_MODEL)
+    assert plain.instance_group[0].kind == 2 and not plain.instance_group[0].gpus  # KIND_CPU
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in text and "device" not in plain.parameters
+    assert text == render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cpu")
+    with pytest.raises(InputError, match="device must be one of"):
+        render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="gpu")
+    with pytest.raises(InputError, match="need device 'cuda'"):
+        render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], gpus=[0])
+    with pytest.raises(InputError, match="GPU ids >= 0"):
+        render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cuda", gpus=[-1])
+
+
 # ------------------------------------------------------------------------------- the model against a fake backend
 
 class _FakeBackend:
     """The parts of triton_python_backend_utils the segmentation model and BLSRuntime use; BLS calls run a local
-    backbone."""
+    backbone. outputs_on: None gives BLS outputs in host memory; a torch device gives them as tensors the backend
+    calls GPU memory (is_cpu() False, DLPack only), held on that device ("cpu" stands in for a GPU here)."""
 
-    def __init__(self, backbone):
-        self.backbone, self.calls = backbone, []
+    def __init__(self, backbone, outputs_on=None):
+        self.backbone, self.calls, self.options, self.outputs_on = backbone, [], [], outputs_on
         backend = self
 
         class Tensor:
-            def __init__(self, name, array):
-                self._name, self._array = name, np.asarray(array)
+            def __init__(self, name, array, device=None):
+                # device None: host memory (a NumPy array); else a torch tensor in what the backend calls GPU memory
+                self._name, self._device = name, device
+                self._array = np.asarray(array) if device is None else array
 
             def name(self):
                 return self._name
 
+            def is_cpu(self):
+                return self._device is None
+
             def as_numpy(self):
+                if self._device is not None:  # as the python backend does
+                    raise RuntimeError("Tensor is stored in GPU and cannot be converted to NumPy.")
                 return self._array
+
+            def to_dlpack(self):
+                import torch
+                from torch.utils.dlpack import to_dlpack
+
+                return to_dlpack(self._array if self._device is not None else torch.from_numpy(self._array))
 
         class Response:
             def __init__(self, output_tensors, error=None):
@@ -88,12 +125,18 @@ class _FakeBackend:
         class Request:
             def __init__(self, model_name, inputs, requested_output_names, **options):
                 self.model_name, self.inputs, self.outputs = model_name, inputs, requested_output_names
+                backend.options.append(options)
 
             def exec(self):
                 backend.calls.append(self.model_name)
                 arrays = {t.name(): t.as_numpy() for t in self.inputs}
                 results = backend.backbone.runtime.run(arrays, self.outputs)
-                return Response([Tensor(n, results[n]) for n in self.outputs])
+                if backend.outputs_on is None:
+                    return Response([Tensor(n, results[n]) for n in self.outputs])
+                import torch
+
+                return Response([Tensor(n, torch.from_numpy(np.ascontiguousarray(results[n])).to(backend.outputs_on),
+                                        device=backend.outputs_on) for n in self.outputs])
 
         self.module = types.SimpleNamespace(
             Tensor=Tensor, InferenceResponse=Response, TritonError=Error, InferenceRequest=Request,
@@ -102,6 +145,88 @@ class _FakeBackend:
             get_output_tensor_by_name=lambda response, name: next(
                 (t for t in response.output_tensors if t.name() == name), None),
             triton_string_to_numpy=lambda text: {"TYPE_UINT8": np.uint8, "TYPE_INT32": np.int32}[text])
+
+
+def _stub_backbone():
+    """A backbone whose served model gives float32 features and float16 saliency from the images."""
+    def run(arrays, outputs):
+        images = arrays["images"].astype(np.float32)
+        made = {"features": images / 255.0, "saliency": (images[..., :1] / 7.0).astype(np.float16)}
+        return {name: made[name] for name in outputs}
+
+    return types.SimpleNamespace(runtime=types.SimpleNamespace(run=run))
+
+
+def test_bls_outputs_on_the_device_equal_the_host_arrays_from_either_memory():
+    torch = pytest.importorskip("torch")
+    from engine.models.bls_runtime import BLSRuntime
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 12, 3), dtype=np.uint8)
+    names = ["features", "saliency"]
+    on_host = BLSRuntime("backbone", ["images"], names, _FakeBackend(_stub_backbone()).module)
+    assert not on_host.keeps_outputs_on_device
+    expected = on_host.run({"images": images})
+    for outputs_on in (None, "cpu"):  # host memory (as_numpy), then "GPU" memory (DLPack only) held by the CPU here
+        fake = _FakeBackend(_stub_backbone(), outputs_on)
+        runtime = BLSRuntime("backbone", ["images"], names, fake.module, device_outputs=True, device="cpu")
+        assert runtime.keeps_outputs_on_device
+        got = runtime.run_on_device({"images": images})
+        assert sorted(got) == names
+        for name, tensor in got.items():
+            assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+            assert np.array_equal(tensor.numpy(), expected[name].astype(np.float32))
+        assert list(runtime.run_on_device({"images": images}, ["saliency"])) == ["saliency"]
+        assert fake.options == [{}, {}]  # no preferred_memory on a server without it, nor for the host
+
+
+def test_a_gpu_bls_request_asks_for_the_instances_gpu_memory():
+    from engine.models.bls_runtime import BLSRuntime
+
+    images = np.zeros((1, 8, 8, 3), np.uint8)
+    fake = _FakeBackend(_stub_backbone())
+    fake.module.PreferredMemory = lambda kind, index: (kind, index)  # python backend 23.04+
+    fake.module.TRITONSERVER_MEMORY_GPU = "gpu"
+    runtime = BLSRuntime("backbone", ["images"], ["features"], fake.module, device_outputs=True, device="cuda:1")
+    runtime.run({"images": images})
+    runtime._exec({"images": images}, None, on_device=True)  # the request run_on_device sends (no GPU here)
+    assert fake.options == [{}, {"preferred_memory": ("gpu", 1)}]
+    assert runtime.describe()["device"] == "cuda:1"
+    with pytest.raises(InputError, match="'cuda:N'"):
+        BLSRuntime("backbone", ["images"], ["features"], fake.module, device="gpu")
+
+
+def test_the_model_takes_request_pixels_from_host_or_gpu_memory():
+    torch = pytest.importorskip("torch")
+    from engine.export.triton_segment_model import TritonPythonModel
+
+    image = np.random.default_rng(1).integers(0, 256, (1, 5, 7, 3), dtype=np.uint8)
+    pb = _FakeBackend(None).module
+    model = TritonPythonModel()
+    model.device = "cpu"
+    # a CPU instance reads as_numpy() only, as before (FORCE_CPU_ONLY_INPUT_TENSORS is the backend's default there)
+    assert model._host_array(types.SimpleNamespace(as_numpy=lambda: image)) is image
+    model.device = "cuda:0"  # what initialize sets on a GPU instance; nothing below touches a GPU
+    for tensor in (pb.Tensor("IMAGE", image), pb.Tensor("IMAGE", torch.from_numpy(image.copy()), device="cpu")):
+        got = model._host_array(tensor)
+        assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and np.array_equal(got, image)
+
+
+def test_a_cuda_model_config_needs_gpu_instances(monkeypatch):
+    from engine.export.triton_segment_model import TritonPythonModel
+
+    fake = _FakeBackend(None)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
+
+    def initialize(device, kind):
+        config = {"parameters": {"backbone_model": {"string_value": "b"}, "device": {"string_value": device}}}
+        TritonPythonModel().initialize({"model_config": json.dumps(config), "model_repository": "/nowhere",
+                                        "model_version": "1", "model_name": SEGMENT_MODEL,
+                                        "model_instance_kind": kind, "model_instance_device_id": "0"})
+
+    with pytest.raises(RuntimeError, match="needs KIND_GPU instances, got CPU"):
+        initialize("cuda", "CPU")
+    with pytest.raises(RuntimeError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
+        initialize("tpu", "GPU")
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +271,37 @@ def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_reque
         record = json.loads(outputs["SEGMENTS"][0, 0])
         assert [s["class_id"] for s in record["segments"]] == [s["class_id"] for s in result.segments()]
     assert set(fake.calls) == {BACKBONE_MODEL} and len(fake.calls) >= 2  # two sizes: two BLS calls at least
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_a_gpu_instance_segments_gpu_tensors_like_the_in_process_device_pipeline(voc_bank, tmp_path, monkeypatch):
+    import torch
+
+    from engine import Engine
+    from engine.export import triton_segment_model
+
+    bank, local, images = voc_bank
+    bank.save(tmp_path / "bank")
+    model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2,
+                                    device="cuda", gpus=[0])
+    fake = _FakeBackend(local, outputs_on="cuda:0")  # BLS outputs in GPU memory, as a GPU backbone gives them
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
+    model = triton_segment_model.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(_as_json(validate_config((model_dir / "config.pbtxt").read_text()))),
+                      "model_repository": str(model_dir), "model_version": "1", "model_name": SEGMENT_MODEL,
+                      "model_instance_kind": "GPU", "model_instance_device_id": "0"})
+    assert model.engine.device == "cuda:0" and model.engine.backbone.runtime.keeps_outputs_on_device
+    requests = [[fake.module.Tensor("IMAGE", torch.from_numpy(im[None]).to("cuda:0"), device="cuda:0")]
+                for im in images[:3]]  # IMAGE in GPU memory (FORCE_CPU_ONLY_INPUT_TENSORS "no")
+    responses = model.execute(requests)
+    expected = Engine(bank, backbone=local, device="cuda:0").segment_batch(images[:3])
+    for response, result in zip(responses, expected):
+        assert not response.has_error()
+        outputs = {t.name(): t.as_numpy() for t in response.output_tensors}
+        assert np.array_equal(outputs["LABELS"][0], result.label_map)
+        record = json.loads(outputs["SEGMENTS"][0, 0])
+        assert [s["class_id"] for s in record["segments"]] == [s["class_id"] for s in result.segments()]
 
 
 def _as_json(config) -> dict:
@@ -267,3 +423,32 @@ def test_the_cli_writes_the_segmentation_model_and_segments_through_a_url(segmen
             result.segments()[0]["class_id"]
     assert main(["segment", "--url", segment_server.http_url, "--bank", str(tmp_path / "bank"), str(images[0]),
                  "--out", str(out)]) == 1  # one or the other
+
+
+def test_the_cli_refuses_an_unknown_segment_device(tmp_path, capsys):
+    from engine.cli import main
+
+    with pytest.raises(SystemExit) as usage:  # a usage error: argparse's exit code 2
+        main(["triton-repo", "--out", str(tmp_path / "repo"), "--bank", str(tmp_path), "--segment-device", "tpu"])
+    assert usage.value.code == 2 and "--segment-device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_cli_writes_a_gpu_segmentation_model(voc_bank, tmp_path):
+    from engine.cli import main
+
+    bank, _, _ = voc_bank
+    bank.save(tmp_path / "bank")
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", "--out", str(repo), "--variants", "tensorrt", "--configs-only", "--bank",
+                 str(tmp_path / "bank"), "--segment-backbone", "tensorrt", "--segment-device", "cuda",
+                 "--gpus", "0,1", "--segment-instances", "2"]) == 0
+    config = validate_config((repo / SEGMENT_MODEL / "config.pbtxt").read_text(), SEGMENT_MODEL)
+    assert config.instance_group[0].kind == 1 and list(config.instance_group[0].gpus) == [0, 1]  # KIND_GPU
+    assert config.instance_group[0].count == 2 and config.parameters["device"].string_value == "cuda"
+    assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert config.parameters["backbone_model"].string_value == triton_model_name(DEFAULT_BACKBONE, "tensorrt")
+    assert main(["triton-repo", "--out", str(repo), "--variants", "python", "--configs-only", "--bank",
+                 str(tmp_path / "bank"), "--gpus", "0"]) == 0  # --gpus is for the GPU variants: a CPU model ignores it
+    config = validate_config((repo / SEGMENT_MODEL / "config.pbtxt").read_text(), SEGMENT_MODEL)
+    assert config.instance_group[0].kind == 2 and "device" not in config.parameters
