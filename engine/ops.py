@@ -198,7 +198,7 @@ def soft_mask_pool_batch(features: Sequence, atoms: Sequence, members: Sequence,
     where = common_place(op, [*features, *atoms, *members])
     atoms, members = _regions_on(op, where, atoms, members)
     dims = set()
-    for i, (f, a) in enumerate(zip(features, atoms)):
+    for f, a in zip(features, atoms):
         if len(shape_of(f)) != 3:
             raise InputError(f"{op}: features must be (h, w, D), got shape {shape_of(f)}")
         if dtype_of(f).kind != "f":
