@@ -161,6 +161,7 @@ class Engine:
         self._proposer_pool = (None if self.device == "cpu" else
                                ThreadPoolExecutor(self.config.num_threads or os.cpu_count() or 1,
                                                   thread_name_prefix="moduseg-proposer"))
+        self._post_stream = None if self.device == "cpu" else _new_stream(self.device)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -239,8 +240,18 @@ class Engine:
         return batch
 
     def _post(self, batch: _Batch) -> list:
-        """The chunk's Results (and Skipped records) in input order."""
-        return in_input_order(batch, self._name_and_paint(batch) if batch.images else [])
+        """The chunk's Results (and Skipped records) in input order. On a GPU the post-processing runs on a stream
+        of its own, so that its kernels overlap the next batch's backbone (which runs on the default stream); the
+        features it reads are complete (checked_features read their finiteness back) and it synchronises its stream
+        before the batch's arrays are released."""
+        if not batch.images:
+            return in_input_order(batch, [])
+        if self.device == "cpu":
+            return in_input_order(batch, self._name_and_paint(batch))
+        import torch
+
+        with torch.cuda.stream(self._post_stream):
+            return in_input_order(batch, self._name_and_paint(batch))
 
     def _name_and_paint(self, batch: _Batch) -> list[Result]:
         """SMFA, search, vote, NMS and painting for the whole batch, one compiled op each, where the features live
@@ -426,6 +437,12 @@ def _check_device(device: str) -> str:
                          f"(CUDA build: {torch.version.cuda}); use device='cpu'")
     check_torch_device(device)  # a GPU this torch build has no kernels for: a clear error, not "no kernel image"
     return device
+
+
+def _new_stream(device: str):
+    import torch
+
+    return torch.cuda.Stream(device=device)
 
 
 def _default_backbone(bank: FeatureBank, config: Config, device: str):

@@ -1,5 +1,6 @@
 """bench/kernels.py: engine.ops against engine.reference on random atom partitions (each row checks the outputs
-agree before timing them), and --cuda timing TorchIndex on a GPU or saying why it skips. No timing assertions."""
+agree before timing them: the single-image ops, the batched SMFA and the vote), and --cuda timing TorchIndex and the
+batched ops on a GPU or saying why it skips. No timing assertions."""
 
 import subprocess
 import sys
@@ -10,8 +11,11 @@ def test_kernel_bench_quick_run(repo_root, tmp_path):
                           "--threads", "1", "--cuda"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith(("| soft_mask_pool", "| mask_nms_raster",
-                                                                         "| merge_regions"))]
-    assert len(rows) == 3 and all(line.rstrip().endswith("x |") for line in rows)
+                                                                         "| merge_regions", "| vote"))]
+    ops = sorted(line.split("|")[1].strip() for line in rows)
+    assert ops == ["mask_nms_raster", "merge_regions", "soft_mask_pool", "soft_mask_pool_batch", "vote (balanced)",
+                   "vote (count)"], ops
+    assert all(line.rstrip().endswith("x |") for line in rows)
     try:
         import torch
 
