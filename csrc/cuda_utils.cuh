@@ -56,9 +56,23 @@ class StreamBuffer {
 // for the stream) precedes the kernels. A batch of more images is launched in chunks of kSlotsPerLaunch.
 constexpr int64_t kSlotsPerLaunch = 48;  // 48 x 128 B: 6 KB of parameters (up to 32 KB since CUDA 12.1, sm_70+)
 
+// A slice [first, first + count) of one of the batch's flat index spaces.
+struct Span {
+  int64_t first, count;
+};
+
 struct SlotTable {
   int64_t count = 0;
   ImageSlot slot[kSlotsPerLaunch];
+
+  // The slices of the batch's regions, patches and pixels that this chunk's images hold.
+  Span regions() const { return span(slot[0].region_offset, last().region_offset + last().count); }
+  Span patches() const { return span(slot[0].patch_offset, last().patch_offset + last().grid_h * last().grid_w); }
+  Span pixels() const { return span(slot[0].pixel_offset, last().pixel_offset + last().height * last().width); }
+
+ private:
+  const ImageSlot& last() const { return slot[count - 1]; }
+  static Span span(int64_t begin, int64_t end) { return Span{begin, end - begin}; }
 };
 
 // Calls launch(table) for consecutive chunks of at most kSlotsPerLaunch images; the slots keep the whole batch's

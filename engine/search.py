@@ -618,14 +618,20 @@ def topk_inner_product(queries, vectors, k: int, chunk_rows: int = 1 << 18):
     return best_values, best_rows
 
 
-def _faiss_index_to_gpu(index, device: str):
-    """faiss-gpu's copy of a CPU index on `device` (index_cpu_to_gpu), or None when faiss has no GPU support or the
-    index kind has no GPU version (an on-disk index, HNSW)."""
+def _faiss_with_gpus():
+    """The faiss module when it has GPU support and sees a GPU (faiss-gpu), else None (faiss-cpu, or no faiss)."""
     try:
         import faiss
     except ImportError:
         return None
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+    return faiss if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 else None
+
+
+def _faiss_index_to_gpu(index, device: str):
+    """faiss-gpu's copy of a CPU index on `device` (index_cpu_to_gpu), or None when faiss has no GPU support or the
+    index kind has no GPU version (an on-disk index, HNSW)."""
+    faiss = _faiss_with_gpus()
+    if faiss is None:
         return None
     resources = faiss.StandardGpuResources()
     try:
@@ -640,13 +646,8 @@ def _faiss_index_to_gpu(index, device: str):
 def _faiss_gpu_index(vectors: np.ndarray, device):
     """A faiss-gpu flat inner-product index on `device`, or None (not a CUDA device, or faiss without GPU support:
     faiss-cpu, the usual install)."""
-    if device.type != "cuda":
-        return None
-    try:
-        import faiss
-    except ImportError:
-        return None
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+    faiss = _faiss_with_gpus() if device.type == "cuda" else None
+    if faiss is None:
         return None
     import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch tensors, CUDA ones included)
 

@@ -61,20 +61,17 @@ void mask_nms_raster_cuda(ImageSlot* slots, int64_t num_images, const NmsArgs& a
   if (totals.atoms)
     cuda_check(cudaMemsetAsync(s.atom_area, 0, totals.atoms * sizeof(int32_t), stream), "cudaMemsetAsync");
   for_each_chunk(slots, num_images, [&](const SlotTable& table) {
-    const ImageSlot& last = table.slot[table.count - 1];
-    const int64_t first_pixel = table.slot[0].pixel_offset;
-    const int64_t pixels = last.pixel_offset + last.height * last.width - first_pixel;
-    const int64_t first_region = table.slot[0].region_offset;
-    const int64_t regions = last.region_offset + last.count - first_region;
-    count_kernel<<<blocks_for(pixels, 256), 256, 0, stream>>>(table, first_pixel, pixels, s);
+    const Span pixels = table.pixels(), regions = table.regions();
+    count_kernel<<<blocks_for(pixels.count, 256), 256, 0, stream>>>(table, pixels.first, pixels.count, s);
     launched("mask_nms_raster: count_kernel");
-    if (regions) {
-      region_kernel<<<blocks_for(regions, 128), 128, 0, stream>>>(table, first_region, regions, args, s);
+    if (regions.count) {
+      region_kernel<<<blocks_for(regions.count, 128), 128, 0, stream>>>(table, regions.first, regions.count, args,
+                                                                        s);
       launched("mask_nms_raster: region_kernel");
     }
     greedy_kernel<<<blocks_for(table.count, 32), 32, 0, stream>>>(table, args, s);
     launched("mask_nms_raster: greedy_kernel");
-    paint_kernel<<<blocks_for(pixels, 256), 256, 0, stream>>>(table, first_pixel, pixels, args, s);
+    paint_kernel<<<blocks_for(pixels.count, 256), 256, 0, stream>>>(table, pixels.first, pixels.count, args, s);
     launched("mask_nms_raster: paint_kernel");
   });
 }

@@ -54,18 +54,14 @@ void soft_mask_pool_cuda(ImageSlot* slots, int64_t num_images, const SmfaArgs& a
   int threads = static_cast<int>((args.dim + kPerLane - 1) / kPerLane);
   threads = threads < 32 ? 32 : (threads + 31) / 32 * 32;
   for_each_chunk(slots, num_images, [&](const SlotTable& table) {
-    const ImageSlot& last = table.slot[table.count - 1];
-    const int64_t first_patch = table.slot[0].patch_offset;
-    const int64_t patches = last.patch_offset + last.grid_h * last.grid_w - first_patch;
-    const int64_t first_region = table.slot[0].region_offset;
-    const int64_t regions = last.region_offset + last.count - first_region;
-    if (regions == 0) return;  // nothing to pool in this chunk
-    overlaps_kernel<<<blocks_for(patches, 128), 128, 0, stream>>>(table, args, first_patch, patches,
-                                                                  atom.as<int32_t>(), pixels.as<int32_t>(),
-                                                                  start.as<int64_t>(), found.as<int32_t>());
+    const Span patches = table.patches(), regions = table.regions();
+    if (regions.count == 0) return;  // nothing to pool in this chunk
+    overlaps_kernel<<<blocks_for(patches.count, 128), 128, 0, stream>>>(
+        table, args, patches.first, patches.count, atom.as<int32_t>(), pixels.as<int32_t>(), start.as<int64_t>(),
+        found.as<int32_t>());
     launched("soft_mask_pool: overlaps_kernel");
-    pool_kernel<<<static_cast<unsigned>(regions), threads, threads * sizeof(double), stream>>>(
-        table, args, first_region, atom.as<int32_t>(), pixels.as<int32_t>(), start.as<int64_t>(),
+    pool_kernel<<<static_cast<unsigned>(regions.count), threads, threads * sizeof(double), stream>>>(
+        table, args, regions.first, atom.as<int32_t>(), pixels.as<int32_t>(), start.as<int64_t>(),
         found.as<int32_t>(), out);
     launched("soft_mask_pool: pool_kernel");
   });
