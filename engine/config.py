@@ -5,6 +5,7 @@ tables and the commands); `Config.paper()` restores the paper's exact settings."
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -18,6 +19,12 @@ POOLINGS = ("soft", "hard")
 PAPER_SETTINGS = dict(erosion_kernel=3, erosion_iterations=20, erosion="fixed", min_area=300, outlier_ratio=0.25,
                       background_outlier_ratio=0.0, pooling="soft", smfa_eps=1e-8, region_entries=False,
                       objectness_threshold=0.6, nms_iou_threshold=0.4, top_k=25, vote="count", index="Flat")
+
+#: the fields only bank building reads (FeatureBank.build, bank_parts): a built bank fixes them, so an engine searching
+#: it never uses another value; `moduseg eval` and `segment` refuse one. index_train_size trains an index of the engine's
+#: own only where Config.index names another approximate index than the bank's.
+BANK_FIELDS = ("erosion_kernel", "erosion_iterations", "erosion", "outlier_ratio", "background_outlier_ratio",
+               "min_vector_norm", "region_entries", "region_purity", "index_train_size")
 
 
 @dataclass
@@ -117,8 +124,19 @@ class Config:
         for name in ("outlier_ratio", "background_outlier_ratio", "objectness_threshold", "nms_iou_threshold",
                      "region_purity"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
+            if not 0.0 <= value <= 1.0:  # NaN fails this too
                 raise InputError(f"Config.{name} must be in [0, 1], got {value}")
+        # a guard against dividing by an empty mask's zero weight, not a knob: inf or NaN makes every vector zero or
+        # NaN (every image all background), 0 or less can divide by zero, and at 1 it already equals the whole mask
+        # weight of a min_area region (300 px on a stride-16 grid: 1.2 patches)
+        if not (math.isfinite(self.smfa_eps) and 0.0 < self.smfa_eps <= 1.0):
+            raise InputError(f"Config.smfa_eps must be a finite number in (0, 1] (the paper's 1e-8), got "
+                             f"{self.smfa_eps}")
+        if not (math.isfinite(self.min_vector_norm) and self.min_vector_norm >= 0.0):
+            raise InputError(f"Config.min_vector_norm must be a finite number >= 0, got {self.min_vector_norm}")
+        if not self.index.strip():
+            raise InputError("Config.index must be a FAISS index factory string (\"Flat\", \"IVF4096,Flat\"), got "
+                             f"{self.index!r}")
         if self.vote not in VOTES:
             raise InputError(f"Config.vote must be one of {VOTES}, got {self.vote!r}")
         if self.pooling not in POOLINGS:

@@ -69,3 +69,35 @@ def test_wrong_types_are_refused_with_the_field_named(field, value):
     with pytest.raises(InputError, match=f"Config.{field} must be a"):
         Config(**{field: value})
     assert Config(region_purity=1).region_purity == 1  # an int where a float is expected is fine
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("smfa_eps", float("inf"), r"smfa_eps must be a finite number in \(0, 1\]"),
+    ("smfa_eps", float("nan"), r"smfa_eps must be a finite number in \(0, 1\]"),
+    ("smfa_eps", -1, r"smfa_eps must be a finite number in \(0, 1\]"),
+    ("smfa_eps", 0.0, r"smfa_eps must be a finite number in \(0, 1\]"),
+    ("smfa_eps", 2.0, r"smfa_eps must be a finite number in \(0, 1\]"),
+    ("min_vector_norm", float("inf"), "min_vector_norm must be a finite number >= 0"),
+    ("min_vector_norm", float("nan"), "min_vector_norm must be a finite number >= 0"),
+    ("min_vector_norm", -1e-6, "min_vector_norm must be a finite number >= 0"),
+    ("outlier_ratio", float("nan"), r"outlier_ratio must be in \[0, 1\]"),
+    ("region_purity", float("inf"), r"region_purity must be in \[0, 1\]"),
+    ("objectness_threshold", float("-inf"), r"objectness_threshold must be in \[0, 1\]"),
+    ("index", "", "Config.index must be a FAISS index factory string"),
+])
+def test_non_finite_and_out_of_range_values_are_refused(field, value, message):
+    # smfa_eps=inf once passed and made every query vector zero: every image all background
+    with pytest.raises(InputError, match=message):
+        Config(**{field: value})
+    with pytest.raises(InputError, match=message):
+        Config.from_dict({**Config().to_dict(), field: value})
+    assert Config(smfa_eps=1.0).smfa_eps == 1.0 and Config(min_vector_norm=0.0).min_vector_norm == 0.0
+
+
+def test_bank_fields_are_config_fields_that_only_bank_building_reads():
+    from engine.config import BANK_FIELDS
+
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert set(BANK_FIELDS) <= names
+    # inference reads these (query SMFA, the candidate filter, the search): never bank-only
+    assert not {"pooling", "smfa_eps", "min_area", "top_k", "vote", "index", "nprobe"} & set(BANK_FIELDS)
