@@ -51,10 +51,12 @@ def load_image(path) -> np.ndarray:
                 raise InputError(f"image {path}: mode {image.mode!r} is not 8 bits a channel; convert it to 8-bit RGB "
                                  "(the engine would otherwise have to guess its range)")
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (InputError, MemoryError):
+        raise
     except Image.DecompressionBombError as error:
         raise InputError(f"image {path} is too large to decode safely: {error}") from error
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot read image {path}: {error}") from error
+    except Exception as error:  # a damaged file makes PIL raise more than OSError (see _unreadable)
+        raise InputError(f"cannot read image {path}: {_unreadable(error)}") from error
 
 
 def load_label_map(path) -> np.ndarray:
@@ -64,8 +66,17 @@ def load_label_map(path) -> np.ndarray:
             if image.mode not in ("P", "L"):
                 raise InputError(f"{path}: expected a palette or grayscale class-index PNG, got mode {image.mode}")
             return np.asarray(image, dtype=np.uint8)
-    except OSError as error:
-        raise InputError(f"cannot read label map {path}: {error}") from error
+    except (InputError, MemoryError):
+        raise
+    except Exception as error:  # as load_image's
+        raise InputError(f"cannot read label map {path}: {_unreadable(error)}") from error
+
+
+def _unreadable(error: Exception) -> str:
+    """Why PIL could not read a file. Its decoders raise OSError and ValueError, but also SyntaxError (a PNG chunk of
+    no valid type), struct.error (a short header field), IndexError, TypeError...: each one file's fault, so each
+    becomes that file's InputError, and a run that skips bad files skips it rather than ending."""
+    return str(error) if isinstance(error, (OSError, ValueError)) else f"{type(error).__name__}: {error}"
 
 
 def save_label_map(label_map: np.ndarray, path) -> None:
