@@ -189,6 +189,7 @@ class Engine:
             in its place and segments the others. channel_order: "BGR" for arrays from OpenCV (files are decoded
             as RGB, with their EXIF orientation applied).
         """
+        check_items(images, "images")
         if proposals is not None and len(proposals) != len(images):
             raise InputError(f"got {len(proposals)} proposal sets for {len(images)} images")
         check_modes(on_error, channel_order)
@@ -209,6 +210,7 @@ class Engine:
         prefetch: batches each queue holds between the load, model and post-processing threads.
         on_error, channel_order: as segment_batch's; a skipped item yields a `Skipped` record in its place.
         """
+        check_items(items, "items")
         batch_size = int(batch_size or self.config.batch_size)
         if batch_size < 1 or prefetch < 1:
             raise InputError(f"batch_size and prefetch must be >= 1, got {batch_size} and {prefetch}")
@@ -386,10 +388,13 @@ def load_batch(images: list, proposals: list | None, start: int, on_error: str, 
             elif channel_order == "BGR" and isinstance(image, np.ndarray) and image.ndim == 3:
                 image = image[..., ::-1]
             batch.images.append(check_image(image, f"images[{index}]", max_pixels))
-        except InputError as error:
+        except MemoryError:
+            raise  # the process's state, not this item's fault
+        except Exception as error:  # anything reading one item is that item's failure: recorded, the others go on
             if on_error == "raise":
                 raise
-            batch.skipped.append(Skipped(index, describe_item(image), str(error)))
+            reason = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
+            batch.skipped.append(Skipped(index, describe_item(image), reason))
             continue
         batch.proposals.append(given)
         batch.positions.append(index)
@@ -410,6 +415,14 @@ def check_modes(on_error: str, channel_order: str) -> None:
     if on_error not in ON_ERROR or channel_order not in CHANNEL_ORDERS:
         raise InputError(f"on_error must be one of {ON_ERROR} and channel_order one of {CHANNEL_ORDERS}, got "
                          f"{on_error!r} and {channel_order!r}")
+
+
+def check_items(items, name: str) -> None:
+    """InputError for one path given where a sequence of images is expected: a str is a sequence of characters,
+    each of which would be read as a file and skipped."""
+    if isinstance(items, (str, bytes, os.PathLike)):
+        raise InputError(f"{name}: expected a sequence of images, got the single path {os.fsdecode(items)!r}; wrap it "
+                         f"in a list: [{os.fsdecode(items)!r}]")
 
 
 def describe_item(item) -> str:
@@ -476,6 +489,7 @@ def segment_batch(images: Sequence, bank, proposals: Sequence[Proposals] | None 
     (the last CACHED_ENGINES, per directory, proposer and config) so repeated calls do not reload models, and a bank
     replaced on disk is reloaded (the key holds its manifest's modification time and size). `options`:
     Engine.segment_batch's (on_error, channel_order)."""
+    check_items(images, "images")  # before an engine is made for nothing
     if isinstance(bank, FeatureBank):
         return Engine(bank, proposer=proposer, config=config).segment_batch(images, proposals, **options)
     path = Path(bank).resolve()

@@ -469,3 +469,81 @@ def test_one_call_per_op_per_batch_whatever_the_images_and_proposals(make_engine
     results = eng.segment_batch([image for image, _ in data], proposals)
     assert len(results) == images
     assert counting.calls == {"soft_mask_pool": 1, "vote": 1, "mask_nms_raster": 1}
+
+
+def broken_png(array: np.ndarray) -> bytes:
+    """A PNG of `array` whose second image-data chunk has no valid chunk type: PIL raises SyntaxError decoding it."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    data, position, chunks = buffer.getvalue(), 8, []
+    while position < len(data):
+        length = struct.unpack(">I", data[position:position + 4])[0]
+        chunks.append((data[position + 4:position + 8], data[position + 8:position + 8 + length]))
+        position += 12 + length
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    pixels = b"".join(body for kind, body in chunks if kind == b"IDAT")
+    half = len(pixels) // 2
+    return (data[:8] + chunk(*chunks[0]) + chunk(b"IDAT", pixels[:half]) + chunk(b"\x00\x01@!", pixels[half:])
+            + chunk(b"IEND", b""))
+
+
+def test_any_error_reading_one_item_is_recorded_and_the_batch_goes_on(make_engine, toy, rng, tmp_path, monkeypatch):
+    # a PNG whose chunk made PIL raise SyntaxError once escaped on_error="skip": the good images of its batch lost
+    import struct
+
+    import engine.data
+    from engine.pipeline import Skipped
+
+    eng = make_engine()
+    data = scenes(toy, rng, 4)
+    good, broken, odd = tmp_path / "good.png", tmp_path / "broken.png", tmp_path / "odd.png"
+    Image.fromarray(data[1][0]).save(good)
+    broken.write_bytes(broken_png(data[2][0]))
+    Image.fromarray(data[3][0]).save(odd)
+    items = [data[0][0], str(good), str(broken), str(odd)]
+    proposals = [ground_truth_proposals(label) for _, label in data]
+    read = engine.data.load_image
+
+    def load_image(path):
+        if str(path) == str(odd):
+            raise struct.error("unpack requires a buffer of 4 bytes")  # not an InputError: still this item's
+        return read(path)
+
+    monkeypatch.setattr(engine.data, "load_image", load_image)
+    for got in (eng.segment_batch(items, proposals, on_error="skip"),
+                list(eng.segment_stream(zip(items, proposals), batch_size=4, on_error="skip"))):
+        assert [type(r).__name__ for r in got] == ["Result", "Result", "Skipped", "Skipped"]
+        assert got[2] == Skipped(2, str(broken), got[2].reason)
+        assert "cannot read image" in got[2].reason and "SyntaxError" in got[2].reason
+        assert got[3].index == 3 and got[3].reason == "error: unpack requires a buffer of 4 bytes"
+        want = eng.segment_batch([data[0][0], data[1][0]], proposals[:2])
+        for a, b in zip(got[:2], want):
+            assert_same(a, b)
+    with pytest.raises(InputError, match=r"cannot read image .*broken.png: SyntaxError"):
+        eng.segment_batch(items[:3], proposals[:3])
+    with pytest.raises(struct.error):  # on_error="raise": the item's own error, as it was raised
+        eng.segment_batch(items[3:], proposals[3:])
+    monkeypatch.setattr(engine.data, "load_image", lambda path: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(MemoryError):  # the process's trouble, not the item's: never a Skipped record
+        eng.segment_batch([str(good)], proposals[1:2], on_error="skip")
+
+
+def test_a_single_path_is_refused_not_read_a_character_at_a_time(make_engine, toy_bank, tmp_path):
+    # a str once became one Skipped record per character
+    from pathlib import Path
+
+    eng = make_engine()
+    for images in ("photo.jpg", Path("photo.jpg"), b"photo.jpg"):
+        with pytest.raises(InputError, match=r"single path 'photo.jpg'; wrap it in a list: \['photo.jpg'\]"):
+            eng.segment_batch(images, on_error="skip")
+        with pytest.raises(InputError, match="wrap it in a list"):
+            eng.segment_stream(images, on_error="skip")
+    with pytest.raises(InputError, match=r"images: expected a sequence of images, got the single path"):
+        engine.segment_batch(str(tmp_path / "photo.jpg"), toy_bank, proposer=None, on_error="skip")
