@@ -10,7 +10,8 @@ Queries at inference are such regions too (parts, stuff, whole objects), so they
 kind.
 
 Saved as a versioned directory with checksums, so a truncated or corrupt bank, or one built with another backbone, is
-refused on load. The vectors are stored once (`vectors.npy`, read memory-mapped); an approximate index adds its
+refused on load. The manifest is sealed too (SEAL: the sha256 of its own content), so class names, config or checksums
+changed by hand are refused like a damaged file. The vectors are stored once (`vectors.npy`, read memory-mapped); an approximate index adds its
 trained quantizer and codes, never a second copy of the vectors (INDEX_STORAGE). Each file's size and the sha256 of
 its first and last HASH_BLOCK bytes are checked at every load (`verify="quick"`), the full sha256 on request
 (`verify="full"`, `moduseg verify-bank`), so loading a large bank does not read it whole.
@@ -43,7 +44,12 @@ from .search import (BLOCK_ROWS, ONDISK_SUFFIX, build_ondisk_index, make_faiss_i
 from .utils import file_sha256
 
 FORMAT = "moduseg-feature-bank"
-FORMAT_VERSION = 3  # 3: vectors stored once (no flat index.faiss), per-storage index files, quick/full checksums
+FORMAT_VERSION = 4  # 3: vectors stored once (no flat index.faiss), per-storage index files, quick/full checksums;
+# 4: the manifest sealed (SEAL)
+#: why a bank of an older format version is refused, where a reason helps
+OLD_FORMATS = {3: "its manifest is not sealed: its class names and config were never checked"}
+#: the key of a manifest (and of a parts directory's parts.json and part.json) holding the sha256 of the rest of it
+SEAL = "seal_sha256"
 #: BankEntry kinds, as stored in kinds.npy
 KINDS = ("class", "region")
 
@@ -277,7 +283,7 @@ class FeatureBank:
                 "index_storage": storage,
                 "files": {name: _seal(staging / name) for name in _bank_files(storage)},
             }
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            (staging / "manifest.json").write_text(json.dumps(_sealed(manifest), indent=2))
             _swap_in(staging, path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -301,13 +307,15 @@ class FeatureBank:
             raise BankError(f"{path} is not a feature bank (no manifest.json)")
         try:
             manifest = json.loads(manifest_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
             raise BankError(f"{manifest_file} is corrupt: {error}") from error
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise BankError(f"{path}: not a {FORMAT} directory")
         if manifest.get("version") != FORMAT_VERSION:
+            reason = OLD_FORMATS.get(manifest.get("version"))
             raise BankError(f"{path}: bank format version {manifest.get('version')}, this engine reads "
-                            f"version {FORMAT_VERSION}; rebuild the bank")
+                            f"version {FORMAT_VERSION}" + (f" ({reason})" if reason else "") + "; rebuild the bank")
+        _check_seal(manifest, manifest_file, "rebuild the bank")
         storage = manifest.get("index_storage")
         if storage not in INDEX_STORAGE:
             raise BankError(f"{path}: unknown index storage {storage!r}; known: {sorted(INDEX_STORAGE)}")
@@ -376,7 +384,9 @@ def drop_farthest(members: np.ndarray, distance: np.ndarray, n_drop: int) -> np.
 
 PART_FORMAT = "moduseg-bank-part"
 PARTS_FORMAT = "moduseg-bank-parts"
-PARTS_VERSION = 1
+PARTS_VERSION = 2  # 2: parts.json and part.json sealed (SEAL)
+#: why parts of an older format version are refused
+OLD_PARTS = {1: "parts.json and part.json are not sealed: their class names and images were never checked"}
 #: a part directory's files; part.json (sizes and checksums of the others) is written last and marks it complete
 PART_FILES = ("vectors.npy", "labels.npy", "kinds.npy", "sources.json")
 
@@ -452,7 +462,7 @@ class BankPart:
             (staging / "sources.json").write_text(json.dumps(self.sources))
             record = {"format": PART_FORMAT, "version": PARTS_VERSION, "size": len(self), "dim": self.dim,
                       "images": self.images, "files": {name: _digest(staging / name) for name in PART_FILES}}
-            (staging / "part.json").write_text(json.dumps(record))
+            (staging / "part.json").write_text(json.dumps(_sealed(record)))
             os.replace(staging, path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -465,12 +475,15 @@ class BankPart:
         path = Path(path)
         try:
             record = json.loads((path / "part.json").read_text())
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             raise BankError(f"{path} is not a complete bank part (no readable part.json): {error}") from error
         if not isinstance(record, dict) or record.get("format") != PART_FORMAT:
             raise BankError(f"{path}: not a {PART_FORMAT} directory")
+        _check_parts_version(record, path / "part.json")
+        _check_seal(record, path / "part.json", "rebuild the parts")
+        files = record.get("files")
         for name in PART_FILES:
-            if not (path / name).is_file() or _digest(path / name) != record.get("files", {}).get(name):
+            if not (path / name).is_file() or not isinstance(files, dict) or _digest(path / name) != files.get(name):
                 raise BankError(f"{path}: {name} is missing, truncated or corrupt")
         try:
             part = cls(np.load(path / "vectors.npy", allow_pickle=False), np.load(path / "labels.npy"),
@@ -527,7 +540,7 @@ def save_parts(parts: Sequence[BankPart], path, class_names: Sequence[str], back
         record = {"format": PARTS_FORMAT, "version": PARTS_VERSION, "class_names": list(class_names),
                   "backbone": dict(backbone_record), "config": config.to_dict(), "parts": names,
                   "entries": int(sum(len(p) for p in parts)), "images": int(sum(len(p.images) for p in parts))}
-        (staging / "parts.json").write_text(json.dumps(record, indent=2))
+        (staging / "parts.json").write_text(json.dumps(_sealed(record), indent=2))
         _swap_in(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -539,13 +552,40 @@ def load_parts(path) -> tuple[list[BankPart], dict]:
     """The parts of a parts directory, in order, and its parts.json record (class_names, backbone, config);
     BankError if parts.json is missing or a part it lists is missing or incomplete."""
     path = Path(path)
+    file = path / "parts.json"
     try:
-        record = json.loads((path / "parts.json").read_text())
-    except (OSError, ValueError) as error:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as error:
         raise BankError(f"{path} is not a complete bank parts directory (no readable parts.json): {error}") from error
-    if not isinstance(record, dict) or record.get("format") != PARTS_FORMAT or record.get("version") != PARTS_VERSION:
-        raise BankError(f"{path}: not a {PARTS_FORMAT} directory of version {PARTS_VERSION}")
-    return [BankPart.load(path / name) for name in record["parts"]], record
+    if not isinstance(record, dict) or record.get("format") != PARTS_FORMAT:
+        raise BankError(f"{path}: not a {PARTS_FORMAT} directory")
+    _check_parts_version(record, file)
+    _check_seal(record, file, "rebuild the parts")
+    kinds = {"parts": list, "class_names": list, "backbone": dict, "config": dict}
+    wrong = [f"{key}: {type(record[key]).__name__ if key in record else 'missing'}" for key, kind in kinds.items()
+             if not isinstance(record.get(key), kind)]
+    if wrong:
+        raise BankError(f"{file}: expected {', '.join(f'{k} (a {v.__name__})' for k, v in kinds.items())}; got "
+                        f"{', '.join(wrong)}")
+    return [BankPart.load(_part_dir(path, name, file)) for name in record["parts"]], record
+
+
+def _part_dir(path: Path, name, file: Path) -> Path:
+    """The directory of part `name` listed in `file`: a plain name of a directory inside `path`, never a path (a
+    hand-made parts.json naming "../elsewhere" or a link out of the folder would load entries from outside it)."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
+    if not plain or (path / name).resolve().parent != path.resolve():
+        raise BankError(f"{file}: part {name!r} is not the name of a directory inside {path}")
+    return path / name
+
+
+def _check_parts_version(record: dict, file: Path) -> None:
+    """BankError unless a parts.json or part.json record is of this engine's PARTS_VERSION."""
+    if record.get("version") != PARTS_VERSION:
+        reason = OLD_PARTS.get(record.get("version"))
+        raise BankError(f"{file}: bank parts format version {record.get('version')}, this engine reads version "
+                        f"{PARTS_VERSION}" + (f" ({reason})" if reason else "") + "; rebuild the parts "
+                        "(moduseg build-bank --keep-parts)")
 
 
 def merge_parts(*groups: Sequence[BankPart]) -> list[BankPart]:
@@ -781,6 +821,28 @@ def _check_replaceable(path: Path) -> None:
     if format_ != FORMAT or others:
         what = f"holds {others[:5]}" if others else "has no bank manifest"
         raise BankError(f"{path} is not a feature bank ({what}): refusing to replace it; choose another --out")
+
+
+def _content_sha256(record: dict) -> str:
+    """sha256 of a record's canonical JSON (sorted keys, no spaces, ASCII), its SEAL left out."""
+    body = {key: value for key, value in record.items() if key != SEAL}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _sealed(record: dict) -> dict:
+    """`record` with its SEAL: the files' checksums cover the data, the seal covers what names and describes it
+    (class names, config, backbone, the checksums themselves)."""
+    return {**record, SEAL: _content_sha256(record)}
+
+
+def _check_seal(record: dict, file: Path, remedy: str) -> None:
+    """BankError unless `record` (read from `file`) holds its SEAL and the seal matches its content."""
+    if SEAL not in record:
+        raise BankError(f"{file} is not sealed (no {SEAL}); {remedy}")
+    if record[SEAL] != _content_sha256(record):
+        raise BankError(f"{file} was changed after it was written (its {SEAL} does not match its content: class "
+                        f"names, config or checksums edited, or the file damaged); {remedy}")
 
 
 def _digest(file: Path) -> dict:

@@ -282,9 +282,12 @@ def test_overwrite_replaces_only_a_bank_directory(saved_bank, tmp_path):
 
 
 def rewrite_manifest(path, change):
+    """Change a bank's manifest and reseal it, as someone forging one would (an unsealed edit is refused first)."""
+    from engine.bank import _sealed
+
     manifest = json.loads((path / "manifest.json").read_text())
     change(manifest)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.json").write_text(json.dumps(_sealed(manifest)))
 
 
 def reseal(path, name):
@@ -472,7 +475,7 @@ def test_each_index_is_stored_without_a_second_copy_of_the_vectors(rng, tmp_path
     bank = clustered_bank(rng, CLASSES, index=index)
     path = bank.save(tmp_path / "bank")
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["index_storage"] == storage and manifest["version"] == 3
+    assert manifest["index_storage"] == storage and manifest["version"] == 4
     base = ["kinds.npy", "labels.npy", "manifest.json", "sources.json", "vectors.npy"]
     assert sorted(p.name for p in path.iterdir()) == sorted(base + files)
     if files:  # the index adds its codes (4 bytes a vector here) or lists (8), never the vectors' 64
@@ -579,3 +582,104 @@ def test_an_ondisk_bank_saved_in_memory_gets_lists_of_its_own(rng, tmp_path, CLA
     queries = bank.vectors[::30]
     np.testing.assert_array_equal(create_index(copy, copy.config).search(queries, 5)[1],
                                   create_index(loaded, loaded.config).search(queries, 5)[1])
+
+
+@pytest.mark.parametrize("edit", ["swap class names", "change the config", "rename the backbone", "drop the seal"])
+def test_a_manifest_changed_by_hand_is_refused(saved_bank, capsys, edit):
+    # the manifest was outside every checksum: class names swapped by hand passed verify-bank and every load
+    from engine.bank import SEAL
+    from engine.cli import main
+
+    bank, path = saved_bank
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest[SEAL] and FeatureBank.load(path).class_names == bank.class_names
+    if edit == "swap class names":
+        names = manifest["class_names"]
+        names[1], names[2] = names[2], names[1]
+    elif edit == "change the config":
+        manifest["config"]["top_k"] = 25
+    elif edit == "rename the backbone":
+        manifest["backbone"]["id"] = "test/other"
+    else:
+        del manifest[SEAL]
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    message = "is not sealed" if edit == "drop the seal" else "was changed after it was written"
+    for verify in ("quick", "full"):
+        with pytest.raises(BankError, match=f"manifest.json {message}.*rebuild the bank"):
+            FeatureBank.load(path, verify=verify)
+    assert main(["verify-bank", str(path)]) == 1
+    assert f"manifest.json {message}" in capsys.readouterr().err
+
+
+def test_a_bank_of_the_unsealed_format_is_refused_with_the_reason(saved_bank):
+    _, path = saved_bank
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["version"] = 3
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BankError, match=r"version 3, this engine reads version 4 \(its manifest is not sealed.*\); "
+                                        "rebuild the bank"):
+        FeatureBank.load(path)
+
+
+def reseal_json(file, change):
+    """Change a sealed JSON record and reseal it, as someone forging one would."""
+    from engine.bank import _sealed
+
+    record = json.loads(file.read_text())
+    change(record)
+    file.write_text(json.dumps(_sealed(record)))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("a part outside the folder", r"part '../outside_part' is not the name of a directory inside"),
+    ("a part in a subfolder", r"part 'sub/part-000000' is not the name of a directory inside"),
+    ("the folder itself", r"part '\.' is not the name of a directory inside"),
+    ("a link out of the folder", r"part 'linked' is not the name of a directory inside"),
+    ("a part named by a number", r"part 0 is not the name of a directory inside"),
+    ("no parts list", r"parts.json: expected parts \(a list\).*; got parts: missing"),
+    ("class names not a list", r"parts.json: expected .*; got class_names: str"),
+    ("class names swapped by hand", "parts.json was changed after it was written.*rebuild the parts"),
+    ("images of a part edited by hand", "part.json was changed after it was written.*rebuild the parts"),
+    ("the unsealed format", r"parts.json: bank parts format version 1, this engine reads version 2 \(.*not sealed"),
+])
+def test_parts_are_sealed_and_stay_inside_their_folder(rng, toy, CLASSES, ColorBackbone, tmp_path, case, message):
+    # parts.json could name ../outside_part (and it was loaded); one without a parts list was a KeyError
+    from engine.bank import load_parts, save_parts
+
+    config = Config(min_area=100)
+    parts = toy_parts(toy.samples(rng, 3), ColorBackbone, CLASSES, config)
+    path = save_parts(parts, tmp_path / "parts", CLASSES, ColorBackbone().describe(), config)
+    outside = save_parts(parts, tmp_path / "other", CLASSES, ColorBackbone().describe(), config)
+    (outside / "part-000000").rename(tmp_path / "outside_part")
+    assert len(load_parts(path)[0]) == len(parts)
+    record = path / "parts.json"
+    if case == "a part outside the folder":
+        reseal_json(record, lambda r: r.__setitem__("parts", ["../outside_part"]))
+    elif case == "a part in a subfolder":
+        (path / "sub").mkdir()
+        (path / "part-000000").rename(path / "sub" / "part-000000")
+        reseal_json(record, lambda r: r.__setitem__("parts", ["sub/part-000000"]))
+    elif case == "the folder itself":
+        reseal_json(record, lambda r: r.__setitem__("parts", ["."]))
+    elif case == "a link out of the folder":
+        (path / "linked").symlink_to(tmp_path / "outside_part", target_is_directory=True)
+        reseal_json(record, lambda r: r.__setitem__("parts", ["linked"]))
+    elif case == "a part named by a number":
+        reseal_json(record, lambda r: r.__setitem__("parts", [0]))
+    elif case == "no parts list":
+        reseal_json(record, lambda r: r.pop("parts"))
+    elif case == "class names not a list":
+        reseal_json(record, lambda r: r.__setitem__("class_names", "background"))
+    elif case == "class names swapped by hand":
+        edited = json.loads(record.read_text())
+        edited["class_names"][1:3] = edited["class_names"][2:0:-1]
+        record.write_text(json.dumps(edited))
+    elif case == "images of a part edited by hand":
+        part = path / "part-000000" / "part.json"
+        edited = json.loads(part.read_text())
+        edited["images"][0] = "someone-else"
+        part.write_text(json.dumps(edited))
+    else:
+        reseal_json(record, lambda r: r.__setitem__("version", 1))
+    with pytest.raises(BankError, match=message):
+        load_parts(path)
