@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass
 
 from .errors import InputError
 
 VOTES = ("count", "balanced", "weighted")
+
+# a wrong value is shown cut short: a nested value (a YAML file's aliases share subtrees) could print as gigabytes
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 1, 80, 80
 EROSIONS = ("fixed", "adaptive")
 POOLINGS = ("soft", "hard")
 
@@ -112,7 +117,8 @@ class Config:
                   isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
                   isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
             if not ok:
-                raise InputError(f"Config.{f.name} must be a {kind.__name__}, got {type(value).__name__} {value!r}")
+                raise InputError(f"Config.{f.name} must be a {kind.__name__}, got {type(value).__name__} "
+                                 f"{_SHORT.repr(value)}")
         if self.erosion_kernel < 1 or self.erosion_kernel % 2 == 0:
             raise InputError(f"Config.erosion_kernel must be a positive odd integer, got {self.erosion_kernel}")
         for name in ("erosion_iterations", "min_area", "num_threads", "refine"):
