@@ -19,28 +19,60 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import Config
+from .config import BANK_FIELDS, Config
 from .errors import InputError, ModuSegError
 from .registry import DEFAULT_BACKBONE
 
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, bank: str = "build") -> None:
     """One flag per Config field (--top-k, --vote, ...) with its documented meaning, and --config FILE (JSON or YAML,
-    any Config fields); unset flags keep the file's, then the bank's or the default value."""
+    any Config fields); unset flags keep the file's, then the bank's or the default value. A value Config refuses,
+    or a --config file that cannot be read, is a usage error (exit 2).
+
+    bank: "build" for build-bank; "fixed" for commands that use a built bank (eval, segment): its bank-building
+    knobs (BANK_FIELDS) are listed apart, and a value other than the bank's is refused (see _config)."""
     group = parser.add_argument_group("method knobs (engine.Config)")
-    group.add_argument("--config", dest="config_file", default=None, metavar="FILE",
-                       help="a JSON or YAML file of Config fields (flags given too take precedence)")
+    group.add_argument("--config", dest="config_values", type=_read_config_file, default=None, metavar="FILE",
+                       help=f"a JSON or YAML file of Config fields, at most {CONFIG_FILE_LIMIT // 1024} KiB (flags "
+                            "given too take precedence)")
+    fixed = None
+    if bank == "fixed":
+        fixed = parser.add_argument_group(
+            "bank-building knobs (fixed by the bank)",
+            "The bank was built with these: its values are used, and another value is refused (exit 2); rebuild the "
+            "bank with `moduseg build-bank` to change them.")
     meanings = _field_docs()
     for f in dataclasses.fields(Config):
         kind, flag = type(f.default), f"--{f.name.replace('_', '-')}"
         text = f"{meanings.get(f.name, '')} (default {f.default})".strip()
+        where = fixed if fixed is not None and f.name in BANK_FIELDS else group
         if kind is bool:  # --region-entries / --no-region-entries
-            group.add_argument(flag, dest=f"config_{f.name}", action=argparse.BooleanOptionalAction, default=None,
+            where.add_argument(flag, dest=f"config_{f.name}", action=argparse.BooleanOptionalAction, default=None,
                                help=text)
             continue
-        group.add_argument(flag, dest=f"config_{f.name}", type=kind, default=None, metavar=kind.__name__.upper(),
-                           help=text)
+        where.add_argument(flag, dest=f"config_{f.name}", type=_field_type(f.name, kind), default=None,
+                           metavar=kind.__name__.upper(), help=text)
+    parser.set_defaults(config_parser=parser)  # for the usage errors _config finds once the bank is loaded
+
+
+def _field_type(name: str, kind: type):
+    """argparse type of the flag of Config field `name`: the text as `kind`, refused (a usage error naming the flag)
+    unless Config accepts it, so --smfa-eps nan stops at the command line."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
+                from None
+        try:
+            Config(**{name: value})
+        except InputError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _field_docs() -> dict[str, str]:
@@ -59,35 +91,129 @@ def _field_docs() -> dict[str, str]:
 
 
 def _config(args, base: Config | None = None) -> Config:
+    """The command's Config: `base` (a bank's config for eval and segment, else the defaults), then the --config
+    file's fields, then the flags given.
+
+    With a bank, a bank-building knob (BANK_FIELDS) set to another value than the bank's is a usage error naming
+    build-bank: the bank fixes it, and the engine would ignore it while metrics.json recorded it as applied.
+    index_train_size is the exception where it applies: Config.index names another approximate index than the
+    bank's, which the engine then trains itself."""
+    from_bank = base is not None
     base = base or Config()
-    if getattr(args, "config_file", None):
-        base = base.replace(**_read_config_file(args.config_file))
-    changes = {f.name: getattr(args, f"config_{f.name}") for f in dataclasses.fields(Config)
-               if getattr(args, f"config_{f.name}") is not None}
-    return base.replace(**changes)
+    values = dict(getattr(args, "config_values", None) or {})
+    flags = {f.name: getattr(args, f"config_{f.name}") for f in dataclasses.fields(Config)
+             if getattr(args, f"config_{f.name}", None) is not None}
+    config = base.replace(**{**values, **flags})
+    if from_bank:
+        changed = [name for name in BANK_FIELDS if getattr(config, name) != getattr(base, name)]
+        if config.index not in ("Flat", base.index) and "index_train_size" in changed:
+            changed.remove("index_train_size")
+        if changed:
+            given = [_flag(name, getattr(config, name)) if name in flags else f"{name}: {getattr(config, name)!r} "
+                     "(--config)" for name in changed]
+            message = (f"{', '.join(given)}: {'a bank-building knob' if len(given) == 1 else 'bank-building knobs'} "
+                       f"that {args.command} cannot change: the bank was built with "
+                       f"{', '.join(f'{name}={getattr(base, name)!r}' for name in changed)}. Rebuild it with them "
+                       f"(moduseg build-bank ... {' '.join(_flag(name, getattr(config, name)) for name in changed)}), "
+                       "or leave them out")
+            parser = getattr(args, "config_parser", None)
+            if parser is None:
+                raise InputError(message)
+            parser.error(message)
+    return config
+
+
+def _flag(name: str, value) -> str:
+    """The command-line form of Config field `name` set to `value`."""
+    option = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{option}" if value else f"--no-{option}"
+    return f"--{option} {value}"
+
+
+#: the largest --config file read: a Config is some twenty fields, under 1 KiB; the limit keeps a wrong or hostile
+#: file from being read whole, and bounds the pure-Python YAML parser's time (at most 0.5 s measured at 16 KiB)
+CONFIG_FILE_LIMIT = 16 * 1024
 
 
 def _read_config_file(path) -> dict:
-    """Config fields from a JSON file, or a YAML one (with PyYAML installed); unknown fields are refused."""
-    text = Path(path).read_text()
+    """Config fields from a JSON file, or a YAML one (with PyYAML installed), as Config checks them: argparse's type
+    for --config, so a file that is missing, too large, not UTF-8, not JSON or YAML, not a mapping, or holding
+    unknown fields or values Config refuses is a usage error (exit 2) naming the file and the problem.
+
+    YAML is read by a safe loader without aliases (_yaml_loader): a config file needs none, and a few hundred bytes of
+    nested aliases ("billion laughs") expand to billions of values downstream."""
+    def refuse(message: str):
+        return argparse.ArgumentTypeError(f"{path}: {message}")
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(CONFIG_FILE_LIMIT + 1)
+    except OSError as error:
+        raise refuse(f"cannot read it: {error.strerror or error}") from None
+    if len(data) > CONFIG_FILE_LIMIT:
+        raise refuse(f"larger than {CONFIG_FILE_LIMIT // 1024} KiB; a config file holds a few Config fields")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise refuse(f"not UTF-8 text: {error}") from None
     if Path(path).suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
-        except ImportError as error:
-            raise InputError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or give JSON") from error
-        values = yaml.safe_load(text)
+        except ImportError:
+            raise refuse("reading YAML needs PyYAML (pip install pyyaml), or give JSON") from None
+        try:
+            values = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a safe loader, with aliases refused)
+        except yaml.YAMLError as error:
+            raise refuse(f"not valid YAML (or a YAML feature a config file may not use): {error}") from None
+        except RecursionError:
+            raise refuse("not a config file: nested too deeply") from None
     else:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as error:
-            raise InputError(f"{path}: not JSON: {error}") from error
+            raise refuse(f"not JSON: {error}") from None
+        except RecursionError:
+            raise refuse("not a config file: nested too deeply") from None
     if not isinstance(values, dict):
-        raise InputError(f"{path}: expected a mapping of Config fields, got {type(values).__name__}")
+        raise refuse(f"expected a mapping of Config fields, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(repr(key) if not isinstance(key, str) else key for key in values if key not in known)
     if unknown:
-        raise InputError(f"{path}: unknown Config fields {unknown}; known: {sorted(known)}")
+        raise refuse(f"unknown Config fields {unknown[:10]}" + (f" and {len(unknown) - 10} more" if len(unknown) > 10
+                     else "") + f"; known: {sorted(known)}")
+    try:
+        Config(**values)
+    except InputError as error:
+        raise refuse(str(error)) from None
     return values
+
+
+#: how deep [ ] and { } may nest in a YAML config file (its values are plain: depth 1); PyYAML's scanner takes time
+#: quadratic in the depth (60 s for 8000 levels in 16 KiB)
+YAML_FLOW_DEPTH = 16
+
+
+def _yaml_loader():
+    """yaml.SafeLoader (plain data only: a python tag is an error) that refuses aliases (*name) and [ ] or { } nested
+    deeper than YAML_FLOW_DEPTH."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"an alias (*{event.anchor}): a config file may not "
+                                                  "use aliases", event.start_mark)
+            return super().compose_node(parent, index)
+
+        def fetch_flow_collection_start(self, TokenClass):
+            if self.flow_level >= YAML_FLOW_DEPTH:
+                raise yaml.scanner.ScannerError(None, None, f"[ ] or {{ }} nested more than {YAML_FLOW_DEPTH} deep: "
+                                                "a config file holds plain values", self.get_mark())
+            return super().fetch_flow_collection_start(TokenClass)
+
+    return ConfigLoader
 
 
 def _add_ray_flags(parser: argparse.ArgumentParser, what: str) -> None:
@@ -490,7 +616,7 @@ def _add_bank_parsers(commands) -> None:
                           help="ground-truth connected components (oracle proposals) or the embedded proposer")
     evaluate.add_argument("--out", required=True, help="directory for metrics.json / metrics.md")
     evaluate.add_argument("--save-predictions", action="store_true", help="also write the predicted PNGs")
-    _add_config_flags(evaluate)
+    _add_config_flags(evaluate, bank="fixed")
     evaluate.set_defaults(run=cmd_eval)
 
 
@@ -518,7 +644,7 @@ def _add_segment_parser(commands) -> None:
                          help="also write the image blended with its label map and a legend (default on)")
     segment.add_argument("--device", default="cpu", help="cpu or cuda (the backbone and the bank search)")
     _add_ray_flags(segment, "segment on a Ray cluster: actors each hold an Engine and write the outputs")
-    _add_config_flags(segment)
+    _add_config_flags(segment, bank="fixed")
     segment.set_defaults(run=cmd_segment)
 
 

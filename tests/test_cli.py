@@ -80,14 +80,16 @@ def test_clear_errors(small_voc, tmp_path, capsys):
     (bad / "image_labels.json").write_text(json.dumps(labels))
     assert main(["build-bank", "--data", str(bad), "--out", str(tmp_path / "b")]) == 1
     assert "unknown class names ['unicorn']" in capsys.readouterr().err
-    assert main(["build-bank", "--data", str(small_voc), "--out", str(tmp_path / "b"), "--vote", "majority"]) == 1
-    assert "Config.vote must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # a value Config refuses is a usage error, as "--top-k five" is
+        main(["build-bank", "--data", str(small_voc), "--out", str(tmp_path / "b"), "--vote", "majority"])
+    assert usage.value.code == 2 and "argument --vote: Config.vote must be one of" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["eval", "--bank", str(tmp_path), "--data", str(small_voc), "--out", str(tmp_path / "file")]) == 1
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"top_k": 3, "votes": "count"}))
-    assert main(["build-bank", "--data", str(small_voc), "--out", str(tmp_path / "b"), "--config", str(settings)]) == 1
-    assert "unknown Config fields ['votes']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["build-bank", "--data", str(small_voc), "--out", str(tmp_path / "b"), "--config", str(settings)])
+    assert usage.value.code == 2 and "unknown Config fields ['votes']" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():
@@ -285,3 +287,87 @@ def test_segment_resumes_and_reads_a_manifest(small_voc, tmp_path, capsys):
     manifest.write_text("# nothing\n")
     assert main(segment) == 1
     assert "lists no image paths" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "segment"])
+def test_bank_building_knobs_other_than_the_banks_are_refused(toy_bank, tmp_path, capsys, command):
+    # --erosion, --no-region-entries, ... were accepted by eval and segment, ignored, and written into metrics.json
+    bank = toy_bank.save(tmp_path / "bank")
+    assert (toy_bank.config.erosion, toy_bank.config.region_entries) == ("adaptive", True)
+    run = {"eval": ["eval", "--bank", str(bank), "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "o")],
+           "segment": ["segment", "--bank", str(bank), str(tmp_path / "x.jpg"), "--out", str(tmp_path / "o")]}[command]
+    for flags, named in ((["--erosion", "fixed"], "--erosion fixed: a bank-building knob"),
+                         (["--no-region-entries", "--outlier-ratio", "0.5"], "--outlier-ratio 0.5, "
+                                                                             "--no-region-entries: bank-building"),
+                         (["--index-train-size", "1000"], "--index-train-size 1000"),
+                         (["--erosion-iterations", "5", "--top-k", "25"], "--erosion-iterations 5:")):
+        with pytest.raises(SystemExit) as usage:
+            main(run + flags)
+        err = capsys.readouterr().err
+        assert usage.value.code == 2 and named in err, err
+        assert f"that {command} cannot change: the bank was built with" in err and "moduseg build-bank" in err
+    settings = tmp_path / "paper.yaml"
+    settings.write_text("erosion: fixed\ntop_k: 25\n")
+    with pytest.raises(SystemExit) as usage:
+        main(run + ["--config", str(settings)])
+    assert usage.value.code == 2 and "erosion: 'fixed' (--config): a bank-building knob" in capsys.readouterr().err
+    if command == "eval":  # the bank's own values, and an index trained here, pass on to the next check
+        settings.write_text("erosion: adaptive\ntop_k: 25\n")
+        for flags in (["--config", str(settings), "--region-entries", "--erosion", "adaptive"],
+                      ["--index", "IVF4,Flat", "--index-train-size", "1000"]):
+            assert main(run + flags) == 1
+            assert "no split file" in capsys.readouterr().err
+
+
+def test_flag_values_config_refuses_are_usage_errors(capsys):
+    for flag, value, message in (("--smfa-eps", "inf", r"Config.smfa_eps must be a finite number in (0, 1]"),
+                                 ("--smfa-eps", "nan", "Config.smfa_eps must be a finite number"),
+                                 ("--smfa-eps", "-1", "Config.smfa_eps must be a finite number"),
+                                 ("--objectness-threshold", "nan", "Config.objectness_threshold must be in [0, 1]"),
+                                 ("--top-k", "0", "Config.top_k must be >= 1"),
+                                 ("--top-k", "2.5", "expected an integer, got '2.5'")):
+        with pytest.raises(SystemExit) as usage:
+            main(["build-bank", "--out", "nowhere", flag, value])
+        err = capsys.readouterr().err
+        assert usage.value.code == 2 and f"argument {flag}: {message}" in err, err
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("missing.yaml", None, "missing.yaml: cannot read it: No such file or directory"),
+    ("syntax.yaml", "top_k: [5\n", "syntax.yaml: not valid YAML"),
+    ("tag.yaml", "top_k: !!python/object/apply:os.system ['echo owned']\n",
+     "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("list.yaml", "- top_k\n- 5\n", "list.yaml: expected a mapping of Config fields, got list"),
+    ("bomb.yaml", "a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
+        f"{c}: &{c} [{','.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "top_k: *i\n",
+     "an alias (*a): a config file may not use aliases"),
+    ("deep.yaml", "top_k: " + "[" * 5000 + "]" * 5000, "nested more than 16 deep"),
+    ("large.yaml", "# " + "x" * (16 * 1024) + "\ntop_k: 3\n", "large.yaml: larger than 16 KiB"),
+    ("latin1.yaml", "vote: 'caf\xe9'\n", "latin1.yaml: not UTF-8 text"),
+    ("nan.yaml", "smfa_eps: .nan\n", "nan.yaml: Config.smfa_eps must be a finite number"),
+    ("keys.yaml", "1: 2\ntop_k: 3\n", "keys.yaml: unknown Config fields ['1']"),
+    ("syntax.json", "{\"top_k\": 5,}", "syntax.json: not JSON"),
+    ("deep.json", "[" * 5000 + "]" * 5000, "deep.json: not a config file: nested too deeply"),
+    ("infinite.json", "{\"smfa_eps\": Infinity}", "infinite.json: Config.smfa_eps must be a finite number"),
+])
+def test_config_files_that_cannot_be_used_are_usage_errors(tmp_path, capsys, name, text, message):
+    # each was a traceback (missing file, syntax error, python tag), or slow: a 413-byte alias bomb took 29 s and 4 GB
+    import time
+
+    path = tmp_path / name
+    if text is not None:
+        path.write_bytes(text.encode("latin-1" if name == "latin1.yaml" else "utf-8"))
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as usage:
+        main(["build-bank", "--out", str(tmp_path / "bank"), "--config", str(path)])
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and "argument --config: " in err and message in err, err
+    assert time.perf_counter() - start < 2 and not (tmp_path / "bank").exists()
+
+
+def test_eval_and_segment_help_lists_the_bank_building_knobs_apart(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = capsys.readouterr().out
+    fixed = text.split("bank-building knobs (fixed by the bank):")[1]
+    assert "--erosion " in fixed and "--region-entries" in fixed and "--top-k" not in fixed
