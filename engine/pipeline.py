@@ -35,7 +35,7 @@ from .regions import Proposals, Records
 from .retrieval import retrieve
 from .search import create_index
 from .stream import StageTimes, run_stages
-from .utils import check_image, mask_box, rle_encode
+from .utils import check_image, encode_mask, mask_box
 
 DEVICES = ("cpu", "cuda")
 KERNELS = {"compiled": ops, "reference": reference}
@@ -74,24 +74,33 @@ class Result:
         total = max(self.label_map.size, 1)
         return {name: counts[i] / total for i, name in enumerate(self.class_names) if counts[i]}
 
-    def segments(self) -> list[dict]:
-        """One record per painted proposal, most confident first (as segment-anything's automatic generator):
-        "class_id", "class" (name), "score" (confidence), "proposal_id", "area" (pixels it painted), "bbox"
-        ([x, y, width, height] of those pixels) and "segmentation" (their uncompressed COCO RLE)."""
+    def segments(self, output_mode: str = "uncompressed_rle") -> list[dict]:
+        """One record per proposal that painted pixels, most confident first (as segment-anything's automatic
+        generator; a kept proposal that higher-confidence ones painted over entirely has no record): "class_id",
+        "class" (name), "score" (confidence), "proposal_id", "area" (pixels it painted), "bbox" ([x, y, width,
+        height] of those pixels) and "segmentation" (those pixels as `output_mode`: "binary_mask" an (H, W) bool
+        array, "uncompressed_rle" COCO's {"size", "counts": [runs]}, "coco_rle" COCO's compressed {"size",
+        "counts": str}, through pycocotools)."""
         records = []
         for class_id, score, proposal in zip(self.classes, self.confidences, self.proposal_ids):
             painted = self.owner == proposal
+            area = int(painted.sum())
+            if not area:
+                continue
             name = self.class_names[class_id] if class_id < len(self.class_names) else str(class_id)
             records.append({"class_id": int(class_id), "class": name, "score": float(score),
-                            "proposal_id": int(proposal), "area": int(painted.sum()), "bbox": mask_box(painted),
-                            "segmentation": rle_encode(painted)})
+                            "proposal_id": int(proposal), "area": area, "bbox": mask_box(painted),
+                            "segmentation": encode_mask(painted, output_mode)})
         return records
 
-    def to_dict(self) -> dict:
-        """Everything but the pixel maps, JSON-ready: image size, per-class pixel fractions, the segments, counts
-        and the note."""
+    def to_dict(self, output_mode: str = "uncompressed_rle") -> dict:
+        """Everything but the pixel maps, JSON-ready: image size, per-class pixel fractions, the segments (masks as
+        "uncompressed_rle" or "coco_rle"), counts and the note."""
+        if output_mode == "binary_mask":
+            raise InputError("Result.to_dict: output_mode 'binary_mask' is not JSON; use 'uncompressed_rle' or "
+                             "'coco_rle' (or Result.segments('binary_mask'))")
         return {"height": int(self.label_map.shape[0]), "width": int(self.label_map.shape[1]),
-                "classes": self.class_summary(), "segments": self.segments(),
+                "classes": self.class_summary(), "segments": self.segments(output_mode),
                 "num_proposals": self.num_proposals, "num_candidates": self.num_candidates, "note": self.note}
 
 

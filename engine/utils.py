@@ -84,6 +84,28 @@ def rle_encode(mask: np.ndarray) -> dict:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
 
 
+#: how Result.segments gives a mask (segment-anything's output modes)
+MASK_OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+def encode_mask(mask: np.ndarray, output_mode: str = "uncompressed_rle"):
+    """An (H, W) binary mask as `output_mode`: "binary_mask" (the bool array), "uncompressed_rle" (rle_encode) or
+    "coco_rle" (COCO's compressed RLE, counts as a str, made by pycocotools: `pip install pycocotools`)."""
+    if output_mode == "binary_mask":
+        return np.asarray(mask, bool)
+    if output_mode == "uncompressed_rle":
+        return rle_encode(mask)
+    if output_mode != "coco_rle":
+        raise InputError(f"output_mode must be one of {MASK_OUTPUT_MODES}, got {output_mode!r}")
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError:
+        raise InputError("output_mode 'coco_rle' needs pycocotools: pip install pycocotools "
+                         "(or 'moduseg-engine[coco]')") from None
+    rle = coco_mask.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+    return {"size": [int(n) for n in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 def rle_decode(rle: dict) -> np.ndarray:
     """The (H, W) bool mask of an uncompressed COCO run-length encoding (rle_encode's inverse)."""
     height, width = rle["size"]

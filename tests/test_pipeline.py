@@ -384,7 +384,7 @@ def test_result_records_are_the_painted_segments(make_engine, toy, rng):
     result = make_engine().segment(image, ground_truth_proposals(label))
     record = json.loads(json.dumps(result.to_dict()))  # JSON-ready
     assert (record["height"], record["width"]) == label.shape and record["note"] == result.note
-    assert len(record["segments"]) == len(result.classes) > 0
+    assert 0 < len(record["segments"]) <= len(result.classes)
     painted = np.zeros(label.shape, np.int64)
     for segment in record["segments"]:
         mask = rle_decode(segment["segmentation"])
@@ -394,6 +394,36 @@ def test_result_records_are_the_painted_segments(make_engine, toy, rng):
         np.testing.assert_array_equal(result.label_map[mask], segment["class_id"])
         painted += mask
     assert painted.max() == 1 and (painted == 1).sum() == (result.owner >= 0).sum()
+
+
+def test_segments_keep_only_what_was_painted_in_every_output_mode(rng):
+    """A kept proposal painted over entirely by more confident ones has no record (it painted nothing); masks come
+    as bool arrays, uncompressed RLE or COCO's compressed RLE (pycocotools decodes it)."""
+    from engine.pipeline import Result
+    from engine.utils import rle_decode
+
+    owner = np.full((40, 60), -1, np.int32)
+    owner[5:20, 10:50], owner[25:38, 3:30] = 7, 2  # proposal 4 was kept but every pixel of it went to 7 first
+    label_map = np.select([owner == 7, owner == 2], [1, 3], 0).astype(np.uint8)
+    result = Result(label_map, classes=np.array([1, 2, 3]), confidences=np.array([0.9, 0.8, 0.7], np.float32),
+                    proposal_ids=np.array([7, 4, 2]), owner=owner, num_proposals=9, num_candidates=5,
+                    class_names=("background", "a", "b", "c"))
+    segments = result.segments()
+    assert [s["proposal_id"] for s in segments] == [7, 2] and [s["area"] for s in segments] == [600, 351]
+    for mode in ("binary_mask", "coco_rle"):
+        for plain, other in zip(segments, result.segments(mode)):
+            mask = other["segmentation"]
+            if mode == "coco_rle":
+                coco = pytest.importorskip("pycocotools.mask")
+                assert isinstance(mask["counts"], str)
+                mask = coco.decode({"size": mask["size"], "counts": mask["counts"].encode()}).astype(bool)
+            np.testing.assert_array_equal(mask, rle_decode(plain["segmentation"]))
+            np.testing.assert_array_equal(mask, owner == plain["proposal_id"])
+    assert len(result.to_dict("coco_rle")["segments"]) == 2
+    with pytest.raises(InputError, match="not JSON"):
+        result.to_dict("binary_mask")
+    with pytest.raises(InputError, match="output_mode must be one of"):
+        result.segments("polygons")
 
 
 def test_threads_sharing_one_engine_get_what_each_would_alone(make_engine, toy, rng):
