@@ -223,7 +223,17 @@ def overlay(image: np.ndarray, result, path, alpha: float = 0.5) -> None:
                     cv2.LINE_AA)
     if not shares:
         cv2.putText(legend, "background only", (6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate([blended, legend]), cv2.COLOR_RGB2BGR))
+    write_image(path, np.concatenate([blended, legend]))
+
+
+def write_image(path, rgb: np.ndarray) -> None:
+    """Write an RGB image in the format its file suffix names. Encoded in memory and written by Python:
+    cv2.imwrite takes the path as a C string and crashes the process (SIGSEGV) on a file name that is not UTF-8, and
+    only returns False when the disk is full or the folder is read-only; here those are an OSError."""
+    ok, encoded = cv2.imencode(Path(path).suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: OpenCV cannot encode an image as {Path(path).suffix!r}")
+    Path(path).write_bytes(encoded.tobytes())
 
 
 def write_sheet(path: Path, samples, predictions, width: int = 320) -> None:
@@ -239,7 +249,7 @@ def write_sheet(path: Path, samples, predictions, width: int = 320) -> None:
         return
     grid = np.concatenate([np.pad(line, ((0, 0), (0, max(l.shape[1] for l in lines) - line.shape[1]), (0, 0)),
                                   constant_values=255) for line in lines], 0)
-    cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    write_image(path, grid)
 
 
 def markdown(report: dict) -> str:
