@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .config import BANK_FIELDS, Config
@@ -356,100 +357,134 @@ def cmd_eval(args) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def image_files(specs: list[str], manifest=None) -> tuple[list[Path], Path]:
-    """Image files from files, directories (searched recursively) and glob patterns, in order, then those a manifest
-    file lists, each once; and the folder their outputs are named relative to (the deepest folder holding them all).
-    A spec matching nothing is an InputError; a manifest's paths are not checked here (a missing one is recorded as
-    a failure when it is segmented)."""
-    import glob
-
-    found: list[Path] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        elif path.is_file():
-            found.append(path)
-        elif glob.has_magic(spec):
-            found += sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        else:
-            raise InputError(f"{spec}: no such image file, folder or glob match")
-    if manifest is not None:
-        found += read_manifest(manifest)
-    found = list(dict.fromkeys(p.resolve() for p in found))
-    if not found:
-        raise InputError(f"no image files in {specs}" + (f" or {manifest}" if manifest is not None else ""))
-    base = Path(os.path.commonpath([str(p.parent) for p in found]))
-    return found, base
-
-
-def read_manifest(path) -> list[Path]:
-    """The image paths a manifest file lists, one a line (blank lines and lines starting with # skipped); a relative
-    path is relative to the manifest's folder. An unreadable or empty manifest is an InputError."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"--manifest {path}: cannot read it: {error}") from error
-    entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    if not entries:
-        raise InputError(f"--manifest {path} lists no image paths (one a line)")
-    return [path.parent / entry for entry in entries]
-
-
 def cmd_segment(args) -> int:
-    from tqdm.auto import tqdm
-
-    from .outputs import FAILURES_FILE, outputs_done, write_failures, write_outputs
-
+    """Segment the inputs into --out (outputs named as engine.outputs says), resuming from records that still hold;
+    a failure of one item (reading, segmenting or writing it) is recorded and the run goes on."""
     from .bank import FeatureBank
+    from .outputs import OutputConflict, bank_id, find_inputs, plan_run, run_provenance
 
     if (args.bank is None) == (args.url is None):
         raise InputError("give --bank (segment here) or --url (a Triton server's segmentation model), not both")
     if args.url is not None and args.ray is not None:
         raise InputError("--url and --ray do not combine: scale a served model with server replicas instead")
+    config = None
     if args.url is None:
         bank = FeatureBank.load(args.bank)  # checked here, before any work, also when Ray actors load it again
         config = _config(args, bank.config)
+    try:
+        inputs = find_inputs(args.images, args.manifest, out=args.out)
+    except OutputConflict as error:
+        _usage_error("segment", str(error))
     out = _output_dir(args.out)
-    paths, base = image_files(args.images, args.manifest)
     if args.ray is not None:
         from .distributed import segment_ray
 
-        summary = segment_ray(paths, base, out, args.bank, config, address=args.ray or None, actors=args.actors,
+        summary = segment_ray(inputs, out, args.bank, config, address=args.ray or None, actors=args.actors,
                               with_overlay=args.overlay, resume=args.resume, device=args.device)
     else:
-        from .pipeline import Engine, Skipped
-
         if args.url is None:
+            from .pipeline import Engine
+
             engine = Engine(bank, config=config, device=args.device)
+            run = run_provenance(bank=bank_id(args.bank), config=config)
         else:
             from .remote import RemoteEngine
 
             engine = RemoteEngine(args.url, model_name=args.model, protocol=args.protocol,
                                   concurrency=args.concurrency, headers=_headers(args.header))
-        todo = [p for p in paths if not (args.resume and outputs_done(p, base, out))]
-        failures = []
-        with tqdm(total=len(todo), desc="segment", unit="img") as bar:
-            for path, result in zip(todo, engine.segment_stream(todo, on_error="skip")):
-                bar.update(1)
-                if isinstance(result, Skipped):
-                    failures.append({"image": str(path), "reason": result.reason})
-                else:
-                    write_outputs(path, result, base, out, args.overlay)
-        summary = {"images": len(paths), "done_before": len(paths) - len(todo),
-                   "written": len(todo) - len(failures), "failures": failures}
+            run = run_provenance(server={"url": args.url, "model": args.model})
+        plan = plan_run(inputs, out, run, resume=args.resume, with_overlay=args.overlay)
+        batch_size = config.batch_size if config is not None else engine.concurrency
+        summary = _segment_here(engine, inputs, plan, out, args.overlay, batch_size)
     failures = summary["failures"]
-    write_failures(out, failures)
-    if failures:
-        print(f"{len(failures)} of {len(paths)} images failed (reasons in {out / FAILURES_FILE})", file=sys.stderr)
+    _record_failures(out, failures, len(inputs))
     print(f"{summary['written']} written, {summary['done_before']} already done, {len(failures)} failed, of "
-          f"{len(paths)} images: label maps + JSON records{' + overlays' if args.overlay else ''} -> {out}"
+          f"{len(inputs)} images: label maps + JSON records{' + overlays' if args.overlay else ''} -> {_shown(out)}"
           + (" (all done)" if not failures else ""))
+    if summary["stale"]:
+        print(f"{sum(summary['stale'].values())} of them redone because their record was stale: "
+              + ", ".join(f"{reason} {count}" for reason, count in sorted(summary["stale"].items())))
     return 1 if failures else 0
+
+
+def _segment_here(engine, inputs, plan, out: Path, with_overlay: bool, batch_size: int) -> dict:
+    """Segment `plan.todo` in this process (an Engine, or a RemoteEngine's server) and write each item's outputs;
+    any exception while reading, segmenting or writing an item is that item's failure. Returns segment_ray's
+    summary."""
+    from tqdm.auto import tqdm
+
+    from .outputs import write_outputs
+    from .pipeline import Skipped
+
+    reasons = dict(plan.failures)  # image path -> why it failed; "" when written
+    with tqdm(total=len(plan.todo), desc="segment", unit="img") as bar:
+        def finish(item, provenance, result) -> None:
+            bar.update(1)
+            if isinstance(result, Skipped):
+                reasons[str(item.path)] = result.reason
+                return
+            try:
+                write_outputs(item, result, out, provenance, with_overlay)
+                reasons[str(item.path)] = ""
+            except Exception as error:  # noqa: BLE001 - disk full, read-only folder, ...: this item's failure
+                reasons[str(item.path)] = f"cannot write its outputs: {type(error).__name__}: {error}"
+
+        _each_result(engine, plan.todo, batch_size, finish)
+    return {"images": len(inputs), "done_before": plan.done, "stale": plan.stale,
+            "written": sum(1 for item, _ in plan.todo if reasons.get(str(item.path)) == ""),
+            "failures": [{"image": str(item.path), "reason": reasons[str(item.path)]} for item in inputs
+                         if reasons.get(str(item.path))]}
+
+
+def _each_result(engine, todo: list, batch_size: int, finish) -> None:
+    """finish(item, provenance, result or Skipped) for each (item, provenance) of `todo`, in order, segmented as a
+    stream. The stream's stages hand an exception on in order, so when one escapes, the results before the batch
+    that raised have all arrived: that batch is redone one image at a time (the image that raises becomes a Skipped
+    with the error), and the stream starts again after it."""
+    from .pipeline import Skipped
+
+    position = 0
+    while position < len(todo):
+        try:
+            for result in engine.segment_stream([item.path for item, _ in todo[position:]], batch_size=batch_size,
+                                                on_error="skip"):
+                finish(*todo[position], result)
+                position += 1
+        except Exception:  # noqa: BLE001 - found and recorded below, image by image
+            for item, provenance in todo[position:position + batch_size]:
+                try:
+                    result = engine.segment_batch([item.path], on_error="skip")[0]
+                except Exception as error:  # noqa: BLE001 - this image's failure
+                    result = Skipped(0, str(item.path), f"{type(error).__name__}: {error}")
+                finish(item, provenance, result)
+            position += batch_size
+
+
+def _record_failures(out: Path, failures: list[dict], images: int) -> None:
+    """OUT/failures.jsonl; when even that cannot be written (a full disk), the failures go to stderr instead."""
+    from .outputs import FAILURES_FILE, write_failures
+
+    try:
+        write_failures(out, failures)
+    except OSError as error:
+        print(f"cannot write {_shown(out / FAILURES_FILE)} ({error}); the failures:", file=sys.stderr)
+        for failure in failures:
+            print(f"  {failure['image']}: {failure['reason']}", file=sys.stderr)
+        return
+    if failures:
+        print(f"{len(failures)} of {images} images failed (reasons in {_shown(out / FAILURES_FILE)})", file=sys.stderr)
+
+
+def _shown(path) -> str:
+    """A path as printable text: bytes of a name that is not UTF-8 as \\x escapes (stdout would refuse them)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _usage_error(command: str, message: str) -> NoReturn:
+    """A usage error found after parsing (the arguments contradict each other or the files they name): argparse's
+    form and exit code 2."""
+    print(f"moduseg {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _headers(pairs) -> dict[str, str]:
@@ -464,10 +499,18 @@ def _headers(pairs) -> dict[str, str]:
 
 
 def _output_dir(path) -> Path:
+    """--out, created if missing; an InputError, before any work, if it is a file or cannot be written (a
+    read-only file system, no permission)."""
+    import tempfile
+
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; name a folder")
-    out.mkdir(parents=True, exist_ok=True)
+        raise InputError(f"--out {_shown(out)} is a file; name a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # whether files can be made there (permission bits do not say as root)
+    except OSError as error:
+        raise InputError(f"--out {_shown(out)}: cannot write there: {error}") from error
     return out
 
 
@@ -632,14 +675,20 @@ def _add_segment_parser(commands) -> None:
     segment.add_argument("--header", action="append", default=None, metavar="KEY=VALUE",
                          help="with --url: an HTTP header / gRPC metadata sent with every request (repeatable)")
     segment.add_argument("--concurrency", type=int, default=4, help="with --url: requests in flight (default 4)")
-    segment.add_argument("images", nargs="*", help="image files, folders (searched recursively) or glob patterns")
+    segment.add_argument("images", nargs="*", help="image files, folders (searched recursively; symlinked folders "
+                         "not entered) or glob patterns")
     segment.add_argument("--manifest", default=None, metavar="FILE",
                          help="a file listing image paths, one a line (relative to its folder); a missing one is "
                               "recorded as a failure")
     segment.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                         help="skip images whose JSON record (written last) exists in --out (default on); "
-                              "failed images are retried")
-    segment.add_argument("--out", required=True, help="output folder; outputs keep the inputs' relative paths")
+                         help="skip images whose JSON record (written last) exists in --out and was made from the "
+                              "same bank (or server), result-changing config and input file (size, mtime) (default "
+                              "on); stale and failed images are redone")
+    segment.add_argument("--out", required=True,
+                         help="output folder, outside every input folder (else a usage error); an input's outputs are "
+                              "named by its path below the argument that found it (a folder, a glob's leading folder, "
+                              "the manifest's folder; a file argument: its name), suffix kept: a/x.jpg -> "
+                              "OUT/a/x.jpg.png (label map), .json (record), .overlay.jpg")
     segment.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                          help="also write the image blended with its label map and a legend (default on)")
     segment.add_argument("--device", default="cpu", help="cpu or cuda (the backbone and the bank search)")

@@ -20,6 +20,7 @@ ModelError, and a bank build writes nothing (the bank and its parts are written 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
@@ -382,82 +383,82 @@ def reject_outliers_ray(parts: Sequence[BankPart], config: Config, address: str 
 
 
 class _Segmenter:
-    """Actor: an Engine over the bank (loaded once); a batch of paths -> the outputs written, a reason per failed
-    image ("" when done)."""
+    """Actor: an Engine over the bank (loaded once); a batch of inputs (paths and keys as file-system bytes: a name
+    that is not UTF-8 is no Arrow string) -> the outputs written, a reason per failed image ("" when done)."""
 
-    def __init__(self, bank, config, base, out, with_overlay, device, fault):
+    def __init__(self, bank, config, out, with_overlay, device, fault):
         from .pipeline import Engine
 
         self.engine = Engine(bank, config=config, device=device)
-        self.base, self.out, self.with_overlay = Path(base), Path(out), with_overlay
+        self.out, self.with_overlay = Path(out), with_overlay
         self.fault = _Fault(fault)
 
     def __call__(self, batch: dict) -> dict:
-        self.fault.tick()
-        paths = [Path(p) for p in batch["path"]]
-        return {"path": np.array([str(p) for p in paths], dtype=object),
-                "reason": np.array(self._segment(paths), dtype=object)}
+        from .outputs import Input
 
-    def _segment(self, paths: list[Path]) -> list[str]:
+        self.fault.tick()
+        items = [(Input(Path(os.fsdecode(path)), Path(os.fsdecode(key))), json.loads(provenance))
+                 for path, key, provenance in zip(batch["path"], batch["key"], batch["provenance"])]
+        return {"path": batch["path"], "reason": np.array(self._segment(items), dtype=object)}
+
+    def _segment(self, items: list) -> list[str]:
         from .outputs import write_outputs
         from .pipeline import Skipped
 
         try:
-            results = self.engine.segment_batch(paths, on_error="skip")
+            results = self.engine.segment_batch([item.path for item, _ in items], on_error="skip")
         except Exception as error:  # not a decode error (those come back Skipped): find the image that caused it
-            if len(paths) == 1:
+            if len(items) == 1:
                 return [f"{type(error).__name__}: {error}"]
-            return [reason for path in paths for reason in self._segment([path])]
+            return [reason for item in items for reason in self._segment([item])]
         reasons = []
-        for path, result in zip(paths, results):
+        for (item, provenance), result in zip(items, results):
             if isinstance(result, Skipped):
                 reasons.append(result.reason)
                 continue
             try:
-                write_outputs(path, result, self.base, self.out, self.with_overlay)
+                write_outputs(item, result, self.out, provenance, self.with_overlay)
                 reasons.append("")
-            except (OSError, ModuSegError) as error:
-                reasons.append(f"cannot write its outputs: {error}")
+            except Exception as error:  # noqa: BLE001 - disk full, read-only folder, ...: this image's failure
+                reasons.append(f"cannot write its outputs: {type(error).__name__}: {error}")
         return reasons
 
 
-def segment_ray(paths: Sequence[Path], base: Path, out: Path, bank, config: Config, address: str | None = None,
+def segment_ray(inputs: Sequence, out: Path, bank, config: Config, address: str | None = None,
                 actors: int | None = None, with_overlay: bool = True, resume: bool = True, device: str = "cpu",
                 progress: bool = True) -> dict:
-    """Segment image files on Ray, writing each image's outputs under `out` as `moduseg segment` does (named by its
-    path relative to `base`). With `resume`, images whose JSON record exists are skipped. Returns {"images",
-    "done_before", "written", "failures": [{"image", "reason"}, ...] in input order}; failures are never raised."""
+    """Segment `inputs` (engine.outputs.Input: path and key, from find_inputs) on Ray, writing each one's outputs
+    under `out` as `moduseg segment` does. With `resume`, an input whose record still holds (same bank, result-changing
+    config and input file: engine.outputs.plan_run) is skipped, and one whose record is stale is redone. Returns
+    {"images", "done_before", "stale" (reason -> count of those redone), "written", "failures": [{"image", "reason"},
+    ...] in input order}; failures are never raised."""
     from tqdm.auto import tqdm
 
-    todo = [Path(p) for p in paths if not (resume and _done(p, base, out))]
-    summary = {"images": len(paths), "done_before": len(paths) - len(todo), "written": 0, "failures": []}
-    if not todo:
-        return summary
-    ray = connect(address, progress=False)
-    n, resources, threads, gpu_device = _pool(ray, actors, config)
-    engine_config = config if config.num_threads else config.replace(num_threads=threads)
-    table = ray.data.from_items([{"path": str(p)} for p in todo])
-    results = _map(ray, table, _Segmenter, n, resources, config.batch_size, bank=str(Path(bank).resolve()),
-                   config=engine_config, base=str(base), out=str(Path(out).resolve()), with_overlay=with_overlay,
-                   device=device if gpu_device == "cpu" else gpu_device, fault=os.environ.get(FAULT_ENV))
-    reasons: dict[str, str] = {}
-    try:
-        with tqdm(total=len(todo), desc="segment (ray)", unit="img", disable=not progress) as bar:
-            for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
-                reasons.update(zip(batch["path"], batch["reason"]))
-                bar.update(len(batch["path"]))
-    except Exception as error:
-        raise _failed("segment run", error) from error
-    summary["failures"] = [{"image": str(p), "reason": reasons[str(p)]} for p in todo if reasons.get(str(p))]
-    summary["written"] = sum(1 for p in todo if reasons.get(str(p)) == "")
-    missing = [str(p) for p in todo if str(p) not in reasons]
-    if missing:
-        raise ModelError(f"Ray segment run returned no result for {len(missing)} images (e.g. {missing[0]}); rerun "
-                         "to resume")
-    return summary
+    from .outputs import bank_id, plan_run, run_provenance
 
-
-def _done(path, base, out) -> bool:
-    from .outputs import outputs_done
-
-    return outputs_done(Path(path), Path(base), Path(out))
+    plan = plan_run(inputs, out, run_provenance(bank=bank_id(bank), config=config), resume, with_overlay)
+    reasons: dict[str, str] = dict(plan.failures)  # image path -> why it failed; "" when written
+    if plan.todo:
+        ray = connect(address, progress=False)
+        n, resources, threads, gpu_device = _pool(ray, actors, config)
+        engine_config = config if config.num_threads else config.replace(num_threads=threads)
+        table = ray.data.from_items([{"path": os.fsencode(item.path), "key": os.fsencode(item.key),
+                                      "provenance": json.dumps(provenance)} for item, provenance in plan.todo])
+        results = _map(ray, table, _Segmenter, n, resources, config.batch_size, bank=str(Path(bank).resolve()),
+                       config=engine_config, out=str(Path(out).resolve()), with_overlay=with_overlay,
+                       device=device if gpu_device == "cpu" else gpu_device, fault=os.environ.get(FAULT_ENV))
+        try:
+            with tqdm(total=len(plan.todo), desc="segment (ray)", unit="img", disable=not progress) as bar:
+                for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+                    reasons.update(zip(map(os.fsdecode, batch["path"]), batch["reason"]))
+                    bar.update(len(batch["path"]))
+        except Exception as error:
+            raise _failed("segment run", error) from error
+        missing = [str(item.path) for item, _ in plan.todo if str(item.path) not in reasons]
+        if missing:
+            raise ModelError(f"Ray segment run returned no result for {len(missing)} images (e.g. {missing[0]}); "
+                             "rerun to resume")
+    return {"images": len(inputs), "done_before": plan.done, "stale": plan.stale,
+            "written": sum(1 for item, _ in plan.todo if reasons.get(str(item.path)) == ""),
+            "failures": [{"image": str(item.path), "reason": reasons[str(item.path)]} for item in inputs
+                         if reasons.get(str(item.path))]}

@@ -1,6 +1,7 @@
 """engine.cli: the `moduseg` command's contract — build-bank, eval and segment on a small VOC-layout copy of
 voc2012-mini with the real default backbone, clear errors, triton-repo, and serve stopping its server on SIGTERM."""
 
+import hashlib
 import json
 import os
 import re
@@ -37,7 +38,8 @@ def test_build_bank_eval_segment(small_voc, tmp_path, capsys):
     assert set(metrics["per_class"]) == set(manifest["class_names"])
     assert len(list((out / "predictions").glob("*.png"))) == 3
 
-    # files from two folders with the same name, a folder and a glob: outputs keep their relative paths
+    # files from two folders with the same name, found by a folder and again by a glob: outputs keep their paths
+    # below the folder, suffix and all
     image = sorted((small_voc / "JPEGImages").glob("*.jpg"))[0]
     inputs = tmp_path / "inputs"
     for sub in ("a", "b"):
@@ -45,17 +47,18 @@ def test_build_bank_eval_segment(small_voc, tmp_path, capsys):
         shutil.copy(image, inputs / sub / image.name)
     (inputs / "b" / "broken.jpg").write_bytes(b"not a jpeg")
     segmented = tmp_path / "segmented"
-    code = main(["segment", "--bank", str(bank), str(inputs / "a" / image.name), str(inputs / "b"),
-                 str(inputs / "*" / "*.jpg"), "--out", str(segmented)])
+    code = main(["segment", "--bank", str(bank), str(inputs), str(inputs / "*" / "*.jpg"), "--out", str(segmented)])
     assert code == 1  # one image could not be read: the others are written, the failure recorded
     for sub in ("a", "b"):
-        png = Image.open(segmented / sub / f"{image.stem}.png")
+        png = Image.open(segmented / sub / f"{image.name}.png")
         assert png.mode == "P" and png.size == Image.open(image).size
         assert np.asarray(png).max() < len(manifest["class_names"])
-        record = json.loads((segmented / sub / f"{image.stem}.json").read_text())
+        record = json.loads((segmented / sub / f"{image.name}.json").read_text())
         assert record["image"].endswith(f"{sub}/{image.name}") and (record["height"], record["width"]) == png.size[::-1]
         assert all({"class", "score", "area", "bbox", "segmentation"} <= set(r) for r in record["segments"])
-        assert Image.open(segmented / sub / f"{image.stem}_overlay.jpg").size[0] == png.size[0]
+        assert record["provenance"]["bank"] == "sha256:" + hashlib.sha256((bank / "manifest.json").read_bytes()) \
+            .hexdigest() and record["provenance"]["config"]["top_k"] == 1
+        assert Image.open(segmented / sub / f"{image.name}.overlay.jpg").size[0] == png.size[0]
     failures = [json.loads(line) for line in (segmented / "failures.jsonl").read_text().splitlines()]
     assert [f["image"].endswith("broken.jpg") for f in failures] == [True] and "cannot read image" in failures[0]["reason"]
 

@@ -117,19 +117,22 @@ def test_segment_ray_writes_what_segment_writes_records_bad_files_and_resumes(cl
     images = sorted((small_voc / "JPEGImages").glob("*.jpg"))[:4]
     for i, image in enumerate(images):
         shutil.copy(image, inputs / ("sub" if i % 2 else "") / image.name)
+    # a name that is not UTF-8 (no Arrow string; it crashed the overlay writer) travels as bytes
+    odd = os.fsdecode(os.path.join(os.fsencode(inputs / "sub"), b"caf\xe9.jpg"))
+    shutil.copy(images[0], odd)
     bad = bad_files(inputs)
     out, reference = tmp_path / "ray", tmp_path / "single"
     assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(reference)]) == 1
     capsys.readouterr()
     assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(out), "--ray"]) == 1
     printed = capsys.readouterr()
-    assert "4 written, 0 already done, 3 failed" in printed.out
+    assert "5 written, 0 already done, 3 failed" in printed.out
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert {f["image"] for f in failures} == bad and all(f["reason"] for f in failures)
     # the same files as the single-process command, with the same contents (overlays: same size)
     written = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert written == sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
-    assert len([p for p in written if p.suffix == ".json" and p.name != "failures.jsonl"]) == 4
+    assert len([p for p in written if p.suffix == ".json" and p.name != "failures.jsonl"]) == 5
     for name in written:  # scores may differ in the last bits (one runtime thread per actor here)
         if name.suffix == ".png":
             np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(reference / name)))
@@ -139,15 +142,22 @@ def test_segment_ray_writes_what_segment_writes_records_bad_files_and_resumes(cl
             np.testing.assert_allclose(scores[0], scores[1], atol=1e-5)
             assert got == want, name
     assert not [p for p in out.rglob(".*")]  # no temporary files left
-    # a rerun writes nothing new; one missing record is redone, and only it
+    # a rerun writes nothing new; one missing record is redone, and only it; so is one whose input changed
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(out), "--ray"]) == 1
-    assert "0 written, 4 already done, 3 failed" in capsys.readouterr().out
+    assert "0 written, 5 already done, 3 failed" in capsys.readouterr().out
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
-    record = next(out.rglob("*.json"))
+    record = next(out.rglob("*.jpg.json"))
     record.unlink()
     assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(out), "--ray"]) == 1
-    assert "1 written, 3 already done, 3 failed" in capsys.readouterr().out and record.is_file()
+    assert "1 written, 4 already done, 3 failed" in capsys.readouterr().out and record.is_file()
+    shutil.copy(images[1], odd)
+    assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(out), "--ray"]) == 1
+    printed = capsys.readouterr().out
+    assert "1 written, 4 already done, 3 failed" in printed and "redone because their record was stale: input " \
+        "changed 1" in printed
+    assert json.loads((out / "sub" / "caf\udce9.jpg.json").read_text())["provenance"]["input"]["size"] == \
+        os.path.getsize(odd)
     # fixed inputs leave the failure list; a manifest's missing file is recorded, not fatal
     for path in bad:
         os.remove(path)
@@ -159,7 +169,7 @@ def test_segment_ray_writes_what_segment_writes_records_bad_files_and_resumes(cl
                  "--ray", "--no-overlay"]) == 1
     failures = [json.loads(line) for line in (listed / "failures.jsonl").read_text().splitlines()]
     assert [f["image"] for f in failures] == [str(tmp_path / "missing.jpg")]
-    assert (listed / f"{images[0].stem}.json").is_file()
+    assert (listed / f"{images[0].name}.json").is_file()
     assert main(["segment", "--bank", str(voc_bank), str(inputs), "--out", str(out), "--ray"]) == 0
     assert "(all done)" in capsys.readouterr().out and not (out / "failures.jsonl").exists()
 
