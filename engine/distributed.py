@@ -39,6 +39,8 @@ MAX_TASK_RETRIES = 2
 #: test hook, read on the driver: "N" makes every actor's process exit on its Nth batch; "N:FILE" only the first to
 #: get there (it creates FILE), so the run must recover through a restart
 FAULT_ENV = "MODUSEG_RAY_FAULT"
+#: Ray's worker_process_setup_hook for the sessions `connect` starts: see worker_setup
+WORKER_SETUP_HOOK = "engine.distributed.worker_setup"
 
 
 # ------------------------------------------------------------------------------------------------ the cluster
@@ -64,11 +66,20 @@ def connect(address: str | None = None, progress: bool = True):
             _check_reachable(address)
         try:
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                     logging_level="warning")
+                     logging_level="warning", runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise InputError(f"cannot join the Ray cluster at {address!r}: {error}") from error
     ray.data.DataContext.get_current().enable_progress_bars = progress
     return ray
+
+
+def worker_setup() -> None:
+    """Run by each Ray worker of a session `connect` starts, before the worker's first task; Ray imports this module
+    by name to call it, and that import is the point: the worker imports the engine from its own sys.path (the
+    installed package) before Ray puts the driver's working folder first on that sys.path, which it does at the
+    worker's first task. A checkout's engine/ in that folder (a driver started from the checkout root), without its
+    compiled module, would otherwise shadow the installed engine in every actor; once imported, `engine` stays the
+    installed package whatever sys.path holds. Nothing else to do here."""
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -212,3 +212,76 @@ def test_killed_actor_is_recovered_or_fails_clearly_without_a_bank(cluster, smal
     assert time.perf_counter() - start < 90
     assert "Ray bank build failed: ActorDiedError" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crashed"]
+
+
+# ----------------------------------------------------------------------- workers import the installed engine
+
+
+def regular_install(tmp_path):
+    """A Python that imports `engine` as a regular (non-editable) install does: a plain copy of the engine under
+    test, on the path through a .pth of a pip-less venv that then lists this environment's site-packages (so no
+    editable-install finder takes over the import). Returns its interpreter and the copy's folder."""
+    import site
+    import subprocess
+    import sys
+
+    import engine
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    copy = tmp_path / "installed"
+    shutil.copytree(os.path.dirname(engine.__file__), copy / "engine", ignore=shutil.ignore_patterns("__pycache__"))
+    (purelib,) = (venv / "lib").glob("python3*/site-packages")
+    (purelib / "moduseg_test.pth").write_text("\n".join([str(copy), *site.getsitepackages()]) + "\n")
+    return venv / "bin" / "python", copy / "engine"
+
+
+DRIVER = """
+import json, sys
+import ray
+import engine
+from engine import distributed
+from engine.config import Config
+from engine.registry import DEFAULT_BACKBONE
+
+parts = distributed.build_parts_ray(sys.argv[1], "train", "gt", DEFAULT_BACKBONE, Config(batch_size=2), actors=2,
+                                    progress=False)
+
+@ray.remote
+def where():
+    import engine
+    return engine.__file__
+
+print(json.dumps({"images": sum(len(p.images) for p in parts), "driver": engine.__file__,
+                  "workers": sorted(set(ray.get([where.remote() for _ in range(4)])))}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", ["checkout", "shadowing"])
+def test_a_ray_bank_build_from_any_working_folder_runs_the_installed_engine(folder, small_voc, repo_root, tmp_path):
+    """The driver (distributed.connect) starts its own local cluster from the checkout root, or from a folder whose
+    engine/ fails on import: Ray puts that folder first on every worker's sys.path, and without the worker setup
+    hook the workers imported its engine/ (the checkout's sources, no compiled module) instead of the installed one
+    the driver runs."""
+    import subprocess
+
+    python, installed = regular_install(tmp_path)
+    if folder == "checkout":
+        cwd = repo_root
+    else:
+        cwd = tmp_path / "shadowing"
+        (cwd / "engine").mkdir(parents=True)
+        (cwd / "engine" / "__init__.py").write_text("raise ImportError('the engine/ of the working folder')\n")
+    driver = tmp_path / "driver" / "drive.py"
+    driver.parent.mkdir()
+    driver.write_text(DRIVER)
+    environment = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH", distributed.FAULT_ENV)}
+    run = subprocess.run([str(python), str(driver), str(small_voc)], cwd=cwd, env=environment, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["images"] == 6
+    assert report["driver"] == str(installed / "__init__.py")
+    assert report["workers"] == [report["driver"]]
