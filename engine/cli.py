@@ -380,19 +380,20 @@ def cmd_segment(args) -> int:
         from .distributed import segment_ray
 
         summary = segment_ray(inputs, out, args.bank, config, address=args.ray or None, actors=args.actors,
-                              with_overlay=args.overlay, resume=args.resume, device=args.device)
+                              with_overlay=args.overlay, resume=args.resume, device=args.device,
+                              output_mode=args.output_mode)
     else:
         if args.url is None:
             from .pipeline import Engine
 
             engine = Engine(bank, config=config, device=args.device)
-            run = run_provenance(bank=bank_id(args.bank), config=config)
+            run = run_provenance(bank=bank_id(args.bank), config=config, output_mode=args.output_mode)
         else:
             from .remote import RemoteEngine
 
             engine = RemoteEngine(args.url, model_name=args.model, protocol=args.protocol,
                                   concurrency=args.concurrency, headers=_headers(args.header))
-            run = run_provenance(server={"url": args.url, "model": args.model})
+            run = run_provenance(server={"url": args.url, "model": args.model}, output_mode=args.output_mode)
         plan = plan_run(inputs, out, run, resume=args.resume, with_overlay=args.overlay)
         batch_size = config.batch_size if config is not None else engine.concurrency
         summary = _segment_here(engine, inputs, plan, out, args.overlay, batch_size)
@@ -691,6 +692,10 @@ def _add_segment_parser(commands) -> None:
                               "OUT/a/x.jpg.png (label map), .json (record), .overlay.jpg")
     segment.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                          help="also write the image blended with its label map and a legend (default on)")
+    segment.add_argument("--output-mode", choices=("uncompressed_rle", "coco_rle"), default="uncompressed_rle",
+                         help="each segment's mask in the JSON records: COCO's uncompressed RLE (runs as a list; "
+                              "default) or its compressed RLE (a string, as pycocotools.mask.decode takes; needs "
+                              "pycocotools)")
     segment.add_argument("--device", default="cpu", help="cpu or cuda (the backbone and the bank search)")
     _add_ray_flags(segment, "segment on a Ray cluster: actors each hold an Engine and write the outputs")
     _add_config_flags(segment, bank="fixed")

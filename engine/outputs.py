@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .utils import compress_rle
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FAILURES_FILE = "failures.jsonl"
@@ -37,7 +38,9 @@ FAILURES_FILE = "failures.jsonl"
 #: change), left out of a record's provenance so that changing them does not redo finished images
 RESULT_NEUTRAL = ("batch_size", "num_threads", "max_image_pixels")
 #: the provenance parts a resumed run compares, in the order a stale record's reason names the first that differs
-PROVENANCE_PARTS = ("bank", "server", "config", "input")
+PROVENANCE_PARTS = ("bank", "server", "config", "output_mode", "input")
+#: how a JSON record gives each segment's mask (Result.segments' output modes that are JSON)
+RECORD_MASK_MODES = ("uncompressed_rle", "coco_rle")
 
 
 class OutputConflict(InputError):
@@ -185,11 +188,15 @@ def bank_id(bank_dir) -> str:
         raise InputError(f"bank {bank_dir}: cannot read its manifest.json: {error}") from error
 
 
-def run_provenance(bank: str | None = None, config=None, server: dict | None = None) -> dict:
+def run_provenance(bank: str | None = None, config=None, server: dict | None = None,
+                   output_mode: str = "uncompressed_rle") -> dict:
     """The provenance every record of a run shares: the bank's id (`bank_id`) or the server that segmented
-    ({"url", "model"}; its bank is not known to the client), and the config fields that change results."""
+    ({"url", "model"}; its bank is not known to the client), the config fields that change results, and how the
+    records give masks (`output_mode`: "uncompressed_rle" or "coco_rle")."""
+    if output_mode not in RECORD_MASK_MODES:
+        raise InputError(f"output_mode must be one of {RECORD_MASK_MODES} for JSON records, got {output_mode!r}")
     inference = None if config is None else {k: v for k, v in config.to_dict().items() if k not in RESULT_NEUTRAL}
-    return {"bank": bank, "server": server, "config": inference}
+    return {"bank": bank, "server": server, "config": inference, "output_mode": output_mode}
 
 
 def input_state(path) -> dict:
@@ -280,6 +287,9 @@ def write_outputs(item: Input, result, out, provenance: dict, with_overlay: bool
     if with_overlay:
         _write_atomic(files.overlay, lambda tmp: overlay(load_image(item.path), result, tmp))
     record = {"image": str(item.path), **result.to_dict(), "provenance": provenance}
+    if provenance.get("output_mode") == "coco_rle":  # in-process and served results both give uncompressed RLE
+        for segment in record["segments"]:
+            segment["segmentation"] = compress_rle(segment["segmentation"])
     _write_atomic(files.record, lambda tmp: tmp.write_text(json.dumps(record)))
     return files.record
 

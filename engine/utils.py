@@ -97,13 +97,20 @@ def encode_mask(mask: np.ndarray, output_mode: str = "uncompressed_rle"):
         return rle_encode(mask)
     if output_mode != "coco_rle":
         raise InputError(f"output_mode must be one of {MASK_OUTPUT_MODES}, got {output_mode!r}")
+    return compress_rle(rle_encode(mask))
+
+
+def compress_rle(rle: dict) -> dict:
+    """COCO's compressed RLE ({"size", "counts": str}) of an uncompressed one, made by pycocotools (which decodes
+    only the compressed form)."""
     try:
         from pycocotools import mask as coco_mask
     except ImportError:
         raise InputError("output_mode 'coco_rle' needs pycocotools: pip install pycocotools "
                          "(or 'moduseg-engine[coco]')") from None
-    rle = coco_mask.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
-    return {"size": [int(n) for n in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    height, width = rle["size"]
+    compressed = coco_mask.frPyObjects({"size": [height, width], "counts": list(rle["counts"])}, height, width)
+    return {"size": [int(height), int(width)], "counts": compressed["counts"].decode("ascii")}
 
 
 def rle_decode(rle: dict) -> np.ndarray:

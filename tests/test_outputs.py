@@ -373,3 +373,25 @@ def test_segment_help_states_the_naming(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert done.value.code == 0 and "a/x.jpg -> OUT/a/x.jpg.png (label map), .json (record), .overlay.jpg" in text
     assert "outside every input folder" in text
+
+
+def test_output_mode_coco_rle_records_decode_with_pycocotools_and_a_change_redoes_them(cli, toy, rng, tmp_path,
+                                                                                       capsys):
+    """--output-mode coco_rle: each record's masks as COCO's compressed RLE (what pycocotools.mask.decode takes), the
+    same pixels as the default uncompressed RLE; the mode is part of the provenance, so changing it redoes records."""
+    coco = pytest.importorskip("pycocotools.mask")
+    from engine.utils import rle_decode
+
+    inputs, out = tmp_path / "in", tmp_path / "seg"
+    photo(inputs / "x.jpg", rng, toy)
+    assert cli(inputs, "--out", out) == 0
+    plain = json.loads((out / "x.jpg.json").read_text())
+    assert plain["segments"] and plain["provenance"]["output_mode"] == "uncompressed_rle"
+    capsys.readouterr()
+    assert cli(inputs, "--out", out, "--output-mode", "coco_rle") == 0
+    assert "output_mode changed 1" in capsys.readouterr().out
+    compressed = json.loads((out / "x.jpg.json").read_text())
+    for a, b in zip(plain["segments"], compressed["segments"]):
+        assert isinstance(b["segmentation"]["counts"], str)
+        mask = coco.decode({"size": b["segmentation"]["size"], "counts": b["segmentation"]["counts"].encode()})
+        np.testing.assert_array_equal(mask.astype(bool), rle_decode(a["segmentation"]))
