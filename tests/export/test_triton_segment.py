@@ -418,8 +418,9 @@ def test_the_cli_writes_the_segmentation_model_and_segments_through_a_url(segmen
                  "x-request-source=test", *map(str, images), "--out", str(out)]) == 0
     expected = Engine(bank, backbone=local).segment_batch(images)
     for path, result in zip(images, expected):
-        assert np.array_equal(load_label_map(out / f"{path.stem}.png"), result.label_map)
-        assert json.loads((out / f"{path.stem}.json").read_text())["segments"][0]["class_id"] == \
+        # outputs are named by the input's name, suffix kept (engine.outputs): x.jpg -> x.jpg.png, x.jpg.json
+        assert np.array_equal(load_label_map(out / f"{path.name}.png"), result.label_map)
+        assert json.loads((out / f"{path.name}.json").read_text())["segments"][0]["class_id"] == \
             result.segments()[0]["class_id"]
     assert main(["segment", "--url", segment_server.http_url, "--bank", str(tmp_path / "bank"), str(images[0]),
                  "--out", str(out)]) == 1  # one or the other
