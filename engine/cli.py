@@ -5,6 +5,7 @@
     moduseg segment --bank BANK_DIR IMAGES... --out DIR
     moduseg triton-repo --out REPO [--backbone NAME] [--variants python onnx tensorrt] [--gpus 0,1] [--no-warmup] ...
     moduseg serve --repo REPO [--http-port 8000 --grpc-port 8001] [--server-arg=--log-verbose=1]
+    moduseg triton-env [--env DIR]
     moduseg info [--json]
 """
 
@@ -576,18 +577,22 @@ def cmd_triton_repo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .export.triton import LocalServer, ensure_server_env
+    from .export.triton import SERVER_LAUNCHER, LocalServer, default_env_dir, ensure_server_env
 
     import signal
 
-    ensure_server_env(args.env)
+    env = Path(args.env) if args.env else default_env_dir()
+    if not (env / SERVER_LAUNCHER).is_file():
+        print(f"making the Triton server environment {env} (once; a minute or two, about 600 MB)", file=sys.stderr,
+              flush=True)
+    ensure_server_env(env)
     # SIGTERM (kill, timeout, a service manager) must stop the server too: it runs in its own session
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
     server = LocalServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
-                         metrics_port=args.metrics_port, models=args.models, env_dir=args.env, log_path=args.log,
+                         metrics_port=args.metrics_port, models=args.models, env_dir=env, log_path=args.log,
                          extra_args=args.server_arg or ())
     server.start(timeout=args.start_timeout)
     try:  # a SIGTERM may arrive as soon as the addresses are out, even before print returns
@@ -603,6 +608,16 @@ def cmd_serve(args) -> int:
         return 0
     finally:
         server.stop()
+
+
+def cmd_triton_env(args) -> int:
+    from .export.triton import default_env_dir, ensure_server_env
+
+    env = Path(args.env) if args.env else default_env_dir()
+    print(f"Triton server environment {env}: checking (making it takes a minute or two the first time)", flush=True)
+    launcher = ensure_server_env(env)
+    print(f"ready: {launcher} (moduseg serve --env {env}, or set MODUSEG_TRITON_ENV)")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -703,7 +718,7 @@ def _add_segment_parser(commands) -> None:
 
 
 def _add_triton_parsers(commands) -> None:
-    """triton-repo and serve."""
+    """triton-repo, serve and triton-env."""
     repo = commands.add_parser("triton-repo", help="write a Triton model repository serving a backbone")
     repo.add_argument("--out", required=True, help="repository directory (created or refreshed)")
     repo.add_argument("--backbone", default=None, help=f"default: the --bank's backbone, else {DEFAULT_BACKBONE}")
@@ -763,13 +778,23 @@ def _add_triton_parsers(commands) -> None:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--models", nargs="+", default=None, help="models to load (default: the python-backend ones)")
-    serve.add_argument("--env", default=None, help="server venv (default .triton-venv, made by scripts/triton_env.sh)")
+    serve.add_argument("--env", default=None,
+                       help="the server's venv (default: $MODUSEG_TRITON_ENV, else the checkout's .triton-venv when "
+                            "the engine runs from one, else ~/.cache/moduseg/triton-venv; made when missing, as "
+                            "`moduseg triton-env` does)")
     serve.add_argument("--log", default=None, help="server log file (default: a temporary file)")
     serve.add_argument("--start-timeout", type=float, default=120.0)
     serve.add_argument("--server-arg", action="append", default=None, metavar="ARG",
                        help="one more tritonserver argument, e.g. --server-arg=--log-verbose=1 or "
-                            "--server-arg=--backend-config=python,shm-default-byte-size=16777216 (repeatable)")
+                            "--server-arg=--backend-config=python,shm-default-byte-size=16777216 (repeatable; "
+                            "paths absolute: the server runs in a folder of its own)")
     serve.set_defaults(run=cmd_serve)
+
+    env = commands.add_parser("triton-env", help="make (or check) the local Triton server's venv")
+    env.add_argument("--env", default=None,
+                     help="where (default: $MODUSEG_TRITON_ENV, else the checkout's .triton-venv when the engine "
+                          "runs from one, else ~/.cache/moduseg/triton-venv); PYTHON=... picks its interpreter")
+    env.set_defaults(run=cmd_triton_env)
 
 
 def build_parser() -> argparse.ArgumentParser:
