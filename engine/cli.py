@@ -593,7 +593,7 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     server = LocalServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                          metrics_port=args.metrics_port, models=args.models, env_dir=env, log_path=args.log,
-                         extra_args=args.server_arg or ())
+                         extra_args=args.server_arg or (), max_request_bytes=args.max_request_bytes)
     server.start(timeout=args.start_timeout)
     try:  # a SIGTERM may arrive as soon as the addresses are out, even before print returns
         print(f"tritonserver (pid {server.process.pid}) serving {', '.join(server.models)} from {server.repo}\n"
@@ -719,6 +719,8 @@ def _add_segment_parser(commands) -> None:
 
 def _add_triton_parsers(commands) -> None:
     """triton-repo, serve and triton-env."""
+    from .export.triton_guard import DEFAULT_MAX_REQUEST_BYTES
+
     repo = commands.add_parser("triton-repo", help="write a Triton model repository serving a backbone")
     repo.add_argument("--out", required=True, help="repository directory (created or refreshed)")
     repo.add_argument("--backbone", default=None, help=f"default: the --bank's backbone, else {DEFAULT_BACKBONE}")
@@ -788,6 +790,10 @@ def _add_triton_parsers(commands) -> None:
                        help="one more tritonserver argument, e.g. --server-arg=--log-verbose=1 or "
                             "--server-arg=--backend-config=python,shm-default-byte-size=16777216 (repeatable; "
                             "paths absolute: the server runs in a folder of its own)")
+    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                       help="the largest HTTP request body the server's front accepts (default 1 GiB); it also "
+                            "refuses JSON tensors that declare more values than they carry, which abort "
+                            "tritonserver 2.51")
     serve.set_defaults(run=cmd_serve)
 
     env = commands.add_parser("triton-env", help="make (or check) the local Triton server's venv")

@@ -28,9 +28,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,7 @@ from ..registry import DEFAULT_BACKBONE, TRITON_VARIANTS, backbone_spec, triton_
 from ..utils import ceil_div
 from .tensorrt import (DEFAULT_MAX_SIDE, build_engine, default_profiles, normalise_cc, plan_filename,
                        profile_limits, read_plan_record, record_path)
+from .triton_guard import DEFAULT_MAX_REQUEST_BYTES, HttpGuard, new_token, restricted_api_arg
 
 LOG = logging.getLogger(__name__)
 VARIANTS = TRITON_VARIANTS
@@ -665,18 +669,74 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+class _Spawner:
+    """Starts child processes from one thread that lives as long as this process, each with Linux's parent-death
+    signal (PR_SET_PDEATHSIG) set to SIGTERM: a server started here ends when this process does, however it ends
+    (kill -9 included), instead of holding its ports. The signal follows the *thread* that forked, hence the
+    long-lived thread: a server started from a short-lived thread would otherwise be stopped when that thread ends.
+    Elsewhere than Linux, a plain Popen."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor, self._pid = None, None
+
+    def popen(self, command: list[str], **options) -> subprocess.Popen:
+        prctl = _prctl()
+        if prctl is None:
+            return subprocess.Popen(command, **options)
+        with self._lock:
+            if self._executor is None or self._pid != os.getpid():  # a forked child has the object, not the thread
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="moduseg-spawner")
+                self._pid = os.getpid()
+        parent = os.getpid()
+
+        def die_with_parent() -> None:  # runs in the child between fork and exec: no locks, no allocation of note
+            prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return self._executor.submit(subprocess.Popen, command, preexec_fn=die_with_parent, **options).result()
+
+
+def _prctl():
+    """libc's prctl on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_SPAWNER = _Spawner()
+
+
 class LocalServer:
     """A tritonserver process over `repo`, bound to 127.0.0.1 (HTTP, gRPC and metrics ports; 0 picks a free one).
 
     models: load only these models (explicit model control); None loads the repository's python-backend models,
         the only backend this server build carries (the GPU variants need NGC's server).
-    start() launches it and waits until every loaded model is ready (or the process dies: its log is in
-    the error); stop() ends that process by its id (SIGTERM, then SIGKILL after `grace` seconds). A context manager.
+    http_guard: put triton_guard.HttpGuard on the HTTP port (tritonserver's own HTTP port is then a private one,
+        its inference API restricted to the guard): it refuses inference requests that would make tritonserver 2.51
+        abort (a JSON input declaring a huge shape) and bodies over `max_request_bytes`. False: tritonserver's HTTP
+        port is http_port itself, unguarded.
+    start() launches it and waits until every loaded model is ready (or the process dies: its log is in the error);
+    stop() ends that process by its id (SIGTERM, then SIGKILL after `grace` seconds). A context manager.
+
+    The server runs in an empty working folder of its own (a checkout's engine/ in the caller's folder would
+    otherwise shadow the installed engine in the python backend, whose sys.path starts with ''), so give paths in
+    `extra_args` absolute. It gets SIGTERM if the process that started it dies (Linux), and its HTTP front closes
+    when it exits.
     """
 
     def __init__(self, repo: str | os.PathLike, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
                  models: Sequence[str] | None = None, env_dir: str | os.PathLike | None = None,
-                 log_path: str | os.PathLike | None = None, extra_args: Sequence[str] = ()) -> None:
+                 log_path: str | os.PathLike | None = None, extra_args: Sequence[str] = (),
+                 http_guard: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.repo = Path(repo).resolve()
         configs = validate_repository(self.repo)
         if models is None:
@@ -693,14 +753,22 @@ class LocalServer:
             if backbone_model and not any((self.repo / name).glob("[0-9]*/model.onnx")):
                 raise ModelError(f"{self.repo / name} has no model.onnx next to its model.py: fill the repository "
                                  f"with `moduseg triton-repo --out {self.repo}`")
+        if max_request_bytes < 1:
+            raise InputError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.launcher = server_env(env_dir)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.log_path = Path(log_path) if log_path else None
         self.extra_args = list(extra_args)
+        self.http_guard, self.max_request_bytes = http_guard, max_request_bytes
+        # guarded: tritonserver's own HTTP port is private, its inference API open to the guard's token only
+        self.server_http_port = free_port() if http_guard else self.http_port
+        self._token = new_token() if http_guard else None
         self.process: subprocess.Popen | None = None
         self._log = None
+        self._guard: HttpGuard | None = None
+        self._workdir: str | None = None
 
     @property
     def http_url(self) -> str:
@@ -715,23 +783,34 @@ class LocalServer:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def command(self) -> list[str]:
+        guard = [restricted_api_arg(self._token)] if self.http_guard else []
         return [str(self.launcher), f"--model-repository={self.repo}",
-                "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+                "--http-address=127.0.0.1", f"--http-port={self.server_http_port}",
                 "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
                 "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
                 "--allow-metrics=true", "--allow-gpu-metrics=false", "--exit-on-error=true",
                 "--strict-readiness=true", "--model-control-mode=explicit",
-                *[f"--load-model={name}" for name in self.models], *self.extra_args]
+                *[f"--load-model={name}" for name in self.models], *guard, *self.extra_args]
 
     def start(self, timeout: float = 120.0) -> "LocalServer":
         if self.log_path is None:
-            import tempfile
-
             self.log_path = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
         try:
+            if self.http_guard:  # first: a port in use fails here, before a server starts
+                try:
+                    self._guard = HttpGuard("127.0.0.1", self.http_port, self.server_http_port, self._token,
+                                            max_request_bytes=self.max_request_bytes).start()
+                except OSError as error:
+                    raise ModelError(f"cannot serve HTTP on {self.http_url}: {error}") from error
+            self._workdir = tempfile.mkdtemp(prefix="tritonserver-cwd-")
+            self._log = open(self.log_path, "wb")
+            self.process = _SPAWNER.popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True, cwd=self._workdir)
+            if self._guard is not None:
+                # the front closes with the server, so that nothing answers on its port for a dead server and a
+                # restarted one can take the port again
+                threading.Thread(target=_close_with, args=(self.process, self._guard), daemon=True,
+                                 name=f"tritonserver-{self.process.pid}-watch").start()
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -772,12 +851,23 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.stop()
         if self._log is not None:
             self._log.close()
             self._log = None
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def __enter__(self) -> "LocalServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _close_with(process: subprocess.Popen, guard: HttpGuard) -> None:
+    process.wait()
+    guard.stop()

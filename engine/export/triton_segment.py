@@ -2,7 +2,8 @@
 
     REPO/moduseg_segment/config.pbtxt    backend "python", KIND_CPU instances (KIND_GPU with device "cuda"), ragged
                                          dynamic batching
-    REPO/moduseg_segment/1/model.py      `from engine.export.triton_segment_model import TritonPythonModel`
+    REPO/moduseg_segment/1/model.py      `from engine.export.triton_segment_model import TritonPythonModel`, after
+                                         dropping the server's working folder from sys.path
     REPO/moduseg_segment/1/bank/         the feature bank (hard links to the bank's files where possible)
 
 The model calls the repository's backbone model (any variant) through BLS, so the repository must hold one; the
@@ -31,7 +32,13 @@ DEFAULT_SEGMENT_BATCH = 8
 #: where an instance runs the engine: "cpu" (KIND_CPU) or "cuda" (KIND_GPU, the device pipeline on its GPU)
 SEGMENT_DEVICES = ("cpu", "cuda")
 _SHIM = ('"""Triton python-backend model: the whole ModuSeg segmentation (the installed engine\'s code)."""\n'
-         "from engine.export.triton_segment_model import TritonPythonModel  # noqa: F401\n")
+         "import os\n"
+         "import sys\n"
+         "\n"
+         "# the stub's interpreter puts '' (the server's working folder) first on sys.path: a checkout's engine/ there\n"
+         "# (a server started from the checkout root) would shadow the installed engine\n"
+         "sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != os.getcwd()]\n"
+         "from engine.export.triton_segment_model import TritonPythonModel  # noqa: E402,F401\n")
 
 
 def segment_io(num_classes: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
