@@ -13,7 +13,8 @@ back to the host.
 Requests: IMAGE uint8 (B, H, W, 3) RGB, any H and W (the input allows ragged batches, so the dynamic batcher merges
 requests of different sizes into one `execute`, and the engine buckets them by padded size for the backbone).
 Responses: LABELS (B, H, W) class ids, and SEGMENTS (B, 1) JSON text of each image's `Result.to_dict()` (class,
-score, area, box and COCO RLE mask per segment). A bad image fails its own request only.
+score, area, box and COCO RLE mask per segment). A bad image fails its own request only; an execution whose
+requests are all refused raises, so that the server counts them as failed (see execute).
 
 Config parameters: `backbone_model` (required: the backbone model's name in this server), `bank_dir` (default "bank",
 relative to the version directory), `backbone_batch_size` (images per backbone call, at most that model's
@@ -114,6 +115,13 @@ class TritonPythonModel:
             records = np.array([[json.dumps(r.to_dict()).encode()] for r in members], dtype=np.object_)
             responses[index] = pb.InferenceResponse(output_tensors=[pb.Tensor(LABELS, labels),
                                                                     pb.Tensor(SEGMENTS, records)])
+        if responses and all(response.has_error() for response in responses):
+            # the python backend of tritonserver 2.51 counts an error response as a successful request in its
+            # statistics and metrics (triton-inference-server/server#7713); an exception fails every request of
+            # the execution, counted as failures: right when all of them are refused. Refused requests merged
+            # with good ones still count as successes there.
+            reasons = list(dict.fromkeys(response.error().message() for response in responses))
+            raise pb.TritonModelException("; ".join(reasons))
         return responses
 
     def _host_array(self, tensor) -> np.ndarray:

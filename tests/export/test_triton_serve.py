@@ -1,8 +1,8 @@
 """The local server's robustness (engine/export/triton.py LocalServer, triton_guard.py, `moduseg serve` and
 `moduseg triton-env`): the served models import the installed engine whatever folder the server is started from,
-a tiny request declaring a huge image is refused before tritonserver allocates it, a killed `moduseg serve` takes
-its tritonserver along, and the server venv is found (or made, by the script shipped in the package) without
-looking in the working folder."""
+a tiny request declaring a huge image is refused before tritonserver allocates it, refused requests count as
+failures in the server's metrics, a killed `moduseg serve` takes its tritonserver along, and the server venv is
+found (or made, by the script shipped in the package) without looking in the working folder."""
 
 import gzip
 import http.client
@@ -189,6 +189,43 @@ def test_a_tiny_request_declaring_a_huge_image_is_refused_and_the_server_stays_u
     _, images = segment_repo
     with RemoteEngine(server.http_url, retries=0) as remote:  # and it still segments, through the guard
         assert remote.segment(images[0]).label_map.shape == images[0].shape[:2]
+
+
+def _request_counts(server) -> tuple[int, int]:
+    """(success, failure) request counts of the segmentation model, from the metrics endpoint."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    counts = {"success": 0, "failure": 0}
+    for line in text.splitlines():
+        match = re.match(r'nv_inference_request_(success|failure)\{(.*)\} (\d+)', line)
+        if match and f'model="{SEGMENT_MODEL}"' in match.group(2):
+            counts[match.group(1)] += int(match.group(3))
+    return counts["success"], counts["failure"]
+
+
+@pytest.mark.slow
+def test_refused_requests_count_as_failures_in_the_metrics(guarded_server, segment_repo):
+    """The python backend of tritonserver 2.51 counted a request the model answered with an error as a success;
+    the model raises when every request of an execution is refused, which the server counts as failures."""
+    import tritonclient.http as http
+
+    server = guarded_server
+    _, images = segment_repo
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        before = _request_counts(server)
+        empty = http.InferInput("IMAGE", [1, 0, 5, 3], "UINT8")
+        empty.set_data_from_numpy(np.zeros((1, 0, 5, 3), np.uint8))
+        with pytest.raises(Exception, match="empty image of shape"):
+            client.infer(SEGMENT_MODEL, [empty])
+        refused = _request_counts(server)
+        assert (refused[0] - before[0], refused[1] - before[1]) == (0, 1)
+        good = http.InferInput("IMAGE", [1, *images[0].shape], "UINT8")
+        good.set_data_from_numpy(images[0][None])
+        client.infer(SEGMENT_MODEL, [good])
+        after = _request_counts(server)
+        assert (after[0] - refused[0], after[1] - refused[1]) == (1, 0)
+    finally:
+        client.close()
 
 
 def _descendants(pid: int) -> set[int]:
