@@ -616,7 +616,8 @@ def featurise_batch(batch, backbone, proposer, class_names: Sequence[str], confi
             shared = dict(features=[features[i] for i in finite], stride=backbone.stride, groups=backbone.groups)
         for i, made in zip(finite, proposer.propose([images[i] for i in finite], **shared)):
             proposals[i] = made
-    pooling = dict(pooling=config.pooling, eps=config.smfa_eps, groups=backbone.groups, num_threads=config.num_threads)
+    pooling = dict(pooling=config.pooling, eps=config.smfa_eps,
+                   groups=backbone.groups if config.normalize_layers else (), num_threads=config.num_threads)
     for sample, image, feature_map, regions in zip(batch, images, features, proposals):
         mask = np.asarray(sample.mask)
         if mask.shape != image.shape[:2]:

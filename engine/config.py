@@ -22,14 +22,16 @@ POOLINGS = ("soft", "hard")
 
 # The method's own values (arXiv 2604.07021); Config.paper() applies them over any changed defaults.
 PAPER_SETTINGS = dict(erosion_kernel=3, erosion_iterations=20, erosion="fixed", min_area=300, outlier_ratio=0.25,
-                      background_outlier_ratio=0.0, pooling="soft", smfa_eps=1e-8, region_entries=False,
+                      background_outlier_ratio=0.0, pooling="soft", smfa_eps=1e-8, normalize_layers=False,
+                      region_entries=False,
                       objectness_threshold=0.6, nms_iou_threshold=0.4, top_k=25, vote="count", index="Flat")
 
-#: the fields only bank building reads (FeatureBank.build, bank_parts): a built bank fixes them, so an engine searching
-#: it never uses another value; `moduseg eval` and `segment` refuse one. index_train_size trains an index of the engine's
-#: own only where Config.index names another approximate index than the bank's.
+#: the fields a built bank fixes (FeatureBank.build, bank_parts read them; normalize_layers shapes its vectors and the
+#: queries alike), so an engine searching it never uses another value; `moduseg eval` and `segment` refuse one, and
+#: so does Engine for normalize_layers. index_train_size trains an index of the engine's own only where Config.index
+#: names another approximate index than the bank's.
 BANK_FIELDS = ("erosion_kernel", "erosion_iterations", "erosion", "outlier_ratio", "background_outlier_ratio",
-               "min_vector_norm", "region_entries", "region_purity", "index_train_size")
+               "min_vector_norm", "region_entries", "region_purity", "index_train_size", "normalize_layers")
 
 
 @dataclass
@@ -49,6 +51,9 @@ class Config:
         pooling: "soft" is SMFA (patch weight = fraction of the patch the mask covers); "hard" is the ablation
             without SMFA (a patch counts fully when the mask covers its centre pixel, else not at all).
         smfa_eps: added to the summed soft-mask weight before dividing, as in the paper (1e-8).
+        normalize_layers: with a multi-layer backbone (feature groups), L2-normalise each layer's part of a pooled
+            vector before the whole vector, so that every layer weighs the same in the cosine; False normalises the
+            pooled vector once, as the paper does. Bank and queries must agree: an engine takes the bank's.
         min_vector_norm: bank vectors with a smaller L2 norm before normalisation (empty masks) are dropped.
         region_entries: add the proposer's regions in each bank image, named by the mask's majority class, to the
             class prototypes, so that queries (often parts or stuff) meet entries of their own kind; the paper's
@@ -91,6 +96,7 @@ class Config:
     background_outlier_ratio: float = 0.0
     pooling: str = "soft"
     smfa_eps: float = 1e-8
+    normalize_layers: bool = True
     min_vector_norm: float = 1e-6
     region_entries: bool = True
     region_purity: float = 0.5

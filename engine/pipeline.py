@@ -158,6 +158,12 @@ class Engine:
         self.kernels = KERNELS[kernels]
         self.backbone = backbone if backbone is not None else _default_backbone(self.bank, self.config, self.device)
         self.bank.check_backbone(self.backbone)
+        if self.config.normalize_layers != self.bank.config.normalize_layers:
+            raise InputError(f"Config.normalize_layers={self.config.normalize_layers} but the bank's vectors were made "
+                             f"with normalize_layers={self.bank.config.normalize_layers}: queries must be pooled as "
+                             "the bank was (rebuild the bank to change it)")
+        # the backbone's layers, each normalised on its own in SMFA, unless the bank normalises the whole vector once
+        self._layers = self.backbone.groups if self.config.normalize_layers else ()
         self.proposer = proposer
         self._proposer_lock = threading.Lock()  # the default proposer is made once, whichever thread asks first
         if kernels == "reference" and self.device != "cpu":
@@ -275,7 +281,7 @@ class Engine:
         threads = self._threads(batch.proposals)
         with self.times("smfa"):
             queries = self.kernels.soft_mask_pool_batch(batch.features, atoms, members, self.backbone.stride,
-                                                        config.pooling, config.smfa_eps, groups=self.backbone.groups,
+                                                        config.pooling, config.smfa_eps, groups=self._layers,
                                                         num_threads=threads)
         with self.times("search"):
             classes, confidences = retrieve(self.index, queries, config.top_k, config.vote, self.kernels)

@@ -577,3 +577,25 @@ def test_a_single_path_is_refused_not_read_a_character_at_a_time(make_engine, to
             eng.segment_stream(images, on_error="skip")
     with pytest.raises(InputError, match=r"images: expected a sequence of images, got the single path"):
         engine.segment_batch(str(tmp_path / "photo.jpg"), toy_bank, proposer=None, on_error="skip")
+
+
+def test_paper_settings_normalise_the_pooled_vector_once(toy, rng):
+    """Config.paper() with a multi-layer backbone: the pooled vector is L2-normalised once, as the paper does (not each
+    layer on its own, the engine's default); bank and queries must be pooled alike, so an engine refuses the other."""
+    class Layered(toy.ColorBackbone):
+        groups = (3, 1)  # colour, constant: two "layers" of very different norms
+
+    backbone = Layered(id="test/layered")
+    samples = toy.samples(rng, 4)
+    paper = FeatureBank.build(samples, backbone, toy.CLASSES, Config.paper(min_area=100), progress=False)
+    ours = FeatureBank.build(samples, backbone, toy.CLASSES, Config(min_area=100), progress=False)
+    for bank, per_layer in ((ours, True), (paper, False)):
+        vectors = np.asarray(bank.vectors)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+        colour, constant = np.linalg.norm(vectors[:, :3], axis=1), np.linalg.norm(vectors[:, 3:], axis=1)
+        assert np.allclose(colour, constant, rtol=1e-4) == per_layer
+    with pytest.raises(InputError, match="normalize_layers"):
+        Engine(paper, backbone=backbone, config=Config(min_area=100))
+    image, label = toy.scene(rng, classes=(1, 3))
+    result = Engine(paper, backbone=backbone).segment(image, ground_truth_proposals(label))
+    assert set(np.unique(result.label_map)) <= {0, 1, 3} and result.classes.size
