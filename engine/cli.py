@@ -362,12 +362,18 @@ def cmd_segment(args) -> int:
     """Segment the inputs into --out (outputs named as engine.outputs says), resuming from records that still hold;
     a failure of one item (reading, segmenting or writing it) is recorded and the run goes on."""
     from .bank import FeatureBank
-    from .outputs import OutputConflict, bank_id, find_inputs, plan_run, run_provenance
+    from .outputs import DEFAULT_RENDERING, OutputConflict, bank_id, find_inputs, plan_run, run_provenance, \
+        write_classes
 
     if (args.bank is None) == (args.url is None):
         raise InputError("give --bank (segment here) or --url (a Triton server's segmentation model), not both")
     if args.url is not None and args.ray is not None:
         raise InputError("--url and --ray do not combine: scale a served model with server replicas instead")
+    if args.ray is not None and (args.palette, args.opacity) != (DEFAULT_RENDERING["palette"],
+                                                                 DEFAULT_RENDERING["opacity"]):
+        _usage_error("segment", f"--palette and --opacity do not combine with --ray: its actors draw with the "
+                                f"defaults (--palette {DEFAULT_RENDERING['palette']} --opacity "
+                                f"{DEFAULT_RENDERING['opacity']})")
     config = None
     if args.url is None:
         bank = FeatureBank.load(args.bank)  # checked here, before any work, also when Ray actors load it again
@@ -377,9 +383,11 @@ def cmd_segment(args) -> int:
     except OutputConflict as error:
         _usage_error("segment", str(error))
     out = _output_dir(args.out)
+    rendering = {"output_mode": args.output_mode, "palette": args.palette, "opacity": args.opacity}
     if args.ray is not None:
         from .distributed import segment_ray
 
+        write_classes(out, bank.class_names, args.palette)
         summary = segment_ray(inputs, out, args.bank, config, address=args.ray or None, actors=args.actors,
                               with_overlay=args.overlay, resume=args.resume, device=args.device,
                               output_mode=args.output_mode)
@@ -388,13 +396,14 @@ def cmd_segment(args) -> int:
             from .pipeline import Engine
 
             engine = Engine(bank, config=config, device=args.device)
-            run = run_provenance(bank=bank_id(args.bank), config=config, output_mode=args.output_mode)
+            run = run_provenance(bank=bank_id(args.bank), config=config, **rendering)
         else:
             from .remote import RemoteEngine
 
             engine = RemoteEngine(args.url, model_name=args.model, protocol=args.protocol,
                                   concurrency=args.concurrency, headers=_headers(args.header))
-            run = run_provenance(server={"url": args.url, "model": args.model}, output_mode=args.output_mode)
+            run = run_provenance(server={"url": args.url, "model": args.model}, **rendering)
+        write_classes(out, engine.class_names if args.url else bank.class_names, args.palette)
         plan = plan_run(inputs, out, run, resume=args.resume, with_overlay=args.overlay)
         batch_size = config.batch_size if config is not None else engine.concurrency
         summary = _segment_here(engine, inputs, plan, out, args.overlay, batch_size)
@@ -514,6 +523,18 @@ def _output_dir(path) -> Path:
     except OSError as error:
         raise InputError(f"--out {_shown(out)}: cannot write there: {error}") from error
     return out
+
+
+def _opacity(text: str) -> float:
+    """--opacity: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 (the image alone) to 1 (the colours alone), got "
+                                         f"{text!r}")
+    return value
 
 
 def _gpu_ids(text: str) -> list[int]:
@@ -680,8 +701,11 @@ def _add_bank_parsers(commands) -> None:
 
 
 def _add_segment_parser(commands) -> None:
-    segment = commands.add_parser("segment", help="segment images into VOC-palette PNG label maps, JSON records "
-                                  "per image (class, score, area, box, RLE mask per segment) and overlays")
+    from .outputs import DEFAULT_RENDERING
+    from .palettes import PALETTES
+
+    segment = commands.add_parser("segment", help="segment images into palette PNG label maps, JSON records per "
+                                  "image (class, score, area, box, RLE mask per segment) and overlays")
     segment.add_argument("--bank", default=None, help="the feature bank (segment in this process)")
     segment.add_argument("--url", default=None,
                          help="segment on a Triton server instead: its HTTP or gRPC address (http(s)://, grpc(s)://"
@@ -704,9 +728,17 @@ def _add_segment_parser(commands) -> None:
                          help="output folder, outside every input folder (else a usage error); an input's outputs are "
                               "named by its path below the argument that found it (a folder, a glob's leading folder, "
                               "the manifest's folder; a file argument: its name), suffix kept: a/x.jpg -> "
-                              "OUT/a/x.jpg.png (label map), .json (record), .overlay.jpg")
+                              "OUT/a/x.jpg.png (label map), .json (record), .overlay.png; and OUT/classes.json "
+                              "(each class id's name and colour)")
     segment.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                          help="also write the image blended with its label map and a legend (default on)")
+    segment.add_argument("--palette", choices=PALETTES, default=DEFAULT_RENDERING["palette"],
+                         help="colours of the label maps and overlays: auto (default) takes the bank's data set's "
+                              "own by its class names (VOC's, CamVid's; distinct generated colours for other class "
+                              "lists); voc, camvid or distinct apply that palette by class id")
+    segment.add_argument("--opacity", type=_opacity, default=DEFAULT_RENDERING["opacity"], metavar="0..1",
+                         help="how strongly an overlay paints the classes over the image: 0 the image alone, 1 the "
+                              f"colours alone (default {DEFAULT_RENDERING['opacity']})")
     segment.add_argument("--output-mode", choices=("uncompressed_rle", "coco_rle"), default="uncompressed_rle",
                          help="each segment's mask in the JSON records: COCO's uncompressed RLE (runs as a list; "
                               "default) or its compressed RLE (a string, as pycocotools.mask.decode takes; needs "

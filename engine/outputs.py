@@ -4,19 +4,21 @@ a command line names, where each one's outputs go, whether an earlier run's outp
 Naming. Each input has a key: its path relative to the argument it was found under, suffix kept — below a folder
 argument, below a glob's leading folder (the components before the first wildcard), a file argument's own name, a
 manifest entry's path relative to the manifest's folder (an entry outside that folder: its absolute path without the
-leading /). Under OUT it writes KEY.png (label map), KEY.overlay.jpg and KEY.json (the record), so `a/x.jpg` gives
+leading /). Under OUT it writes KEY.png (label map), KEY.overlay.png and KEY.json (the record), so `a/x.jpg` gives
 `OUT/a/x.jpg.png` and `x.jpg` beside `x.png` cannot share outputs. A key depends on nothing but the input's own path
-and its argument, so adding a file never moves another's outputs, and a symlink is named by its own name.
+and its argument, so adding a file never moves another's outputs, and a symlink is named by its own name. Beside
+them, once per run: OUT/classes.json (each class id's name and colour in the label maps) and OUT/failures.jsonl.
 
 Refused before any work (OutputConflict, the CLI's usage error): an OUT equal to or inside a folder searched for
-inputs, an input folder or named input inside OUT, two inputs with one key. So an output never replaces an input and
+inputs, an input folder or named input inside OUT, two inputs whose outputs would share a file (or take a run file's
+name). So an output never replaces an input and
 a rerun never reads its own outputs; a file reached through a symlink or a recursive glob that lies inside OUT is
 skipped. A write that would leave OUT through a symlinked folder inside it fails that item.
 
 Each file is written to a hidden temporary name and renamed into place, the JSON record last, so a record means
 "done". The record's provenance — the bank's id (or the server), the config fields that change results and the
-input's size and mtime — is what a resumed run compares: an item whose record no longer matches is redone (stale).
-Failures go to OUT/failures.jsonl.
+input's size and mtime, how its pictures were drawn (palette, overlay opacity) — is what a resumed run compares: an
+item whose record no longer matches is redone (stale). Failures go to OUT/failures.jsonl.
 """
 
 from __future__ import annotations
@@ -30,15 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .palettes import PALETTES, palette_for
 from .utils import compress_rle
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FAILURES_FILE = "failures.jsonl"
+#: the run's class list beside the label maps: class id -> name and colour
+CLASSES_FILE = "classes.json"
+#: what each input's outputs add to its key: label map, overlay, record (OutputFiles' order)
+OUTPUT_SUFFIXES = (".png", ".overlay.png", ".json")
+#: how overlays are drawn unless asked otherwise: the class names' own palette, colours at half opacity
+DEFAULT_RENDERING = {"palette": "auto", "opacity": 0.5}
 #: Config fields that never change a result (how work is batched and threaded; a size limit refuses, it does not
 #: change), left out of a record's provenance so that changing them does not redo finished images
 RESULT_NEUTRAL = ("batch_size", "num_threads", "max_image_pixels")
 #: the provenance parts a resumed run compares, in the order a stale record's reason names the first that differs
-PROVENANCE_PARTS = ("bank", "server", "config", "output_mode", "input")
+PROVENANCE_PARTS = ("bank", "server", "config", "output_mode", "rendering", "input")
 #: how a JSON record gives each segment's mask (Result.segments' output modes that are JSON)
 RECORD_MASK_MODES = ("uncompressed_rle", "coco_rle")
 
@@ -113,14 +122,25 @@ def find_inputs(specs, manifest=None, out=None) -> list[Input]:
                 scanned=False)
     if not found:
         raise InputError(f"no image files in {list(specs)}" + (f" or {manifest}" if manifest is not None else ""))
-    owners: dict[Path, Input] = {}
-    for item in found.values():
-        first = owners.setdefault(item.key, item)
-        if first is not item:
-            raise OutputConflict(f"{first.path} and {item.path} would both write their outputs to "
-                                 f"{Path(out or 'OUT') / item.key}.*: give the folder holding both (outputs keep the "
-                                 "path below it), or segment them into separate --out folders")
+    _check_output_names(found.values(), out)
     return list(found.values())
+
+
+def _check_output_names(inputs, out) -> None:
+    """OutputConflict if two inputs would write one file (one key; or keys like x and x.overlay, whose label map and
+    overlay share a name) or an input's outputs would take a run file's name (a top-level input named classes)."""
+    owners: dict[Path, Input | None] = {Path(CLASSES_FILE): None, Path(FAILURES_FILE): None}
+    for item in inputs:
+        files = output_files(item.key, "")
+        for name in (files.label_map, files.overlay, files.record):
+            first = owners.setdefault(name, item)
+            if first is None:
+                raise OutputConflict(f"{item.path} would write {Path(out or 'OUT') / name}, the run's own "
+                                     f"{name} file: rename it, or give the folder holding it")
+            if first is not item:
+                raise OutputConflict(f"{first.path} and {item.path} would both write "
+                                     f"{Path(out or 'OUT') / name}: give the folder holding both (outputs keep the "
+                                     "path below it), or segment them into separate --out folders")
 
 
 def read_manifest(path) -> list[str]:
@@ -189,14 +209,22 @@ def bank_id(bank_dir) -> str:
 
 
 def run_provenance(bank: str | None = None, config=None, server: dict | None = None,
-                   output_mode: str = "uncompressed_rle") -> dict:
+                   output_mode: str = "uncompressed_rle", palette: str = DEFAULT_RENDERING["palette"],
+                   opacity: float = DEFAULT_RENDERING["opacity"]) -> dict:
     """The provenance every record of a run shares: the bank's id (`bank_id`) or the server that segmented
-    ({"url", "model"}; its bank is not known to the client), the config fields that change results, and how the
-    records give masks (`output_mode`: "uncompressed_rle" or "coco_rle")."""
+    ({"url", "model"}; its bank is not known to the client), the config fields that change results, how the
+    records give masks (`output_mode`: "uncompressed_rle" or "coco_rle") and how the label map and overlay are drawn
+    ("rendering": `palette`, one of engine.palettes.PALETTES, and the overlay's `opacity`, 0..1): write_outputs draws
+    them as it says."""
     if output_mode not in RECORD_MASK_MODES:
         raise InputError(f"output_mode must be one of {RECORD_MASK_MODES} for JSON records, got {output_mode!r}")
+    if palette not in PALETTES:
+        raise InputError(f"palette {palette!r}: expected one of {', '.join(PALETTES)}")
+    if not 0 <= opacity <= 1:
+        raise InputError(f"overlay opacity {opacity!r}: expected a number from 0 (the image) to 1 (the colours)")
     inference = None if config is None else {k: v for k, v in config.to_dict().items() if k not in RESULT_NEUTRAL}
-    return {"bank": bank, "server": server, "config": inference, "output_mode": output_mode}
+    return {"bank": bank, "server": server, "config": inference, "output_mode": output_mode,
+            "rendering": {"palette": palette, "opacity": float(opacity)}}
 
 
 def input_state(path) -> dict:
@@ -266,14 +294,15 @@ def stale_reason(item: Input, out, provenance: dict, with_overlay: bool = True) 
 
 
 def output_files(key, out) -> OutputFiles:
-    """OUT/KEY.png, OUT/KEY.overlay.jpg and OUT/KEY.json (the key keeps the input's suffix: x.jpg -> x.jpg.png)."""
+    """OUT/KEY.png, OUT/KEY.overlay.png and OUT/KEY.json (the key keeps the input's suffix: x.jpg -> x.jpg.png)."""
     stem = Path(out) / key
-    return OutputFiles(*(stem.with_name(stem.name + suffix) for suffix in (".png", ".overlay.jpg", ".json")))
+    return OutputFiles(*(stem.with_name(stem.name + suffix) for suffix in OUTPUT_SUFFIXES))
 
 
 def write_outputs(item: Input, result, out, provenance: dict, with_overlay: bool = True) -> Path:
-    """Write one image's outputs atomically (label map PNG, overlay JPEG if asked, JSON record last, with
-    `provenance`); returns the record's path. Any error is the caller's to record for this item."""
+    """Write one image's outputs atomically (label map PNG, overlay PNG if asked, JSON record last, with
+    `provenance`), drawn as its "rendering" says (DEFAULT_RENDERING without one); returns the record's path. Any
+    error is the caller's to record for this item."""
     from .data import load_image, save_label_map
     from .report import overlay
 
@@ -281,17 +310,38 @@ def write_outputs(item: Input, result, out, provenance: dict, with_overlay: bool
     files.record.parent.mkdir(parents=True, exist_ok=True)
     if not _within(os.path.realpath(files.record.parent), os.path.realpath(out)):
         raise InputError(f"{files.record.parent} leads outside --out {out} (a symlink): not written there")
+    rendering = {**DEFAULT_RENDERING, **(provenance.get("rendering") or {})}
+    palette = palette_for(result.class_names, rendering["palette"])
     # an earlier record must not vouch for files half replaced: without it the item counts as not done
     files.record.unlink(missing_ok=True)
-    _write_atomic(files.label_map, lambda tmp: save_label_map(result.label_map, tmp))
+    _write_atomic(files.label_map, lambda tmp: save_label_map(result.label_map, tmp, palette))
     if with_overlay:
-        _write_atomic(files.overlay, lambda tmp: overlay(load_image(item.path), result, tmp))
+        _write_atomic(files.overlay, lambda tmp: overlay(load_image(item.path), result, tmp, rendering["opacity"],
+                                                         palette))
     record = {"image": str(item.path), **result.to_dict(), "provenance": provenance}
     if provenance.get("output_mode") == "coco_rle":  # in-process and served results both give uncompressed RLE
         for segment in record["segments"]:
             segment["segmentation"] = compress_rle(segment["segmentation"])
     _write_atomic(files.record, lambda tmp: tmp.write_text(json.dumps(record)))
     return files.record
+
+
+def write_classes(out, class_names, palette: str = DEFAULT_RENDERING["palette"]) -> Path:
+    """OUT/classes.json, written atomically (left alone when it already says the same): the palette's name and, for
+    each class id, its name and colour as the run's label maps and overlays show it ({"palette": "voc", "classes": [{"id": 0, "name": "background",
+    "color": [0, 0, 0]}, ...]})."""
+    chosen = palette_for(class_names, palette)
+    listing = {"palette": chosen.name,
+               "classes": [{"id": i, "name": name, "color": list(chosen.colour(i))} for i, name in
+                           enumerate(class_names)]}
+    target, text = Path(out) / CLASSES_FILE, json.dumps(listing, indent=1)
+    try:
+        if target.read_text() == text:  # a rerun with the same classes leaves it as it was
+            return target
+    except (OSError, UnicodeDecodeError):
+        pass
+    _write_atomic(target, lambda tmp: tmp.write_text(text))
+    return target
 
 
 def write_failures(out: Path, failures: list[dict]) -> Path:

@@ -26,9 +26,10 @@ from .bank import FeatureBank
 from .config import Config
 from .registry import DEFAULT_BACKBONE
 from .data import VOCDataset
-from .data.voc import VOC_PALETTE, Sample
+from .data.voc import Sample
 from .eval import ConfusionMatrix, atoms_ceiling, proposals_ceiling
 from .models import Backbone, create_backbone, ground_truth_proposals
+from .palettes import VOC_CLASSES, Palette, palette_for
 from .pipeline import Engine
 
 
@@ -200,29 +201,29 @@ def diagnostics(samples, proposals, class_names) -> dict:
     return out
 
 
-def colourise(label_map: np.ndarray) -> np.ndarray:
-    palette = np.array(VOC_PALETTE, np.uint8).reshape(256, 3)
-    return palette[label_map]
+def colourise(label_map: np.ndarray, palette: Palette | None = None) -> np.ndarray:
+    """(H, W) labels -> (H, W, 3) RGB in `palette` (VOC's by default)."""
+    return (palette or palette_for(VOC_CLASSES, "voc")).colourise(label_map)
 
 
-def overlay(image: np.ndarray, result, path, alpha: float = 0.5) -> None:
-    """Write `image` blended with its label map's colours (background left as it is) and, below it, a legend of the
-    classes present, largest share first (as mmseg's show_result)."""
-    colours = colourise(result.label_map)
+def share_text(share: float) -> str:
+    """A class's share of the pixels as a legend says it: "<1%" for a sliver (rounding would say "0%")."""
+    return "<1%" if 0 < share < 0.01 else f"{100 * share:.0f}%"
+
+
+def overlay(image: np.ndarray, result, path, opacity: float = 0.5, palette: Palette | None = None) -> None:
+    """Write `image` blended with its label map's colours at `opacity` (0: the image, 1: the colours; background left
+    as it is) and, below it, a legend of the classes present, largest share first (as mmseg's show_result), in
+    `palette` (default: the result's class names' own, engine.palettes.palette_for)."""
+    palette = palette or palette_for(result.class_names)
+    colours = palette.colourise(result.label_map)
     painted = (result.label_map != 0)[..., None]
-    blended = np.where(painted, (1 - alpha) * image + alpha * colours, image).astype(np.uint8)
+    blended = np.where(painted, (1 - opacity) * image + opacity * colours, image).round().astype(np.uint8)
     shares = sorted(((share, name) for name, share in result.class_summary().items() if name != "background"),
                     reverse=True)
-    rows = max(1, len(shares))
-    legend = np.full((22 * rows + 6, image.shape[1], 3), 255, np.uint8)
     index = {name: i for i, name in enumerate(result.class_names)}
-    for row, (share, name) in enumerate(shares):
-        top = 4 + 22 * row
-        legend[top:top + 16, 6:30] = colourise(np.array([[index[name]]], np.uint8))[0, 0]
-        cv2.putText(legend, f"{name} {100 * share:.0f}%", (36, top + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    if not shares:
-        cv2.putText(legend, "background only", (6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    entries = [(palette.colour(index[name]), f"{name} {share_text(share)}") for share, name in shares]
+    legend = _legend(image.shape[1], entries) if entries else _band(image.shape[1], 26, [("background only", 6)])
     write_image(path, np.concatenate([blended, legend]))
 
 
@@ -250,6 +251,39 @@ def write_sheet(path: Path, samples, predictions, width: int = 320) -> None:
     grid = np.concatenate([np.pad(line, ((0, 0), (0, max(l.shape[1] for l in lines) - line.shape[1]), (0, 0)),
                                   constant_values=255) for line in lines], 0)
     write_image(path, grid)
+
+
+_FONT, _TEXT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.5
+
+
+def _text_width(text: str, scale: float = _TEXT_SCALE) -> int:
+    return cv2.getTextSize(text, _FONT, scale, 1)[0][0]
+
+
+def _band(width: int, height: int, texts, scale: float = _TEXT_SCALE) -> np.ndarray:
+    """A white strip `height` pixels high with each (text, x) written in black, baselines 8 pixels above its foot."""
+    band = np.full((height, width, 3), 255, np.uint8)
+    for text, x in texts:
+        cv2.putText(band, text, (max(0, x), height - 8), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return band
+
+
+def _legend(width: int, entries) -> np.ndarray:
+    """A white block `width` wide holding each (colour, text) entry as a swatch and its text, left to right,
+    wrapping to a new line where the next would not fit."""
+    placed, x, line = [], 6, 0
+    for colour, text in entries:
+        size = 24 + 6 + _text_width(text) + 16
+        if x > 6 and x + size > width:
+            x, line = 6, line + 1
+        placed.append((x, line, colour, text))
+        x += size
+    legend = np.full((22 * (line + 1) + 8, width, 3), 255, np.uint8)
+    for x, line, colour, text in placed:
+        top = 4 + 22 * line
+        legend[top:top + 16, x:x + 24] = colour
+        cv2.putText(legend, text, (x + 30, top + 13), _FONT, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return legend
 
 
 def markdown(report: dict) -> str:

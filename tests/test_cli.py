@@ -58,7 +58,7 @@ def test_build_bank_eval_segment(small_voc, tmp_path, capsys):
         assert all({"class", "score", "area", "bbox", "segmentation"} <= set(r) for r in record["segments"])
         assert record["provenance"]["bank"] == "sha256:" + hashlib.sha256((bank / "manifest.json").read_bytes()) \
             .hexdigest() and record["provenance"]["config"]["top_k"] == 1
-        assert Image.open(segmented / sub / f"{image.name}.overlay.jpg").size[0] == png.size[0]
+        assert Image.open(segmented / sub / f"{image.name}.overlay.png").size[0] == png.size[0]
     failures = [json.loads(line) for line in (segmented / "failures.jsonl").read_text().splitlines()]
     assert [f["image"].endswith("broken.jpg") for f in failures] == [True] and "cannot read image" in failures[0]["reason"]
 
@@ -279,10 +279,10 @@ def test_segment_resumes_and_reads_a_manifest(small_voc, tmp_path, capsys):
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [f["image"] for f in failures] == [str(tmp_path / "missing.jpg")]
     records = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
-    assert len(records) == 2 and not list(out.rglob(".*"))
+    assert len(records) == 3 and (out / "classes.json") in records and not list(out.rglob(".*"))
     assert main(segment) == 1
     assert "0 written, 2 already done, 1 failed" in capsys.readouterr().out
-    assert records == {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    assert records == {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}  # classes.json too: the same classes
     manifest.write_text("\n".join(str(p) for p in images) + "\n")
     assert main(segment + ["--no-resume"]) == 0
     assert "2 written, 0 already done, 0 failed, of 2 images" in capsys.readouterr().out

@@ -46,7 +46,9 @@ def files(root):
 
 
 def records(out):
-    return {str(p.relative_to(out)): json.loads(p.read_text()) for p in out.rglob("*.json")}
+    """The per-image records under `out` (not the run's classes.json)."""
+    return {str(p.relative_to(out)): json.loads(p.read_text()) for p in out.rglob("*.json")
+            if p != out / outputs.CLASSES_FILE}
 
 
 # -------------------------------------------------------------------------------------------- outputs over inputs
@@ -101,8 +103,8 @@ def test_outputs_keep_the_suffix_so_x_jpg_and_x_png_do_not_collide(cli, toy, rng
     photo(inputs / "x.jpg", rng, toy)
     photo(inputs / "x.png", rng, toy, height=80)
     assert cli(inputs, "--out", out) == 0
-    assert files(out) == ["x.jpg.json", "x.jpg.overlay.jpg", "x.jpg.png", "x.png.json", "x.png.overlay.jpg",
-                          "x.png.png"]
+    assert files(out) == ["classes.json", "x.jpg.json", "x.jpg.overlay.png", "x.jpg.png", "x.png.json",
+                          "x.png.overlay.png", "x.png.png"]
     found = records(out)
     assert found["x.jpg.json"]["image"] == str(inputs / "x.jpg") and found["x.png.json"]["height"] == 80
 
@@ -113,19 +115,19 @@ def test_output_paths_do_not_move_when_inputs_are_added(cli, toy, rng, tmp_path,
     inputs, out, elsewhere = tmp_path / "in", tmp_path / "seg", tmp_path / "elsewhere"
     photo(inputs / "a" / "x.jpg", rng, toy)
     assert cli(inputs, "--out", out) == 0
-    assert files(out) == ["a/x.jpg.json", "a/x.jpg.overlay.jpg", "a/x.jpg.png"]
+    assert files(out) == ["a/x.jpg.json", "a/x.jpg.overlay.png", "a/x.jpg.png", "classes.json"]
     photo(inputs / "b" / "c" / "y.jpg", rng, toy)
     (inputs / "a" / "link.jpg").symlink_to(photo(elsewhere / "deep" / "z.jpg", rng, toy))
     capsys.readouterr()
     assert cli(inputs, "--out", out) == 0
     assert "2 written, 1 already done" in capsys.readouterr().out
     # the symlink is named by its own name, inside its folder's outputs; nothing lands outside --out
-    assert [f for f in files(out) if f.endswith(".json")] == ["a/link.jpg.json", "a/x.jpg.json", "b/c/y.jpg.json"]
+    assert [f for f in files(out) if f.endswith(".jpg.json")] == ["a/link.jpg.json", "a/x.jpg.json", "b/c/y.jpg.json"]
     assert files(elsewhere) == ["deep/z.jpg"]
     # file arguments are named by their own names, whatever else is given with them
     single = tmp_path / "single"
     assert cli(inputs / "a" / "x.jpg", inputs / "b" / "c" / "y.jpg", "--out", single) == 0
-    assert [f for f in files(single) if f.endswith(".json")] == ["x.jpg.json", "y.jpg.json"]
+    assert [f for f in files(single) if f.endswith(".jpg.json")] == ["x.jpg.json", "y.jpg.json"]
 
 
 def test_two_inputs_with_one_output_name_are_a_usage_error(cli, toy, rng, tmp_path, capsys):
@@ -196,7 +198,7 @@ def test_records_carry_provenance_and_stale_ones_are_redone(cli, toy, toy_bank, 
     text = rerun()
     assert "2 written" in text and "no provenance (an older run) 1" in text and "bank changed 1" in text
     (out / "y.jpg.json").write_text("{not json")
-    (out / "x.jpg.overlay.jpg").unlink()
+    (out / "x.jpg.overlay.png").unlink()
     text = rerun()
     assert "2 written" in text and "outputs missing 1, unreadable record 1" in text
 
@@ -213,10 +215,10 @@ def test_write_failures_are_recorded_and_the_run_goes_on(cli, toy, rng, tmp_path
 
     save_label_map, replace = data.save_label_map, os.replace
 
-    def disk_full(label_map, path):
+    def disk_full(label_map, path, palette=None):
         if ".full.jpg." in path.name:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        save_label_map(label_map, path)
+        save_label_map(label_map, path, palette)
 
     def read_only(source, target):
         if os.path.dirname(target) == str(out / "ro"):
@@ -286,8 +288,8 @@ def test_non_utf8_names_are_segmented_recorded_and_resumed(cli, toy, rng, tmp_pa
     manifest.write_bytes(b"in/caf\xe9.jpg\n")
     assert cli(inputs, "--out", out) == 0
     names = sorted(os.listdir(os.fsencode(out)))
-    assert names == [b"caf\xe9.jpg.json", b"caf\xe9.jpg.overlay.jpg", b"caf\xe9.jpg.png", b"plain.jpg.json",
-                     b"plain.jpg.overlay.jpg", b"plain.jpg.png"]
+    assert names == [b"caf\xe9.jpg.json", b"caf\xe9.jpg.overlay.png", b"caf\xe9.jpg.png", b"classes.json",
+                     b"plain.jpg.json", b"plain.jpg.overlay.png", b"plain.jpg.png"]
     assert json.loads((out / "caf\udce9.jpg.json").read_text())["image"] == odd
     assert cli(inputs, "--out", out) == 0
     assert "0 written, 2 already done" in capsys.readouterr().out
@@ -364,14 +366,14 @@ def test_find_inputs_keys(tmp_path):
     assert keys == {"in/y.png": "y.png", "in/a/x.jpg": "a/x.jpg",
                     "elsewhere.jpg": str(tmp_path / "elsewhere.jpg").lstrip(os.sep)}
     assert outputs.output_files("a/x.jpg", tmp_path) == outputs.OutputFiles(
-        tmp_path / "a" / "x.jpg.png", tmp_path / "a" / "x.jpg.overlay.jpg", tmp_path / "a" / "x.jpg.json")
+        tmp_path / "a" / "x.jpg.png", tmp_path / "a" / "x.jpg.overlay.png", tmp_path / "a" / "x.jpg.json")
 
 
 def test_segment_help_states_the_naming(capsys):
     with pytest.raises(SystemExit) as done:
         main(["segment", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert done.value.code == 0 and "a/x.jpg -> OUT/a/x.jpg.png (label map), .json (record), .overlay.jpg" in text
+    assert done.value.code == 0 and "a/x.jpg -> OUT/a/x.jpg.png (label map), .json (record), .overlay.png" in text
     assert "outside every input folder" in text
 
 
@@ -395,3 +397,104 @@ def test_output_mode_coco_rle_records_decode_with_pycocotools_and_a_change_redoe
         assert isinstance(b["segmentation"]["counts"], str)
         mask = coco.decode({"size": b["segmentation"]["size"], "counts": b["segmentation"]["counts"].encode()})
         np.testing.assert_array_equal(mask.astype(bool), rle_decode(a["segmentation"]))
+
+
+# ------------------------------------------------------------------------------------------- how outputs look
+
+
+@pytest.fixture
+def camvid_cli(toy, rng, tmp_path, monkeypatch):
+    """As `cli`, over a toy bank whose classes are CamVid's (the toy scenes' three colours named sky, building and
+    pole)."""
+    from engine import Config, FeatureBank
+    from engine.palettes import CAMVID_CLASSES
+
+    bank = FeatureBank.build(toy.samples(rng, 9), toy.ColorBackbone(), CAMVID_CLASSES, Config(min_area=100, top_k=3),
+                             progress=False).save(tmp_path / "camvid_bank")
+    monkeypatch.setattr("engine.models.create_backbone", lambda name, **kw: toy.ColorBackbone(id=name))
+    return lambda *args: main(["segment", "--bank", str(bank), *map(str, args)])
+
+
+def test_label_maps_overlays_and_the_class_list_use_the_banks_own_palette(camvid_cli, toy, rng, tmp_path, capsys):
+    """Was: every label map and overlay was drawn in VOC's palette (CamVid's sky maroon; car, sky and fence alike),
+    overlays were JPEGs at a fixed opacity, and nothing beside the label maps said which id is which class."""
+    from engine.data import load_image
+    from engine.palettes import CAMVID_CLASSES, CAMVID_COLOURS, voc_colours
+
+    inputs, out = tmp_path / "in", tmp_path / "seg"
+    image = load_image(photo(inputs / "x.png", rng, toy))
+    assert camvid_cli(inputs, "--out", out) == 0
+    png = Image.open(out / "x.png.png")
+    assert png.getpalette()[:36] == [c for colour in CAMVID_COLOURS for c in colour]
+    labels = np.asarray(png)
+    assert set(np.unique(labels).tolist()) - {0} and set(np.unique(labels).tolist()) <= {0, 1, 2, 3}
+    assert json.loads((out / "classes.json").read_text()) == {
+        "palette": "camvid",
+        "classes": [{"id": i, "name": name, "color": list(colour)}
+                    for i, (name, colour) in enumerate(zip(CAMVID_CLASSES, CAMVID_COLOURS))]}
+    assert records(out)["x.png.json"]["provenance"]["rendering"] == {"palette": "auto", "opacity": 0.5}
+
+    def drawn():  # the overlay's picture part (the legend is below it), as written: PNG, so exactly
+        overlay = Image.open(out / "x.png.overlay.png")
+        assert overlay.format == "PNG" and overlay.mode == "RGB"
+        return np.asarray(overlay)[:image.shape[0]].astype(int)
+
+    painted = labels != 0
+    half = drawn()
+    np.testing.assert_array_equal(half[~painted], image[~painted])
+    assert np.abs(half[painted] - (image[painted] + np.array(CAMVID_COLOURS)[labels[painted]]) / 2).max() <= 0.5
+    capsys.readouterr()
+    assert camvid_cli(inputs, "--out", out, "--opacity", "1") == 0
+    assert "rendering changed 1" in capsys.readouterr().out
+    np.testing.assert_array_equal(drawn()[painted], np.array(CAMVID_COLOURS)[labels[painted]])
+    assert camvid_cli(inputs, "--out", out, "--opacity", "0") == 0
+    np.testing.assert_array_equal(drawn(), image)
+    assert camvid_cli(inputs, "--out", out, "--opacity", "0", "--palette", "voc") == 0
+    assert "rendering changed 1" in capsys.readouterr().out
+    assert Image.open(out / "x.png.png").getpalette()[:63] == voc_colours()[:21].ravel().tolist()
+    assert json.loads((out / "classes.json").read_text())["classes"][1] == {"id": 1, "name": "sky",
+                                                                            "color": [128, 0, 0]}
+    assert camvid_cli(inputs, "--out", out, "--opacity", "0", "--palette", "voc") == 0
+    assert "0 written, 1 already done" in capsys.readouterr().out
+    assert not list(out.rglob(".*"))  # classes.json, like every file, written through a temporary name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--opacity", "1.5"], "argument --opacity: expected a number from 0 (the image alone) to 1"),
+    (["--opacity", "half"], "argument --opacity: expected a number from 0"),
+    (["--palette", "rainbow"], "argument --palette: invalid choice: 'rainbow'"),
+    (["--palette", "voc", "--ray"], "--palette and --opacity do not combine with --ray"),
+])
+def test_palette_and_opacity_usage_errors(cli, toy, rng, tmp_path, capsys, flags, message):
+    photo(tmp_path / "in" / "x.jpg", rng, toy)
+    with pytest.raises(SystemExit) as usage:
+        cli(tmp_path / "in", "--out", tmp_path / "seg", *flags)
+    assert usage.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "seg").exists()
+
+
+def test_an_input_named_like_the_runs_own_files_is_refused(cli, toy, rng, tmp_path, capsys):
+    """classes.json is the run's: a file argument named `classes` would have its record there."""
+    odd = photo(tmp_path / "in" / "x.jpg", rng, toy).rename(tmp_path / "in" / "classes")
+    with pytest.raises(SystemExit) as usage:
+        cli(odd, "--out", tmp_path / "seg")
+    assert usage.value.code == 2 and "the run's own classes.json file" in capsys.readouterr().err
+
+
+def test_overlay_legend_says_below_one_percent_rather_than_zero(tmp_path, monkeypatch):
+    """Was: a class painting 0.3% of the image read "0%" in the legend."""
+    from types import SimpleNamespace
+
+    from engine import report
+
+    texts, put_text = [], report.cv2.putText
+    monkeypatch.setattr(report.cv2, "putText", lambda image, text, *args: (texts.append(text), put_text(image, text,
+                                                                                                         *args))[1])
+    label = np.zeros((100, 100), np.uint8)
+    label[:60] = 1
+    label[99, :30] = 2
+    result = SimpleNamespace(label_map=label, class_names=("background", "big", "sliver"),
+                             class_summary=lambda: {"background": 0.397, "big": 0.6, "sliver": 0.003})
+    report.overlay(np.zeros((100, 100, 3), np.uint8), result, tmp_path / "x.overlay.png")
+    assert texts == ["big 60%", "sliver <1%"]
+    assert (report.share_text(0.004), report.share_text(0.01), report.share_text(0.996)) == ("<1%", "1%", "100%")

@@ -12,29 +12,10 @@ from PIL import Image, ImageOps
 
 from ..constants import IGNORE  # noqa: F401  (VOC's void label, kept importable from here)
 from ..errors import InputError
+from ..palettes import VOC_CLASSES, Palette, palette_for
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
-
-
-def _voc_palette() -> list[int]:
-    """The standard VOC colour map (bit-interleaved class index), 256 RGB entries."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        value = index
-        for bit in range(8):
-            r |= ((value >> 0) & 1) << (7 - bit)
-            g |= ((value >> 1) & 1) << (7 - bit)
-            b |= ((value >> 2) & 1) << (7 - bit)
-            value >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-VOC_PALETTE = _voc_palette()
+#: VOC's colour map as PIL's putpalette takes it (768 values); a data set's own palette is engine.palettes'
+VOC_PALETTE = palette_for(VOC_CLASSES, "voc").png()
 
 
 #: PIL modes holding 8 bits a channel (or a palette of 8-bit colours): converted to RGB exactly
@@ -79,10 +60,11 @@ def _unreadable(error: Exception) -> str:
     return str(error) if isinstance(error, (OSError, ValueError)) else f"{type(error).__name__}: {error}"
 
 
-def save_label_map(label_map: np.ndarray, path) -> None:
-    """Write an HxW class-index map as a VOC-palette PNG."""
+def save_label_map(label_map: np.ndarray, path, palette: Palette | None = None) -> None:
+    """Write an HxW class-index map as a palette PNG, in `palette`'s colours (engine.palettes.palette_for of the
+    class names; VOC's by default). The pixel values are the class ids whatever the colours."""
     image = Image.fromarray(np.asarray(label_map, dtype=np.uint8), mode="P")
-    image.putpalette(VOC_PALETTE)
+    image.putpalette(palette.png() if palette is not None else VOC_PALETTE)
     image.save(path)
 
 
@@ -114,7 +96,7 @@ class Sample:
 
 class VOCDataset:
     """A split of a dataset in the VOC layout. Class names come from `class_names.txt` when the root has one,
-    the 21 VOC names otherwise; class 0 is background."""
+    the 21 VOC names otherwise; class 0 is background; `palette` gives their colours."""
 
     def __init__(self, root, split: str = "train"):
         self.root = Path(root)
@@ -135,6 +117,12 @@ class VOCDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def palette(self) -> Palette:
+        """The colours of this data set's classes (engine.palettes.palette_for its class names)."""
+        return palette_for(self.class_names)
+
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
