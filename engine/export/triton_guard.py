@@ -158,14 +158,15 @@ class HttpGuard:
         return self
 
     def stop(self) -> None:
+        """Stop serving and close the port; a second caller returns once the first has closed it."""
         with self._lock:
             server, self._server = self._server, None
             thread, self._thread = self._thread, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(10)
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            if thread is not None:
+                thread.join(10)
 
 
 class _Handler(BaseHTTPRequestHandler):
