@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 
 from .bank import FeatureBank
 from .config import Config
-from .registry import DEFAULT_BACKBONE
+from .constants import IGNORE
 from .data import VOCDataset
 from .data.voc import Sample
 from .eval import ConfusionMatrix, atoms_ceiling, proposals_ceiling
 from .models import Backbone, create_backbone, ground_truth_proposals
 from .palettes import VOC_CLASSES, Palette, palette_for
 from .pipeline import Engine
+from .registry import DEFAULT_BACKBONE
 
 
 
@@ -183,8 +184,9 @@ def _report_dataset(root: Path, name: str, out: Path, quick: bool, sheet_images:
                                "miou": row.result["miou"], "per_class": row.result["per_class"]})
     sheet = out / f"{name}_sheet.png"
     picks = np.unique(np.linspace(0, len(val_samples) - 1, sheet_images).round().astype(int))  # spread over val
-    write_sheet(sheet, [val_samples[i] for i in picks], [main_predictions[i] for i in picks])
-    result["sheet"] = {"file": sheet.name, "row": main.name}
+    shown = write_sheet(sheet, [val_samples[i] for i in picks], [main_predictions[i] for i in picks],
+                        train.class_names, train.palette, title=f"{name} val: {main.name}")
+    result["sheet"] = {"file": sheet.name, "row": main.name, "images": shown["images"], "legend": shown["legend"]}
     return result
 
 
@@ -237,20 +239,41 @@ def write_image(path, rgb: np.ndarray) -> None:
     Path(path).write_bytes(encoded.tobytes())
 
 
-def write_sheet(path: Path, samples, predictions, width: int = 320) -> None:
-    """A PNG grid: one line per image — image | ground truth | prediction (VOC palette; void is white)."""
-    lines = []
+#: the columns of a report sheet, left to right
+SHEET_COLUMNS = ("image", "ground truth", "prediction")
+
+
+def write_sheet(path: Path, samples, predictions, class_names, palette: Palette | None = None, title: str = "",
+                width: int = 320) -> dict:
+    """A PNG grid under `title` and the column headers (SHEET_COLUMNS): one line per image, headed by its id, then a
+    legend of the classes present in the ground truths and predictions shown (void, label 255, included), in
+    `palette` (default: the class names' own). Returns what it shows: {"columns", "images", "legend"}."""
+    palette = palette or palette_for(class_names)
+    tile = width + 4  # a 2-pixel white frame around each picture
+    parts = [_band(3 * tile, 28, [(title, 6)], scale=0.6)] if title else []
+    parts.append(_band(3 * tile, 26, [(name, i * tile + (tile - _text_width(name)) // 2)
+                                      for i, name in enumerate(SHEET_COLUMNS)]))
+    ids, present = [], set()
     for sample, prediction in zip(samples, predictions):
         height = round(sample.image.shape[0] * width / sample.image.shape[1])
-        tiles = [sample.image, colourise(sample.mask), colourise(prediction)]
+        tiles = [sample.image, palette.colourise(sample.mask), palette.colourise(prediction)]
         resized = [cv2.resize(t, (width, height), interpolation=cv2.INTER_AREA if i == 0 else cv2.INTER_NEAREST)
                    for i, t in enumerate(tiles)]
-        lines.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in resized], 1))
-    if not lines:
-        return
-    grid = np.concatenate([np.pad(line, ((0, 0), (0, max(l.shape[1] for l in lines) - line.shape[1]), (0, 0)),
-                                  constant_values=255) for line in lines], 0)
-    write_image(path, grid)
+        parts.append(_band(3 * tile, 22, [(str(sample.id), 6)]))
+        parts.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in resized], 1))
+        present |= set(np.unique(sample.mask).tolist()) | set(np.unique(prediction).tolist())
+        ids.append(str(sample.id))
+    legend = [_class_name(class_names, label) for label in sorted(present)]
+    if ids:
+        parts.append(_legend(3 * tile, [(palette.colour(label), name) for label, name in zip(sorted(present), legend)]))
+        write_image(path, np.concatenate(parts))
+    return {"columns": list(SHEET_COLUMNS), "images": ids, "legend": legend}
+
+
+def _class_name(class_names, label: int) -> str:
+    if label < len(class_names):
+        return class_names[label]
+    return "void" if label == IGNORE else str(label)
 
 
 _FONT, _TEXT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.5

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from engine import Config
-from engine.report import CachedBackbone, markdown, plan_rows, run_report
+from engine.report import SHEET_COLUMNS, CachedBackbone, markdown, plan_rows, run_report, write_sheet
 
 
 def test_plan_rows_cover_the_papers_table():
@@ -59,4 +59,37 @@ def test_quick_report_on_a_small_voc_copy(voc_root, toy, tmp_path):
     assert "proposals ceiling" in (tmp_path / "out" / "report.md").read_text()
     sheet = Image.open(tmp_path / "out" / "voc2012-mini_sheet.png")
     assert sheet.size[0] > 900 and sheet.mode == "RGB"
+    val = (data / "voc2012-mini" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    assert result["sheet"]["images"] == [val[0], val[-1]] and "background" in result["sheet"]["legend"]
     assert markdown(report) == (tmp_path / "out" / "report.md").read_text()
+
+
+def test_sheet_has_column_headers_image_ids_and_a_legend(toy, rng, tmp_path, monkeypatch):
+    """Was: a sheet was a bare grid of pictures: no column said which was the ground truth, no row its image, and
+    no legend its colours."""
+    from engine import report
+    from engine.data import Sample
+
+    texts, put_text = [], report.cv2.putText
+    monkeypatch.setattr(report.cv2, "putText", lambda image, text, *args: (texts.append(text), put_text(image, text,
+                                                                                                         *args))[1])
+    samples, predictions = [], []
+    for i, classes in enumerate([(1, 2), (2, 3)]):
+        image, truth = toy.scene(rng, classes=classes)
+        truth[:3] = 255  # void in the ground truth
+        samples.append(Sample(f"scene_{i}", image, list(classes), truth))
+        predictions.append(np.where(truth == 255, 0, truth).astype(np.uint8))
+    shown = write_sheet(tmp_path / "sheet.png", samples, predictions, toy.CLASSES, title="toy val: oracle")
+    assert shown == {"columns": list(SHEET_COLUMNS), "images": ["scene_0", "scene_1"],
+                     "legend": ["background", "red", "green", "blue", "void"]}
+    assert SHEET_COLUMNS == ("image", "ground truth", "prediction")
+    assert texts == ["toy val: oracle", *SHEET_COLUMNS, "scene_0", "scene_1",
+                     "background", "red", "green", "blue", "void"]
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png"))
+    from engine.palettes import palette_for
+
+    palette = palette_for(toy.CLASSES)
+    grid_bottom = 28 + 26 + sum(22 + 4 + s.image.shape[0] * 320 // s.image.shape[1] for s in samples)
+    legend = sheet[grid_bottom - 2:].reshape(-1, 3)
+    for label in (0, 1, 2, 3, 255):  # each class's swatch in the legend, below the pictures
+        assert (legend == palette.colour(label)).all(axis=1).sum() >= 24 * 16, label
