@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
-from .config import BANK_FIELDS, Config
+from .config import BANK_FIELDS, EROSIONS, POOLINGS, VOTES, Config
 from .errors import InputError, ModuSegError
-from .registry import DEFAULT_BACKBONE
+from .registry import DEFAULT_BACKBONE, backbone_names
 
 
 
@@ -53,9 +53,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, bank: str = "build") -> N
             where.add_argument(flag, dest=f"config_{f.name}", action=argparse.BooleanOptionalAction, default=None,
                                help=text)
             continue
+        choices = CONFIG_CHOICES.get(f.name)  # listed by --help; a wrong value is refused by Config's own message
         where.add_argument(flag, dest=f"config_{f.name}", type=_field_type(f.name, kind), default=None,
-                           metavar=kind.__name__.upper(), help=text)
+                           choices=choices, metavar=None if choices else kind.__name__.upper(), help=text)
     parser.set_defaults(config_parser=parser)  # for the usage errors _config finds once the bank is loaded
+
+
+#: the Config fields that take one of a few words
+CONFIG_CHOICES = {"vote": VOTES, "erosion": EROSIONS, "pooling": POOLINGS}
 
 
 def _field_type(name: str, kind: type):
@@ -240,9 +245,13 @@ def cmd_build_bank(args) -> int:
 
     config = _config(args)
     if args.data is None and not args.add_parts:
-        raise InputError("give --data (images to featurise) and/or --add-parts (parts of earlier builds to merge)")
+        _usage_error("build-bank", "give --data (images to featurise) and/or --add-parts (parts of earlier builds to "
+                                   "merge)")
+    if args.parts is not None and args.keep_parts is False:
+        _usage_error("build-bank", f"--parts {args.parts} with --no-keep-parts: nothing would be written there")
+    keep_parts = bool(args.keep_parts or args.parts)  # parts are about the bank's size again: only when asked
     parts_dir = Path(args.parts) if args.parts else Path(f"{args.out}.parts")
-    for target in (Path(args.out), parts_dir if args.keep_parts else None):
+    for target in (Path(args.out), parts_dir if keep_parts else None):
         if target is not None and target.exists() and not args.overwrite:
             raise BankError(f"{target} exists; pass --overwrite to replace it")
     backbone = create_backbone(args.backbone, batch_size=config.batch_size, num_threads=config.num_threads)
@@ -287,14 +296,14 @@ def cmd_build_bank(args) -> int:
         from .distributed import reject_outliers_ray
 
         keep = reject_outliers_ray(parts, config, address=args.ray or None)
-    if args.keep_parts:
+    if keep_parts:
         save_parts(parts, parts_dir, class_names, backbone.describe(), config, overwrite=args.overwrite)
     bank = FeatureBank.from_parts(parts, class_names, backbone.describe(), config, provenance, keep=keep)
     bank.save(args.out, overwrite=args.overwrite)
     counts = {n: int(c) for n, c in zip(bank.class_names, bank.class_counts()) if c}
     print(f"bank: {len(bank)} vectors ({bank.dim}-d, {bank.backbone['id']}) from {sum(len(p.images) for p in parts)} "
           f"images in {time.perf_counter() - start:.1f} s -> {args.out}"
-          + (f" (parts: {parts_dir})" if args.keep_parts else ""))
+          + (f" (parts: {parts_dir})" if keep_parts else ""))
     print(f"per class: {counts}")
     return 0
 
@@ -325,9 +334,15 @@ def cmd_eval(args) -> int:
     if tuple(dataset.class_names) != bank.class_names:
         raise ModuSegError(f"the bank's classes {list(bank.class_names)} differ from the dataset's "
                            f"{list(dataset.class_names)}")
+    missing = [i for i in dataset.ids if not dataset.mask_path(i).is_file()]
+    if missing:
+        raise InputError(f"--data {args.data} --split {args.split}: no ground truth for {len(missing)} of "
+                         f"{len(dataset)} images ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; "
+                         f"expected SegmentationClass/ID.png)")
+    _writable_out(args.out)
     # ground-truth proposals are passed per batch below; "auto" is the engine's embedded proposer
     engine = Engine(bank, proposer="embedded" if args.proposals == "auto" else None, config=config)
-    out = _output_dir(args.out)
+    out = _output_dir(args.out)  # made once the bank, the data and the engine are there
     if args.save_predictions:
         (out / "predictions").mkdir(exist_ok=True)
     confusion = ConfusionMatrix(bank.class_names)
@@ -337,14 +352,11 @@ def cmd_eval(args) -> int:
     with tqdm(total=len(dataset), desc=f"eval {args.split}", unit="img") as bar:
         for indices in _chunks(range(len(dataset)), config.batch_size):
             samples = [dataset[i] for i in indices]
-            missing = [s.id for s in samples if s.mask is None]
-            if missing:
-                raise ModuSegError(f"no ground truth for {missing} in {args.data}")
             proposals = [ground_truth_proposals(s.mask) for s in samples] if args.proposals == "gt" else None
             for sample, result in zip(samples, engine.segment_batch([s.image for s in samples], proposals)):
                 confusion.update(result.label_map, sample.mask)
                 if args.save_predictions:
-                    save_label_map(result.label_map, out / "predictions" / f"{sample.id}.png")
+                    save_label_map(result.label_map, out / "predictions" / f"{sample.id}.png", dataset.palette)
             bar.update(len(samples))
     elapsed = time.perf_counter() - start
     summary = confusion.summary()
@@ -362,19 +374,10 @@ def cmd_segment(args) -> int:
     """Segment the inputs into --out (outputs named as engine.outputs says), resuming from records that still hold;
     a failure of one item (reading, segmenting or writing it) is recorded and the run goes on."""
     from .bank import FeatureBank
-    from .outputs import DEFAULT_RENDERING, OutputConflict, bank_id, find_inputs, plan_run, run_provenance, \
-        write_classes
+    from .outputs import OutputConflict, bank_id, find_inputs, plan_run, run_provenance, write_classes
 
-    if (args.bank is None) == (args.url is None):
-        raise InputError("give --bank (segment here) or --url (a Triton server's segmentation model), not both")
-    if args.url is not None and args.ray is not None:
-        raise InputError("--url and --ray do not combine: scale a served model with server replicas instead")
-    if args.ray is not None and (args.palette, args.opacity) != (DEFAULT_RENDERING["palette"],
-                                                                 DEFAULT_RENDERING["opacity"]):
-        _usage_error("segment", f"--palette and --opacity do not combine with --ray: its actors draw with the "
-                                f"defaults (--palette {DEFAULT_RENDERING['palette']} --opacity "
-                                f"{DEFAULT_RENDERING['opacity']})")
-    config = None
+    _check_segment_flags(args)
+    config, headers = None, _headers(args.header)
     if args.url is None:
         bank = FeatureBank.load(args.bank)  # checked here, before any work, also when Ray actors load it again
         config = _config(args, bank.config)
@@ -382,11 +385,12 @@ def cmd_segment(args) -> int:
         inputs = find_inputs(args.images, args.manifest, out=args.out)
     except OutputConflict as error:
         _usage_error("segment", str(error))
-    out = _output_dir(args.out)
+    _writable_out(args.out)
     rendering = {"output_mode": args.output_mode, "palette": args.palette, "opacity": args.opacity}
     if args.ray is not None:
         from .distributed import segment_ray
 
+        out = _output_dir(args.out)  # the Ray cluster starts inside segment_ray
         write_classes(out, bank.class_names, args.palette)
         summary = segment_ray(inputs, out, args.bank, config, address=args.ray or None, actors=args.actors,
                               with_overlay=args.overlay, resume=args.resume, device=args.device,
@@ -401,8 +405,9 @@ def cmd_segment(args) -> int:
             from .remote import RemoteEngine
 
             engine = RemoteEngine(args.url, model_name=args.model, protocol=args.protocol,
-                                  concurrency=args.concurrency, headers=_headers(args.header))
+                                  concurrency=args.concurrency, headers=headers)
             run = run_provenance(server={"url": args.url, "model": args.model}, **rendering)
+        out = _output_dir(args.out)  # made once the inputs, the bank and the engine (or the server) are there
         write_classes(out, engine.class_names if args.url else bank.class_names, args.palette)
         plan = plan_run(inputs, out, run, resume=args.resume, with_overlay=args.overlay)
         batch_size = config.batch_size if config is not None else engine.concurrency
@@ -416,6 +421,26 @@ def cmd_segment(args) -> int:
         print(f"{sum(summary['stale'].values())} of them redone because their record was stale: "
               + ", ".join(f"{reason} {count}" for reason, count in sorted(summary["stale"].items())))
     return 1 if failures else 0
+
+
+def _check_segment_flags(args) -> None:
+    """Flags of `segment` that contradict each other: a usage error (exit 2) naming them."""
+    if (args.bank is None) == (args.url is None):
+        _usage_error("segment", "give --bank (segment here) or --url (a Triton server's segmentation model), "
+                                f"{'not both' if args.bank is not None else 'one of them'}")
+    if args.url is not None and args.ray is not None:
+        _usage_error("segment", "--url and --ray do not combine: scale a served model with server replicas instead")
+    from .outputs import DEFAULT_RENDERING
+
+    if args.ray is not None and (args.palette, args.opacity) != (DEFAULT_RENDERING["palette"],
+                                                                 DEFAULT_RENDERING["opacity"]):
+        _usage_error("segment", f"--palette and --opacity do not combine with --ray: its actors draw with the "
+                                f"defaults (--palette {DEFAULT_RENDERING['palette']} --opacity "
+                                f"{DEFAULT_RENDERING['opacity']})")
+    try:
+        _headers(args.header)
+    except InputError as error:
+        _usage_error("segment", str(error))
 
 
 def _segment_here(engine, inputs, plan, out: Path, with_overlay: bool, batch_size: int) -> dict:
@@ -509,17 +534,36 @@ def _headers(pairs) -> dict[str, str]:
     return headers
 
 
-def _output_dir(path) -> Path:
-    """--out, created if missing; an InputError, before any work, if it is a file or cannot be written (a
-    read-only file system, no permission)."""
+def _writable_out(path) -> Path:
+    """--out checked before any work, without making it: an InputError if it is a file, or if no file can be made in
+    it or, while it does not exist, in its nearest existing folder (a read-only file system, no permission). The
+    folder itself is made by _output_dir once the inputs, the bank and the models are checked, so that a run that
+    fails before its work leaves no folder behind."""
     import tempfile
 
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {_shown(out)} is a file; name a folder")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--out {_shown(out)}: {_shown(existing)} is a file, so no folder can be made there")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # whether files can be made (permission bits do not say as root)
+    except OSError as error:
+        raise InputError(f"--out {_shown(out)}: cannot write there: {error}") from error
+    return out
+
+
+def _output_dir(path) -> Path:
+    """--out, created if missing; an InputError if it is a file or cannot be written (as _writable_out)."""
+    import tempfile
+
+    out = _writable_out(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()  # whether files can be made there (permission bits do not say as root)
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as error:
         raise InputError(f"--out {_shown(out)}: cannot write there: {error}") from error
     return out
@@ -555,11 +599,13 @@ def cmd_triton_repo(args) -> int:
     if args.bank is not None:
         from .bank import FeatureBank
 
+        if args.segment_backbone not in args.variants:
+            _usage_error("triton-repo", f"--segment-backbone {args.segment_backbone} is not among --variants "
+                                        f"{' '.join(args.variants)}")
         bank_backbone = FeatureBank.load(args.bank).backbone_name
         if args.backbone not in (None, bank_backbone):
-            raise InputError(f"--backbone {args.backbone} differs from the bank's backbone {bank_backbone}")
-        if args.segment_backbone not in args.variants:
-            raise InputError(f"--segment-backbone {args.segment_backbone} is not among --variants {args.variants}")
+            _usage_error("triton-repo", f"--backbone {args.backbone} differs from the bank's backbone "
+                                        f"{bank_backbone}: leave it out, or give a bank built with it")
     written = write_repository(args.out, backbone=args.backbone or bank_backbone, variants=args.variants,
                                with_models=not args.configs_only, onnx_path=args.onnx, plan_path=args.plan,
                                plan_cc=args.plan_cc, max_batch_size=args.max_batch_size, instances=args.instances,
@@ -665,17 +711,22 @@ def _add_bank_parsers(commands) -> None:
     """build-bank and eval."""
     build = commands.add_parser("build-bank", help="build a feature bank from a VOC-layout dataset")
     build.add_argument("--data", default=None, help="dataset root (VOC layout)")
-    build.add_argument("--split", default="train")
+    build.add_argument("--split", default="train",
+                       help="the split to featurise, listed in --data's ImageSets/Segmentation/SPLIT.txt (default "
+                            "train)")
     build.add_argument("--masks", choices=("gt", "pseudo"), default="gt",
                        help="class masks: ground truth (oracle bank) or pseudo-masks from image-level labels")
-    build.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    build.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                       help=f"the feature extractor, one of {', '.join(backbone_names())} (default {DEFAULT_BACKBONE})")
     build.add_argument("--out", required=True, help="bank directory to write")
     build.add_argument("--overwrite", action="store_true", help="replace an existing bank directory")
     build.add_argument("--parts", default=None, metavar="DIR",
-                       help="where the bank's parts (entries before outlier rejection, needed to merge or append) are "
-                            "kept (default: OUT.parts next to the bank)")
-    build.add_argument("--keep-parts", action=argparse.BooleanOptionalAction, default=True,
-                       help="write the parts directory (default on)")
+                       help="keep the bank's parts (its entries before outlier rejection, about the bank's size "
+                            "again) in DIR, to merge this build with others or append to it later (--add-parts); "
+                            "implies --keep-parts")
+    build.add_argument("--keep-parts", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep the parts (in --parts DIR, by default OUT.parts next to the bank); default off: "
+                            "only a build to be merged or appended to needs them")
     build.add_argument("--add-parts", nargs="+", default=None, metavar="DIR",
                        help="parts directories of earlier builds (shards, or the bank appended to): the bank is "
                             "built over their entries and the new ones, outlier rejection over the union")
@@ -689,9 +740,11 @@ def _add_bank_parsers(commands) -> None:
     verify.set_defaults(run=cmd_verify_bank)
 
     evaluate = commands.add_parser("eval", help="segment a split and report mIoU against its ground truth")
-    evaluate.add_argument("--bank", required=True)
-    evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--bank", required=True, help="the feature bank (a build-bank output folder)")
+    evaluate.add_argument("--data", required=True,
+                          help="dataset root (VOC layout) with the split's images and ground truth; its classes must "
+                               "be the bank's")
+    evaluate.add_argument("--split", default="val", help="the split to segment and score (default val)")
     evaluate.add_argument("--proposals", choices=("gt", "auto"), default="auto",
                           help="ground-truth connected components (oracle proposals) or the embedded proposer")
     evaluate.add_argument("--out", required=True, help="directory for metrics.json / metrics.md")
@@ -743,7 +796,8 @@ def _add_segment_parser(commands) -> None:
                          help="each segment's mask in the JSON records: COCO's uncompressed RLE (runs as a list; "
                               "default) or its compressed RLE (a string, as pycocotools.mask.decode takes; needs "
                               "pycocotools)")
-    segment.add_argument("--device", default="cpu", help="cpu or cuda (the backbone and the bank search)")
+    segment.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                         help="where the backbone and the bank search run (default cpu)")
     _add_ray_flags(segment, "segment on a Ray cluster: actors each hold an Engine and write the outputs")
     _add_config_flags(segment, bank="fixed")
     segment.set_defaults(run=cmd_segment)
@@ -807,17 +861,19 @@ def _add_triton_parsers(commands) -> None:
     repo.set_defaults(run=cmd_triton_repo)
 
     serve = commands.add_parser("serve", help="run a local tritonserver (python backend) over a model repository")
-    serve.add_argument("--repo", required=True)
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--repo", required=True, help="the model repository (written by moduseg triton-repo)")
+    serve.add_argument("--http-port", type=int, default=8000, help="the server's HTTP port (default 8000)")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="the server's gRPC port (default 8001)")
+    serve.add_argument("--metrics-port", type=int, default=8002,
+                       help="the server's Prometheus metrics port (default 8002)")
     serve.add_argument("--models", nargs="+", default=None, help="models to load (default: the python-backend ones)")
     serve.add_argument("--env", default=None,
                        help="the server's venv (default: $MODUSEG_TRITON_ENV, else the checkout's .triton-venv when "
                             "the engine runs from one, else ~/.cache/moduseg/triton-venv; made when missing, as "
                             "`moduseg triton-env` does)")
     serve.add_argument("--log", default=None, help="server log file (default: a temporary file)")
-    serve.add_argument("--start-timeout", type=float, default=120.0)
+    serve.add_argument("--start-timeout", type=float, default=120.0,
+                       help="seconds to wait for the server and its models to be ready (default 120)")
     serve.add_argument("--server-arg", action="append", default=None, metavar="ARG",
                        help="one more tritonserver argument, e.g. --server-arg=--log-verbose=1 or "
                             "--server-arg=--backend-config=python,shm-default-byte-size=16777216 (repeatable; "
@@ -838,7 +894,8 @@ def _add_triton_parsers(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moduseg", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="what to do (moduseg COMMAND --help for its flags)")
 
     _add_bank_parsers(commands)
     _add_segment_parser(commands)
@@ -846,8 +903,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="the paper's table rows on VOC-layout data sets (JSON, Markdown, PNG)")
     report.add_argument("--data-root", default="../shared/data", help="folder holding the data sets")
-    report.add_argument("--datasets", nargs="+", default=["voc2012-mini", "camvid"])
-    report.add_argument("--out", required=True)
+    report.add_argument("--datasets", nargs="+", default=["voc2012-mini", "camvid"],
+                        help="data sets to report on: folders under --data-root in the VOC layout, each with train "
+                             "and val splits (default voc2012-mini camvid)")
+    report.add_argument("--out", required=True,
+                        help="folder for report.json, report.md and a sheet PNG per data set (made once the data "
+                             "sets are found)")
     report.add_argument("--quick", action="store_true", help="only the system rows (defaults and paper settings)")
     report.add_argument("--sheet-images", type=int, default=4, help="val images on each PNG sheet")
     report.set_defaults(run=cmd_report)

@@ -27,6 +27,7 @@ from .config import Config
 from .constants import IGNORE
 from .data import VOCDataset
 from .data.voc import Sample
+from .errors import InputError
 from .eval import ConfusionMatrix, atoms_ceiling, proposals_ceiling
 from .models import Backbone, create_backbone, ground_truth_proposals
 from .palettes import VOC_CLASSES, Palette, palette_for
@@ -108,7 +109,17 @@ def plan_rows(dataset_name: str, has_weak_labels: bool, quick: bool = False) -> 
 
 def run_report(data_root, out, datasets=("voc2012-mini", "camvid"), quick: bool = False, sheet_images: int = 4,
                progress: bool = True) -> dict:
-    """Run every row for each data set under `data_root`; write report.json, report.md and one sheet PNG per set."""
+    """Run every row for each data set under `data_root`; write report.json, report.md and one sheet PNG per set.
+    Every data set's train and val splits are opened first, so a wrong root or name fails before `out` is made."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise InputError(f"data root {root}: no such folder (expected the folder holding the data sets)")
+    for name in datasets:
+        if not (root / name).is_dir():
+            held = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise InputError(f"data root {root}: no data set {name!r}; it holds: {', '.join(held) or 'no folders'}")
+        for split in ("train", "val"):
+            VOCDataset(root / name, split)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"datasets": {}, "created": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -243,7 +243,7 @@ def test_build_bank_merges_shards_and_appends(small_voc, tmp_path, capsys):
     assert main(build + ["--split", "train", "--out", str(tmp_path / "whole"), "--no-keep-parts"]) == 0
     assert not (tmp_path / "whole.parts").exists()
     for split in ("first", "rest"):
-        assert main(build + ["--split", split, "--out", str(tmp_path / split)]) == 0
+        assert main(build + ["--split", split, "--out", str(tmp_path / split), "--keep-parts"]) == 0
         assert (tmp_path / f"{split}.parts" / "parts.json").is_file()
     # merged shards, and the second shard appended to the first: both are the one build over all six images
     assert main(["build-bank", "--add-parts", str(tmp_path / "first.parts"), str(tmp_path / "rest.parts"),
@@ -260,8 +260,9 @@ def test_build_bank_merges_shards_and_appends(small_voc, tmp_path, capsys):
     assert main(build + ["--split", "first", "--add-parts", str(tmp_path / "first.parts"),
                          "--out", str(tmp_path / "twice")]) == 1
     assert "in parts of two builds" in capsys.readouterr().err and not (tmp_path / "twice").exists()
-    assert main(["build-bank", "--out", str(tmp_path / "nothing")]) == 1
-    assert "give --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["build-bank", "--out", str(tmp_path / "nothing")])
+    assert usage.value.code == 2 and "give --data" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -375,3 +376,137 @@ def test_eval_and_segment_help_lists_the_bank_building_knobs_apart(capsys):
     text = capsys.readouterr().out
     fixed = text.split("bank-building knobs (fixed by the bank):")[1]
     assert "--erosion " in fixed and "--region-entries" in fixed and "--top-k" not in fixed
+
+
+# ---------------------------------------------------------------------------------------- the command's contract
+
+
+def _subcommands():
+    import argparse
+
+    from engine.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, action.choices
+
+
+def test_every_flag_has_help_and_finite_choices_are_listed():
+    """Was: --split, --backbone, eval's --bank / --data / --split, serve's ports and report's --datasets and --out
+    had no help; --device, --vote, --erosion and --pooling took a word without saying which."""
+    import argparse
+
+    parser, commands = _subcommands()
+    missing = [f"{name} {action.option_strings or action.dest}" for name, sub in [("moduseg", parser), *commands.items()]
+               for action in sub._actions if not isinstance(action, argparse._HelpAction)
+               and not (action.help and action.help.strip() and action.help != argparse.SUPPRESS)]
+    assert not missing
+    options = {(name, option): action for name, sub in commands.items() for action in sub._actions
+               for option in action.option_strings}
+    for name, option, choices in [("segment", "--device", ("cpu", "cuda")),
+                                  ("segment", "--palette", ("auto", "voc", "camvid", "distinct")),
+                                  ("segment", "--protocol", ("http", "grpc")),
+                                  ("segment", "--vote", ("count", "balanced", "weighted")),
+                                  ("eval", "--erosion", ("fixed", "adaptive")),
+                                  ("build-bank", "--pooling", ("soft", "hard")),
+                                  ("build-bank", "--masks", ("gt", "pseudo")),
+                                  ("eval", "--proposals", ("gt", "auto"))]:
+        assert tuple(options[name, option].choices) == choices, (name, option)
+    assert "effnet-lite2/multilayer" in options["build-bank", "--backbone"].help
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["segment", "--bank", "B", "--url", "127.0.0.1:1", "x.jpg"], "give --bank (segment here) or --url"),
+    (["segment", "x.jpg"], "give --bank (segment here) or --url (a Triton server's segmentation model), one of"),
+    (["segment", "--url", "127.0.0.1:1", "--ray", "x.jpg"], "--url and --ray do not combine"),
+    (["segment", "--url", "127.0.0.1:1", "--header", "novalue", "x.jpg"], "--header 'novalue': expected KEY=VALUE"),
+    (["segment", "--bank", "B", "--device", "tpu", "x.jpg"], "argument --device: invalid choice: 'tpu'"),
+    (["build-bank"], "give --data (images to featurise) and/or --add-parts"),
+    (["build-bank", "--data", "D", "--parts", "P", "--no-keep-parts"], "--parts P with --no-keep-parts"),
+    (["triton-repo", "--bank", "B", "--variants", "onnx", "--segment-backbone", "python"],
+     "--segment-backbone python is not among --variants onnx"),
+    (["eval", "--bank", "B", "--data", "D", "--vote", "most"], "argument --vote: Config.vote must be one of"),
+])
+def test_usage_errors_exit_2_and_make_no_folder(tmp_path, monkeypatch, capsys, argv, message):
+    """Was: contradicting flags (--bank with --url, --url with --ray, no --data nor --add-parts, ...) were the
+    engine's error, exit 1, while the README says usage errors exit 2."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as usage:
+        main(argv + ["--out", "out"])
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and message in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_wrong_data_root_or_split_is_named(small_voc, toy_bank, tmp_path, capsys):
+    """Was: "dataset X: no split file X/ImageSets/Segmentation/val.txt" for a mistyped root and a mistyped split
+    alike; and eval, report made their --out folder before finding out."""
+    bank = toy_bank.save(tmp_path / "bank")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "voc2012-mini").symlink_to(small_voc)
+    for argv, message in [
+        (["build-bank", "--data", str(tmp_path / "nowhere")], f"dataset root {tmp_path / 'nowhere'}: no such folder"),
+        (["build-bank", "--data", str(tmp_path)], f"dataset root {tmp_path}: not in the VOC layout"),
+        (["build-bank", "--data", str(small_voc), "--split", "trian"],
+         f"dataset {small_voc}: no split 'trian' ({small_voc}/ImageSets/Segmentation/trian.txt missing); its "
+         "splits: "),  # train, val and those other tests add
+        (["eval", "--bank", str(bank), "--data", str(small_voc), "--split", "test"], "no split 'test'"),
+        (["report", "--data-root", str(tmp_path / "nowhere")], f"data root {tmp_path / 'nowhere'}: no such folder"),
+        (["report", "--data-root", str(data), "--datasets", "voc2021"],
+         f"data root {data}: no data set 'voc2021'; it holds: voc2012-mini"),
+    ]:
+        assert main(argv + ["--out", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and ("its splits" not in err or "train, val" in err), err
+        assert not (tmp_path / "out").exists(), argv
+
+
+def test_a_run_that_fails_before_its_work_leaves_no_output_folder(small_voc, toy, toy_bank, tmp_path, monkeypatch,
+                                                                  capsys):
+    """Was: segment made --out before making its engine or reaching the server, and eval before finding an image
+    without ground truth: a failed run left an empty folder (or one holding predictions/)."""
+    out = tmp_path / "out"
+    image = next((small_voc / "JPEGImages").glob("*.jpg"))
+    assert main(["segment", "--bank", str(tmp_path / "nothing"), str(image), "--out", str(out)]) == 1
+    assert "not a feature bank" in capsys.readouterr().err
+    # nothing answers at port 1: the client's retries run out (a few seconds) before any folder is made
+    assert main(["segment", "--url", "127.0.0.1:1", str(image), "--out", str(out)]) == 1
+    assert "Triton http server at 127.0.0.1:1" in capsys.readouterr().err
+    monkeypatch.setattr("engine.models.create_backbone", lambda name, **kw: (_ for _ in ()).throw(
+        __import__("engine").ModelError(f"cannot load {name}")))
+    bank = toy_bank.save(tmp_path / "bank")
+    assert main(["segment", "--bank", str(bank), str(image), "--out", str(out)]) == 1
+    assert "cannot load test/color" in capsys.readouterr().err
+    assert not out.exists()
+    # eval: the bank's classes are not the data's; an image of the split has no ground truth
+    assert main(["eval", "--bank", str(bank), "--data", str(small_voc), "--out", str(out)]) == 1
+    assert "differ from the dataset's" in capsys.readouterr().err
+    from engine import Config, FeatureBank
+    from engine.data import VOC_CLASSES
+
+    voc_bank = FeatureBank.build(toy.samples(np.random.default_rng(0)), toy.ColorBackbone(), VOC_CLASSES,
+                                 Config(min_area=100, top_k=3), progress=False)
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(small_voc, unlabelled)
+    first = (unlabelled / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    (unlabelled / "SegmentationClass" / f"{first}.png").unlink()
+    assert main(["eval", "--bank", str(voc_bank.save(tmp_path / "voc_bank")), "--data", str(unlabelled),
+                 "--save-predictions", "--out", str(out)]) == 1
+    assert f"no ground truth for 1 of 3 images ({first}; expected SegmentationClass/ID.png)" in \
+        capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_build_bank_writes_parts_only_when_asked(small_voc, toy, tmp_path, monkeypatch, capsys):
+    """Was: every local build wrote OUT.parts beside the bank (79 MB beside a 76 MB bank), needed only to merge or
+    append to it later."""
+    monkeypatch.setattr("engine.models.create_backbone", lambda name, **kw: toy.ColorBackbone(id=name))
+    build = ["build-bank", "--data", str(small_voc), "--no-region-entries", "--top-k", "1"]
+    assert main(build + ["--out", str(tmp_path / "plain")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"] and "parts:" not in capsys.readouterr().out
+    assert main(build + ["--out", str(tmp_path / "kept"), "--keep-parts"]) == 0
+    assert (tmp_path / "kept.parts" / "parts.json").is_file()
+    assert main(build + ["--out", str(tmp_path / "elsewhere"), "--parts", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "parts.json").is_file() and not (tmp_path / "elsewhere.parts").exists()
+    assert f"(parts: {tmp_path / 'mine'})" in capsys.readouterr().out

@@ -94,6 +94,19 @@ class Sample:
     mask: np.ndarray | None
 
 
+def _missing_split(root: Path, split: str) -> str:
+    """Why a data set has no split file: the root is missing or not in the VOC layout, or the split is not one of
+    those it has (listed)."""
+    layout = "ImageSets/Segmentation/SPLIT.txt, JPEGImages/, SegmentationClass/"
+    if not root.is_dir():
+        return f"dataset root {root}: no such folder (expected a data set in the VOC layout: {layout})"
+    splits = root / "ImageSets" / "Segmentation"
+    names = sorted(p.stem for p in splits.glob("*.txt")) if splits.is_dir() else []
+    if not names:
+        return f"dataset root {root}: not in the VOC layout, no split files {splits}/*.txt (expected {layout})"
+    return f"dataset {root}: no split {split!r} ({splits / f'{split}.txt'} missing); its splits: {', '.join(names)}"
+
+
 class VOCDataset:
     """A split of a dataset in the VOC layout. Class names come from `class_names.txt` when the root has one,
     the 21 VOC names otherwise; class 0 is background; `palette` gives their colours."""
@@ -103,7 +116,7 @@ class VOCDataset:
         self.split = split
         split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not split_file.is_file():
-            raise InputError(f"dataset {self.root}: no split file {split_file}")
+            raise InputError(_missing_split(self.root, split))
         self.ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
         # an id names files inside the root and the outputs written for it: a plain file name, never a path
         unsafe = [i for i in self.ids if Path(i).name != i or i in (".", "..") or "\\" in i]
@@ -123,7 +136,6 @@ class VOCDataset:
         """The colours of this data set's classes (engine.palettes.palette_for its class names)."""
         return palette_for(self.class_names)
 
-
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
@@ -136,8 +148,12 @@ class VOCDataset:
         return load_image(self.root / "JPEGImages" / f"{image_id}.jpg")
 
     def mask(self, image_id: str) -> np.ndarray | None:
-        path = self.root / "SegmentationClass" / f"{image_id}.png"
+        path = self.mask_path(image_id)
         return load_label_map(path) if path.is_file() else None
+
+    def mask_path(self, image_id: str) -> Path:
+        """Where the ground truth of `image_id` is (SegmentationClass/ID.png; a split without masks has none)."""
+        return self.root / "SegmentationClass" / f"{image_id}.png"
 
     def class_ids(self, names, where: str = "labels") -> list[int]:
         """Class ids of class names; an unknown name is an InputError listing the known ones."""
