@@ -59,7 +59,8 @@ class Proposals:
     @classmethod
     def from_masks(cls, masks, objectness) -> "Proposals":
         """Proposals from (N, H, W) masks (bool or 0/1 integers): the atoms are the cells of the masks' arrangement
-        (pixels covered by exactly the same masks), found by hashing each pixel's membership bits."""
+        (pixels covered by exactly the same masks), found by sorting each pixel's membership bits packed into 64-bit
+        words (one sort of H x W keys, whatever N)."""
         masks = np.asarray(masks)
         if masks.ndim != 3:
             raise InputError(f"masks: expected shape (N, H, W), got {masks.shape}")
@@ -68,13 +69,19 @@ class Proposals:
         count, height, width = masks.shape
         if count == 0:
             return cls.empty(height, width)
-        # one column of membership bits per pixel, compared as one fixed-size record
-        packed = np.packbits(masks.reshape(count, -1) != 0, axis=0)
-        signature = np.ascontiguousarray(packed.T).view(np.dtype((np.void, packed.shape[0]))).ravel()
-        cells, atoms = np.unique(signature, return_inverse=True)
-        bits = np.frombuffer(cells.tobytes(), np.uint8).reshape(len(cells), packed.shape[0])
-        members = np.unpackbits(bits, axis=1, count=count).T.astype(bool)
-        return cls(atoms.reshape(height, width).astype(np.int32), members, objectness)
+        flat = masks.reshape(count, -1)
+        flat = flat if flat.dtype == np.bool_ else flat != 0
+        # each pixel's membership bits as 64-bit words (exact: no hashing), sorted so equal words sit together
+        keys = np.zeros((-(-count // 64), flat.shape[1]), np.uint64)
+        for n in range(count):
+            keys[n // 64] |= flat[n].astype(np.uint64) << np.uint64(n % 64)
+        order = np.lexsort(keys[::-1]) if len(keys) > 1 else np.argsort(keys[0], kind="stable")
+        ordered = keys[:, order]
+        starts = np.ones(len(order), bool)
+        starts[1:] = (ordered[:, 1:] != ordered[:, :-1]).any(axis=0)
+        atoms = np.empty(len(order), np.int32)
+        atoms[order] = np.cumsum(starts) - 1
+        return cls(atoms.reshape(height, width), flat[:, order[starts]], objectness)
 
     @classmethod
     def from_labels(cls, labels: np.ndarray, regions, objectness=None) -> "Proposals":

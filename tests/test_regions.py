@@ -149,3 +149,17 @@ def test_atom_histogram_and_majority_naming(rng):
         assert pure == pytest.approx(counts.max() / mask.sum())
     with pytest.raises(InputError, match="label map of shape"):
         proposals.atom_histogram(truth[:-1], 4)
+
+
+@pytest.mark.parametrize("count", [1, 63, 64, 65, 200])
+def test_from_masks_cells_are_exact_across_64_bit_words(rng, count):
+    """The arrangement's cells from masks packed into several 64-bit words: masks that differ only beyond the first
+    word still give distinct cells, every mask is rebuilt exactly, and no two atoms share a membership column."""
+    masks = rng.random((count, 23, 31)) < 0.3
+    masks[-1] = masks[0]  # a duplicate mask
+    if count > 64:
+        masks[64] = ~masks[0]  # only the second word tells these pixels apart from the first mask's
+    proposals = Proposals.from_masks(masks.astype(np.uint8), np.ones(count))
+    np.testing.assert_array_equal(proposals.masks, masks)
+    columns = {tuple(column) for column in proposals.members.T}
+    assert len(columns) == proposals.num_atoms == len(np.unique(proposals.atoms))
