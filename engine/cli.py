@@ -430,6 +430,13 @@ def _check_segment_flags(args) -> None:
                                 f"{'not both' if args.bank is not None else 'one of them'}")
     if args.url is not None and args.ray is not None:
         _usage_error("segment", "--url and --ray do not combine: scale a served model with server replicas instead")
+    if args.url is not None:  # a grpc:// address read as HTTP got "HTTPParseError" and no more
+        scheme = args.url.partition("://")[0].lower() if "://" in args.url else ""
+        implied = {"http": "http", "https": "http", "grpc": "grpc", "grpcs": "grpc"}.get(scheme)
+        if implied and args.protocol not in (None, implied):
+            _usage_error("segment", f"--url {args.url} is a {implied} address: --protocol {args.protocol} "
+                                    "contradicts it")
+        args.protocol = args.protocol or implied or "http"
     from .outputs import DEFAULT_RENDERING
 
     if args.ray is not None and (args.palette, args.opacity) != (DEFAULT_RENDERING["palette"],
@@ -763,7 +770,9 @@ def _add_segment_parser(commands) -> None:
     segment.add_argument("--url", default=None,
                          help="segment on a Triton server instead: its HTTP or gRPC address (http(s)://, grpc(s)://"
                               " or HOST:PORT with --protocol), serving the moduseg_segment model")
-    segment.add_argument("--protocol", choices=("http", "grpc"), default="http", help="with --url (default http)")
+    segment.add_argument("--protocol", choices=("http", "grpc"), default=None,
+                         help="with --url: the server's protocol (default: the --url's scheme, http(s):// or "
+                              "grpc(s)://, else http; Triton serves HTTP on port 8000 and gRPC on 8001 by default)")
     segment.add_argument("--model", default="moduseg_segment", help="with --url: the segmentation model's name")
     segment.add_argument("--header", action="append", default=None, metavar="KEY=VALUE",
                          help="with --url: an HTTP header / gRPC metadata sent with every request (repeatable)")

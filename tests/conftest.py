@@ -274,3 +274,38 @@ def triton_server(triton_launcher, tmp_path_factory):
     finally:
         server.stop()
         assert server.process is None
+
+
+@pytest.fixture
+def not_http_port():
+    """A port on 127.0.0.1 whose server answers every connection as a gRPC port answers an HTTP/1.1 request: with
+    bytes that are not HTTP/1.1 (an HTTP/2 SETTINGS frame), then closes it. Stopped at the end of the test."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def answer():
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # the timeout, to look at `stop` again
+                continue
+            with connection:
+                connection.settimeout(2)
+                try:
+                    connection.recv(65536)
+                    connection.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()

@@ -510,3 +510,23 @@ def test_build_bank_writes_parts_only_when_asked(small_voc, toy, tmp_path, monke
     assert main(build + ["--out", str(tmp_path / "elsewhere"), "--parts", str(tmp_path / "mine")]) == 0
     assert (tmp_path / "mine" / "parts.json").is_file() and not (tmp_path / "elsewhere.parts").exists()
     assert f"(parts: {tmp_path / 'mine'})" in capsys.readouterr().out
+
+
+def test_segment_at_the_other_protocols_port_is_told_so(not_http_port, small_voc, tmp_path, monkeypatch, capsys):
+    """Was: `moduseg segment --url HOST:8001` (the gRPC port, the protocol left at http) ended in "HTTPParseError:
+    ('Expected HTTP/, RTSP/ or ICE/', 8)"; and a grpc:// address was read as HTTP unless --protocol grpc was given."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("engine.models.triton_runtime.time", SimpleNamespace(monotonic=time.monotonic,
+                                                                             sleep=lambda seconds: None))
+    image, out = next((small_voc / "JPEGImages").glob("*.jpg")), tmp_path / "out"
+    assert main(["segment", "--url", f"127.0.0.1:{not_http_port}", str(image), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Is this the gRPC port? The answer was not HTTP/1.1: try --protocol grpc" in err and not out.exists()
+    assert main(["segment", "--url", f"grpc://127.0.0.1:{not_http_port}", str(image), "--out", str(out)]) == 1
+    assert f"Triton grpc server at 127.0.0.1:{not_http_port}" in capsys.readouterr().err  # the scheme's protocol
+    with pytest.raises(SystemExit) as usage:
+        main(["segment", "--url", f"grpc://127.0.0.1:{not_http_port}", "--protocol", "http", str(image), "--out",
+              str(out)])
+    assert usage.value.code == 2 and "is a grpc address: --protocol http contradicts it" in capsys.readouterr().err
+    assert not out.exists()

@@ -68,6 +68,28 @@ def _is_transient(error: BaseException) -> bool:
     return False
 
 
+#: what an HTTP/1.1 client meets at a gRPC port (the server answers in HTTP/2 frames, or drops the connection), and
+#: what a gRPC client meets at an HTTP port (geventhttpclient's and grpc's wording, lowercase)
+_NOT_HTTP1 = ("httpparseerror", "expected http/", "httpconnectionclosed", "connection closed", "connection reset",
+              "connectionreseterror", "remotedisconnected", "badstatusline")
+_NOT_HTTP2 = ("parsing http/2", "http1.x server")
+
+
+def _protocol_hint(protocol: str, error: BaseException) -> str:
+    """A hint when the server's answer was not in the protocol asked for: the port is likely the other protocol's
+    (Triton serves HTTP on 8000 and gRPC on 8001 by default); "" otherwise."""
+    if isinstance(error, _Transient):
+        return ""
+    text = f"{type(error).__name__} {_describe(error)}".lower()
+    if protocol == "http" and any(key in text for key in _NOT_HTTP1):
+        return ("Is this the gRPC port? The answer was not HTTP/1.1: try --protocol grpc (protocol='grpc'), or the "
+                "server's HTTP port (8000 by default)")
+    if protocol == "grpc" and any(key in text for key in _NOT_HTTP2):
+        return ("Is this the HTTP port? The answer was not gRPC (HTTP/2): try --protocol http (protocol='http'), or "
+                "the server's gRPC port (8001 by default)")
+    return ""
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, _Transient):
         return str(error)
@@ -201,15 +223,16 @@ class TritonRuntime(Runtime):
             except (InputError, ModelError):
                 raise
             except Exception as error:  # noqa: BLE001 - classified below
+                hint = _protocol_hint(self.protocol, error)
                 if not (isinstance(error, _Transient) or _is_transient(error)):
-                    raise ModelError(f"Triton {self.protocol} {self.url}: {what} failed: {_describe(error)}") \
-                        from error
+                    raise ModelError(f"Triton {self.protocol} {self.url}: {what} failed: {_describe(error)}"
+                                     + (f". {hint}" if hint else "")) from error
                 if attempt >= self.retries:
                     raise ModelError(
                         f"Triton {self.protocol} server at {self.url}: {what} failed after {attempt + 1} attempt(s) "
                         f"over {time.monotonic() - start:.1f} s (timeout {self.timeout:g} s per call): "
-                        f"{_describe(error)}. Is the server running (moduseg serve --repo DIR) and the model "
-                        f"loaded?") from error
+                        f"{_describe(error)}. " + (hint or "Is the server running (moduseg serve --repo DIR) and the "
+                                                   "model loaded?")) from error
                 time.sleep(min(self.backoff * (2 ** attempt), _MAX_BACKOFF))
                 attempt += 1
 

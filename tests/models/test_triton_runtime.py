@@ -309,3 +309,54 @@ def test_threads_sharing_a_runtime_get_their_own_answers_from_a_real_server(trit
     assert runtime.open_clients >= 2
     runtime.close()
     assert runtime.open_clients == 0
+
+
+# ------------------------------------------------------------------------------------ the other protocol's port
+
+
+def test_an_http_client_at_a_grpc_port_is_told_so(not_http_port, sleeps):
+    """Was: "HTTPParseError: ('Expected HTTP/, RTSP/ or ICE/', 8)" and nothing more, when an HTTP client (the
+    default protocol) was pointed at the gRPC port."""
+    with pytest.raises(ModelError, match=r"HTTPParseError.*Is this the gRPC port\? The answer was not HTTP/1.1: try "
+                                         r"--protocol grpc \(protocol='grpc'\)"):
+        TritonRuntime(f"127.0.0.1:{not_http_port}", model_name="m", protocol="http", timeout=5)
+
+
+def test_an_http_client_at_a_real_grpc_server_is_told_so(sleeps):
+    import grpc
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(ModelError, match="Is this the gRPC port"):
+            TritonRuntime(f"127.0.0.1:{port}", model_name="m", protocol="http", timeout=5)
+    finally:
+        server.stop(0)
+
+
+def test_a_grpc_client_at_an_http_port_is_told_so(sleeps):
+    import http.server
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ModelError, match=r"Is this the HTTP port\? The answer was not gRPC \(HTTP/2\): try "
+                                             r"--protocol http"):
+            TritonRuntime(f"127.0.0.1:{server.server_address[1]}", model_name="m", protocol="grpc", timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_closed_port_gets_no_protocol_hint(sleeps):
+    with pytest.raises(ModelError) as refused:
+        TritonRuntime(f"127.0.0.1:{free_port()}", model_name="m", protocol="http", timeout=5, retries=1)
+    assert "Is the server running" in str(refused.value) and "gRPC port" not in str(refused.value)
