@@ -109,15 +109,20 @@ def _missing_split(root: Path, split: str) -> str:
 
 class VOCDataset:
     """A split of a dataset in the VOC layout. Class names come from `class_names.txt` when the root has one,
-    the 21 VOC names otherwise; class 0 is background; `palette` gives their colours."""
+    the 21 VOC names otherwise; class 0 is background; `palette` gives their colours. `limit`: only the split's first
+    `limit` images (a quick try)."""
 
-    def __init__(self, root, split: str = "train"):
+    def __init__(self, root, split: str = "train", limit: int | None = None):
         self.root = Path(root)
         self.split = split
         split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not split_file.is_file():
             raise InputError(_missing_split(self.root, split))
         self.ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        if limit is not None:  # a quick look at a split: its first `limit` images
+            if limit < 1:
+                raise InputError(f"VOCDataset limit: expected a number of images >= 1, got {limit}")
+            self.ids = self.ids[:limit]
         # an id names files inside the root and the outputs written for it: a plain file name, never a path
         unsafe = [i for i in self.ids if Path(i).name != i or i in (".", "..") or "\\" in i]
         if unsafe:

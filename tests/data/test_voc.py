@@ -163,3 +163,11 @@ def test_any_decoding_error_is_the_files_input_error(tmp_path, rng, monkeypatch)
     monkeypatch.setattr(ImageOps, "exif_transpose", lambda image: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(MemoryError):  # not one file's fault: never recorded as a bad file
         load_image(good)
+
+
+def test_limit_takes_the_first_images_of_a_split(camvid_root):
+    val = VOCDataset(camvid_root, "val", limit=3)
+    assert val.ids == VOCDataset(camvid_root, "val").ids[:3] and len(val) == 3
+    assert val.palette.name == "camvid" and val.palette.colour(1) == (128, 128, 128)
+    with pytest.raises(InputError, match="limit: expected a number of images >= 1, got 0"):
+        VOCDataset(camvid_root, "val", limit=0)
