@@ -138,6 +138,9 @@ def test_segment_ray_writes_what_segment_writes_records_bad_files_and_resumes(cl
             np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(reference / name)))
         elif name.suffix == ".json":
             got, want = (json.loads((root / name).read_text()) for root in (out, reference))
+            if name.name == "classes.json":
+                assert got == want and got["palette"] == "voc"
+                continue
             scores = [[segment.pop("score") for segment in record["segments"]] for record in (got, want)]
             np.testing.assert_allclose(scores[0], scores[1], atol=1e-5)
             assert got == want, name

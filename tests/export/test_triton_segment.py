@@ -409,8 +409,10 @@ def test_the_cli_writes_the_segmentation_model_and_segments_through_a_url(segmen
     assert config.instance_group[0].count == 2 and config.parameters["max_side"].string_value == "1024"
     assert config.parameters["backbone_model"].string_value == BACKBONE_MODEL
     assert (repo / SEGMENT_MODEL / "1" / "bank" / "manifest.json").is_file()
-    assert main(["triton-repo", "--out", str(repo), "--configs-only", "--bank", str(tmp_path / "bank"),
-                 "--backbone", "effnet-lite2/block19"]) == 1  # not the bank's backbone
+    with pytest.raises(SystemExit) as usage:  # not the bank's backbone: a usage error
+        main(["triton-repo", "--out", str(repo), "--configs-only", "--bank", str(tmp_path / "bank"),
+              "--backbone", "effnet-lite2/block19"])
+    assert usage.value.code == 2
 
     images = sorted((voc_root / "JPEGImages").glob("*.jpg"))[:2]
     out = tmp_path / "out"
@@ -422,8 +424,10 @@ def test_the_cli_writes_the_segmentation_model_and_segments_through_a_url(segmen
         assert np.array_equal(load_label_map(out / f"{path.name}.png"), result.label_map)
         assert json.loads((out / f"{path.name}.json").read_text())["segments"][0]["class_id"] == \
             result.segments()[0]["class_id"]
-    assert main(["segment", "--url", segment_server.http_url, "--bank", str(tmp_path / "bank"), str(images[0]),
-                 "--out", str(out)]) == 1  # one or the other
+    with pytest.raises(SystemExit) as usage:  # one or the other: a usage error
+        main(["segment", "--url", segment_server.http_url, "--bank", str(tmp_path / "bank"), str(images[0]),
+              "--out", str(out)])
+    assert usage.value.code == 2
 
 
 def test_the_cli_refuses_an_unknown_segment_device(tmp_path, capsys):
