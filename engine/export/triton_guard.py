@@ -216,8 +216,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _forward(self, body: bytes) -> None:
         headers = {key: value for key, value in self.headers.items()
-                   if key.lower() not in _HOP_BY_HOP and key.lower() not in ("host", "content-length",
-                                                                             TOKEN_HEADER)}
+                   if key.lower() not in _HOP_BY_HOP and key.lower() not in ("host", "content-length", "expect",
+                                                                             TOKEN_HEADER)}  # expect: answered here
         headers[TOKEN_HEADER] = self.guard.token
         if body or self.command == "POST":
             headers["Content-Length"] = str(len(body))
