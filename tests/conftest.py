@@ -309,3 +309,38 @@ def not_http_port():
         stop.set()
         thread.join()
         listener.close()
+
+
+# --------------------------------------------------------------------------------------------------- broken files
+
+
+def _png_with_a_broken_chunk(array: np.ndarray) -> bytes:
+    """A PNG of `array` whose image data is split in two chunks, the second of no valid chunk type: PIL opens it and
+    raises SyntaxError (not OSError) while decoding."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    data, position, chunks = buffer.getvalue(), 8, []
+    while position < len(data):
+        length = struct.unpack(">I", data[position:position + 4])[0]
+        chunks.append((data[position + 4:position + 8], data[position + 8:position + 8 + length]))
+        position += 12 + length
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    pixels = b"".join(body for kind, body in chunks if kind == b"IDAT")
+    half = len(pixels) // 2
+    return (data[:8] + chunk(*chunks[0]) + chunk(b"IDAT", pixels[:half]) + chunk(b"\x00\x01@!", pixels[half:])
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="session")
+def broken_png():
+    """broken_png(array) -> the bytes of a PNG whose decoding makes PIL raise SyntaxError."""
+    return _png_with_a_broken_chunk

@@ -501,30 +501,8 @@ def test_one_call_per_op_per_batch_whatever_the_images_and_proposals(make_engine
     assert counting.calls == {"soft_mask_pool": 1, "vote": 1, "mask_nms_raster": 1}
 
 
-def broken_png(array: np.ndarray) -> bytes:
-    """A PNG of `array` whose second image-data chunk has no valid chunk type: PIL raises SyntaxError decoding it."""
-    import io
-    import struct
-    import zlib
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
-    data, position, chunks = buffer.getvalue(), 8, []
-    while position < len(data):
-        length = struct.unpack(">I", data[position:position + 4])[0]
-        chunks.append((data[position + 4:position + 8], data[position + 8:position + 8 + length]))
-        position += 12 + length
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    pixels = b"".join(body for kind, body in chunks if kind == b"IDAT")
-    half = len(pixels) // 2
-    return (data[:8] + chunk(*chunks[0]) + chunk(b"IDAT", pixels[:half]) + chunk(b"\x00\x01@!", pixels[half:])
-            + chunk(b"IEND", b""))
-
-
-def test_any_error_reading_one_item_is_recorded_and_the_batch_goes_on(make_engine, toy, rng, tmp_path, monkeypatch):
+def test_any_error_reading_one_item_is_recorded_and_the_batch_goes_on(make_engine, toy, rng, tmp_path, monkeypatch,
+                                                                     broken_png):
     # a PNG whose chunk made PIL raise SyntaxError once escaped on_error="skip": the good images of its batch lost
     import struct
 

@@ -117,38 +117,14 @@ def test_decompression_bombs_are_input_errors(tmp_path, monkeypatch):
         load_image(path)
 
 
-def png_with_a_broken_chunk(array: np.ndarray) -> bytes:
-    """A PNG of `array` whose image data is split in two chunks, the second of no valid chunk type: PIL opens it and
-    raises SyntaxError (not OSError) while decoding."""
-    import io
-    import struct
-    import zlib
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
-    data, position, chunks = buffer.getvalue(), 8, []
-    while position < len(data):
-        length = struct.unpack(">I", data[position:position + 4])[0]
-        chunks.append((data[position + 4:position + 8], data[position + 8:position + 8 + length]))
-        position += 12 + length
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    pixels = b"".join(body for kind, body in chunks if kind == b"IDAT")
-    half = len(pixels) // 2
-    return (data[:8] + chunk(*chunks[0]) + chunk(b"IDAT", pixels[:half]) + chunk(b"\x00\x01@!", pixels[half:])
-            + chunk(b"IEND", b""))
-
-
-def test_any_decoding_error_is_the_files_input_error(tmp_path, rng, monkeypatch):
+def test_any_decoding_error_is_the_files_input_error(tmp_path, rng, monkeypatch, broken_png):
     # a broken PNG chunk made PIL raise SyntaxError, which escaped as a traceback and ended the run
     image = tmp_path / "broken.png"
-    image.write_bytes(png_with_a_broken_chunk(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    image.write_bytes(broken_png(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
     with pytest.raises(InputError, match=r"cannot read image .*broken.png: SyntaxError: broken PNG file"):
         load_image(image)
     label_map = tmp_path / "broken_mask.png"
-    label_map.write_bytes(png_with_a_broken_chunk(rng.integers(0, 21, (64, 64), dtype=np.uint8)))
+    label_map.write_bytes(broken_png(rng.integers(0, 21, (64, 64), dtype=np.uint8)))
     with pytest.raises(InputError, match=r"cannot read label map .*broken_mask.png: SyntaxError"):
         load_label_map(label_map)
     import struct
