@@ -393,8 +393,7 @@ def cmd_segment(args) -> int:
         out = _output_dir(args.out)  # the Ray cluster starts inside segment_ray
         write_classes(out, bank.class_names, args.palette)
         summary = segment_ray(inputs, out, args.bank, config, address=args.ray or None, actors=args.actors,
-                              with_overlay=args.overlay, resume=args.resume, device=args.device,
-                              output_mode=args.output_mode)
+                              with_overlay=args.overlay, resume=args.resume, device=args.device, **rendering)
     else:
         if args.url is None:
             from .pipeline import Engine
@@ -437,13 +436,12 @@ def _check_segment_flags(args) -> None:
             _usage_error("segment", f"--url {args.url} is a {implied} address: --protocol {args.protocol} "
                                     "contradicts it")
         args.protocol = args.protocol or implied or "http"
-    from .outputs import DEFAULT_RENDERING
-
-    if args.ray is not None and (args.palette, args.opacity) != (DEFAULT_RENDERING["palette"],
-                                                                 DEFAULT_RENDERING["opacity"]):
-        _usage_error("segment", f"--palette and --opacity do not combine with --ray: its actors draw with the "
-                                f"defaults (--palette {DEFAULT_RENDERING['palette']} --opacity "
-                                f"{DEFAULT_RENDERING['opacity']})")
+    if args.url is not None:  # the served model holds its bank's config: a flag here would be ignored
+        given = [f.name for f in dataclasses.fields(Config) if getattr(args, f"config_{f.name}", None) is not None]
+        given += ["--config"] if getattr(args, "config_values", None) else []
+        if given:
+            _usage_error("segment", f"{', '.join(given)}: the served model segments with its own bank's config; "
+                                    "--url takes no config flags (set them when its repository is written)")
     try:
         _headers(args.header)
     except InputError as error:

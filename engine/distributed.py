@@ -437,18 +437,17 @@ class _Segmenter:
 
 def segment_ray(inputs: Sequence, out: Path, bank, config: Config, address: str | None = None,
                 actors: int | None = None, with_overlay: bool = True, resume: bool = True, device: str = "cpu",
-                progress: bool = True, output_mode: str = "uncompressed_rle") -> dict:
-    """Segment `inputs` (engine.outputs.Input: path and key, from find_inputs) on Ray, writing each one's outputs
-    under `out` as `moduseg segment` does (masks in the records as `output_mode`). With `resume`, an input whose record
-    still holds (same bank, result-changing config and input file: engine.outputs.plan_run) is skipped, and one whose
-    record is stale is redone. Returns {"images", "done_before", "stale" (reason -> count of those redone), "written",
-    "failures": [{"image", "reason"}, ...] in input order}; failures are never raised."""
+                progress: bool = True, **rendering) -> dict:
+    """Segment `inputs` (engine.outputs.Input: path and key, from find_inputs) on Ray, writing each one's outputs under
+    `out` as `moduseg segment` does (`rendering`: run_provenance's output_mode, palette, opacity). With `resume`, an
+    input whose record still holds (same bank, result-changing config and input file: engine.outputs.plan_run) is
+    skipped, and one whose record is stale is redone. Returns {"images", "done_before", "stale" (reason -> count of
+    those redone), "written", "failures": [{"image", "reason"}, ...] in input order}; failures are never raised."""
     from tqdm.auto import tqdm
 
     from .outputs import bank_id, plan_run, run_provenance
 
-    plan = plan_run(inputs, out, run_provenance(bank=bank_id(bank), config=config, output_mode=output_mode), resume,
-                    with_overlay)
+    plan = plan_run(inputs, out, run_provenance(bank=bank_id(bank), config=config, **rendering), resume, with_overlay)
     reasons: dict[str, str] = dict(plan.failures)  # image path -> why it failed; "" when written
     if plan.todo:
         ray = connect(address, progress=False)

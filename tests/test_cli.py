@@ -420,6 +420,7 @@ def test_every_flag_has_help_and_finite_choices_are_listed():
     (["segment", "x.jpg"], "give --bank (segment here) or --url (a Triton server's segmentation model), one of"),
     (["segment", "--url", "127.0.0.1:1", "--ray", "x.jpg"], "--url and --ray do not combine"),
     (["segment", "--url", "127.0.0.1:1", "--header", "novalue", "x.jpg"], "--header 'novalue': expected KEY=VALUE"),
+    (["segment", "--url", "127.0.0.1:1", "--top-k", "3", "x.jpg"], "top_k: the served model segments with its own"),
     (["segment", "--bank", "B", "--device", "tpu", "x.jpg"], "argument --device: invalid choice: 'tpu'"),
     (["build-bank"], "give --data (images to featurise) and/or --add-parts"),
     (["build-bank", "--data", "D", "--parts", "P", "--no-keep-parts"], "--parts P with --no-keep-parts"),

@@ -463,7 +463,6 @@ def test_label_maps_overlays_and_the_class_list_use_the_banks_own_palette(camvid
     (["--opacity", "1.5"], "argument --opacity: expected a number from 0 (the image alone) to 1"),
     (["--opacity", "half"], "argument --opacity: expected a number from 0"),
     (["--palette", "rainbow"], "argument --palette: invalid choice: 'rainbow'"),
-    (["--palette", "voc", "--ray"], "--palette and --opacity do not combine with --ray"),
 ])
 def test_palette_and_opacity_usage_errors(cli, toy, rng, tmp_path, capsys, flags, message):
     photo(tmp_path / "in" / "x.jpg", rng, toy)
