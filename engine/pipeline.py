@@ -433,11 +433,14 @@ def check_modes(on_error: str, channel_order: str) -> None:
 
 
 def check_items(items, name: str) -> None:
-    """InputError for one path given where a sequence of images is expected: a str is a sequence of characters,
-    each of which would be read as a file and skipped."""
+    """InputError for one path or one image given where a sequence of images is expected: a str is a sequence of
+    characters and an HxWx3 array one of rows, each of which would be read as an item and skipped."""
     if isinstance(items, (str, bytes, os.PathLike)):
         raise InputError(f"{name}: expected a sequence of images, got the single path {os.fsdecode(items)!r}; wrap it "
                          f"in a list: [{os.fsdecode(items)!r}]")
+    if isinstance(items, np.ndarray) and items.ndim in (2, 3):
+        raise InputError(f"{name}: expected a sequence of images, got a single {items.dtype} array of shape "
+                         f"{items.shape}; wrap it in a list: [image] (a batch as one array is (B, H, W, 3))")
 
 
 def describe_item(item) -> str:

@@ -555,6 +555,10 @@ def test_a_single_path_is_refused_not_read_a_character_at_a_time(make_engine, to
             eng.segment_stream(images, on_error="skip")
     with pytest.raises(InputError, match=r"images: expected a sequence of images, got the single path"):
         engine.segment_batch(str(tmp_path / "photo.jpg"), toy_bank, proposer=None, on_error="skip")
+    image = np.zeros((48, 64, 3), np.uint8)  # one image: once read as 48 grayscale rows, each skipped
+    for run in (eng.segment_batch, eng.segment_stream):
+        with pytest.raises(InputError, match=r"single uint8 array of shape \(48, 64, 3\); wrap it in a list"):
+            run(image, on_error="skip")
 
 
 def test_paper_settings_normalise_the_pooled_vector_once(toy, rng):
