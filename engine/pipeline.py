@@ -25,7 +25,7 @@ import numpy as np
 from . import ops, reference
 from .arrays import contiguous, host_all, place
 from .bank import FeatureBank
-from .config import Config
+from .config import BANK_FIELDS, Config
 from .constants import BACKGROUND
 from .data.gpu_decode import gpu_decoder_available
 from .deps import check_torch_device
@@ -158,6 +158,13 @@ class Engine:
         self.kernels = KERNELS[kernels]
         self.backbone = backbone if backbone is not None else _default_backbone(self.bank, self.config, self.device)
         self.bank.check_backbone(self.backbone)
+        fixed = [name for name in BANK_FIELDS if name != "normalize_layers"
+                 and getattr(self.config, name) != getattr(self.bank.config, name)
+                 and not (name == "index_train_size" and self.config.index not in ("Flat", self.bank.config.index))]
+        if fixed:  # the bank was built with its own values: an engine cannot apply others (the CLI refuses them)
+            warnings.warn(f"Config {', '.join(f'{n}={getattr(self.config, n)!r}' for n in fixed)} ignored: the bank was "
+                          f"built with {', '.join(f'{n}={getattr(self.bank.config, n)!r}' for n in fixed)}, which "
+                          "its vectors keep; rebuild the bank to change them", stacklevel=2)
         if self.config.normalize_layers != self.bank.config.normalize_layers:
             raise InputError(f"Config.normalize_layers={self.config.normalize_layers} but the bank's vectors were made "
                              f"with normalize_layers={self.bank.config.normalize_layers}: queries must be pooled as "

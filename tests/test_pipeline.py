@@ -581,3 +581,15 @@ def test_paper_settings_normalise_the_pooled_vector_once(toy, rng):
     image, label = toy.scene(rng, classes=(1, 3))
     result = Engine(paper, backbone=backbone).segment(image, ground_truth_proposals(label))
     assert set(np.unique(result.label_map)) <= {0, 1, 3} and result.classes.size
+
+
+def test_bank_building_fields_an_engine_cannot_apply_are_warned(toy_bank, toy):
+    """Config fields the bank fixes (erosion, outlier ratios, region entries, ...) given to an Engine were silently
+    ignored: now a warning names them and the bank's values."""
+    with pytest.warns(UserWarning, match=r"outlier_ratio=0\.5 ignored: the bank was built with outlier_ratio="):
+        Engine(toy_bank, backbone=toy.ColorBackbone(), config=toy_bank.config.replace(outlier_ratio=0.5))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Engine(toy_bank, backbone=toy.ColorBackbone(), config=toy_bank.config.replace(top_k=1))  # inference knobs
