@@ -355,8 +355,6 @@ class TorchIndex(SearchIndex):
 def _to_device(torch, vectors: np.ndarray, device):
     """(M, D) float32 vectors as one tensor on `device`, copied up a block of rows at a time (a memory-mapped array
     is paged in block by block, never whole in host memory); on the CPU, the array's own memory when it can be."""
-    import warnings
-
     vectors = np.asarray(vectors)
     if device.type == "cpu" and vectors.dtype == np.float32 and vectors.flags.c_contiguous:
         with warnings.catch_warnings():  # a read-only (memory-mapped) array: the tensor is never written

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import numpy as np
 from PIL import Image
 
 from ..arrays import host_all
