@@ -23,7 +23,7 @@ POOLINGS = ("soft", "hard")
 # The method's own values (arXiv 2604.07021); Config.paper() applies them over any changed defaults.
 PAPER_SETTINGS = dict(erosion_kernel=3, erosion_iterations=20, erosion="fixed", min_area=300, outlier_ratio=0.25,
                       background_outlier_ratio=0.0, pooling="soft", smfa_eps=1e-8, normalize_layers=False,
-                      region_entries=False,
+                      region_entries=False, fill_unpainted=False, boundary_radius=0,
                       objectness_threshold=0.6, nms_iou_threshold=0.4, top_k=25, vote="count", index="Flat")
 
 #: the fields a built bank fixes (FeatureBank.build, bank_parts read them; normalize_layers shapes its vectors and the
@@ -69,6 +69,13 @@ class Config:
         vote: "count" is the paper's vote (most neighbours wins); "balanced" divides each class's votes by its number
             of bank vectors, which keeps small banks usable; "weighted" scores each class by the summed similarity
             of its neighbours.
+        fill_unpainted: where the bank has no background vector (a data set whose every pixel is a class, such as
+            CamVid), pixels no proposal painted take the class of the nearest painted pixel instead of background.
+        boundary_radius: after painting, each class boundary is snapped to the image's edges by a guided filter of
+            this window radius (pixels) over the class indicators, guided by the grey image (engine.boundaries);
+            0 = off (the paper).
+        boundary_eps: the guided filter's regulariser (grey levels in 0..1, squared): edges weaker than about its
+            square root are smoothed over rather than followed.
         index: FAISS index factory string over inner product ("Flat" is exact; "IVF4096,Flat" for large banks).
         nprobe: inverted lists visited per query by IVF indexes.
         refine: an index whose scores come from compressed codes (IVF-PQ, scalar quantizers) shortlists refine x
@@ -105,6 +112,9 @@ class Config:
     nms_iou_threshold: float = 0.4
     top_k: int = 5
     vote: str = "count"
+    fill_unpainted: bool = True
+    boundary_radius: int = 16
+    boundary_eps: float = 0.01
     index: str = "Flat"
     nprobe: int = 16
     refine: int = 8
@@ -127,7 +137,7 @@ class Config:
                                  f"{_SHORT.repr(value)}")
         if self.erosion_kernel < 1 or self.erosion_kernel % 2 == 0:
             raise InputError(f"Config.erosion_kernel must be a positive odd integer, got {self.erosion_kernel}")
-        for name in ("erosion_iterations", "min_area", "num_threads", "refine"):
+        for name in ("erosion_iterations", "min_area", "num_threads", "refine", "boundary_radius"):
             if getattr(self, name) < 0:
                 raise InputError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("top_k", "batch_size", "nprobe", "index_train_size", "max_image_pixels"):
@@ -144,6 +154,8 @@ class Config:
         if not (math.isfinite(self.smfa_eps) and 0.0 < self.smfa_eps <= 1.0):
             raise InputError(f"Config.smfa_eps must be a finite number in (0, 1] (the paper's 1e-8), got "
                              f"{self.smfa_eps}")
+        if not (math.isfinite(self.boundary_eps) and self.boundary_eps > 0.0):
+            raise InputError(f"Config.boundary_eps must be a finite number > 0, got {self.boundary_eps}")
         if not (math.isfinite(self.min_vector_norm) and self.min_vector_norm >= 0.0):
             raise InputError(f"Config.min_vector_norm must be a finite number >= 0, got {self.min_vector_norm}")
         if not self.index.strip():

@@ -25,6 +25,7 @@ import numpy as np
 from . import ops, reference
 from .arrays import contiguous, host_all, place
 from .bank import FeatureBank
+from .boundaries import fill_unpainted, snap_to_edges
 from .config import BANK_FIELDS, Config
 from .constants import BACKGROUND
 from .data.gpu_decode import gpu_decoder_available
@@ -49,11 +50,13 @@ class Result:
     """Segmentation of one image.
 
     label_map: (H, W) class ids, uint8 (int32 for banks of more than 256 classes); 0 = background (every pixel no
-        kept proposal painted).
+        kept proposal painted, unless Config.fill_unpainted filled it), class boundaries snapped to the image's edges
+        (Config.boundary_radius).
     classes, confidences, proposal_ids: one entry per proposal that survived the filters, the vote (not
         background) and NMS, in painting order (most confident first): its class id, its confidence (mean
         similarity of the winning class's neighbours) and its index in the image's input proposals.
-    owner: (H, W) int32, the input-proposal index that painted each pixel, -1 where none did.
+    owner: (H, W) int32, the input-proposal index that painted each pixel, -1 where none did or where the
+        refinement (fill, boundaries) changed the painted class.
     num_proposals: proposals given for the image; num_candidates: those passing objectness and area filters.
     note: empty, or why the image is all background (e.g. no proposals).
     """
@@ -171,6 +174,8 @@ class Engine:
                              "the bank was (rebuild the bank to change it)")
         # the backbone's layers, each normalised on its own in SMFA, unless the bank normalises the whole vector once
         self._layers = self.backbone.groups if self.config.normalize_layers else ()
+        # no background class to paint the rest with (a bank of street scenes): fill it from the painted classes
+        self._fill_unpainted = self.config.fill_unpainted and not self.bank.class_counts()[BACKGROUND]
         self.proposer = proposer
         self._proposer_lock = threading.Lock()  # the default proposer is made once, whichever thread asks first
         if kernels == "reference" and self.device != "cpu":
@@ -305,8 +310,11 @@ class Engine:
             for i, (proposals, candidates) in enumerate(zip(batch.proposals, batch.candidates)):
                 rows = slice(offsets[i], offsets[i + 1])
                 candidates["class"], candidates["confidence"] = classes[rows], confidences[rows]
-                results.append(self._assemble(proposals, candidates, keep[rows], maps[i], maps[len(atoms) + i]))
-        return results
+                results.append((proposals, candidates, keep[rows], maps[i], maps[len(atoms) + i]))
+        with self.times("refine"):
+            painted = [self._refine(image, label_map, owner)
+                       for image, (*_, label_map, owner) in zip(batch.images, results)]
+        return [self._assemble(*found[:3], *maps) for found, maps in zip(results, painted)]
 
     # ------------------------------------------------------------------------------------------------------- steps
 
@@ -361,6 +369,18 @@ class Engine:
                           objectness=proposals.objectness, area=proposals.areas())
         return records.filter((records["objectness"] >= self.config.objectness_threshold)
                               & (records["area"] >= self.config.min_area))
+
+    def _refine(self, image: np.ndarray, label_map: np.ndarray, owner: np.ndarray) -> tuple:
+        """Config.fill_unpainted (where the bank has no background class) and Config.boundary_radius on one painted
+        label map (engine.boundaries). A pixel whose class they change becomes no proposal's (owner -1), so that
+        every segment keeps to its class."""
+        refined = label_map
+        if self._fill_unpainted:
+            refined = fill_unpainted(refined, owner)
+        refined = snap_to_edges(refined, image, self.config.boundary_radius, self.config.boundary_eps)
+        if refined is not label_map:
+            owner = np.where(refined == label_map, owner, -1).astype(owner.dtype)
+        return refined, owner
 
     def _assemble(self, proposals: Proposals, candidates: Records, keep: np.ndarray, label_map: np.ndarray,
                   owner: np.ndarray) -> Result:

@@ -4,6 +4,7 @@ segment_batch, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -21,7 +22,10 @@ from engine.models import ground_truth_proposals
 @pytest.fixture
 def make_engine(toy_bank, toy):
     def make(**options):
-        return Engine(options.pop("bank", toy_bank), backbone=options.pop("backbone", toy.ColorBackbone()), **options)
+        bank = options.pop("bank", toy_bank)
+        # these tests check the painted maps exactly: the boundary refinement after painting is tested on its own
+        options.setdefault("config", dataclasses.replace(bank.config, boundary_radius=0))
+        return Engine(bank, backbone=options.pop("backbone", toy.ColorBackbone()), **options)
 
     return make
 
@@ -201,13 +205,15 @@ def test_proposer_returning_the_wrong_count_is_a_model_error(make_engine, toy, r
 
 def test_module_level_segment_batch_with_bank_directory(toy_bank, toy, rng, tmp_path, monkeypatch):
     path = toy_bank.save(tmp_path / "bank")
+    exact = Config(boundary_radius=0)  # the painted map itself
     monkeypatch.setattr("engine.models.create_backbone", lambda name, **kw: toy.ColorBackbone(id=name))
     image, label = toy.scene(rng, classes=(3,))
-    results = engine.segment_batch([image], path, proposals=[ground_truth_proposals(label)])
+    results = engine.segment_batch([image], path, proposals=[ground_truth_proposals(label)], config=exact)
     np.testing.assert_array_equal(results[0].label_map, label)
     assert results[0].class_summary().keys() == {"background", "blue"}
     # an in-memory bank works the same
-    again = engine.segment_batch([image], toy_bank, proposals=[ground_truth_proposals(label)], proposer=None)
+    again = engine.segment_batch([image], toy_bank, proposals=[ground_truth_proposals(label)], proposer=None,
+                                 config=exact)
     np.testing.assert_array_equal(again[0].label_map, label)
     # a bank replaced on disk is served as replaced, not from the cached engine
     from engine import pipeline
@@ -215,7 +221,7 @@ def test_module_level_segment_batch_with_bank_directory(toy_bank, toy, rng, tmp_
     other = FeatureBank(toy_bank.vectors, np.where(toy_bank.labels == 3, 1, toy_bank.labels), toy_bank.class_names,
                         toy_bank.backbone, toy_bank.config)
     other.save(path, overwrite=True)
-    replaced = engine.segment_batch([image], path, proposals=[ground_truth_proposals(label)])
+    replaced = engine.segment_batch([image], path, proposals=[ground_truth_proposals(label)], config=exact)
     assert set(np.unique(replaced[0].label_map)) == {0, 1}  # blue regions are now named red
     for i in range(pipeline.CACHED_ENGINES + 2):  # the cache stays bounded
         engine.segment_batch([image], path, proposals=[ground_truth_proposals(label)], config=Config(top_k=i + 1))
@@ -593,3 +599,42 @@ def test_bank_building_fields_an_engine_cannot_apply_are_warned(toy_bank, toy):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Engine(toy_bank, backbone=toy.ColorBackbone(), config=toy_bank.config.replace(top_k=1))  # inference knobs
+
+
+# ------------------------------------------------------------------------------------------- boundary refinement
+
+
+def test_refinement_snaps_the_painted_map_and_frees_changed_pixels(make_engine, toy, rng):
+    from engine.boundaries import snap_to_edges
+
+    data = [toy.scene(rng, classes=c) for c in [(1, 2), (3,), (2, 3)]]
+    given = [ground_truth_proposals(s[1]) for s in data]
+    painted = make_engine().segment_batch([s[0] for s in data], given)
+    config = dataclasses.replace(make_engine().config, boundary_radius=8)
+    refined = make_engine(config=config).segment_batch([s[0] for s in data], given)
+    changed = 0
+    for (image, _), before, after in zip(data, painted, refined):
+        expected = snap_to_edges(before.label_map, image, 8, config.boundary_eps)
+        np.testing.assert_array_equal(after.label_map, expected)
+        moved = after.label_map != before.label_map
+        changed += int(moved.sum())
+        np.testing.assert_array_equal(after.owner[moved], -1)  # no segment keeps a pixel of another class
+        np.testing.assert_array_equal(after.owner[~moved], before.owner[~moved])
+        for segment in after.segments("binary_mask"):
+            assert (after.label_map[segment["segmentation"]] == segment["class_id"]).all()
+    assert changed  # the toy rectangles' corners are rounded at this radius: the test sees a change
+
+
+def test_unpainted_pixels_are_filled_only_without_a_background_class(toy_bank, toy, rng):
+    no_background = FeatureBank(toy_bank.vectors[toy_bank.labels != 0], toy_bank.labels[toy_bank.labels != 0],
+                                toy_bank.class_names, toy_bank.backbone, toy_bank.config)
+    image, label = toy.scene(rng, classes=(1, 3))
+    proposals = [ground_truth_proposals(label)]  # the grey background is no proposal: it stays unpainted
+    exact = Config(boundary_radius=0)
+    filled = Engine(no_background, backbone=toy.ColorBackbone(), config=exact).segment_batch([image], proposals)[0]
+    assert (filled.label_map != 0).all() and (filled.owner[label == 0] == -1).all()
+    np.testing.assert_array_equal(filled.label_map[label != 0], label[label != 0])
+    kept = Engine(no_background, backbone=toy.ColorBackbone(), config=dataclasses.replace(exact, fill_unpainted=False))
+    np.testing.assert_array_equal(kept.segment_batch([image], proposals)[0].label_map, label)
+    with_background = Engine(toy_bank, backbone=toy.ColorBackbone(), config=exact)
+    np.testing.assert_array_equal(with_background.segment_batch([image], proposals)[0].label_map, label)

@@ -1,0 +1,119 @@
+"""engine.boundaries: the guided-filter boundary snapping against a plain NumPy guided filter written from its
+equations, and the unpainted-pixel fill against brute-force nearest pixels."""
+
+import numpy as np
+import pytest
+
+from engine.boundaries import fill_unpainted, snap_to_edges
+
+
+def _window_mean(values: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over the (2r+1)^2 window around each pixel, the array mirrored at its borders (edge pixel repeated)."""
+    padded = np.pad(values, radius, mode="symmetric")
+    height, width = values.shape
+    total = np.zeros_like(values)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            total += padded[dy:dy + height, dx:dx + width]
+    return total / (2 * radius + 1) ** 2
+
+
+def _guided_reference(label_map, grey, radius, eps):
+    """Per class c: p = [label == c]; per window a = cov(I, p) / (var(I) + eps), b = mean(p) - a mean(I); q = mean(a)
+    I + mean(b); each pixel takes the class of the largest q. Returns the labels and the margin to the runner-up."""
+    classes = np.unique(label_map)
+    mean_i = _window_mean(grey, radius)
+    var_i = _window_mean(grey * grey, radius) - mean_i ** 2
+    filtered = []
+    for c in classes:
+        p = (label_map == c).astype(np.float64)
+        mean_p = _window_mean(p, radius)
+        a = (_window_mean(grey * p, radius) - mean_i * mean_p) / (var_i + eps)
+        b = mean_p - a * mean_i
+        filtered.append(_window_mean(a, radius) * grey + _window_mean(b, radius))
+    filtered = np.stack(filtered)
+    order = np.sort(filtered, axis=0)
+    return classes[np.argmax(filtered, axis=0)], order[-1] - order[-2]
+
+
+def _grey(image):
+    weights = np.array([0.299, 0.587, 0.114])  # OpenCV's RGB -> grey
+    return np.round(image.astype(np.float64) @ weights) / 255.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_snap_matches_the_reference_at_full_resolution(seed):
+    rng = np.random.default_rng(seed)
+    height, width = rng.integers(8, 40, size=2)
+    # blocky labels and a noisy image with edges of its own, so the filter has something to follow
+    label_map = np.kron(rng.integers(0, 4, size=(height // 4 + 1, width // 4 + 1)), np.ones((4, 4)))
+    label_map = label_map[:height, :width].astype(np.uint8)
+    image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    radius, eps = int(rng.integers(1, 4)), float(rng.choice([1e-3, 1e-2, 1e-1]))
+    got = snap_to_edges(label_map, image, radius, eps, subsample=1)
+    expected, margin = _guided_reference(label_map, _grey(image), radius, eps)
+    clear = margin > 1e-4  # float32 against float64: only near-ties may differ
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(got[clear], expected[clear])
+    assert got.dtype == label_map.dtype
+
+
+def test_a_boundary_moves_onto_the_image_edge():
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, 32:] = 200  # the object's edge: column 32
+    label_map = np.zeros((64, 64), np.uint8)
+    label_map[:, 29:] = 7  # painted three pixels too far left (a half-scale superpixel boundary)
+    snapped = snap_to_edges(label_map, image, radius=16, eps=1e-2)
+    np.testing.assert_array_equal(snapped[:, :32], 0)
+    np.testing.assert_array_equal(snapped[:, 32:], 7)
+
+
+def test_flat_image_smooths_and_ties_keep_the_lower_class():
+    image = np.full((16, 16, 3), 90, np.uint8)
+    label_map = np.zeros((16, 16), np.uint8)
+    label_map[:, 8:] = 3  # exactly half and half: the middle columns tie only by symmetry, never flip the halves
+    snapped = snap_to_edges(label_map, image, radius=4, eps=1e-2, subsample=1)
+    assert (snapped[:, :7] == 0).all() and (snapped[:, 9:] == 3).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (2, 3), (5, 200)])
+def test_tiny_and_thin_images(shape):
+    rng = np.random.default_rng(1)
+    label_map = rng.integers(0, 3, size=shape).astype(np.uint8)
+    image = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    snapped = snap_to_edges(label_map, image, radius=16, eps=1e-2)
+    assert snapped.shape == shape and set(np.unique(snapped)) <= set(np.unique(label_map))
+
+
+def test_one_class_or_radius_zero_is_unchanged():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    single = np.full((20, 30), 5, np.uint8)
+    assert snap_to_edges(single, image, 16, 1e-2) is single
+    mixed = rng.integers(0, 3, size=(20, 30)).astype(np.uint8)
+    assert snap_to_edges(mixed, image, 0, 1e-2) is mixed
+
+
+def test_fill_gives_each_unpainted_pixel_a_nearest_painted_class():
+    rng = np.random.default_rng(3)
+    owner = np.full((40, 50), -1, np.int32)
+    label_map = np.zeros((40, 50), np.uint8)
+    points = rng.choice(40 * 50, size=12, replace=False)
+    for i, point in enumerate(points):  # a few painted pixels, far apart, each its own class
+        y, x = divmod(point, 50)
+        owner[y, x], label_map[y, x] = i, i + 1
+    filled = fill_unpainted(label_map, owner)
+    ys, xs = np.divmod(points, 50)
+    yy, xx = np.mgrid[:40, :50]
+    distance = np.hypot(yy[..., None] - ys, xx[..., None] - xs)  # to every painted pixel
+    nearest = distance.min(axis=2)
+    got = distance[yy, xx, filled.astype(int) - 1]
+    # the chamfer distance approximates the Euclidean one: the class found is a nearest one up to 3 percent
+    assert (got <= nearest * 1.03 + 1e-9).all()
+    np.testing.assert_array_equal(filled[owner >= 0], label_map[owner >= 0])
+
+
+def test_fill_is_a_no_op_when_all_or_nothing_is_painted():
+    label_map = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert fill_unpainted(label_map, np.zeros((3, 4), np.int32)) is label_map
+    assert fill_unpainted(label_map, np.full((3, 4), -1, np.int32)) is label_map
