@@ -39,8 +39,8 @@ from .constants import IGNORE
 from .deps import require
 from .errors import BankError, InputError
 from .models.base import checked_features
-from .search import (BLOCK_ROWS, ONDISK_SUFFIX, build_ondisk_index, make_faiss_index, ondisk_data_file,
-                     read_ondisk_index, write_ondisk_index)
+from .ivf import (BLOCK_ROWS, ONDISK_SUFFIX, build_ondisk_index, make_faiss_index, ondisk_data_file,
+                  read_ondisk_index, write_ondisk_index)
 from .utils import file_sha256
 
 FORMAT = "moduseg-feature-bank"
@@ -253,7 +253,7 @@ class FeatureBank:
 
         The vectors are written once, a block at a time (a memory-mapped bank is never read whole), and the index
         as INDEX_STORAGE says. `ondisk`: an IVF bank's index with its inverted lists in a file of their own, read
-        memory-mapped at load (for banks larger than memory: built by engine.search.build_ondisk_index from the
+        memory-mapped at load (for banks larger than memory: built by engine.ivf.build_ondisk_index from the
         vectors, `shard_rows` vectors a shard, never whole in memory); None keeps a loaded on-disk index on disk."""
         path = Path(path)
         if path.exists() and not overwrite:

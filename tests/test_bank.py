@@ -526,7 +526,8 @@ def test_quick_verification_checks_sizes_and_ends_full_every_byte(rng, tmp_path,
 
 def test_ondisk_bank_round_trip(rng, tmp_path, CLASSES):
     faiss = pytest.importorskip("faiss")
-    from engine.search import FaissIndex, create_index, ondisk_data_file, train_index
+    from engine.ivf import ondisk_data_file, train_index
+    from engine.search import FaissIndex, create_index
 
     bank = clustered_bank(rng, CLASSES, rows=5000, index="IVF16,PQ4", nprobe=4)
     path = bank.save(tmp_path / "bank", ondisk=True, shard_rows=2000)
@@ -572,7 +573,8 @@ def test_verify_bank_command(saved_bank, capsys):
 
 def test_an_ondisk_bank_saved_in_memory_gets_lists_of_its_own(rng, tmp_path, CLASSES):
     pytest.importorskip("faiss")
-    from engine.search import create_index, ondisk_data_file
+    from engine.ivf import ondisk_data_file
+    from engine.search import create_index
 
     bank = clustered_bank(rng, CLASSES, rows=3000)
     loaded = FeatureBank.load(bank.save(tmp_path / "disk", ondisk=True))
