@@ -7,7 +7,7 @@ stream.
 
 On-disk part (the default): the synthetic vectors are generated a block at a time straight into DIR/vectors.npy
 (never whole in memory), clustered like a real bank (vectors around --centres unit centres, L2-normalised: uniform
-random vectors have no neighbours worth the name). In a fresh process, engine.search.build_ondisk_index trains the
+random vectors have no neighbours worth the name). In a fresh process, engine.ivf.build_ondisk_index trains the
 index on Config.index_train_size sampled vectors, fills it shard by shard (--shard-rows vectors a shard, each written
 to disk) and merges the shards' inverted lists into one on-disk file; in another fresh process the index is loaded
 memory-mapped (engine.search.open_ondisk_index, the engine's search face, given the memory-mapped vectors for the
@@ -42,7 +42,8 @@ if __package__ in (None, ""):
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after site-packages: an installed engine (with its compiled _C) wins
 
 from engine import Config  # noqa: E402
-from engine.search import make_faiss_index as make_index  # noqa: E402
+from engine.ivf import make_faiss_index as make_index  # noqa: E402
+from engine.topk import top_k  # noqa: E402
 
 BLOCK = 1 << 16  # rows generated, written and scanned at a time
 
@@ -111,19 +112,15 @@ def exact_top_k(path: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, np
     mapped = np.load(path, mmap_mode="r")  # for the shape and the data offset only
     count, dim, offset = mapped.shape[0], mapped.shape[1], mapped.offset
     del mapped
-    best_sims = np.full((len(queries), k), -np.inf, np.float32)
-    best_rows = np.full((len(queries), k), -1, np.int64)
+    best_sims, best_rows = np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     with open(path, "rb") as handle:
         handle.seek(offset)
         for start in range(0, count, BLOCK):
             n = min(BLOCK, count - start)
             block = np.fromfile(handle, np.float32, n * dim).reshape(n, dim)
-            scores = queries @ block.T
-            top = np.argpartition(-scores, min(k, n - 1), axis=1)[:, :k]
-            sims = np.concatenate([best_sims, np.take_along_axis(scores, top, 1)], 1)
-            rows = np.concatenate([best_rows, top + start], 1)
-            order = np.lexsort((rows, -sims), axis=1)[:, :k]  # equal scores: lowest row first
-            best_sims, best_rows = np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
+            sims, rows = top_k(queries @ block.T, k)  # equal scores: lowest row first
+            best_sims, best_rows = top_k(np.concatenate([best_sims, sims], 1), k,
+                                         np.concatenate([best_rows, rows + start], 1))
     return best_sims, best_rows
 
 
@@ -138,7 +135,7 @@ def drop_from_page_cache(path) -> None:
 
 def build_stage(vectors_path: str, index_path: str, config: dict, shard_rows: int) -> dict:
     """In a fresh process: build the on-disk index from the memory-mapped vectors; stage times and memory."""
-    from engine.search import build_ondisk_index
+    from engine.ivf import build_ondisk_index
 
     times = {}
     vectors = np.load(vectors_path, mmap_mode="r")
@@ -257,7 +254,7 @@ def in_memory_scaling(args) -> dict:
     import faiss
     import torch
 
-    from engine.search import topk_inner_product
+    from engine.topk import topk_inner_product
 
     t = time.perf_counter()
     vectors = synthetic_bank(args.vectors, args.dim, args.centres)

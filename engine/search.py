@@ -16,25 +16,19 @@ class ids. Which device searches is a property of the index (as in faiss's torch
   installed faiss has it);
 - `ExactIndex`: a brute-force NumPy scan sorting every score, the plain reference the others are tested against.
 
-Banks larger than memory (docs/scaling.md): `build_ondisk_index` trains an IVF index (IVF-PQ: codes, not vectors) on
-a sample of the vectors, fills it shard by shard (each shard an IVF index sharing the trained quantizer, written to
-disk), merges the shards' inverted lists into one file beside the index (FAISS's `OnDiskInvertedLists`), and
-`read_ondisk_index` maps that file into memory instead of reading it: only the lists a query probes are paged in.
-The vectors themselves may be a memory-mapped array: every builder here reads them a block of rows at a time.
+The FAISS indexes themselves, in memory or with their inverted lists on disk for banks larger than memory, are built
+by engine.ivf.
 
-Exact ties: the NumPy and torch scans and the re-rank keep the lowest bank rows first, so their results depend
-neither on chunking nor on threading; FAISS's flat heaps order exactly tied similarities by insertion, otherwise the
-results agree.
+Exact ties: FlatIndex, TorchIndex's own scan and the re-rank select with engine.topk (equal similarities: lowest bank
+row first), so their results depend neither on chunking nor on threading, and equal ExactIndex's; FAISS's own
+searches (FaissIndex's, faiss-gpu's flat index behind TorchIndex) order exactly tied similarities as FAISS's heaps
+do, otherwise the results agree.
 """
 
 from __future__ import annotations
 
 import abc
-import os
-import shutil
-import tempfile
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -42,16 +36,14 @@ from .arrays import Place, contiguous, host, place, shape_of
 from .config import Config
 from .deps import check_torch_device, require
 from .errors import InputError
+from .ivf import make_faiss_index, ondisk_data_file, read_ondisk_index, row_blocks
+from .topk import top_k, top_k_reference, topk_inner_product
 
 BACKENDS = ("faiss", "torch", "exact")  # "faiss": FlatIndex for "Flat", FAISS for any other factory string
 #: below this many multiply-adds (queries x bank x dim) a FAISS search runs on one thread unless told otherwise
 SMALL_SEARCH = 1 << 27
-#: rows read from a (memory-mapped) vector array at a time by the index builders: 64 Ki rows of 680-d = 178 MB
-BLOCK_ROWS = 1 << 16
 #: candidates (query x shortlist entries) rescored at a time by the re-rank: 16 Ki of 680-d = 45 MB gathered
 RERANK_ROWS = 1 << 14
-#: the suffix of the file beside an on-disk IVF index that holds its inverted lists (codes and row ids)
-ONDISK_SUFFIX = ".ivfdata"
 
 
 class SearchIndex(abc.ABC):
@@ -202,8 +194,8 @@ def rerank(queries: np.ndarray, similarities: np.ndarray, rows: np.ndarray, vect
            k: int) -> tuple[np.ndarray, np.ndarray]:
     """The best k of each query's shortlist `rows` (Q, n), n >= k, rescored exactly: the inner products of
     `queries` (Q, D) with those rows of `vectors` (M, D), possibly memory-mapped. Rows -1 (FAISS found fewer than n
-    candidates) keep their `similarities` (FAISS's lowest float) and stay last. Ties: lowest row first, the rule of
-    FlatIndex. Up to RERANK_ROWS candidates at a time; each group's distinct rows are read once, in ascending order
+    candidates) keep their `similarities` (FAISS's lowest float) and stay last. Ties: lowest row first (engine.topk,
+    as FlatIndex). Up to RERANK_ROWS candidates at a time; each group's distinct rows are read once, in ascending order
     (a memory-mapped bank is read front to back, each page once)."""
     step = max(1, RERANK_ROWS // rows.shape[1])
     best_values, best_rows = [], []
@@ -214,9 +206,9 @@ def rerank(queries: np.ndarray, similarities: np.ndarray, rows: np.ndarray, vect
         gathered = np.ascontiguousarray(vectors[unique], np.float32)
         which = np.nonzero(found)[0] + start  # each found candidate's query
         scores[found] = np.einsum("id,id->i", queries[which], gathered[position.ravel()])
-        values, columns = _top_k_of(scores, block, k)
+        values, best = top_k(scores, k, block)
         best_values.append(values)
-        best_rows.append(columns)
+        best_rows.append(best)
     return np.concatenate(best_values), np.concatenate(best_rows)
 
 
@@ -236,7 +228,7 @@ def _ivf_parameters(index, nprobe: int):
 
 
 class ExactIndex(SearchIndex):
-    """Brute-force NumPy inner products: the reference search."""
+    """Brute-force NumPy inner products, every score sorted (engine.topk.top_k_reference): the reference search."""
 
     backend = "numpy-exact"
 
@@ -245,16 +237,14 @@ class ExactIndex(SearchIndex):
         self.vectors = np.ascontiguousarray(vectors, np.float32)
 
     def _search(self, queries, k):
-        scores = queries @ self.vectors.T
-        columns = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-        rows = np.lexsort((columns, -scores), axis=1)[:, :k]  # equal scores: lowest row first
-        return np.take_along_axis(scores, rows, axis=1), rows
+        return top_k_reference(queries @ self.vectors.T, k)
 
 
 class FlatIndex(ExactIndex):
     """Exact inner-product search by one BLAS product per query batch, then the top k of each row by a partial
-    selection: the same rows and order as ExactIndex (equal scores: lowest row first), without sorting every score.
-    `chunk_rows` bank rows are scored at a time, so the (Q, chunk) score block stays small for big banks."""
+    selection (engine.topk.topk_inner_product): the same rows and order as ExactIndex (equal scores: lowest row
+    first), without sorting every score. `chunk_rows` bank rows are scored at a time, so the (Q, chunk) score block
+    stays small for big banks."""
 
     backend = "numpy-flat (BLAS)"
 
@@ -265,45 +255,14 @@ class FlatIndex(ExactIndex):
         self.chunk_rows = int(chunk_rows)
 
     def _search(self, queries, k):
-        best_scores = best_rows = None
-        for start in range(0, self.size, self.chunk_rows):
-            scores = queries @ self.vectors[start:start + self.chunk_rows].T
-            block_scores, block_rows = _top_k(scores, min(k, scores.shape[1]))
-            block_rows += start
-            if best_scores is not None:
-                merged = np.concatenate([best_scores, block_scores], 1), np.concatenate([best_rows, block_rows], 1)
-                best_scores, best_rows = _top_k_of(*merged, min(k, merged[0].shape[1]))
-            else:
-                best_scores, best_rows = block_scores, block_rows
-        return best_scores, best_rows
-
-
-def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best columns of each row of a score block, best first, equal scores lowest column first: everything
-    above each row's k-th value, plus the lowest columns equal to it."""
-    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]
-    rows, columns = np.nonzero(scores >= kth)
-    return _top_k_of(scores[rows, columns], columns, k, rows, len(scores))
-
-
-def _top_k_of(values: np.ndarray, columns: np.ndarray, k: int, rows: np.ndarray | None = None,
-              count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The k best (value desc, column asc) of each row's candidates, given as (Q, n) arrays or as flat
-    (value, column, row) triples for `count` rows with at least k candidates each."""
-    if rows is None:
-        count, width = values.shape
-        rows = np.repeat(np.arange(count), width)
-        values, columns = values.ravel(), columns.ravel()
-    order = np.lexsort((columns, -values, rows))
-    starts = np.searchsorted(rows[order], np.arange(count))
-    take = order[starts[:, None] + np.arange(k)]
-    return values[take].astype(np.float32), columns[take].astype(np.int64)
+        return topk_inner_product(queries, self.vectors, k, self.chunk_rows)
 
 
 class TorchIndex(SearchIndex):
-    """The bank resident on a torch device: exact top-K by chunked matrix products (`chunk_rows` bank rows at a time,
-    so the (Q, chunk) score block stays small for big banks), or faiss-gpu's flat index when the installed faiss has
-    GPU support. Queries go up and results come back as NumPy arrays; `search_tensors` keeps them on the device.
+    """The bank resident on a torch device: exact top-K by chunked matrix products (engine.topk.topk_inner_product,
+    `chunk_rows` bank rows at a time, so the (Q, chunk) score block stays small for big banks), or faiss-gpu's flat
+    index when the installed faiss has GPU support (its order of exactly tied similarities is FAISS's). Queries go
+    up and results come back as NumPy arrays; `search_tensors` keeps them on the device.
 
     The vectors are on the device once: in faiss-gpu's index, or else in `self.vectors` (None with faiss-gpu). They
     go up a block of rows at a time, so a memory-mapped bank is never copied whole into host memory; on the CPU
@@ -361,8 +320,7 @@ def _to_device(torch, vectors: np.ndarray, device):
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(vectors)
     out = torch.empty(tuple(vectors.shape), dtype=torch.float32, device=device)
-    for start in range(0, len(vectors), BLOCK_ROWS):
-        block = np.ascontiguousarray(vectors[start:start + BLOCK_ROWS], np.float32)
+    for start, block in row_blocks(vectors):
         out[start:start + len(block)].copy_(torch.from_numpy(block))
     return out
 
@@ -398,222 +356,13 @@ def create_index(bank, config: Config, backend: str = "faiss", device: str = "cu
     raise InputError(f"unknown search backend {backend!r}; known backends: {BACKENDS}")
 
 
-def make_faiss_index(vectors: np.ndarray, config: Config):
-    """A FAISS inner-product index in memory from the factory string `config.index` ("Flat" exact; "IVFn,Flat",
-    "IVFn,PQm" trained here on at most `config.index_train_size` vectors, a fixed random sample). `vectors` may be
-    memory-mapped: they are added a block of rows at a time."""
-    index = train_index(vectors, config)
-    for start in range(0, len(vectors), BLOCK_ROWS):
-        index.add(np.ascontiguousarray(vectors[start:start + BLOCK_ROWS], np.float32))
-    return index
-
-
-def train_index(vectors: np.ndarray, config: Config):
-    """An empty FAISS inner-product index from `config.index`, trained (when it needs training: IVF centroids, PQ
-    codebooks) on at most `config.index_train_size` of `vectors`, a fixed random sample, so the same vectors and
-    config always give the same index. An IVF index gets `config.nprobe` as its default."""
-    faiss = require("faiss", "the FAISS index")
-
-    try:
-        index = faiss.index_factory(int(vectors.shape[1]), config.index, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise InputError(f"Config.index {config.index!r} is not a FAISS index factory string: {error}") from error
-    ivf = faiss.try_extract_index_ivf(index)
-    pq = faiss.downcast_index(ivf) if ivf is not None else index  # the IndexIVFPQ behind the base-class proxy
-    if getattr(pq, "do_polysemous_training", False):
-        # polysemous codes serve Hamming-filtered search, which the engine never uses; training them (a permutation
-        # search after the codebooks) takes 30x the codebooks' own time
-        pq.do_polysemous_training = False
-    if not index.is_trained:
-        rows = np.arange(len(vectors))
-        if len(vectors) > config.index_train_size:
-            rows = np.sort(np.random.default_rng(0).choice(len(vectors), config.index_train_size, replace=False))
-        # sorted rows read a memory-mapped array front to back; only the sample is ever in memory
-        index.train(np.ascontiguousarray(vectors[rows], np.float32))
-    if ivf is not None:
-        ivf.nprobe = config.nprobe
-    return index
-
-
-# ---------------------------------------------------------------------------------------- on-disk IVF (IVF-PQ)
-
-
-def build_ondisk_index(vectors: np.ndarray, config: Config, index_path, shard_rows: int = 1 << 20,
-                       progress=None):
-    """Build an IVF index from `config.index` (an IVF factory string; "IVFn,PQm" keeps m bytes a vector) over
-    `vectors` (M, D), possibly memory-mapped and larger than memory, with its inverted lists on disk:
-
-    1. train on `config.index_train_size` sampled vectors (train_index);
-    2. fill shards of `shard_rows` vectors, each an empty copy of the trained index with the rows as FAISS ids,
-       written to a temporary directory beside `index_path` (add_shards);
-    3. merge the shards' lists into `index_path` with ONDISK_SUFFIX and write the index (merge_shards).
-
-    Memory: the training sample, one shard's codes and one block of vectors at a time. Returns the merged index,
-    read back memory-mapped (read_ondisk_index). `progress(stage, seconds)` is called after each stage ("train",
-    "add", "merge") when given."""
-    import time
-
-    faiss = require("faiss", "the on-disk FAISS index")
-    index_path = Path(index_path)
-    start = time.perf_counter()
-    trained = train_index(vectors, config)
-    if faiss.try_extract_index_ivf(trained) is None:
-        raise InputError(f"an on-disk index needs an IVF factory string (\"IVF16384,PQ64\"), got {config.index!r}")
-    if progress:
-        progress("train", time.perf_counter() - start)
-    with tempfile.TemporaryDirectory(prefix=".shards.", dir=index_path.parent) as directory:
-        start = time.perf_counter()
-        shards = add_shards(trained, vectors, directory, shard_rows)
-        if progress:
-            progress("add", time.perf_counter() - start)
-        start = time.perf_counter()
-        merge_shards(trained, shards, index_path)
-        if progress:
-            progress("merge", time.perf_counter() - start)
-    return read_ondisk_index(index_path)
-
-
-def add_shards(trained, vectors: np.ndarray, directory, shard_rows: int = 1 << 20, first_id: int = 0) -> list[Path]:
-    """Add `vectors` (M, D) to copies of the trained, empty IVF index `trained`, `shard_rows` vectors each, with ids
-    `first_id + row`, and write each to `directory/shardNNNNN.faiss`. Returns the shard paths in row order."""
-    faiss = require("faiss", "the on-disk FAISS index")
-
-    if shard_rows < 1:
-        raise InputError(f"shard_rows must be >= 1, got {shard_rows}")
-    if trained.ntotal:
-        raise InputError(f"the trained index must be empty, it holds {trained.ntotal} vectors")
-    paths = []
-    for number, start in enumerate(range(0, len(vectors), shard_rows)):
-        shard = faiss.clone_index(trained)
-        stop = min(start + shard_rows, len(vectors))
-        for block in range(start, stop, BLOCK_ROWS):
-            rows = vectors[block:min(block + BLOCK_ROWS, stop)]
-            ids = np.arange(first_id + block, first_id + block + len(rows), dtype=np.int64)
-            shard.add_with_ids(np.ascontiguousarray(rows, np.float32), ids)
-        paths.append(Path(directory) / f"shard{number:05d}.faiss")
-        faiss.write_index(shard, str(paths[-1]))
-        del shard
-    return paths
-
-
-def merge_shards(trained, shard_paths, index_path) -> None:
-    """Merge the inverted lists of shard indexes (add_shards) into one `OnDiskInvertedLists` file beside
-    `index_path` (its suffix replaced by ONDISK_SUFFIX) and write the index, a copy of the trained, empty `trained`
-    pointing at that file, to `index_path`. The shards are read memory-mapped, so neither they nor the merged lists
-    need to fit in memory. Each list holds the shards' entries in shard order, so rows ascending."""
-    faiss = require("faiss", "the on-disk FAISS index")
-
-    index_path = Path(index_path).absolute()
-    index = faiss.clone_index(trained)
-    ivf = faiss.extract_index_ivf(index)
-    shards = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in shard_paths]  # alive until merged
-    pointers = faiss.InvertedListsPtrVector()
-    for path, shard in zip(shard_paths, shards):
-        lists = faiss.extract_index_ivf(shard)
-        if (shard.d, lists.nlist, lists.code_size) != (index.d, ivf.nlist, ivf.code_size):
-            raise InputError(f"shard {path}: {shard.d}-d, {lists.nlist} lists of {lists.code_size}-byte codes; the "
-                             f"trained index is {index.d}-d, {ivf.nlist} lists of {ivf.code_size}-byte codes")
-        pointers.push_back(lists.invlists)
-    merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(index_path.with_suffix(ONDISK_SUFFIX)))
-    total = merged.merge_from_multiple(pointers.data(), pointers.size(), False)
-    index.ntotal = ivf.ntotal = total
-    ivf.replace_invlists(merged, True)
-    merged.this.disown()  # the index owns the lists now
-    faiss.write_index(index, str(index_path))
-    del index, shards
-
-
-def read_ondisk_index(index_path):
-    """An on-disk IVF index (merge_shards) read with its inverted lists memory-mapped read-only from the
-    ONDISK_SUFFIX file in the same directory (wherever the pair was moved to): the quantizer and codebooks are read,
-    the lists are paged in as searches probe them."""
-    faiss = require("faiss", "the on-disk FAISS index")
-
-    index_path = Path(index_path).absolute()
-    return faiss.read_index(str(index_path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
-
-
-def ondisk_data_file(index) -> Path | None:
-    """The file holding an on-disk IVF index's inverted lists; None for an index in memory."""
-    faiss = require("faiss", "the FAISS index")
-
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
-        return None
-    lists = faiss.downcast_InvertedLists(ivf.invlists)
-    return Path(lists.filename) if isinstance(lists, faiss.OnDiskInvertedLists) else None
-
-
-def write_ondisk_index(index, index_path, recorded=None) -> None:
-    """Write an on-disk IVF index to `index_path` and copy its inverted lists file beside it (ONDISK_SUFFIX; not
-    copied when it is there already). `recorded`: the path the index file will have when it is read (it is moved
-    there after writing), so that reading it there finds the lists without a note from FAISS on the way."""
-    faiss = require("faiss", "the on-disk FAISS index")
-
-    index_path = Path(index_path).absolute()
-    source, target = ondisk_data_file(index), index_path.with_suffix(ONDISK_SUFFIX)
-    if source is None:
-        raise InputError("write_ondisk_index: the index keeps its inverted lists in memory")
-    if not (target.exists() and os.path.samefile(source, target)):
-        shutil.copyfile(source, target)
-    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
-    # recorded in the index file; read_ondisk_index looks for that name in the index's own directory
-    lists.filename = str(Path(recorded or index_path).absolute().with_suffix(ONDISK_SUFFIX))
-    try:
-        faiss.write_index(index, str(index_path))
-    finally:
-        lists.filename = str(source)
-
-
 def open_ondisk_index(index_path, labels: np.ndarray, num_classes: int, config: Config,
                       num_threads: int = 0, vectors: np.ndarray | None = None) -> FaissIndex:
-    """The engine's search face over an on-disk IVF index (read_ondisk_index) whose ids are the rows of `labels`
-    (as add_shards gives them), visiting `config.nprobe` lists per query. `vectors`: the bank's vectors (a
-    memory-mapped array: np.load(..., mmap_mode="r")), for the exact re-rank of `config.refine` x k candidates;
-    without them FAISS's own top k from the codes."""
+    """The engine's search face over an on-disk IVF index (engine.ivf.read_ondisk_index) whose ids are the rows of
+    `labels` (as engine.ivf.add_shards gives them), visiting `config.nprobe` lists per query. `vectors`: the bank's
+    vectors (a memory-mapped array: np.load(..., mmap_mode="r")), for the exact re-rank of `config.refine` x k
+    candidates; without them FAISS's own top k from the codes."""
     return FaissIndex(vectors, labels, num_classes, config, read_ondisk_index(index_path), num_threads)
-
-
-# ----------------------------------------------------------------------------------------------- torch exact top-K
-
-
-def _best(torch, values, rows, k: int):
-    """Best k of (Q, n) candidates, similarity descending, equal similarities lowest row first."""
-    by_row = torch.sort(rows, dim=1, stable=True)
-    values = torch.gather(values, 1, by_row.indices)
-    order = torch.sort(-values, dim=1, stable=True).indices[:, :k]
-    return torch.gather(values, 1, order), torch.gather(by_row.values, 1, order)
-
-
-def _block_topk(torch, block, k: int):
-    """Top k of each row of a (Q, n) score block with the tie rule above (torch.topk picks among ties arbitrarily):
-    everything above the k-th value, plus the k lowest columns equal to it."""
-    top = torch.topk(block, k, dim=1, sorted=False)
-    threshold = top.values.min(dim=1, keepdim=True).values
-    columns = torch.arange(block.shape[1], device=block.device)
-    sentinel = block.shape[1]
-    tied = -torch.topk(-torch.where(block == threshold, columns, sentinel), k, dim=1).values
-    above = top.values > threshold
-    values = torch.cat([torch.where(above, top.values, -torch.inf),
-                        torch.where(tied < sentinel, threshold, -torch.inf)], 1)
-    rows = torch.cat([torch.where(above, top.indices, sentinel), tied], 1)
-    return _best(torch, values, rows, k)
-
-
-def topk_inner_product(queries, vectors, k: int, chunk_rows: int = 1 << 18):
-    """Exact top-k of `queries` (Q, D) @ `vectors` (M, D).T with torch tensors on any device, `chunk_rows` bank rows
-    at a time. k <= M. Returns (Q, k) float32 similarities and int64 rows on the tensors' device, best first."""
-    import torch
-
-    best_values = best_rows = None
-    for start in range(0, int(vectors.shape[0]), chunk_rows):
-        block = queries @ vectors[start:start + chunk_rows].T
-        values, rows = _block_topk(torch, block, min(k, block.shape[1]))
-        rows = rows + start
-        if best_values is not None:
-            values, rows = _best(torch, torch.cat([best_values, values], 1), torch.cat([best_rows, rows], 1), k)
-        best_values, best_rows = values, rows
-    return best_values, best_rows
 
 
 def _faiss_with_gpus():
@@ -653,7 +402,7 @@ def _faiss_gpu_index(vectors: np.ndarray, device):
     options = faiss.GpuIndexFlatConfig()
     options.device = device.index if device.index is not None else 0
     index = faiss.GpuIndexFlatIP(resources, int(vectors.shape[1]), options)
-    for start in range(0, len(vectors), BLOCK_ROWS):  # a block at a time: a memory-mapped bank is paged in by parts
-        index.add(np.ascontiguousarray(vectors[start:start + BLOCK_ROWS], np.float32))
+    for _, block in row_blocks(vectors):  # a block at a time: a memory-mapped bank is paged in by parts
+        index.add(block)
     index._moduseg_resources = resources  # keep the resources alive as long as the index
     return index

@@ -283,18 +283,18 @@ def test_overwrite_replaces_only_a_bank_directory(saved_bank, tmp_path):
 
 def rewrite_manifest(path, change):
     """Change a bank's manifest and reseal it, as someone forging one would (an unsealed edit is refused first)."""
-    from engine.bank import _sealed
+    from engine.bank.storage import sealed
 
     manifest = json.loads((path / "manifest.json").read_text())
     change(manifest)
-    (path / "manifest.json").write_text(json.dumps(_sealed(manifest)))
+    (path / "manifest.json").write_text(json.dumps(sealed(manifest)))
 
 
 def reseal(path, name):
     """Re-record `name`'s checksum, as someone editing a bank by hand would."""
-    from engine.bank import _seal
+    from engine.bank.storage import file_record
 
-    rewrite_manifest(path, lambda m: m["files"].__setitem__(name, _seal(path / name)))
+    rewrite_manifest(path, lambda m: m["files"].__setitem__(name, file_record(path / name)))
 
 
 @pytest.mark.parametrize("case, message", [
@@ -359,7 +359,7 @@ def test_a_failed_replacement_leaves_the_old_bank_in_place(saved_bank, monkeypat
             raise OSError("simulated crash")
         return real_replace(src, dst)
 
-    monkeypatch.setattr("engine.bank.os.replace", failing_replace)
+    monkeypatch.setattr("engine.bank.storage.os.replace", failing_replace)
     other = FeatureBank(bank.vectors[:-1], bank.labels[:-1], bank.class_names, bank.backbone, bank.config)
     with pytest.raises(OSError, match="simulated crash"):
         other.save(path, overwrite=True)
@@ -427,6 +427,34 @@ def test_shards_merge_and_append_equal_one_build_over_the_union(rng, toy, CLASSE
         merge_parts(shards[0], shards[0][:1])
 
 
+def test_a_failed_parts_write_leaves_the_old_parts_and_no_staging(rng, toy, CLASSES, ColorBackbone, tmp_path,
+                                                                   monkeypatch):
+    # parts are written through the same stage-and-swap as banks (engine.bank.storage.staged)
+    from engine.bank import BankPart, load_parts, save_parts
+
+    config = Config(min_area=100, batch_size=1)
+    parts = toy_parts(toy.samples(rng, 3), ColorBackbone, CLASSES, config)
+    path = save_parts(parts[:1], tmp_path / "parts", CLASSES, ColorBackbone().describe(), config)
+    real_save, calls = BankPart.save, []
+
+    def failing_save(part, where):
+        calls.append(where)
+        if len(calls) == 2:  # the second part: the machine "crashes" half-way through the directory
+            raise OSError("simulated crash")
+        return real_save(part, where)
+
+    monkeypatch.setattr(BankPart, "save", failing_save)
+    for target in (path, tmp_path / "new"):
+        calls.clear()
+        with pytest.raises(OSError, match="simulated crash"):
+            save_parts(parts, target, CLASSES, ColorBackbone().describe(), config, overwrite=True)
+    monkeypatch.undo()
+    assert len(load_parts(path)[0]) == 1 and not (tmp_path / "new").exists()  # the old parts, whole, where they were
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]  # no staging left behind
+    with pytest.raises(BankError, match="exists: a bank part is never overwritten"):
+        parts[0].save(path / "part-000000")
+
+
 def test_incomplete_parts_are_never_loaded(rng, toy, CLASSES, ColorBackbone, tmp_path):
     from engine.bank import BankPart, load_parts, save_parts
 
@@ -489,7 +517,7 @@ def test_each_index_is_stored_without_a_second_copy_of_the_vectors(rng, tmp_path
 
 
 def test_quick_verification_checks_sizes_and_ends_full_every_byte(rng, tmp_path, CLASSES, monkeypatch):
-    monkeypatch.setattr("engine.bank.HASH_BLOCK", 256)  # so that the bank's vectors.npy has a middle
+    monkeypatch.setattr("engine.bank.storage.HASH_BLOCK", 256)  # so that the bank's vectors.npy has a middle
     bank = clustered_bank(rng, CLASSES, rows=400)
     path = bank.save(tmp_path / "bank")
     record = json.loads((path / "manifest.json").read_text())["files"]["vectors.npy"]
@@ -526,7 +554,8 @@ def test_quick_verification_checks_sizes_and_ends_full_every_byte(rng, tmp_path,
 
 def test_ondisk_bank_round_trip(rng, tmp_path, CLASSES):
     faiss = pytest.importorskip("faiss")
-    from engine.search import FaissIndex, create_index, ondisk_data_file, train_index
+    from engine.ivf import ondisk_data_file, train_index
+    from engine.search import FaissIndex, create_index
 
     bank = clustered_bank(rng, CLASSES, rows=5000, index="IVF16,PQ4", nprobe=4)
     path = bank.save(tmp_path / "bank", ondisk=True, shard_rows=2000)
@@ -572,7 +601,8 @@ def test_verify_bank_command(saved_bank, capsys):
 
 def test_an_ondisk_bank_saved_in_memory_gets_lists_of_its_own(rng, tmp_path, CLASSES):
     pytest.importorskip("faiss")
-    from engine.search import create_index, ondisk_data_file
+    from engine.ivf import ondisk_data_file
+    from engine.search import create_index
 
     bank = clustered_bank(rng, CLASSES, rows=3000)
     loaded = FeatureBank.load(bank.save(tmp_path / "disk", ondisk=True))
@@ -623,11 +653,11 @@ def test_a_bank_of_the_unsealed_format_is_refused_with_the_reason(saved_bank):
 
 def reseal_json(file, change):
     """Change a sealed JSON record and reseal it, as someone forging one would."""
-    from engine.bank import _sealed
+    from engine.bank.storage import sealed
 
     record = json.loads(file.read_text())
     change(record)
-    file.write_text(json.dumps(_sealed(record)))
+    file.write_text(json.dumps(sealed(record)))
 
 
 @pytest.mark.parametrize("case, message", [

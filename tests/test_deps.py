@@ -87,7 +87,7 @@ def test_a_missing_runtime_names_the_extra(monkeypatch, module, cpu, gpu):
 
 def test_the_engine_entry_points_say_which_extra(monkeypatch, tmp_path):
     from engine.models.runtime import OnnxRuntime
-    from engine.search import make_faiss_index
+    from engine.ivf import make_faiss_index
 
     import numpy as np
 

@@ -21,7 +21,8 @@ import pytest
 from engine import Engine, FeatureBank
 from engine.models import ground_truth_proposals
 from engine.registry import DEFAULT_BACKBONE
-from engine.search import ExactIndex, TorchIndex, topk_inner_product
+from engine.search import ExactIndex, TorchIndex
+from engine.topk import topk_inner_product
 
 pytestmark = pytest.mark.gpu
 

@@ -13,7 +13,8 @@ import pytest
 
 from engine.config import Config
 from engine.errors import InputError
-from engine.search import BACKENDS, ExactIndex, FaissIndex, FlatIndex, TorchIndex, create_index, make_faiss_index
+from engine.ivf import make_faiss_index
+from engine.search import BACKENDS, ExactIndex, FaissIndex, FlatIndex, TorchIndex, create_index
 
 torch = pytest.importorskip("torch")
 
@@ -215,7 +216,7 @@ def ondisk(rng, tmp_path):
     """20k x 32 clustered vectors in a memory-mapped .npy, an IVF64,PQ16 index trained on them, built on disk from
     three shards, and the same trained index filled in memory."""
     pytest.importorskip("faiss")
-    from engine.search import add_shards, merge_shards, read_ondisk_index, train_index
+    from engine.ivf import add_shards, merge_shards, read_ondisk_index, train_index
 
     np.save(tmp_path / "vectors.npy", clustered(rng, 20000))
     vectors = np.load(tmp_path / "vectors.npy", mmap_mode="r")
@@ -262,7 +263,7 @@ def test_ondisk_ivfpq_recall_and_labels(ondisk, rng):
 
 
 def test_build_ondisk_index_in_one_call_and_refusals(ondisk, rng, tmp_path):
-    from engine.search import add_shards, build_ondisk_index, train_index
+    from engine.ivf import add_shards, build_ondisk_index, train_index
 
     vectors, config, index, _, _ = ondisk
     stages = []

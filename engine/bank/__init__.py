@@ -1,0 +1,30 @@
+"""The offline feature bank: class prototypes from images with image-level labels, the method's first stage.
+
+Per image and class mask: semantic boundary purification (SBP: erosion, small regions dropped) → soft-masked feature
+aggregation (SMFA: area-interpolated mask weights over the backbone's patch grid, weighted mean, L2-normalised) → one
+vector per (image, class) plus one background vector per image → per-class outlier rejection. Region entries
+(Config.region_entries, on by default) join them: the proposer's own regions in each bank image, named by the
+(pseudo-)mask's majority class.
+
+One idea a module:
+
+- `purification`: SBP (erode, purify);
+- `featurise`: images, masks and labels to bank entries, a batch at a time (bank_parts, featurise_batch);
+- `parts`: the entries before outlier rejection (BankPart), kept on disk, merged and appended to;
+- `outliers`: per-class outlier rejection;
+- `feature_bank`: the FeatureBank class (build, from_parts, save, load, its index);
+- `storage`: the bank directory on disk: staged writes swapped in whole, checksums, the sealed manifest;
+- `index_storage`: how the search index is stored beside the vectors, which are stored once (INDEX_STORAGE).
+"""
+
+from .feature_bank import FeatureBank
+from .featurise import BankEntry, bank_parts, featurise_batch
+from .index_storage import INDEX_STORAGE
+from .outliers import drop_farthest, outlier_count, reject_outliers
+from .parts import KINDS, BankPart, load_parts, merge_parts, save_parts
+from .purification import erode, purify
+from .storage import FORMAT, FORMAT_VERSION, SEAL
+
+__all__ = ["BankEntry", "BankPart", "FORMAT", "FORMAT_VERSION", "FeatureBank", "INDEX_STORAGE", "KINDS", "SEAL",
+           "bank_parts", "drop_farthest", "erode", "featurise_batch", "load_parts", "merge_parts", "outlier_count",
+           "purify", "reject_outliers", "save_parts"]
