@@ -72,8 +72,9 @@ class Config:
         fill_unpainted: where the bank has no background vector (a data set whose every pixel is a class, such as
             CamVid), pixels no proposal painted take the class of the nearest painted pixel instead of background.
         boundary_radius: after painting, each class boundary is snapped to the image's edges by a guided filter of
-            this window radius (pixels) over the class indicators, guided by the grey image (engine.boundaries);
-            0 = off (the paper).
+            this window radius (pixels) over the class indicators, guided by the grey image (engine.boundaries):
+            the embedded proposer's regions are unions of half-scale superpixels. 0 = off (the paper). Proposals
+            given to segment_batch are exact by assumption: their boundaries are painted as given.
         boundary_eps: the guided filter's regulariser (grey levels in 0..1, squared): edges weaker than about its
             square root are smoothed over rather than followed.
         index: FAISS index factory string over inner product ("Flat" is exact; "IVF4096,Flat" for large banks).

@@ -50,8 +50,8 @@ class Result:
     """Segmentation of one image.
 
     label_map: (H, W) class ids, uint8 (int32 for banks of more than 256 classes); 0 = background (every pixel no
-        kept proposal painted, unless Config.fill_unpainted filled it), class boundaries snapped to the image's edges
-        (Config.boundary_radius).
+        kept proposal painted, unless Config.fill_unpainted filled it); with the engine's proposer, class boundaries
+        snapped to the image's edges (Config.boundary_radius).
     classes, confidences, proposal_ids: one entry per proposal that survived the filters, the vote (not
         background) and NMS, in painting order (most confident first): its class id, its confidence (mean
         similarity of the winning class's neighbours) and its index in the image's input proposals.
@@ -128,6 +128,7 @@ class _Batch:
     skipped: list = field(default_factory=list)
     candidates: list = field(default_factory=list)
     features: list = field(default_factory=list)
+    given: list = field(default_factory=list)  # per image: were its proposals the caller's (not the proposer's)
 
 
 ON_ERROR = ("raise", "skip")
@@ -262,6 +263,7 @@ class Engine:
             return batch
         with self.times("backbone"):
             batch.features = checked_features(self.backbone, batch.images, on_device=self.device != "cpu")
+        batch.given = [p is not None for p in batch.proposals]
         with self.times("proposer"):
             batch.proposals = self._propose(batch.images, batch.proposals, batch.features, batch.positions)
         with self.times("filter"):
@@ -312,8 +314,8 @@ class Engine:
                 candidates["class"], candidates["confidence"] = classes[rows], confidences[rows]
                 results.append((proposals, candidates, keep[rows], maps[i], maps[len(atoms) + i]))
         with self.times("refine"):
-            painted = [self._refine(image, label_map, owner)
-                       for image, (*_, label_map, owner) in zip(batch.images, results)]
+            painted = [self._refine(image, label_map, owner, snap=not given)
+                       for image, given, (*_, label_map, owner) in zip(batch.images, batch.given, results)]
         return [self._assemble(*found[:3], *maps) for found, maps in zip(results, painted)]
 
     # ------------------------------------------------------------------------------------------------------- steps
@@ -370,14 +372,16 @@ class Engine:
         return records.filter((records["objectness"] >= self.config.objectness_threshold)
                               & (records["area"] >= self.config.min_area))
 
-    def _refine(self, image: np.ndarray, label_map: np.ndarray, owner: np.ndarray) -> tuple:
-        """Config.fill_unpainted (where the bank has no background class) and Config.boundary_radius on one painted
-        label map (engine.boundaries). A pixel whose class they change becomes no proposal's (owner -1), so that
-        every segment keeps to its class."""
+    def _refine(self, image: np.ndarray, label_map: np.ndarray, owner: np.ndarray, snap: bool) -> tuple:
+        """Config.fill_unpainted (where the bank has no background class) and, with `snap` (the regions are the
+        engine's proposer's, not proposals the caller gave, which are painted as given), Config.boundary_radius on
+        one painted label map (engine.boundaries). A pixel whose class they change becomes no proposal's (owner
+        -1), so that every segment keeps to its class."""
         refined = label_map
         if self._fill_unpainted:
             refined = fill_unpainted(refined, owner)
-        refined = snap_to_edges(refined, image, self.config.boundary_radius, self.config.boundary_eps)
+        if snap:
+            refined = snap_to_edges(refined, image, self.config.boundary_radius, self.config.boundary_eps)
         if refined is not label_map:
             owner = np.where(refined == label_map, owner, -1).astype(owner.dtype)
         return refined, owner

@@ -604,16 +604,28 @@ def test_bank_building_fields_an_engine_cannot_apply_are_warned(toy_bank, toy):
 # ------------------------------------------------------------------------------------------- boundary refinement
 
 
-def test_refinement_snaps_the_painted_map_and_frees_changed_pixels(make_engine, toy, rng):
+class _TruthProposer:
+    """A proposer that proposes each known scene's ground-truth regions: the engine's own regions, to refine."""
+
+    name, uses_features = "truth", False
+
+    def __init__(self, data):
+        self.truth = {image.tobytes(): label for image, label in data}
+
+    def propose(self, images):
+        return [ground_truth_proposals(self.truth[image.tobytes()]) for image in images]
+
+
+def test_refinement_snaps_the_proposers_regions_and_frees_changed_pixels(make_engine, toy, rng):
     from engine.boundaries import snap_to_edges
 
     data = [toy.scene(rng, classes=c) for c in [(1, 2), (3,), (2, 3)]]
-    given = [ground_truth_proposals(s[1]) for s in data]
-    painted = make_engine().segment_batch([s[0] for s in data], given)
+    images = [s[0] for s in data]
+    painted = make_engine(proposer=_TruthProposer(data)).segment_batch(images)
     config = dataclasses.replace(make_engine().config, boundary_radius=8)
-    refined = make_engine(config=config).segment_batch([s[0] for s in data], given)
+    refined = make_engine(config=config, proposer=_TruthProposer(data)).segment_batch(images)
     changed = 0
-    for (image, _), before, after in zip(data, painted, refined):
+    for image, before, after in zip(images, painted, refined):
         expected = snap_to_edges(before.label_map, image, 8, config.boundary_eps)
         np.testing.assert_array_equal(after.label_map, expected)
         moved = after.label_map != before.label_map
@@ -623,6 +635,10 @@ def test_refinement_snaps_the_painted_map_and_frees_changed_pixels(make_engine, 
         for segment in after.segments("binary_mask"):
             assert (after.label_map[segment["segmentation"]] == segment["class_id"]).all()
     assert changed  # the toy rectangles' corners are rounded at this radius: the test sees a change
+    # proposals the caller gives are painted as given
+    given = make_engine(config=config).segment_batch(images, [ground_truth_proposals(s[1]) for s in data])
+    for before, result in zip(painted, given):
+        np.testing.assert_array_equal(result.label_map, before.label_map)
 
 
 def test_unpainted_pixels_are_filled_only_without_a_background_class(toy_bank, toy, rng):
