@@ -218,12 +218,6 @@ def backbone_config(name: str, variant: str, inputs: Sequence[TensorSpec], outpu
                         parameters=parameters, warmup_side=warmup_side, plans=plans)
 
 
-def render_config(name: str, variant: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                  **options) -> str:
-    """config.pbtxt text of a backbone served by `variant` (backbone_config's options)."""
-    return to_text(backbone_config(name, variant, inputs, outputs, **options), f"{variant} variant")
-
-
 def validate_config(text: str, name: str | None = None):
     """Parse config.pbtxt text into a ModelConfig and check it (check_config); returns it, raises ModelError."""
     from google.protobuf import text_format

@@ -23,7 +23,7 @@ from ..bank import FeatureBank
 from ..errors import InputError
 from .triton import execution_env_value, place_file
 from .triton_config import (DEFAULT_QUEUE_DELAY_US, EXECUTION_ENV_KEY, TensorSpec, check_config, check_execution_env,
-                            model_config, to_text, validate_config, write_config)
+                            model_config, validate_config, write_config)
 from .triton_segment_model import INPUT, LABELS, SEGMENTS
 
 #: the segmentation model's name in a repository
@@ -96,15 +96,10 @@ def segment_config(name: str, backbone_model: str, class_names, max_batch_size: 
                         queue_delay_us=queue_delay_us, parameters=parameters)
 
 
-def render_segment_config(name: str, backbone_model: str, class_names, **options) -> str:
-    """config.pbtxt text of the segmentation model (segment_config's options)."""
-    return to_text(segment_config(name, backbone_model, class_names, **options), _WHAT)
-
-
 def write_segment_model(out: str | os.PathLike, bank: str | os.PathLike, backbone_model: str,
                         name: str = SEGMENT_MODEL, **config_options) -> Path:
     """Write the segmentation model into repository `out` with a copy of the bank directory `bank` (checked by
-    loading it); returns the model directory. config_options: render_segment_config's; max_side defaults to the
+    loading it); returns the model directory. config_options: segment_config's; max_side defaults to the
     backbone model's, when its config is in `out`; a local execution_env archive is placed in the model directory
     (as for the backbone's python variant)."""
     source = Path(bank)

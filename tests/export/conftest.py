@@ -1,5 +1,6 @@
-"""A stand-in for tritonserver's python-backend utilities (`triton_python_backend_utils`), shared by every test of a
-python-backend model (the backbone's model.py, the whole-segmentation model) and of BLSRuntime."""
+"""Shared by the export tests: a stand-in for tritonserver's python-backend utilities (`triton_python_backend_utils`)
+for every test of a python-backend model (the backbone's model.py, the whole-segmentation model) and of BLSRuntime,
+and a small VOC bank with the local backbone it was built with."""
 
 from __future__ import annotations
 
@@ -112,3 +113,17 @@ def pb_utils(monkeypatch) -> FakeBackend:
     fake = FakeBackend()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
     return fake
+
+
+@pytest.fixture(scope="module")
+def voc_bank(voc_root, backbone_factory):
+    """(bank of 12 VOC train images, the local default backbone that built it, 6 VOC val samples)."""
+    from engine import FeatureBank
+    from engine.data import VOCDataset
+    from engine.registry import DEFAULT_BACKBONE
+
+    train = VOCDataset(voc_root, "train")
+    local = backbone_factory(DEFAULT_BACKBONE)
+    bank = FeatureBank.build([train[i] for i in range(12)], local, train.class_names, progress=False)
+    val = VOCDataset(voc_root, "val")
+    return bank, local, [val[i] for i in range(6)]

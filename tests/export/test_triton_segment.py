@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from engine.errors import InputError, ModelError
-from engine.export.triton_config import validate_config
-from engine.export.triton_segment import SEGMENT_MODEL, render_segment_config, write_segment_model
+from engine.export.triton_config import check_config, to_text, validate_config
+from engine.export.triton_segment import SEGMENT_MODEL, segment_config, write_segment_model
 from engine.registry import DEFAULT_BACKBONE, triton_model_name
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
@@ -21,10 +21,11 @@ BACKBONE_MODEL = triton_model_name(DEFAULT_BACKBONE, "python")
 # ---------------------------------------------------------------------------------------------------- config
 
 def test_the_config_states_ragged_batching_types_and_parameters():
-    text = render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["background", "cat"], max_batch_size=6,
-                                 instances=2, queue_delay_us=500, num_threads=3, backbone_batch_size=4,
-                                 execution_env="$$TRITON_MODEL_DIRECTORY/env.tar.gz")
-    config = validate_config(text, SEGMENT_MODEL)
+    built = segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["background", "cat"], max_batch_size=6, instances=2,
+                           queue_delay_us=500, num_threads=3, backbone_batch_size=4,
+                           execution_env="$$TRITON_MODEL_DIRECTORY/env.tar.gz")
+    config = validate_config(to_text(built, "segmentation"), SEGMENT_MODEL)  # the text parses back into the message
+    assert config == built
     assert config.backend == "python" and config.max_batch_size == 6
     assert config.input[0].allow_ragged_batch and list(config.input[0].dims) == [-1, -1, 3]
     assert {o.name: o.data_type for o in config.output} == {"LABELS": 2, "SEGMENTS": 13}  # UINT8, STRING
@@ -34,40 +35,39 @@ def test_the_config_states_ragged_batching_types_and_parameters():
     assert parameters["backbone_model"] == BACKBONE_MODEL and parameters["num_threads"] == "3"
     assert json.loads(parameters["class_names"]) == ["background", "cat"]
     assert parameters["EXECUTION_ENV_PATH"] == "$$TRITON_MODEL_DIRECTORY/env.tar.gz"
-    plain = render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
-    assert "EXECUTION_ENV_PATH" not in plain and "max_side" not in plain
-    limited = validate_config(render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], max_side=1024))
+    plain = segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
+    assert "EXECUTION_ENV_PATH" not in plain.parameters and "max_side" not in plain.parameters
+    limited = segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], max_side=1024)
     assert limited.parameters["max_side"].string_value == "1024"
 
 
 def test_labels_widen_past_256_classes_and_bad_knobs_are_refused():
-    config = validate_config(render_segment_config(SEGMENT_MODEL, "b", [str(i) for i in range(300)]), SEGMENT_MODEL)
+    config = check_config(segment_config(SEGMENT_MODEL, "b", [str(i) for i in range(300)]), SEGMENT_MODEL)
     assert {o.name: o.data_type for o in config.output}["LABELS"] == 8  # INT32
     with pytest.raises(InputError, match="max_batch_size"):
-        render_segment_config(SEGMENT_MODEL, "b", ["a"], max_batch_size=0)
+        segment_config(SEGMENT_MODEL, "b", ["a"], max_batch_size=0)
 
 
 def test_a_cuda_config_places_gpu_instances_that_keep_tensors_on_the_device():
-    config = validate_config(render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a", "b"], instances=2,
-                                                   device="cuda", gpus=[0, 2]), SEGMENT_MODEL)
+    config = check_config(segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a", "b"], instances=2, device="cuda",
+                                         gpus=[0, 2]), SEGMENT_MODEL)
     group = config.instance_group[0]
     assert group.kind == 1 and group.count == 2 and list(group.gpus) == [0, 2]  # KIND_GPU
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     assert parameters["device"] == "cuda" and parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
-    everywhere = validate_config(render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cuda"))
+    everywhere = segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cuda")
     assert everywhere.instance_group[0].kind == 1 and not everywhere.instance_group[0].gpus
     # the CPU config is the one written before GPU instances existed: KIND_CPU, no device parameters
-    text = render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
-    plain = validate_config(text, SEGMENT_MODEL)
+    plain = segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
     assert plain.instance_group[0].kind == 2 and not plain.instance_group[0].gpus  # KIND_CPU
-    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in text and "device" not in plain.parameters
-    assert text == render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cpu")
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in plain.parameters and "device" not in plain.parameters
+    assert plain == segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cpu")
     with pytest.raises(InputError, match="device must be one of"):
-        render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="gpu")
+        segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="gpu")
     with pytest.raises(InputError, match="need device 'cuda'"):
-        render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], gpus=[0])
+        segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], gpus=[0])
     with pytest.raises(InputError, match="GPU ids >= 0"):
-        render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cuda", gpus=[-1])
+        segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cuda", gpus=[-1])
 
 
 # ------------------------------------------------------------------------------- the model against a fake backend
@@ -154,32 +154,30 @@ def test_a_cuda_model_config_needs_gpu_instances(pb_utils):
         initialize("tpu", "GPU")
 
 
-@pytest.fixture(scope="module")
-def voc_bank(voc_root, backbone_factory):
-    from engine import FeatureBank
-    from engine.data import VOCDataset
+def _initialized_model(bank, tmp_path, instance=None, **options):
+    """The segmentation model written for `bank` into a repository under tmp_path (backbone_batch_size 2, `options`)
+    and initialized as the python backend does; `instance`: a GPU instance's kind and device id."""
+    from engine.export.triton_segment_model import TritonPythonModel
 
-    train = VOCDataset(voc_root, "train")
-    local = backbone_factory(DEFAULT_BACKBONE)
-    bank = FeatureBank.build([train[i] for i in range(12)], local, train.class_names, progress=False)
-    val = VOCDataset(voc_root, "val")
-    return bank, local, [val[i].image for i in range(6)]
+    bank.save(tmp_path / "bank")
+    model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2,
+                                    **options)
+    model = TritonPythonModel()
+    model.initialize({"model_config": json.dumps(_as_json(validate_config((model_dir / "config.pbtxt").read_text()))),
+                      "model_repository": str(model_dir), "model_version": "1", "model_name": SEGMENT_MODEL,
+                      **(instance or {})})
+    return model
 
 
 @pytest.mark.slow
 def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_requests(voc_bank, tmp_path, pb_utils):
     from engine import Engine
-    from engine.export import triton_segment_model
 
-    bank, local, images = voc_bank
-    bank.save(tmp_path / "bank")
-    model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2,
-                                    max_side=1000)
+    bank, local, samples = voc_bank
+    images = [s.image for s in samples]
     fake = pb_utils
     fake.backbone = local
-    model = triton_segment_model.TritonPythonModel()
-    model.initialize({"model_config": json.dumps(_as_json(validate_config((model_dir / "config.pbtxt").read_text()))),
-                      "model_repository": str(model_dir), "model_version": "1", "model_name": SEGMENT_MODEL})
+    model = _initialized_model(bank, tmp_path, max_side=1000)
     assert len({im.shape for im in images[:3]}) > 1  # one execute() over several sizes
     requests = [fake.request(IMAGE=im[None]) for im in images[:3]]
     requests.insert(1, fake.request(IMAGE=images[0][None].astype(np.float32)))
@@ -203,18 +201,13 @@ def test_a_gpu_instance_segments_gpu_tensors_like_the_in_process_device_pipeline
     import torch
 
     from engine import Engine
-    from engine.export import triton_segment_model
 
-    bank, local, images = voc_bank
-    bank.save(tmp_path / "bank")
-    model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2,
-                                    device="cuda", gpus=[0])
+    bank, local, samples = voc_bank
+    images = [s.image for s in samples]
     fake = pb_utils
     fake.backbone, fake.outputs_on = local, "cuda:0"  # BLS outputs in GPU memory, as a GPU backbone gives them
-    model = triton_segment_model.TritonPythonModel()
-    model.initialize({"model_config": json.dumps(_as_json(validate_config((model_dir / "config.pbtxt").read_text()))),
-                      "model_repository": str(model_dir), "model_version": "1", "model_name": SEGMENT_MODEL,
-                      "model_instance_kind": "GPU", "model_instance_device_id": "0"})
+    model = _initialized_model(bank, tmp_path, {"model_instance_kind": "GPU", "model_instance_device_id": "0"},
+                               device="cuda", gpus=[0])
     assert model.engine.device == "cuda:0" and model.engine.backbone.runtime.keeps_outputs_on_device
     requests = [fake.module.InferenceRequest(inputs=[fake.module.Tensor(
         "IMAGE", torch.from_numpy(im[None]).to("cuda:0"), device="cuda:0")]) for im in images[:3]]  # in GPU memory
@@ -262,7 +255,8 @@ def test_the_whole_pipeline_through_the_server_equals_in_process(segment_server,
     from engine import Engine
     from engine.remote import RemoteEngine
 
-    bank, local, images = voc_bank
+    bank, local, samples = voc_bank
+    images = [s.image for s in samples]
     url = segment_server.http_url if protocol == "http" else segment_server.grpc_url
     expected = Engine(bank, backbone=local).segment_batch(images)
     with RemoteEngine(url, protocol=protocol, concurrency=3) as remote:
@@ -283,7 +277,7 @@ def test_concurrent_requests_of_mixed_sizes_are_batched_and_bad_ones_skipped(seg
     from engine.pipeline import Skipped
     from engine.remote import RemoteEngine
 
-    _, _, images = voc_bank
+    images = [s.image for s in voc_bank[2]]
     client = http.InferenceServerClient(segment_server.http_url)
     before = _counts(client)
     with RemoteEngine(segment_server.http_url, concurrency=6) as remote:
