@@ -233,17 +233,18 @@ def _as_json(config) -> dict:
 def segment_server(triton_launcher, voc_bank, tmp_path_factory):
     """tritonserver over the python backbone and the segmentation model with a small VOC bank; a long queue delay so
     that concurrent requests of different sizes are merged (ragged batching)."""
-    from engine.export import triton as tx
+    from engine.export.triton import write_repository
     from engine.models.backbones import model_path
+    from engine.serving.server import LocalServer
 
     bank, _, _ = voc_bank
     root = tmp_path_factory.mktemp("segment_repo")
     bank.save(root / "bank")
     repo = root / "repo"
-    tx.write_repository(repo, DEFAULT_BACKBONE, variants=["python"], onnx_path=model_path(DEFAULT_BACKBONE),
-                        num_threads=1)
+    write_repository(repo, DEFAULT_BACKBONE, variants=["python"], onnx_path=model_path(DEFAULT_BACKBONE),
+                     num_threads=1)
     write_segment_model(repo, root / "bank", BACKBONE_MODEL, queue_delay_us=300_000, num_threads=1)
-    server = tx.LocalServer(repo, env_dir=triton_launcher.parents[1], log_path=root / "tritonserver.log")
+    server = LocalServer(repo, env_dir=triton_launcher.parents[1], log_path=root / "tritonserver.log")
     server.start(timeout=180)
     yield server
     server.stop()
