@@ -87,7 +87,7 @@ async def _load_level(url: str, images, expected, concurrency: int, requests: in
 def _fault_run(server, images, expected, threads: int, requests: int, kill_after: float, down: float,
                timeout: float, retries: int) -> dict:
     """Requests through RemoteEngine while the server is killed and restarted; how each request ended."""
-    from engine.export.triton import LocalServer
+    from engine.serving.server import LocalServer
     from engine.remote import RemoteEngine
 
     backoff = 0.5
@@ -163,7 +163,9 @@ def main(argv=None) -> int:
 
     from engine import Engine, FeatureBank, create_backbone
     from engine.data import VOCDataset
-    from engine.export.triton import LocalServer, ensure_server_env, write_repository
+    from engine.export.triton import write_repository
+    from engine.serving.server import LocalServer
+    from engine.serving.server_env import ensure_server_env
     from engine.export.triton_segment import write_segment_model
     from engine.models.backbones import model_path
 

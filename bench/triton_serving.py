@@ -47,7 +47,9 @@ def main(argv=None) -> int:
 
     from engine import Engine, FeatureBank, create_backbone
     from engine.data import VOCDataset
-    from engine.export.triton import LocalServer, ensure_server_env, write_repository
+    from engine.export.triton import write_repository
+    from engine.serving.server import LocalServer
+    from engine.serving.server_env import ensure_server_env
     from engine.models import ground_truth_proposals
     from engine.models.backbones import model_path
 

@@ -649,7 +649,8 @@ def cmd_triton_repo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .export.triton import SERVER_LAUNCHER, LocalServer, default_env_dir, ensure_server_env
+    from .serving.server import LocalServer
+    from .serving.server_env import SERVER_LAUNCHER, default_env_dir, ensure_server_env
 
     import signal
 
@@ -683,7 +684,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_triton_env(args) -> int:
-    from .export.triton import default_env_dir, ensure_server_env
+    from .serving.server_env import default_env_dir, ensure_server_env
 
     env = Path(args.env) if args.env else default_env_dir()
     print(f"Triton server environment {env}: checking (making it takes a minute or two the first time)", flush=True)
@@ -812,7 +813,7 @@ def _add_segment_parser(commands) -> None:
 
 def _add_triton_parsers(commands) -> None:
     """triton-repo, serve and triton-env."""
-    from .export.triton_guard import DEFAULT_MAX_REQUEST_BYTES
+    from .serving.guard import DEFAULT_MAX_REQUEST_BYTES
 
     repo = commands.add_parser("triton-repo", help="write a Triton model repository serving a backbone")
     repo.add_argument("--out", required=True, help="repository directory (created or refreshed)")

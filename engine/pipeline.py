@@ -118,7 +118,7 @@ class Skipped:
 
 
 @dataclass
-class _Batch:
+class Batch:
     """A batch between stages: the good items' checked images and input positions, then their proposals, candidate
     records and backbone features; the skipped items of the chunk travel along to keep the output in order."""
 
@@ -244,7 +244,7 @@ class Engine:
             raise InputError(f"batch_size and prefetch must be >= 1, got {batch_size} and {prefetch}")
         check_modes(on_error, channel_order)
 
-        def load(chunk: list, start: int) -> _Batch:
+        def load(chunk: list, start: int) -> Batch:
             pairs = [item if isinstance(item, tuple) and len(item) == 2 else (item, None) for item in chunk]
             return self._load([image for image, _ in pairs], [given for _, given in pairs], start, on_error,
                               channel_order)
@@ -253,12 +253,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------------ stages
 
-    def _load(self, images: list, proposals: list | None, start: int, on_error: str, channel_order: str) -> _Batch:
+    def _load(self, images: list, proposals: list | None, start: int, on_error: str, channel_order: str) -> Batch:
         with self.times("decode"):
             return load_batch(images, proposals, start, on_error, channel_order, self.config.max_image_pixels,
                               self._decode_device)
 
-    def _model(self, batch: _Batch) -> _Batch:
+    def _model(self, batch: Batch) -> Batch:
         if not batch.images:
             return batch
         with self.times("backbone"):
@@ -270,7 +270,7 @@ class Engine:
             batch.candidates = [self._candidates(p) for p in batch.proposals]
         return batch
 
-    def _post(self, batch: _Batch) -> list:
+    def _post(self, batch: Batch) -> list:
         """The chunk's Results (and Skipped records) in input order. On a GPU the post-processing runs on a stream
         of its own, so that its kernels overlap the next batch's backbone (which runs on the default stream); the
         features it reads are complete (checked_features read their finiteness back) and it synchronises its stream
@@ -284,7 +284,7 @@ class Engine:
         with torch.cuda.stream(self._post_stream):
             return in_input_order(batch, self._name_and_paint(batch))
 
-    def _name_and_paint(self, batch: _Batch) -> list[Result]:
+    def _name_and_paint(self, batch: Batch) -> list[Result]:
         """SMFA, search, vote, NMS and painting for the whole batch, one compiled op each, where the features live
         (the host, or the GPU that ran the backbone: then the regions go up once and only the label maps, owner
         maps and the per-region classes come down)."""
@@ -408,7 +408,7 @@ class Engine:
 
 
 def load_batch(images: list, proposals: list | None, start: int, on_error: str, channel_order: str,
-               max_pixels: int | None, decode_device: str | None = None) -> _Batch:
+               max_pixels: int | None, decode_device: str | None = None) -> Batch:
     """Decode and check a chunk of images (paths decoded here: on the host, or JPEGs on `decode_device`'s GPU in
     one call, engine.data.gpu_decode); with on_error="skip" a bad item becomes a Skipped record, else its error is
     raised naming its index (`start` + its position)."""
@@ -420,7 +420,7 @@ def load_batch(images: list, proposals: list | None, start: int, on_error: str, 
         from .data.gpu_decode import load_images
 
         decoded = dict(zip(files, load_images([images[i] for i in files], decode_device, max_pixels)))
-    batch = _Batch([], [], [])
+    batch = Batch([], [], [])
     proposals = [None] * len(images) if proposals is None else proposals
     for offset, (image, given) in enumerate(zip(images, proposals)):
         index = start + offset
@@ -447,7 +447,7 @@ def load_batch(images: list, proposals: list | None, start: int, on_error: str, 
     return batch
 
 
-def in_input_order(batch: _Batch, results: list) -> list:
+def in_input_order(batch: Batch, results: list) -> list:
     """The results of a batch's good items merged with its Skipped records, in input order."""
     if not batch.skipped:
         return results

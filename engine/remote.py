@@ -22,7 +22,7 @@ from .config import Config
 from .errors import InputError, ModelError
 from .export.triton_segment import SEGMENT_MODEL
 from .export.triton_segment_model import INPUT, LABELS, SEGMENTS
-from .pipeline import Skipped, _Batch, check_modes, describe_item, in_input_order, load_batch
+from .pipeline import Batch, Skipped, check_modes, describe_item, in_input_order, load_batch
 from .stream import StageTimes, run_stages
 
 
@@ -90,14 +90,14 @@ class RemoteEngine:
         check_modes(on_error, channel_order)
         batch_size = int(batch_size or self.concurrency)
 
-        def load(chunk: list, start: int) -> _Batch:
+        def load(chunk: list, start: int) -> Batch:
             with self.times("decode"):
                 return load_batch(chunk, None, start, on_error, channel_order, self.max_image_pixels)
 
         return run_stages(items, load, [lambda batch: self._serve(batch, on_error)], batch_size, prefetch,
                           "moduseg-remote")
 
-    def _serve(self, batch: _Batch, on_error: str) -> list:
+    def _serve(self, batch: Batch, on_error: str) -> list:
         with self.times("server"):
             results = list(self._pool.map(self._one, batch.images, batch.positions, [on_error] * len(batch.images)))
         return in_input_order(batch, results)

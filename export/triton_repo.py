@@ -5,7 +5,7 @@
         [--max-side 1024] [--plan PLAN --plan-cc 8.6]... [--compute-capabilities 7.5 8.0 ...]
         [--execution-env ARCHIVE] [--server-tensorrt VERSION]
 
-The checked-in triton_models/ is `python export/triton_repo.py --out triton_models --configs-only`.
+`--configs-only` writes the configs and the python variant's model.py, without model files.
 """
 
 from __future__ import annotations

@@ -248,10 +248,10 @@ def triton_launcher():
     """The Triton server's own venv (made by scripts/triton_env.sh if missing); skips when it cannot be installed."""
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
     from engine.errors import ModelError
-    from engine.export import triton as tx
+    from engine.serving.server_env import SERVER_ENV_DIR, ensure_server_env
 
     try:
-        return tx.ensure_server_env(REPO / tx.SERVER_ENV_DIR, REPO / "scripts" / "triton_env.sh")
+        return ensure_server_env(REPO / SERVER_ENV_DIR, REPO / "scripts" / "triton_env.sh")
     except ModelError as error:
         pytest.skip(f"the Triton server (nvidia-pytriton==0.7.0) cannot be installed here: {error}")
 
@@ -260,14 +260,16 @@ def triton_launcher():
 def triton_server(triton_launcher, tmp_path_factory):
     """tritonserver over a generated repository of the default backbone (python variant loaded, onnx variant present
     but not loaded), on free 127.0.0.1 ports; stopped by its process id at the end of the session."""
-    from engine.export import triton as tx
+    from engine.export.triton import write_repository
     from engine.models.backbones import model_path
     from engine.registry import DEFAULT_BACKBONE
+    from engine.serving.server import LocalServer
+    from engine.serving.server_env import SERVER_ENV_DIR
 
     repo = tmp_path_factory.mktemp("triton_repo")
-    tx.write_repository(repo, DEFAULT_BACKBONE, variants=["python", "onnx"], onnx_path=model_path(DEFAULT_BACKBONE),
-                        num_threads=2)
-    server = tx.LocalServer(repo, env_dir=REPO / tx.SERVER_ENV_DIR, log_path=repo.parent / "tritonserver.log")
+    write_repository(repo, DEFAULT_BACKBONE, variants=["python", "onnx"], onnx_path=model_path(DEFAULT_BACKBONE),
+                     num_threads=2)
+    server = LocalServer(repo, env_dir=REPO / SERVER_ENV_DIR, log_path=repo.parent / "tritonserver.log")
     try:
         server.start(timeout=180)
         yield server

@@ -102,7 +102,7 @@ def test_console_script_is_installed():
 
 def test_triton_repo_configs_only(tmp_path, capsys):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
-    from engine.export import triton as tx
+    from engine.export import triton_config as tx
 
     assert main(["triton-repo", "--out", str(tmp_path), "--variants", "python", "onnx", "--configs-only",
                  "--max-batch-size", "4"]) == 0
@@ -120,7 +120,7 @@ def test_triton_repo_knobs(tmp_path, capsys):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
     import json
 
-    from engine.export import triton as tx
+    from engine.export import triton_config as tx
 
     plan = tmp_path / "built-on-a100.plan"
     plan.write_bytes(b"engine")
@@ -161,12 +161,14 @@ def test_triton_repo_knobs(tmp_path, capsys):
 def test_serve_prints_urls_and_stops_the_server_on_sigterm(triton_launcher, repo_root, tmp_path):
     from engine.export import triton as tx
     from engine.models.backbones import model_path
+    from engine.serving.server import free_port
+    from engine.serving.server_env import SERVER_ENV_DIR
 
     tx.write_repository(tmp_path / "repo", DEFAULT_BACKBONE, variants=["python"],
                         onnx_path=model_path(DEFAULT_BACKBONE))
-    ports = [str(tx.free_port()) for _ in range(3)]
+    ports = [str(free_port()) for _ in range(3)]
     command = [sys.executable, "-m", "engine.cli", "serve", "--repo", str(tmp_path / "repo"), "--http-port", ports[0],
-               "--grpc-port", ports[1], "--metrics-port", ports[2], "--env", str(repo_root / tx.SERVER_ENV_DIR)]
+               "--grpc-port", ports[1], "--metrics-port", ports[2], "--env", str(repo_root / SERVER_ENV_DIR)]
     cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server_pid = None
     try:

@@ -4,10 +4,11 @@ The build parses the ONNX graph with TensorRT's parser, builds in fp16 while kee
 reductions and softmax they feed on) in fp32, and gives the dynamic input one optimisation profile per entry of
 `profiles` (batch and padded H/W ranges; the engine pads to a multiple of the stride, so every size in range occurs).
 
-TensorRT cannot be installed in this workplace and needs an NVIDIA GPU: `tensorrt` is imported only after a GPU check
-(constructing trt.Runtime without a GPU and deleting it segfaults), and every entry point raises ModelError with the
-reason elsewhere. A plan is specific to the TensorRT version and GPU that built it: build it with the TensorRT of the
-server that will load it (docs/serving.md), e.g. inside NGC's tensorrt container of the server's yy.mm.
+TensorRT needs an NVIDIA GPU (and the `tensorrt` package, which NGC's images carry): `tensorrt` is imported only after a
+GPU check (constructing trt.Runtime without a GPU and deleting it segfaults), and on a machine without a GPU or
+without TensorRT every entry point raises ModelError with the reason. A plan is specific to the TensorRT version and
+GPU that built it: build it with the TensorRT of the server that will load it (docs/serving.md), e.g. inside NGC's
+tensorrt container of the server's yy.mm.
 
 Every plan is named after the compute capability of the GPU that built it (`model.sm80.plan`: Triton's
 `cc_model_filenames` picks the file for the serving GPU) and has a record beside it, `<plan>.json` (plan_record): the

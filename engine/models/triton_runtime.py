@@ -4,10 +4,10 @@ Same face as the in-process runtimes (`run({name: array}) -> {name: array}`), so
 what it computes locally. The runtime
 
 - finds the model (given by name, or the first ready one of a backbone's generated variants: tensorrt, onnx, python),
-  reads its metadata and config, and checks each request against them before sending (names, ranks, fixed dims,
-  dtypes, and the limits the config states as parameters: `min_side` / `max_side` of an image's padded side, e.g. a
-  TensorRT plan's optimisation profile): a mismatch is an InputError naming the input, the limit and the model, not
-  a server round trip;
+  reads its metadata and config (a ServedModel, engine.models.triton_model), and checks each request against them
+  before sending (names, ranks, fixed dims, dtypes, and the limits the config states as parameters: `min_side` /
+  `max_side` of an image's padded side, e.g. a TensorRT plan's optimisation profile): a mismatch is an InputError
+  naming the input, the limit and the model, not a server round trip;
 - splits a batch into requests of at most the model's max_batch_size and keeps up to `concurrency` of them in flight,
   so the server's dynamic batcher and instances see parallel work;
 - retries transient failures (server unreachable, model not ready / unavailable, timeouts) at most `retries` times
@@ -33,13 +33,12 @@ import numpy as np
 from ..errors import InputError, ModelError
 from ..registry import triton_model_name
 from .runtime import Runtime
+from .triton_model import ServedModel
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 #: variant preference when only the backbone is named: the fastest the server has loaded.
 VARIANT_ORDER = ("tensorrt", "onnx", "python")
-_DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
-           "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
 _TRANSIENT_STATUS = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
                      "503", "504", "429"}
 _TRANSIENT_TEXT = ("connection refused", "failed to connect", "not ready", "unavailable", "socket closed",
@@ -206,7 +205,7 @@ class TritonRuntime(Runtime):
         with self._clients_lock:
             return len(self._clients)
 
-    def _kwargs(self) -> dict:
+    def call_options(self) -> dict:
         """Keyword arguments every client call takes: the headers, and gRPC's per-call timeout."""
         extra = {"headers": self.headers} if self.headers else {}
         return extra if self.protocol == "http" else {"client_timeout": self.timeout, **extra}
@@ -237,16 +236,13 @@ class TritonRuntime(Runtime):
                 attempt += 1
 
     def _wait_live(self) -> None:
-        self._retrying("server liveness check", lambda: self.client.is_server_live(**self._kwargs()))
+        self._retrying("server liveness check", lambda: self.client.is_server_live(**self.call_options()))
 
     def _pick_model(self, backbone: str) -> str:
         candidates = [triton_model_name(backbone, variant) for variant in VARIANT_ORDER]
 
         def first_ready():
-            index = self.client.get_model_repository_index(**self._kwargs())
-            entries = index if isinstance(index, list) else [
-                {"name": m.name, "state": m.state} for m in index.models]
-            ready = {entry.get("name") for entry in entries if entry.get("state") == "READY"}
+            ready = {entry.get("name") for entry in self.repository_index() if entry.get("state") == "READY"}
             for name in candidates:
                 if name in ready:
                     return name
@@ -258,52 +254,44 @@ class TritonRuntime(Runtime):
         name, version = self.model_name, self.model_version
         try:
             self._retrying(f"model {name!r} readiness",
-                           lambda: self.client.is_model_ready(name, version, **self._kwargs()))
+                           lambda: self.client.is_model_ready(name, version, **self.call_options()))
         except ModelError as error:
-            raise ModelError(f"{error} The server's models: {_repository_states(self)}") from error
+            raise ModelError(f"{error} The server's models: {self.repository_states()}") from error
         if self.protocol == "http":
             metadata = self._retrying("model metadata",
-                                      lambda: self.client.get_model_metadata(name, version, **self._kwargs()))
+                                      lambda: self.client.get_model_metadata(name, version, **self.call_options()))
             config = self._retrying("model config",
-                                    lambda: self.client.get_model_config(name, version, **self._kwargs()))
+                                    lambda: self.client.get_model_config(name, version, **self.call_options()))
         else:
             metadata = self._retrying("model metadata", lambda: self.client.get_model_metadata(
-                name, version, as_json=True, **self._kwargs()))
+                name, version, as_json=True, **self.call_options()))
             config = self._retrying("model config", lambda: self.client.get_model_config(
-                name, version, as_json=True, **self._kwargs())).get("config", {})
-        self.model_max_batch_size = int(config.get("max_batch_size", 0) or 0)
-        self.parameters = {key: (value.get("string_value", "") if isinstance(value, dict) else str(value))
-                           for key, value in (config.get("parameters") or {}).items()}
-        self.limits = {}
-        for key in ("min_side", "max_side"):
-            value = self.parameters.get(key, "")
-            if value:
-                if not value.strip().isdigit():
-                    raise ModelError(f"Triton model {name}: config parameter {key} {value!r} is not an integer")
-                self.limits[key] = int(value)
-        self._inputs = {t["name"]: ([int(d) for d in t["shape"]], t["datatype"]) for t in metadata["inputs"]}
-        self._outputs = {t["name"]: ([int(d) for d in t["shape"]], t["datatype"]) for t in metadata["outputs"]}
-        self.input_names = list(self._inputs)
-        self.output_names = list(self._outputs)
-        self.platform = metadata.get("platform", "")
+                name, version, as_json=True, **self.call_options())).get("config", {})
+        self.served = served = ServedModel.from_answers(name, metadata, config)
+        self.model_max_batch_size, self.parameters, self.limits = served.max_batch_size, served.parameters, \
+            served.limits
+        self.input_names, self.output_names, self.platform = list(served.inputs), list(served.outputs), \
+            served.platform
 
     # ---------------------------------------------------------------------------------------------------- run
 
-    def _request(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]):
+    def request(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]):
+        """tritonclient's inputs and requested outputs of one request of `arrays` (checked ones)."""
         module = self._module
         infer_inputs = []
         for name, array in arrays.items():
-            tensor = module.InferInput(name, list(array.shape), self._inputs[name][1])
+            tensor = module.InferInput(name, list(array.shape), self.served.inputs[name][1])
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
         infer_outputs = [module.InferRequestedOutput(name) for name in outputs]
         return infer_inputs, infer_outputs
 
-    def _infer_sync(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    def infer(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One synchronous request of checked `arrays`, retried on transient failures."""
         def call():
-            infer_inputs, infer_outputs = self._request(arrays, outputs)
+            infer_inputs, infer_outputs = self.request(arrays, outputs)
             result = self.client.infer(self.model_name, infer_inputs, model_version=self.model_version,
-                                       outputs=infer_outputs, **self._kwargs())
+                                       outputs=infer_outputs, **self.call_options())
             return {name: result.as_numpy(name) for name in outputs}
 
         shapes = {name: tuple(a.shape) for name, a in arrays.items()}
@@ -311,15 +299,15 @@ class TritonRuntime(Runtime):
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         requested = self._check_request(inputs, outputs)
-        arrays = _checked_inputs(self, inputs)
+        arrays = self.served.check(inputs)
         if not self.model_max_batch_size:
-            return self._infer_sync(arrays, requested)
+            return self.infer(arrays, requested)
         batch = next(iter(arrays.values())).shape[0]
         step = self.max_batch_size or batch
         chunks = [{name: array[start:start + step] for name, array in arrays.items()}
                   for start in range(0, batch, step)]
         if len(chunks) == 1 or self.concurrency == 1:
-            results = [self._infer_sync(chunk, requested) for chunk in chunks]
+            results = [self.infer(chunk, requested) for chunk in chunks]
         else:
             results = []
             for first in range(0, len(chunks), self.concurrency):
@@ -330,6 +318,19 @@ class TritonRuntime(Runtime):
                 raise ModelError(f"Triton model {self.model_name} returned {array.shape[0]} rows of {name!r} for a "
                                  f"batch of {batch}")
         return merged
+
+    def repository_index(self) -> list[dict]:
+        """The server's models, [{"name": ..., "state": ...}] (one call, not retried)."""
+        index = self.client.get_model_repository_index(**self.call_options())
+        return index if isinstance(index, list) else [{"name": m.name, "state": m.state} for m in index.models]
+
+    def repository_states(self) -> str:
+        """The server's models and their states, for error messages."""
+        try:
+            entries = self.repository_index()
+        except Exception as error:  # noqa: BLE001 - only for the message
+            return f"(repository index unavailable: {_describe(error)})"
+        return ", ".join(f"{e.get('name')} {e.get('state') or 'UNLOADED'}" for e in entries) or "none"
 
     def describe(self) -> dict:
         return {**super().describe(), "url": self.url, "protocol": self.protocol, "ssl": self.ssl,
@@ -361,11 +362,11 @@ def _infer_concurrently(runtime: "TritonRuntime", chunks: list[dict[str, np.ndar
     if runtime.protocol == "http":
         handles = []
         for chunk in chunks:
-            infer_inputs, infer_outputs = runtime._request(chunk, outputs)
+            infer_inputs, infer_outputs = runtime.request(chunk, outputs)
             try:
                 handles.append(runtime.client.async_infer(runtime.model_name, infer_inputs,
                                                           model_version=runtime.model_version,
-                                                          outputs=infer_outputs, **runtime._kwargs()))
+                                                          outputs=infer_outputs, **runtime.call_options()))
             except Exception:  # noqa: BLE001 - retried synchronously below
                 handles.append(None)
         for index, handle in enumerate(handles):
@@ -380,7 +381,7 @@ def _infer_concurrently(runtime: "TritonRuntime", chunks: list[dict[str, np.ndar
         answers: list = [None] * len(chunks)
         sent = 0
         for index, chunk in enumerate(chunks):
-            infer_inputs, infer_outputs = runtime._request(chunk, outputs)
+            infer_inputs, infer_outputs = runtime.request(chunk, outputs)
 
             def callback(result, error, index=index):
                 answers[index] = None if error is not None else {n: result.as_numpy(n) for n in outputs}
@@ -389,7 +390,7 @@ def _infer_concurrently(runtime: "TritonRuntime", chunks: list[dict[str, np.ndar
             try:
                 runtime.client.async_infer(runtime.model_name, infer_inputs, callback,
                                            model_version=runtime.model_version, outputs=infer_outputs,
-                                           **runtime._kwargs())
+                                           **runtime.call_options())
                 sent += 1
             except Exception:  # noqa: BLE001
                 pass
@@ -400,60 +401,5 @@ def _infer_concurrently(runtime: "TritonRuntime", chunks: list[dict[str, np.ndar
         results = list(answers)
     for index, chunk in enumerate(chunks):
         if results[index] is None:
-            results[index] = runtime._infer_sync(chunk, outputs)
+            results[index] = runtime.infer(chunk, outputs)
     return results
-
-
-def _repository_states(runtime: "TritonRuntime") -> str:
-    """The server's models and their states, for error messages."""
-    try:
-        index = runtime.client.get_model_repository_index(**runtime._kwargs())
-    except Exception as error:  # noqa: BLE001 - only for the message
-        return f"(repository index unavailable: {_describe(error)})"
-    entries = index if isinstance(index, list) else [{"name": m.name, "state": m.state} for m in index.models]
-    return ", ".join(f"{e.get('name')} {e.get('state') or 'UNLOADED'}" for e in entries) or "none"
-
-
-def _checked_inputs(runtime: "TritonRuntime", inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The request's arrays checked against the model's metadata and limits (cast where safe), or InputError."""
-    checked, batch = {}, None
-    for name in runtime.input_names:
-        shape, datatype = runtime._inputs[name]
-        array = np.asarray(inputs[name])
-        dtype = _DTYPES.get(datatype)
-        if dtype is None:
-            raise ModelError(f"Triton model {runtime.model_name}: input {name!r} has unsupported type {datatype}")
-        if array.dtype != dtype:
-            if not np.can_cast(array.dtype, dtype, "same_kind"):
-                raise InputError(f"input {name!r}: dtype {array.dtype} cannot be sent as {datatype} to Triton "
-                                 f"model {runtime.model_name}")
-            array = array.astype(dtype)
-        # the metadata's shape includes the batch dimension (-1) when the model batches
-        if array.ndim != len(shape) or any(want != -1 and want != got for want, got in zip(shape, array.shape)):
-            raise InputError(f"input {name!r}: shape {tuple(array.shape)} does not fit Triton model "
-                             f"{runtime.model_name}'s {tuple(shape)} (-1 = any)")
-        _check_limits(runtime, name, array.shape, shape)
-        if runtime.model_max_batch_size:
-            if batch is not None and array.shape[0] != batch:
-                raise InputError(f"inputs disagree on the batch size: {array.shape[0]} vs {batch}")
-            batch = array.shape[0]
-            if batch == 0:
-                raise InputError(f"input {name!r}: empty batch")
-        checked[name] = np.ascontiguousarray(array)
-    return checked
-
-
-def _check_limits(runtime: "TritonRuntime", name: str, got: tuple, want: Sequence[int]) -> None:
-    """The config's min_side / max_side against an image input's padded H and W (the two dynamic dims of a
-    (batch, H, W, C) input); InputError naming the limit and the model."""
-    if not runtime.limits or len(want) != 4 or list(want[1:3]) != [-1, -1]:
-        return
-    height, width = int(got[1]), int(got[2])
-    top, bottom = runtime.limits.get("max_side"), runtime.limits.get("min_side")
-    if top is not None and max(height, width) > top:
-        raise InputError(f"input {name!r}: padded image {height} x {width} exceeds max_side {top} of Triton model "
-                         f"{runtime.model_name} (a limit in its config, e.g. its TensorRT profile): downscale the "
-                         f"image, or serve a model made for larger images (moduseg triton-repo --max-side N)")
-    if bottom is not None and min(height, width) < bottom:
-        raise InputError(f"input {name!r}: padded image {height} x {width} is below min_side {bottom} of Triton "
-                         f"model {runtime.model_name}")

@@ -3,7 +3,6 @@ text, the model's execute() against a fake python backend, and the whole pipelin
 tritonserver (HTTP and gRPC) against the in-process engine."""
 
 import json
-import sys
 import threading
 import types
 
@@ -11,8 +10,8 @@ import numpy as np
 import pytest
 
 from engine.errors import InputError, ModelError
-from engine.export.triton import validate_config
-from engine.export.triton_segment import SEGMENT_MODEL, render_segment_config, write_segment_model
+from engine.export.triton_config import check_config, to_text, validate_config
+from engine.export.triton_segment import SEGMENT_MODEL, segment_config, write_segment_model
 from engine.registry import DEFAULT_BACKBONE, triton_model_name
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
@@ -22,10 +21,11 @@ BACKBONE_MODEL = triton_model_name(DEFAULT_BACKBONE, "python")
 # ---------------------------------------------------------------------------------------------------- config
 
 def test_the_config_states_ragged_batching_types_and_parameters():
-    text = render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["background", "cat"], max_batch_size=6,
-                                 instances=2, queue_delay_us=500, num_threads=3, backbone_batch_size=4,
-                                 execution_env="$$TRITON_MODEL_DIRECTORY/env.tar.gz")
-    config = validate_config(text, SEGMENT_MODEL)
+    built = segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["background", "cat"], max_batch_size=6, instances=2,
+                           queue_delay_us=500, num_threads=3, backbone_batch_size=4,
+                           execution_env="$$TRITON_MODEL_DIRECTORY/env.tar.gz")
+    config = validate_config(to_text(built, "segmentation"), SEGMENT_MODEL)  # the text parses back into the message
+    assert config == built
     assert config.backend == "python" and config.max_batch_size == 6
     assert config.input[0].allow_ragged_batch and list(config.input[0].dims) == [-1, -1, 3]
     assert {o.name: o.data_type for o in config.output} == {"LABELS": 2, "SEGMENTS": 13}  # UINT8, STRING
@@ -35,117 +35,42 @@ def test_the_config_states_ragged_batching_types_and_parameters():
     assert parameters["backbone_model"] == BACKBONE_MODEL and parameters["num_threads"] == "3"
     assert json.loads(parameters["class_names"]) == ["background", "cat"]
     assert parameters["EXECUTION_ENV_PATH"] == "$$TRITON_MODEL_DIRECTORY/env.tar.gz"
-    plain = render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
-    assert "EXECUTION_ENV_PATH" not in plain and "max_side" not in plain
-    limited = validate_config(render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], max_side=1024))
+    plain = segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
+    assert "EXECUTION_ENV_PATH" not in plain.parameters and "max_side" not in plain.parameters
+    limited = segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], max_side=1024)
     assert limited.parameters["max_side"].string_value == "1024"
 
 
 def test_labels_widen_past_256_classes_and_bad_knobs_are_refused():
-    config = validate_config(render_segment_config(SEGMENT_MODEL, "b", [str(i) for i in range(300)]), SEGMENT_MODEL)
+    config = check_config(segment_config(SEGMENT_MODEL, "b", [str(i) for i in range(300)]), SEGMENT_MODEL)
     assert {o.name: o.data_type for o in config.output}["LABELS"] == 8  # INT32
     with pytest.raises(InputError, match="max_batch_size"):
-        render_segment_config(SEGMENT_MODEL, "b", ["a"], max_batch_size=0)
+        segment_config(SEGMENT_MODEL, "b", ["a"], max_batch_size=0)
 
 
 def test_a_cuda_config_places_gpu_instances_that_keep_tensors_on_the_device():
-    config = validate_config(render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a", "b"], instances=2,
-                                                   device="cuda", gpus=[0, 2]), SEGMENT_MODEL)
+    config = check_config(segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a", "b"], instances=2, device="cuda",
+                                         gpus=[0, 2]), SEGMENT_MODEL)
     group = config.instance_group[0]
     assert group.kind == 1 and group.count == 2 and list(group.gpus) == [0, 2]  # KIND_GPU
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     assert parameters["device"] == "cuda" and parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
-    everywhere = validate_config(render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cuda"))
+    everywhere = segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cuda")
     assert everywhere.instance_group[0].kind == 1 and not everywhere.instance_group[0].gpus
     # the CPU config is the one written before GPU instances existed: KIND_CPU, no device parameters
-    text = render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
-    plain = validate_config(text, SEGMENT_MODEL)
+    plain = segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"])
     assert plain.instance_group[0].kind == 2 and not plain.instance_group[0].gpus  # KIND_CPU
-    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in text and "device" not in plain.parameters
-    assert text == render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cpu")
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in plain.parameters and "device" not in plain.parameters
+    assert plain == segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cpu")
     with pytest.raises(InputError, match="device must be one of"):
-        render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="gpu")
+        segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="gpu")
     with pytest.raises(InputError, match="need device 'cuda'"):
-        render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], gpus=[0])
+        segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], gpus=[0])
     with pytest.raises(InputError, match="GPU ids >= 0"):
-        render_segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cuda", gpus=[-1])
+        segment_config(SEGMENT_MODEL, BACKBONE_MODEL, ["a"], device="cuda", gpus=[-1])
 
 
 # ------------------------------------------------------------------------------- the model against a fake backend
-
-class _FakeBackend:
-    """The parts of triton_python_backend_utils the segmentation model and BLSRuntime use; BLS calls run a local
-    backbone. outputs_on: None gives BLS outputs in host memory; a torch device gives them as tensors the backend
-    calls GPU memory (is_cpu() False, DLPack only), held on that device ("cpu" stands in for a GPU here)."""
-
-    def __init__(self, backbone, outputs_on=None):
-        self.backbone, self.calls, self.options, self.outputs_on = backbone, [], [], outputs_on
-        backend = self
-
-        class Tensor:
-            def __init__(self, name, array, device=None):
-                # device None: host memory (a NumPy array); else a torch tensor in what the backend calls GPU memory
-                self._name, self._device = name, device
-                self._array = np.asarray(array) if device is None else array
-
-            def name(self):
-                return self._name
-
-            def is_cpu(self):
-                return self._device is None
-
-            def as_numpy(self):
-                if self._device is not None:  # as the python backend does
-                    raise RuntimeError("Tensor is stored in GPU and cannot be converted to NumPy.")
-                return self._array
-
-            def to_dlpack(self):
-                import torch
-                from torch.utils.dlpack import to_dlpack
-
-                return to_dlpack(self._array if self._device is not None else torch.from_numpy(self._array))
-
-        class Response:
-            def __init__(self, output_tensors, error=None):
-                self.output_tensors, self.error_value = output_tensors, error
-
-            def has_error(self):
-                return self.error_value is not None
-
-            def error(self):
-                return self.error_value
-
-        class Error:
-            def __init__(self, message):
-                self._message = message
-
-            def message(self):
-                return self._message
-
-        class Request:
-            def __init__(self, model_name, inputs, requested_output_names, **options):
-                self.model_name, self.inputs, self.outputs = model_name, inputs, requested_output_names
-                backend.options.append(options)
-
-            def exec(self):
-                backend.calls.append(self.model_name)
-                arrays = {t.name(): t.as_numpy() for t in self.inputs}
-                results = backend.backbone.runtime.run(arrays, self.outputs)
-                if backend.outputs_on is None:
-                    return Response([Tensor(n, results[n]) for n in self.outputs])
-                import torch
-
-                return Response([Tensor(n, torch.from_numpy(np.ascontiguousarray(results[n])).to(backend.outputs_on),
-                                        device=backend.outputs_on) for n in self.outputs])
-
-        self.module = types.SimpleNamespace(
-            Tensor=Tensor, InferenceResponse=Response, TritonError=Error, InferenceRequest=Request,
-            TritonModelException=RuntimeError,
-            get_input_tensor_by_name=lambda request, name: next((t for t in request if t.name() == name), None),
-            get_output_tensor_by_name=lambda response, name: next(
-                (t for t in response.output_tensors if t.name() == name), None),
-            triton_string_to_numpy=lambda text: {"TYPE_UINT8": np.uint8, "TYPE_INT32": np.int32}[text])
-
 
 def _stub_backbone():
     """A backbone whose served model gives float32 features and float16 saliency from the images."""
@@ -157,18 +82,20 @@ def _stub_backbone():
     return types.SimpleNamespace(runtime=types.SimpleNamespace(run=run))
 
 
-def test_bls_outputs_on_the_device_equal_the_host_arrays_from_either_memory():
+def test_bls_outputs_on_the_device_equal_the_host_arrays_from_either_memory(pb_utils):
     torch = pytest.importorskip("torch")
     from engine.models.bls_runtime import BLSRuntime
 
     images = np.random.default_rng(0).integers(0, 256, (2, 8, 12, 3), dtype=np.uint8)
     names = ["features", "saliency"]
-    on_host = BLSRuntime("backbone", ["images"], names, _FakeBackend(_stub_backbone()).module)
+    pb_utils.backbone = _stub_backbone()
+    on_host = BLSRuntime("backbone", ["images"], names, pb_utils.module)
     assert not on_host.keeps_outputs_on_device
     expected = on_host.run({"images": images})
     for outputs_on in (None, "cpu"):  # host memory (as_numpy), then "GPU" memory (DLPack only) held by the CPU here
-        fake = _FakeBackend(_stub_backbone(), outputs_on)
-        runtime = BLSRuntime("backbone", ["images"], names, fake.module, device_outputs=True, device="cpu")
+        pb_utils.outputs_on = outputs_on
+        pb_utils.options.clear()
+        runtime = BLSRuntime("backbone", ["images"], names, pb_utils.module, device_outputs=True, device="cpu")
         assert runtime.keeps_outputs_on_device
         got = runtime.run_on_device({"images": images})
         assert sorted(got) == names
@@ -176,14 +103,15 @@ def test_bls_outputs_on_the_device_equal_the_host_arrays_from_either_memory():
             assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.device.type == "cpu"
             assert np.array_equal(tensor.numpy(), expected[name].astype(np.float32))
         assert list(runtime.run_on_device({"images": images}, ["saliency"])) == ["saliency"]
-        assert fake.options == [{}, {}]  # no preferred_memory on a server without it, nor for the host
+        assert pb_utils.options == [{}, {}]  # no preferred_memory on a server without it, nor for the host
 
 
-def test_a_gpu_bls_request_asks_for_the_instances_gpu_memory():
+def test_a_gpu_bls_request_asks_for_the_instances_gpu_memory(pb_utils):
     from engine.models.bls_runtime import BLSRuntime
 
     images = np.zeros((1, 8, 8, 3), np.uint8)
-    fake = _FakeBackend(_stub_backbone())
+    fake = pb_utils
+    fake.backbone = _stub_backbone()
     fake.module.PreferredMemory = lambda kind, index: (kind, index)  # python backend 23.04+
     fake.module.TRITONSERVER_MEMORY_GPU = "gpu"
     runtime = BLSRuntime("backbone", ["images"], ["features"], fake.module, device_outputs=True, device="cuda:1")
@@ -195,12 +123,12 @@ def test_a_gpu_bls_request_asks_for_the_instances_gpu_memory():
         BLSRuntime("backbone", ["images"], ["features"], fake.module, device="gpu")
 
 
-def test_the_model_takes_request_pixels_from_host_or_gpu_memory():
+def test_the_model_takes_request_pixels_from_host_or_gpu_memory(pb_utils):
     torch = pytest.importorskip("torch")
     from engine.export.triton_segment_model import TritonPythonModel
 
     image = np.random.default_rng(1).integers(0, 256, (1, 5, 7, 3), dtype=np.uint8)
-    pb = _FakeBackend(None).module
+    pb = pb_utils.module
     model = TritonPythonModel()
     model.device = "cpu"
     # a CPU instance reads as_numpy() only, as before (FORCE_CPU_ONLY_INPUT_TENSORS is the backend's default there)
@@ -211,11 +139,8 @@ def test_the_model_takes_request_pixels_from_host_or_gpu_memory():
         assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and np.array_equal(got, image)
 
 
-def test_a_cuda_model_config_needs_gpu_instances(monkeypatch):
+def test_a_cuda_model_config_needs_gpu_instances(pb_utils):
     from engine.export.triton_segment_model import TritonPythonModel
-
-    fake = _FakeBackend(None)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
 
     def initialize(device, kind):
         config = {"parameters": {"backbone_model": {"string_value": "b"}, "device": {"string_value": device}}}
@@ -229,37 +154,34 @@ def test_a_cuda_model_config_needs_gpu_instances(monkeypatch):
         initialize("tpu", "GPU")
 
 
-@pytest.fixture(scope="module")
-def voc_bank(voc_root, backbone_factory):
-    from engine import FeatureBank
-    from engine.data import VOCDataset
+def _initialized_model(bank, tmp_path, instance=None, **options):
+    """The segmentation model written for `bank` into a repository under tmp_path (backbone_batch_size 2, `options`)
+    and initialized as the python backend does; `instance`: a GPU instance's kind and device id."""
+    from engine.export.triton_segment_model import TritonPythonModel
 
-    train = VOCDataset(voc_root, "train")
-    local = backbone_factory(DEFAULT_BACKBONE)
-    bank = FeatureBank.build([train[i] for i in range(12)], local, train.class_names, progress=False)
-    val = VOCDataset(voc_root, "val")
-    return bank, local, [val[i].image for i in range(6)]
+    bank.save(tmp_path / "bank")
+    model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2,
+                                    **options)
+    model = TritonPythonModel()
+    model.initialize({"model_config": json.dumps(_as_json(validate_config((model_dir / "config.pbtxt").read_text()))),
+                      "model_repository": str(model_dir), "model_version": "1", "model_name": SEGMENT_MODEL,
+                      **(instance or {})})
+    return model
 
 
 @pytest.mark.slow
-def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_requests(voc_bank, tmp_path,
-                                                                                     monkeypatch):
+def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_requests(voc_bank, tmp_path, pb_utils):
     from engine import Engine
-    from engine.export import triton_segment_model
 
-    bank, local, images = voc_bank
-    bank.save(tmp_path / "bank")
-    model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2,
-                                    max_side=1000)
-    fake = _FakeBackend(local)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
-    model = triton_segment_model.TritonPythonModel()
-    model.initialize({"model_config": json.dumps(_as_json(validate_config((model_dir / "config.pbtxt").read_text()))),
-                      "model_repository": str(model_dir), "model_version": "1", "model_name": SEGMENT_MODEL})
+    bank, local, samples = voc_bank
+    images = [s.image for s in samples]
+    fake = pb_utils
+    fake.backbone = local
+    model = _initialized_model(bank, tmp_path, max_side=1000)
     assert len({im.shape for im in images[:3]}) > 1  # one execute() over several sizes
-    requests = [[fake.module.Tensor("IMAGE", im[None])] for im in images[:3]]
-    requests.insert(1, [fake.module.Tensor("IMAGE", images[0][None].astype(np.float32))])
-    requests.append([fake.module.Tensor("IMAGE", np.zeros((1, 40, 1001, 3), np.uint8))])
+    requests = [fake.request(IMAGE=im[None]) for im in images[:3]]
+    requests.insert(1, fake.request(IMAGE=images[0][None].astype(np.float32)))
+    requests.append(fake.request(IMAGE=np.zeros((1, 40, 1001, 3), np.uint8)))
     responses = model.execute(requests)
     assert responses[1].has_error() and "uint8" in responses[1].error().message()
     assert responses[-1].has_error() and "max_side 1000" in responses[-1].error().message()
@@ -275,25 +197,20 @@ def test_the_model_segments_mixed_sizes_like_the_engine_and_fails_only_bad_reque
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_a_gpu_instance_segments_gpu_tensors_like_the_in_process_device_pipeline(voc_bank, tmp_path, monkeypatch):
+def test_a_gpu_instance_segments_gpu_tensors_like_the_in_process_device_pipeline(voc_bank, tmp_path, pb_utils):
     import torch
 
     from engine import Engine
-    from engine.export import triton_segment_model
 
-    bank, local, images = voc_bank
-    bank.save(tmp_path / "bank")
-    model_dir = write_segment_model(tmp_path / "repo", tmp_path / "bank", BACKBONE_MODEL, backbone_batch_size=2,
-                                    device="cuda", gpus=[0])
-    fake = _FakeBackend(local, outputs_on="cuda:0")  # BLS outputs in GPU memory, as a GPU backbone gives them
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
-    model = triton_segment_model.TritonPythonModel()
-    model.initialize({"model_config": json.dumps(_as_json(validate_config((model_dir / "config.pbtxt").read_text()))),
-                      "model_repository": str(model_dir), "model_version": "1", "model_name": SEGMENT_MODEL,
-                      "model_instance_kind": "GPU", "model_instance_device_id": "0"})
+    bank, local, samples = voc_bank
+    images = [s.image for s in samples]
+    fake = pb_utils
+    fake.backbone, fake.outputs_on = local, "cuda:0"  # BLS outputs in GPU memory, as a GPU backbone gives them
+    model = _initialized_model(bank, tmp_path, {"model_instance_kind": "GPU", "model_instance_device_id": "0"},
+                               device="cuda", gpus=[0])
     assert model.engine.device == "cuda:0" and model.engine.backbone.runtime.keeps_outputs_on_device
-    requests = [[fake.module.Tensor("IMAGE", torch.from_numpy(im[None]).to("cuda:0"), device="cuda:0")]
-                for im in images[:3]]  # IMAGE in GPU memory (FORCE_CPU_ONLY_INPUT_TENSORS "no")
+    requests = [fake.module.InferenceRequest(inputs=[fake.module.Tensor(
+        "IMAGE", torch.from_numpy(im[None]).to("cuda:0"), device="cuda:0")]) for im in images[:3]]  # in GPU memory
     responses = model.execute(requests)
     expected = Engine(bank, backbone=local, device="cuda:0").segment_batch(images[:3])
     for response, result in zip(responses, expected):
@@ -316,17 +233,18 @@ def _as_json(config) -> dict:
 def segment_server(triton_launcher, voc_bank, tmp_path_factory):
     """tritonserver over the python backbone and the segmentation model with a small VOC bank; a long queue delay so
     that concurrent requests of different sizes are merged (ragged batching)."""
-    from engine.export import triton as tx
+    from engine.export.triton import write_repository
     from engine.models.backbones import model_path
+    from engine.serving.server import LocalServer
 
     bank, _, _ = voc_bank
     root = tmp_path_factory.mktemp("segment_repo")
     bank.save(root / "bank")
     repo = root / "repo"
-    tx.write_repository(repo, DEFAULT_BACKBONE, variants=["python"], onnx_path=model_path(DEFAULT_BACKBONE),
-                        num_threads=1)
+    write_repository(repo, DEFAULT_BACKBONE, variants=["python"], onnx_path=model_path(DEFAULT_BACKBONE),
+                     num_threads=1)
     write_segment_model(repo, root / "bank", BACKBONE_MODEL, queue_delay_us=300_000, num_threads=1)
-    server = tx.LocalServer(repo, env_dir=triton_launcher.parents[1], log_path=root / "tritonserver.log")
+    server = LocalServer(repo, env_dir=triton_launcher.parents[1], log_path=root / "tritonserver.log")
     server.start(timeout=180)
     yield server
     server.stop()
@@ -338,7 +256,8 @@ def test_the_whole_pipeline_through_the_server_equals_in_process(segment_server,
     from engine import Engine
     from engine.remote import RemoteEngine
 
-    bank, local, images = voc_bank
+    bank, local, samples = voc_bank
+    images = [s.image for s in samples]
     url = segment_server.http_url if protocol == "http" else segment_server.grpc_url
     expected = Engine(bank, backbone=local).segment_batch(images)
     with RemoteEngine(url, protocol=protocol, concurrency=3) as remote:
@@ -359,7 +278,7 @@ def test_concurrent_requests_of_mixed_sizes_are_batched_and_bad_ones_skipped(seg
     from engine.pipeline import Skipped
     from engine.remote import RemoteEngine
 
-    _, _, images = voc_bank
+    images = [s.image for s in voc_bank[2]]
     client = http.InferenceServerClient(segment_server.http_url)
     before = _counts(client)
     with RemoteEngine(segment_server.http_url, concurrency=6) as remote:

@@ -1,4 +1,4 @@
-"""The local server's robustness (engine/export/triton.py LocalServer, triton_guard.py, `moduseg serve` and
+"""The local server's robustness (engine/serving: LocalServer, the HTTP guard, `moduseg serve` and
 `moduseg triton-env`): the served models import the installed engine whatever folder the server is started from,
 a tiny request declaring a huge image is refused before tritonserver allocates it, refused requests count as
 failures in the server's metrics, a killed `moduseg serve` takes its tritonserver along, and the server venv is
@@ -25,7 +25,9 @@ import pytest
 
 from engine.errors import ModelError
 from engine.export import triton as tx
-from engine.export.triton_guard import Refused, check_infer_request
+from engine.serving import server_env
+from engine.serving.guard import Refused, check_infer_request
+from engine.serving.server import LocalServer, free_port
 from engine.registry import DEFAULT_BACKBONE, triton_model_name
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[http,grpc] is not installed")
@@ -104,7 +106,7 @@ def segment_repo(triton_launcher, voc_root, backbone_factory, tmp_path_factory):
 @pytest.fixture(scope="module")
 def guarded_server(segment_repo, triton_launcher, tmp_path_factory):
     repo, _ = segment_repo
-    server = tx.LocalServer(repo, env_dir=triton_launcher.parents[1],
+    server = LocalServer(repo, env_dir=triton_launcher.parents[1],
                             log_path=tmp_path_factory.mktemp("guarded") / "tritonserver.log")
     server.start(timeout=180)
     yield server
@@ -122,7 +124,7 @@ def test_the_served_segmentation_model_works_started_from_any_folder(folder, seg
 
     repo, images = segment_repo
     monkeypatch.chdir(repo_root if folder == "checkout" else shadowing_folder(tmp_path / "shadowing"))
-    with tx.LocalServer(repo, env_dir=triton_launcher.parents[1], log_path=tmp_path / "tritonserver.log") as server:
+    with LocalServer(repo, env_dir=triton_launcher.parents[1], log_path=tmp_path / "tritonserver.log") as server:
         with RemoteEngine(server.http_url, retries=0) as remote:
             results = remote.segment_batch(images)
     assert [r.label_map.shape for r in results] == [im.shape[:2] for im in images]
@@ -266,7 +268,7 @@ def test_a_killed_serve_takes_its_tritonserver_along(triton_launcher, tmp_path):
 
     tx.write_repository(tmp_path / "repo", DEFAULT_BACKBONE, variants=["python"],
                         onnx_path=model_path(DEFAULT_BACKBONE), warmup=False)
-    ports = [tx.free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     command = [sys.executable, "-m", "engine.cli", "serve", "--repo", str(tmp_path / "repo"),
                "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
                "--env", str(triton_launcher.parents[1])]
@@ -305,7 +307,7 @@ def test_a_server_started_from_a_short_lived_thread_outlives_the_thread(triton_l
 
     tx.write_repository(tmp_path / "repo", DEFAULT_BACKBONE, variants=["python"],
                         onnx_path=model_path(DEFAULT_BACKBONE), warmup=False)
-    server = tx.LocalServer(tmp_path / "repo", env_dir=triton_launcher.parents[1], log_path=tmp_path / "log")
+    server = LocalServer(tmp_path / "repo", env_dir=triton_launcher.parents[1], log_path=tmp_path / "log")
     starter = threading.Thread(target=server.start, kwargs={"timeout": 180})
     starter.start()
     starter.join(200)
@@ -325,34 +327,34 @@ def test_the_server_env_is_found_by_variable_checkout_or_user_folder_never_the_w
                                                                                               monkeypatch):
     def make_env(path: Path) -> Path:
         (path / "bin").mkdir(parents=True)
-        (path / tx.SERVER_LAUNCHER).write_text("#!/bin/sh\n")
+        (path / server_env.SERVER_LAUNCHER).write_text("#!/bin/sh\n")
         return path
 
     work = tmp_path / "work"
-    make_env(work / tx.SERVER_ENV_DIR)  # ./.triton-venv: never used unless named
+    make_env(work / server_env.SERVER_ENV_DIR)  # ./.triton-venv: never used unless named
     monkeypatch.chdir(work)
-    monkeypatch.delenv(tx.ENV_VARIABLE, raising=False)
+    monkeypatch.delenv(server_env.ENV_VARIABLE, raising=False)
     monkeypatch.setenv("MODUSEG_CACHE", str(tmp_path / "cache"))
     # an installed engine (no checkout around it): the per-user venv
-    monkeypatch.setattr(tx, "_source_root", lambda: None)
-    assert tx.default_env_dir() == tmp_path / "cache" / tx.USER_ENV_DIR
+    monkeypatch.setattr(server_env, "_source_root", lambda: None)
+    assert server_env.default_env_dir() == tmp_path / "cache" / server_env.USER_ENV_DIR
     with pytest.raises(ModelError, match=r"make one with `moduseg triton-env.*pass --env \.triton-venv"):
-        tx.server_env()
-    make_env(tmp_path / "cache" / tx.USER_ENV_DIR)
-    assert tx.server_env() == tmp_path / "cache" / tx.USER_ENV_DIR / tx.SERVER_LAUNCHER
+        server_env.server_env()
+    make_env(tmp_path / "cache" / server_env.USER_ENV_DIR)
+    assert server_env.server_env() == tmp_path / "cache" / server_env.USER_ENV_DIR / server_env.SERVER_LAUNCHER
     # run from a checkout: its .triton-venv first when it holds one, else the per-user one
     checkout = tmp_path / "checkout"
-    monkeypatch.setattr(tx, "_source_root", lambda: checkout)
-    assert tx.default_env_dir() == tmp_path / "cache" / tx.USER_ENV_DIR
-    make_env(checkout / tx.SERVER_ENV_DIR)
-    assert tx.default_env_dir() == checkout / tx.SERVER_ENV_DIR
+    monkeypatch.setattr(server_env, "_source_root", lambda: checkout)
+    assert server_env.default_env_dir() == tmp_path / "cache" / server_env.USER_ENV_DIR
+    make_env(checkout / server_env.SERVER_ENV_DIR)
+    assert server_env.default_env_dir() == checkout / server_env.SERVER_ENV_DIR
     # the variable wins, alone
-    monkeypatch.setenv(tx.ENV_VARIABLE, str(tmp_path / "named"))
-    assert tx.default_env_dir() == tmp_path / "named"
+    monkeypatch.setenv(server_env.ENV_VARIABLE, str(tmp_path / "named"))
+    assert server_env.default_env_dir() == tmp_path / "named"
     with pytest.raises(ModelError, match=f"no Triton server environment at {tmp_path / 'named'}:"):
-        tx.server_env()
+        server_env.server_env()
     # the script that makes one ships inside the package, and a checkout's scripts/ runs it
-    assert tx.ENV_SCRIPT.is_file() and tx.ENV_SCRIPT.parent == Path(tx.__file__).parent
+    assert server_env.ENV_SCRIPT.is_file() and server_env.ENV_SCRIPT.parent == Path(server_env.__file__).parent
 
 
 @pytest.mark.slow
@@ -378,7 +380,7 @@ def test_an_installed_engine_makes_its_server_env_with_moduseg_triton_env(tmp_pa
     run = subprocess.run([str(venv / "bin" / "python"), "-m", "engine.cli", "triton-env", "--env", str(env)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    assert "ready:" in run.stdout and (env / tx.SERVER_LAUNCHER).is_file()
+    assert "ready:" in run.stdout and (env / server_env.SERVER_LAUNCHER).is_file()
     assert "engine-installed-" in (env / ".moduseg-triton-env").read_text()
     check = subprocess.run([str(env / "bin" / "python"), "-c",
                             "import engine, engine._C, numpy; print(engine.__file__, numpy.__version__)"],

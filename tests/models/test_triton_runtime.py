@@ -133,7 +133,7 @@ def test_served_errors_are_clear(triton_server, protocol, sleeps):
     with pytest.raises(InputError, match="unknown outputs"):
         runtime.run({"images": np.zeros((1, 64, 64, 3), np.uint8)}, ["logits"])
     # the server itself refuses a shape the client let through (a wrong rank sent around the check): not retried
-    runtime._inputs["images"] = ([-1, -1, -1], "UINT8")
+    runtime.served.inputs["images"] = ([-1, -1, -1], "UINT8")
     with pytest.raises(ModelError, match="inference of"):
         runtime.run({"images": np.zeros((1, 64, 3), np.uint8)})
     assert sleeps == []  # a refused request is not a transient failure: no retry

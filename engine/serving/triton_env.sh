@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Create (idempotently) the Triton server's own virtual environment. Shipped inside the engine package
-# (engine/export/triton_env.sh); `moduseg triton-env` runs it, and so does scripts/triton_env.sh in a checkout.
+# (engine/serving/triton_env.sh); `moduseg triton-env` runs it, and so does scripts/triton_env.sh in a checkout.
 #
 # It holds the real tritonserver 2.51 (python backend only) shipped inside nvidia-pytriton==0.7.0, numpy<2 (the python
 # backend stub silently returns empty tensors with numpy 2), onnxruntime, which the generated python-backend backbone
 # model runs on CPU, and the engine, which the whole-segmentation model (moduseg_segment) runs:
-#   - run from a checkout (this file in <checkout>/engine/export/): the checkout's engine, built here on numpy 1.26;
+#   - run from a checkout (this file in <checkout>/engine/serving/): the checkout's engine, built here on numpy 1.26;
 #     DIR defaults to <checkout>/.triton-venv;
 #   - run from an installed engine: a copy of the installed package (its compiled module included: the venv's Python
 #     must be the version it was built for) and its requirements; DIR defaults to $MODUSEG_CACHE/triton-venv, else
