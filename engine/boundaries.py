@@ -31,24 +31,28 @@ def snap_to_edges(label_map: np.ndarray, image: np.ndarray, radius: int, eps: fl
     if radius <= 0 or len(classes) < 2:
         return label_map
     height, width = label_map.shape
-    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
     factor = max(1, min(int(subsample), height, width))
-    small = (max(1, width // factor), max(1, height // factor))
-    guide = _shrink(grey, small)
+    # mirrored up to whole factor x factor blocks, so that shrinking is an exact block mean (OpenCV's fast path)
+    pad = (-height % factor, -width % factor)
+    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    full = (width + pad[1], height + pad[0])
+    small = (full[0] // factor, full[1] // factor)
+    guide = _shrink(_mirror(grey, pad), small)
     window = 2 * max(1, round(radius / factor)) + 1
     mean_guide = _box(guide, window)
     var_guide = _box(guide * guide, window) - mean_guide * mean_guide
     best = np.full((height, width), -np.inf, np.float32)
     refined = label_map.copy()
     for class_id in classes:  # ascending: a later class must be strictly larger to win a tie
-        indicator = _shrink((label_map == class_id).astype(np.float32), small)
+        indicator = _shrink(_mirror((label_map == class_id).astype(np.float32), pad), small)
         mean_indicator = _box(indicator, window)
         slope = (_box(guide * indicator, window) - mean_guide * mean_indicator) / (var_guide + eps)
         offset = mean_indicator - slope * mean_guide
-        filtered = _grow(_box(slope, window), (width, height)) * grey + _grow(_box(offset, window), (width, height))
+        filtered = (_grow(_box(slope, window), full)[:height, :width] * grey
+                    + _grow(_box(offset, window), full)[:height, :width])
         wins = filtered > best
-        best[wins] = filtered[wins]
-        refined[wins] = class_id
+        np.copyto(best, filtered, where=wins)
+        np.putmask(refined, wins, class_id)
     return refined
 
 
@@ -69,6 +73,13 @@ def fill_unpainted(label_map: np.ndarray, owner: np.ndarray) -> np.ndarray:
 def _box(values: np.ndarray, window: int) -> np.ndarray:
     """Mean over the window x window square around each pixel, the image mirrored at its borders."""
     return cv2.boxFilter(values, -1, (window, window), borderType=cv2.BORDER_REFLECT)
+
+
+def _mirror(values: np.ndarray, pad: tuple[int, int]) -> np.ndarray:
+    """The array mirrored past its bottom and right edges by pad = (rows, columns)."""
+    if not any(pad):
+        return values
+    return cv2.copyMakeBorder(values, 0, pad[0], 0, pad[1], cv2.BORDER_REFLECT)
 
 
 def _shrink(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
