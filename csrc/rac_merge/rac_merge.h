@@ -34,6 +34,7 @@ struct MergeSlot {
   int64_t num_edges = 0, count = 0;
   int64_t image = 0;        // its index in the batch (per-image scratch and num_nodes)
   int64_t leaf_offset = 0;  // first leaf's slot in per-leaf arrays (snapshots: num_levels slots a leaf)
+  int64_t edge_offset = 0;  // first edge's slot in per-edge scratch
   int64_t node_offset = 0;  // first node's slot in per-node arrays (capacity max(2 count - 1, 1))
 };
 
@@ -58,6 +59,7 @@ struct MergeScratch {
   int32_t* best_other = nullptr;  // per node
   int32_t* merged_into = nullptr;  // per node: the node it merged into, -1 while alive
   int32_t* node_of_leaf = nullptr;  // per leaf
+  uint64_t* edge_key = nullptr;     // per edge (batch edge slots): this round's distance key, kNoKey inside a node
   int32_t* pair = nullptr;          // per leaf: 2 ids a found pair (at most count / 2 pairs)
   double* pair_distance = nullptr;  // per leaf
   int32_t* sorted = nullptr;        // per leaf: the found pairs in key order
@@ -195,18 +197,19 @@ HOST_DEVICE_INLINE void merge_image(Team& team, const MergeSlot& g, const MergeA
     }
     if (team.lane == 0) *found = 0;
     team.sync();
+    uint64_t* edge_key = s.edge_key + g.edge_offset;
     for (int64_t e = team.lane; e < g.num_edges; e += team.lanes) {
       const int32_t a = s.node_of_leaf[leaf + g.edges[2 * e]], b = s.node_of_leaf[leaf + g.edges[2 * e + 1]];
+      edge_key[e] = a == b ? kNoKey : order_key(rac_distance(args, s, node, total, a, b));
       if (a == b) continue;
-      const uint64_t key = order_key(rac_distance(args, s, node, total, a, b));
-      min_key(s.best_key + node + a, key);
-      min_key(s.best_key + node + b, key);
+      min_key(s.best_key + node + a, edge_key[e]);
+      min_key(s.best_key + node + b, edge_key[e]);
     }
     team.sync();
     for (int64_t e = team.lane; e < g.num_edges; e += team.lanes) {
       const int32_t a = s.node_of_leaf[leaf + g.edges[2 * e]], b = s.node_of_leaf[leaf + g.edges[2 * e + 1]];
       if (a == b) continue;
-      const uint64_t key = order_key(rac_distance(args, s, node, total, a, b));
+      const uint64_t key = edge_key[e];
       if (key == s.best_key[node + a]) min_id(s.best_other + node + a, b);
       if (key == s.best_key[node + b]) min_id(s.best_other + node + b, a);
     }
@@ -272,13 +275,15 @@ HOST_DEVICE_INLINE void merge_image(Team& team, const MergeSlot& g, const MergeA
   if (team.lane == 0) args.num_nodes[g.image] = created;
 }
 
-// Offsets of each image's slices; returns the batch's (leaves, nodes).
-inline void plan_merge(MergeSlot* slots, int64_t num_images, int64_t* leaves, int64_t* nodes) {
-  *leaves = *nodes = 0;
+// Offsets of each image's slices; returns the batch's (leaves, nodes, edges).
+inline void plan_merge(MergeSlot* slots, int64_t num_images, int64_t* leaves, int64_t* nodes, int64_t* edges) {
+  *leaves = *nodes = *edges = 0;
   for (int64_t b = 0; b < num_images; ++b) {
     slots[b].image = b;
     slots[b].leaf_offset = *leaves;
     slots[b].node_offset = *nodes;
+    slots[b].edge_offset = *edges;
+    *edges += slots[b].num_edges;
     *leaves += slots[b].count;
     *nodes += slots[b].count > 0 ? 2 * slots[b].count - 1 : 1;
   }

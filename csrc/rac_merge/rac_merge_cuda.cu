@@ -24,21 +24,24 @@ __global__ void merge_kernel(const __grid_constant__ MergeTable table, MergeArgs
 }  // namespace
 
 void rac_merge_cuda(MergeSlot* slots, int64_t num_images, const MergeArgs& args, int device, void* stream_handle) {
-  int64_t leaves = 0, nodes = 0;
-  plan_merge(slots, num_images, &leaves, &nodes);
+  int64_t leaves = 0, nodes = 0, edges = 0;
+  plan_merge(slots, num_images, &leaves, &nodes, &edges);
   if (num_images == 0) return;
   DeviceGuard guard(device);
   auto stream = static_cast<cudaStream_t>(stream_handle);
-  StreamBuffer feature(nodes * args.dim * sizeof(double), stream), feature_sum(nodes * args.dim * sizeof(double), stream);
+  StreamBuffer feature(nodes * args.dim * sizeof(double), stream);
+  StreamBuffer feature_sum(nodes * args.dim * sizeof(double), stream);
   StreamBuffer colour(nodes * args.channels * sizeof(double), stream), best_key(nodes * sizeof(uint64_t), stream);
   StreamBuffer best_other(nodes * sizeof(int32_t), stream), merged_into(nodes * sizeof(int32_t), stream);
   StreamBuffer node_of_leaf(leaves * sizeof(int32_t), stream), pair(2 * leaves * sizeof(int32_t), stream);
+  StreamBuffer edge_key(edges * sizeof(uint64_t), stream);
   StreamBuffer pair_distance(leaves * sizeof(double), stream), sorted(leaves * sizeof(int32_t), stream);
   StreamBuffer found(num_images * sizeof(int32_t), stream), total_area(num_images * sizeof(double), stream);
   const MergeScratch s{feature.as<double>(),      feature_sum.as<double>(), colour.as<double>(),
                        best_key.as<uint64_t>(),   best_other.as<int32_t>(), merged_into.as<int32_t>(),
-                       node_of_leaf.as<int32_t>(), pair.as<int32_t>(),       pair_distance.as<double>(),
-                       sorted.as<int32_t>(),      found.as<int32_t>(),      total_area.as<double>()};
+                       node_of_leaf.as<int32_t>(), edge_key.as<uint64_t>(),  pair.as<int32_t>(),
+                       pair_distance.as<double>(), sorted.as<int32_t>(),     found.as<int32_t>(),
+                       total_area.as<double>()};
   for (int64_t first = 0; first < num_images; first += kSlotsPerLaunch) {
     MergeTable table;
     table.count = num_images - first < kSlotsPerLaunch ? num_images - first : kSlotsPerLaunch;
