@@ -458,7 +458,8 @@ def merge_regions_rac_batch(graphs: Sequence, levels: Any, colour_weight: float 
     reach it. The distance is not reducible (merging can bring a region closer to a third), so the tree may differ
     from merge_regions's closest-pair-first one. Returns one MergeTree per graph: NumPy arrays for host inputs;
     for torch / CuPy arrays on a CUDA device, that library's arrays (one thread block per graph; the node counts
-    are read back to the host to trim the arrays)."""
+    are read back to the host to trim the arrays; device inputs are checked for shape only, their values are
+    trusted as the proposer's own)."""
     op = "merge_regions_rac"
     num_threads = _int(op, "num_threads", num_threads, minimum=0)
     colour_weight, size_weight = _real(op, "colour_weight", colour_weight), _real(op, "size_weight", size_weight)
