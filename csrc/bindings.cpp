@@ -16,6 +16,8 @@
 
 #include "mask_nms/mask_nms.h"
 #include "merge_regions/merge_regions.h"
+#include "rac_merge/rac_merge.h"
+#include "slic/slic.h"
 #include "smfa/smfa.h"
 #include "vote/vote.h"
 
@@ -189,6 +191,79 @@ py::tuple merge_regions(const CArray<int64_t>& edges, const CArray<double>& area
   return py::make_tuple(parent, height, node_area, coherence, snapshots, nodes);
 }
 
+void slic(int device, uintptr_t stream, const Addresses& labs, const Addresses& labels,
+          const CArray<int64_t>& shapes, const CArray<double>& weights, int32_t iterations, int num_threads) {
+  require_cuda_build(device);
+  const auto num_images = static_cast<int64_t>(labs.size());
+  require(static_cast<int64_t>(labels.size()) == num_images, "one labels address per image");
+  require(shapes.ndim() == 2 && shapes.shape(0) == num_images && shapes.shape(1) == 5, "shapes must be (B, 5)");
+  require(weights.ndim() == 1 && weights.shape(0) == num_images, "weights must be (B,)");
+  require(iterations >= 0, "iterations must be >= 0");
+  std::vector<moduseg::SlicSlot> slots(static_cast<size_t>(num_images));
+  for (int64_t b = 0; b < num_images; ++b) {
+    moduseg::SlicSlot& slot = slots[b];
+    slot.lab = at<const float>(labs[b]);
+    slot.labels = at<int32_t>(labels[b]);
+    slot.height = shapes.at(b, 0);
+    slot.width = shapes.at(b, 1);
+    slot.grid_h = shapes.at(b, 2);
+    slot.grid_w = shapes.at(b, 3);
+    slot.min_size = shapes.at(b, 4);
+    slot.weight = weights.at(b);
+    require(slot.height > 0 && slot.width > 0 && slot.height * slot.width < (int64_t{1} << 31), "image size");
+    require(slot.grid_h >= 1 && slot.grid_h <= slot.height && slot.grid_w >= 1 && slot.grid_w <= slot.width,
+            "the grid must have 1..H rows and 1..W columns");
+  }
+  py::gil_scoped_release release;
+#ifdef MODUSEG_WITH_CUDA
+  if (device >= 0) return moduseg::slic_cuda(slots.data(), num_images, iterations, device, at<void>(stream));
+#endif
+  (void)stream;
+  moduseg::slic_cpu(slots.data(), num_images, iterations, num_threads);
+}
+
+void rac_merge(int device, uintptr_t stream, const Addresses& edges, const Addresses& areas,
+               const Addresses& features, const Addresses& colours, const CArray<int64_t>& sizes, int64_t dim,
+               int64_t channels, const std::vector<int64_t>& levels, double colour_weight, double size_weight,
+               uintptr_t parent, uintptr_t height, uintptr_t area, uintptr_t coherence, uintptr_t snapshots,
+               uintptr_t num_nodes, int num_threads) {
+  require_cuda_build(device);
+  const auto num_images = static_cast<int64_t>(edges.size());
+  require(static_cast<int64_t>(areas.size()) == num_images && static_cast<int64_t>(features.size()) == num_images &&
+              static_cast<int64_t>(colours.size()) == num_images,
+          "one address of each input per image");
+  require(sizes.ndim() == 2 && sizes.shape(0) == num_images && sizes.shape(1) == 2, "sizes must be (B, 2)");
+  require(levels.size() <= static_cast<size_t>(moduseg::kMaxLevels), "at most 16 levels");
+  std::vector<moduseg::MergeSlot> slots(static_cast<size_t>(num_images));
+  for (int64_t b = 0; b < num_images; ++b) {
+    slots[b].edges = at<const int64_t>(edges[b]);
+    slots[b].leaf_area = at<const double>(areas[b]);
+    slots[b].leaf_features = at<const float>(features[b]);
+    slots[b].leaf_colour = at<const float>(colours[b]);
+    slots[b].num_edges = sizes.at(b, 0);
+    slots[b].count = sizes.at(b, 1);
+  }
+  moduseg::MergeArgs args;
+  args.dim = dim;
+  args.channels = channels;
+  args.num_levels = static_cast<int64_t>(levels.size());
+  std::copy(levels.begin(), levels.end(), args.levels);
+  args.colour_weight = colour_weight;
+  args.size_weight = size_weight;
+  args.parent = at<int64_t>(parent);
+  args.height = at<double>(height);
+  args.area = at<double>(area);
+  args.coherence = at<double>(coherence);
+  args.snapshots = at<int32_t>(snapshots);
+  args.num_nodes = at<int64_t>(num_nodes);
+  py::gil_scoped_release release;
+#ifdef MODUSEG_WITH_CUDA
+  if (device >= 0) return moduseg::rac_merge_cuda(slots.data(), num_images, args, device, at<void>(stream));
+#endif
+  (void)stream;
+  moduseg::rac_merge_cpu(slots.data(), num_images, args, num_threads);
+}
+
 // What this build holds: whether the CUDA launchers were compiled, for which GPU architectures, and the ops.
 py::dict build_info() {
   py::dict info;
@@ -214,8 +289,9 @@ py::dict build_info() {
   info["cuda_runtime"] = py::none();
 #endif
   info["architectures"] = architectures;
-  info["ops"] = py::make_tuple("soft_mask_pool", "mask_nms_raster", "vote");
-  info["cpu_ops"] = py::make_tuple("soft_mask_pool", "mask_nms_raster", "vote", "merge_regions");
+  info["ops"] = py::make_tuple("soft_mask_pool", "mask_nms_raster", "vote", "slic", "rac_merge");
+  info["cpu_ops"] =
+      py::make_tuple("soft_mask_pool", "mask_nms_raster", "vote", "merge_regions", "slic", "rac_merge");
 #ifdef _OPENMP
   info["openmp"] = true;
 #else
@@ -249,8 +325,9 @@ int64_t cuda_launches() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ModuSeg compiled kernels, one body per op for the CPU (OpenMP) and CUDA launchers: batched soft-mask "
-            "pooling (SMFA), class-specific mask NMS + confidence-priority rasterisation, the retrieval vote; and "
-            "the embedded proposer's region merging (CPU). engine/ops.py is their Python face.";
+            "pooling (SMFA), class-specific mask NMS + confidence-priority rasterisation, the retrieval vote, "
+            "SLIC superpixels, merging in rounds of mutual nearest pairs; and the embedded proposer's greedy region "
+            "merging (CPU). engine/ops.py is their Python face.";
   m.def("soft_mask_pool", &soft_mask_pool, py::arg("device"), py::arg("stream"), py::arg("features"),
         py::arg("atoms"), py::arg("members"), py::arg("shapes"), py::arg("out"), py::arg("dim"), py::arg("stride"),
         py::arg("hard"), py::arg("eps"), py::arg("normalize"), py::arg("groups"), py::arg("num_threads"));
@@ -264,6 +341,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("merge_regions", &merge_regions, py::arg("edges"), py::arg("area"), py::arg("features"), py::arg("colour"),
         py::arg("levels"), py::arg("colour_weight"), py::arg("size_weight"),
         "Agglomerative merging -> (parent, height, area, coherence, snapshots (L, n) int32, number of nodes).");
+  m.def("slic", &slic, py::arg("device"), py::arg("stream"), py::arg("labs"), py::arg("labels"), py::arg("shapes"),
+        py::arg("weights"), py::arg("iterations"), py::arg("num_threads"),
+        "SLIC superpixels of a batch of Lab images (shapes: H, W, grid rows, grid columns, min_size).");
+  m.def("rac_merge", &rac_merge, py::arg("device"), py::arg("stream"), py::arg("edges"), py::arg("areas"),
+        py::arg("features"), py::arg("colours"), py::arg("sizes"), py::arg("dim"), py::arg("channels"),
+        py::arg("levels"), py::arg("colour_weight"), py::arg("size_weight"), py::arg("parent"), py::arg("height"),
+        py::arg("area"), py::arg("coherence"), py::arg("snapshots"), py::arg("num_nodes"), py::arg("num_threads"),
+        "Merging of adjacent regions in rounds of mutual nearest pairs, a batch of region graphs.");
   m.def("build_info", &build_info, "What this build holds: CUDA launchers and architectures, ops, OpenMP.");
   m.def("cuda_device_count", &cuda_device_count, "GPUs the CUDA runtime sees (0 without a driver or a CUDA build).");
   m.def("cuda_launches", &cuda_launches, "CUDA kernels launched by this process's ops so far.");

@@ -92,4 +92,11 @@ HOST_DEVICE_INLINE void add_count(int32_t* target, int32_t value) {
 #endif
 }
 
+// The CPU launchers' Team for the shared bodies written over a team of lanes: one lane doing all the work.
+struct SerialTeam {
+  int64_t lane = 0, lanes = 1;
+  void sync() const {}
+  double sum(double x) const { return x; }
+};
+
 }  // namespace moduseg

@@ -266,3 +266,141 @@ def merge_regions(edges, area, features, colour, levels, colour_weight: float = 
     coherence[:count] = 1.0
     return MergeTree(np.array(parent, np.int64), np.array(height, np.float64), node_area,
                      np.clip(coherence, 0.0, 1.0), levels, snapshots)
+
+
+def slic_superpixels(lab, n_segments: int = 400, compactness: float = 10.0, iterations: int = 10,
+                     min_size: float = 0.25, num_threads: int = 0) -> np.ndarray:
+    """engine.ops.slic_superpixels's twin, step by step from its definition (csrc/slic/slic.h), on whole arrays:
+    grid seeds, k-means rounds over the 3 x 3 nearest cells' centres (sums in raster order), 4-connected pieces,
+    small pieces joining the piece left of (or above) their first pixel, labels in order of first pixels."""
+    import cv2
+
+    from .ops import slic_grid
+
+    lab = np.asarray(lab, np.float32).astype(np.float64)
+    height, width = lab.shape[:2]
+    rows, cols, min_pixels, weight = slic_grid(height, width, n_segments, compactness, min_size)
+    row_start = [-(-i * height // rows) for i in range(rows + 1)]  # the first row of each cell
+    col_start = [-(-j * width // cols) for j in range(cols + 1)]
+    cell_y, cell_x = np.arange(height) * rows // height, np.arange(width) * cols // width
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    centres = np.zeros((rows * cols, 5))
+    for k in range(rows * cols):
+        i, j = divmod(k, cols)
+        y, x = (row_start[i] + row_start[i + 1] - 1) // 2, (col_start[j] + col_start[j + 1] - 1) // 2
+        centres[k] = [*lab[y, x], y, x]
+
+    def nearest():
+        best, best_d = np.full((height, width), -1), np.full((height, width), np.inf)
+        for di in (-1, 0, 1):  # candidates in increasing centre index: equal distances keep the lower
+            for dj in (-1, 0, 1):
+                i, j = cell_y[:, None] + di + 0 * cell_x[None, :], cell_x[None, :] + dj + 0 * cell_y[:, None]
+                valid = (i >= 0) & (i < rows) & (j >= 0) & (j < cols)
+                c = centres[np.where(valid, i * cols + j, 0)]
+                dl, da, db = lab[..., 0] - c[..., 0], lab[..., 1] - c[..., 1], lab[..., 2] - c[..., 2]
+                dy, dx = ys - c[..., 3], xs - c[..., 4]
+                d = (dl * dl + da * da + db * db) + weight * (dy * dy + dx * dx)
+                better = valid & (d < best_d)
+                best, best_d = np.where(better, i * cols + j, best), np.where(better, d, best_d)
+        return best
+
+    values = np.concatenate([lab, ys[..., None], xs[..., None]], axis=2)
+    for _ in range(iterations):
+        assign = nearest()
+        for k in range(rows * cols):
+            i, j = divmod(k, cols)
+            window = np.s_[row_start[max(i - 1, 0)]:row_start[min(i + 2, rows)],
+                           col_start[max(j - 1, 0)]:col_start[min(j + 2, cols)]]
+            mine = values[window][assign[window] == k]  # raster order
+            if len(mine):
+                centres[k] = np.cumsum(mine, axis=0)[-1] / len(mine)  # summed one by one, as the kernel does
+    assign = nearest()
+    # 4-connected pieces of equal assignment, each named by its first pixel
+    piece = np.zeros(height * width, np.int64)
+    for k in np.unique(assign):
+        count, components = cv2.connectedComponents((assign == k).astype(np.uint8), connectivity=4)
+        flat = components.ravel()
+        inside = np.flatnonzero(assign.ravel() == k)
+        first = np.full(count, height * width)
+        np.minimum.at(first, flat[inside], inside)
+        piece[inside] = first[flat[inside]]
+    size = np.bincount(piece, minlength=height * width)
+
+    def kept(r):
+        while r != 0 and size[r] < min_pixels:
+            r = piece[r - 1 if r % width else r - width]
+        return r
+
+    roots = np.unique(piece)
+    final = {int(r): kept(int(r)) for r in roots}
+    number = {r: n for n, r in enumerate(sorted(set(final.values())))}
+    lut = np.zeros(height * width, np.int32)
+    for r, f in final.items():
+        lut[r] = number[f]
+    return lut[piece].reshape(height, width)
+
+
+def merge_regions_rac(edges, area, features, colour, levels, colour_weight: float = 1.0, size_weight: float = 3.0,
+                      num_threads: int = 0):
+    """engine.ops.merge_regions_rac's twin: rounds of mutual nearest pairs over the leaf edges, written with Python
+    sets and sorts, every quantity in float64."""
+    from .ops import MergeTree, check_merge_inputs
+
+    edges, area, features, colour, levels = check_merge_inputs("merge_regions_rac", edges, area, features, colour,
+                                                               levels)
+    count = len(area)
+    total = sum(float(a) for a in area)  # in leaf order
+    unit = features.astype(np.float64) / np.maximum(np.linalg.norm(features.astype(np.float64), axis=1,
+                                                                   keepdims=True), 1e-12)
+    feature_sum = [unit[i] * area[i] for i in range(count)]
+    mean_colour = [colour[i].astype(np.float64) for i in range(count)]
+    node_area = list(area)
+    parent, height = [-1] * count, [0.0] * count
+
+    def distance(i, j):
+        fi = feature_sum[i] / max(np.linalg.norm(feature_sum[i]), 1e-12)
+        fj = feature_sum[j] / max(np.linalg.norm(feature_sum[j]), 1e-12)
+        return (1.0 - fi @ fj + colour_weight / 100.0 * np.linalg.norm(mean_colour[i] - mean_colour[j])
+                + size_weight * min(node_area[i], node_area[j]) / total)
+
+    node_of_leaf = np.arange(count, dtype=np.int32)
+    snapshots = np.zeros((len(levels), count), np.int32)
+    regions, recorded = count, 0
+    while recorded < len(levels) and regions <= levels[recorded]:
+        snapshots[recorded] = node_of_leaf
+        recorded += 1
+    stop = levels[-1] if len(levels) else 1
+    while regions > stop:
+        nearest = {}  # node -> (distance, neighbour): the smallest, equal distances to the smaller neighbour
+        for a, b in edges:
+            i, j = int(node_of_leaf[a]), int(node_of_leaf[b])
+            if i != j:
+                d = distance(i, j)
+                for x, y in ((i, j), (j, i)):
+                    nearest[x] = min(nearest.get(x, (d, y)), (d, y))
+        pairs = sorted((d, i, j) for i, (d, j) in nearest.items() if i < j and nearest[j][1] == i)
+        if not pairs:
+            break
+        merges = min(len(pairs), regions - stop)
+        created = len(parent)
+        for t, (d, i, j) in enumerate(pairs[:merges]):
+            n = created + t
+            parent[i] = parent[j] = n
+            parent.append(-1)
+            height.append(d)
+            node_area.append(node_area[i] + node_area[j])
+            feature_sum.append(feature_sum[i] + feature_sum[j])
+            mean_colour.append((node_area[i] * mean_colour[i] + node_area[j] * mean_colour[j]) / node_area[n])
+            node_of_leaf[np.isin(node_of_leaf, [i, j])] = n
+            regions -= 1
+            while recorded < len(levels) and regions <= levels[recorded]:  # a cut reached inside the round
+                snapshots[recorded] = node_of_leaf
+                recorded += 1
+    while recorded < len(levels):
+        snapshots[recorded] = node_of_leaf
+        recorded += 1
+    node_area = np.array(node_area, np.float64)
+    coherence = np.array([np.linalg.norm(s) for s in feature_sum]) / np.maximum(node_area, 1e-12)
+    coherence[:count] = 1.0
+    return MergeTree(np.array(parent, np.int64), np.array(height, np.float64), node_area,
+                     np.clip(coherence, 0.0, 1.0), levels, snapshots)

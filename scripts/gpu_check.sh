@@ -4,6 +4,7 @@
 # runs the GPU parity tests (compiled ops on CUDA vs their CPU launchers, the device pipeline vs the CPU one), times
 # the ops on the GPU (bench/kernels.py --cuda) and the engine end to end on CUDA (bench/throughput.py --device cuda:
 # images/s beside the backbone alone, device ms per stage, host ms per image, launches per batch, peak memory), and
+# the proposer's kernels on the GPU beside their CPU launchers and today's host steps (bench/proposer_device.py), and
 # writes everything to OUT (the first argument).
 # Prepare its inputs here first with scripts/gpu_prepare.sh (carried: .whl and .gpu_data). Meant to finish within
 # 8 minutes; each step has its own time limit and a failing step does not stop the others.
@@ -42,5 +43,6 @@ step tests 240 bash -c "cd tests && '$PYTHON' -m pytest test_gpu.py -q -rA -p no
 step kernels 120 "$PYTHON" bench/kernels.py --cuda --quick --repeats 3
 step throughput 240 "$PYTHON" bench/throughput.py --device cuda --images .gpu_data/voc2012-mini/JPEGImages \
   --limit 24 --repeats 3 --no-kernels --json "$OUT/throughput.json"
+step proposer 120 "$PYTHON" bench/proposer_device.py --cuda --images .gpu_data/voc2012-mini/JPEGImages --limit 24
 cat "$OUT/summary.txt"
 exit $status

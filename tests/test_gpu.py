@@ -449,3 +449,38 @@ def test_compiled_ops_run_on_torch_current_stream(torch, cuda_ops, rng):
     np.testing.assert_array_equal(host(keep), want_nms[0])
     for got, label_map in zip(label_maps, want_nms[1]):
         np.testing.assert_array_equal(host(got), label_map)
+
+
+def test_slic_on_cuda_equals_cpu(cuda_ops, to_device, rng):
+    from engine.arrays import host
+    from test_proposer_ops import random_lab
+
+    kinds = ["noise", "blocks", "uniform"]
+    labs = [random_lab(rng, h, w, kinds[i % 3]) for i, (h, w) in enumerate(OP_SHAPES + [(140, 250)])]
+    d_labs = [to_device(lab) for lab in labs]
+    for n_segments, compactness, iterations in ((400, 10.0, 10), (30, 2.0, 3), (5000, 30.0, 1)):
+        want = cuda_ops.slic_superpixels_batch(labs, n_segments, compactness, iterations)
+        before = cuda_ops.cuda_launches()
+        got = cuda_ops.slic_superpixels_batch(d_labs, n_segments, compactness, iterations)
+        assert cuda_ops.cuda_launches() - before == 1  # one block per image, one launch per batch
+        for g, w, d_lab in zip(got, want, d_labs):
+            assert_on_device_of(g, d_lab)
+            np.testing.assert_array_equal(host(g), w)
+
+
+def test_rac_merge_on_cuda_equals_cpu(cuda_ops, to_device, rng):
+    from engine.arrays import host
+    from test_ops import random_graph
+
+    graphs = [random_graph(rng, count, dim=32) for count in (1, 2, 17, 80, 450)]
+    chain = np.array([[i, i + 1] for i in range(9)], np.int64)  # every distance equal: ties decided by ids
+    graphs.append((chain, np.ones(10), np.ones((10, 32), np.float32), np.zeros((10, 3), np.float32)))
+    for levels, weights in (([100, 50], (1.0, 3.0)), ([7, 3, 1], (0.0, 0.0))):
+        want = cuda_ops.merge_regions_rac_batch(graphs, levels, *weights)
+        before = cuda_ops.cuda_launches()
+        got = cuda_ops.merge_regions_rac_batch([tuple(to_device(x) for x in g) for g in graphs], levels, *weights)
+        assert cuda_ops.cuda_launches() - before == 1
+        for g, w in zip(got, want):
+            assert_on_device_of(g.parent, to_device(graphs[0][1]))
+            for field in ("parent", "height", "area", "coherence", "snapshots"):
+                np.testing.assert_array_equal(host(getattr(g, field)), getattr(w, field))

@@ -17,7 +17,7 @@ from engine import info as engine_info
 
 #: what CMakeLists.txt builds by default when it finds nvcc (README: install)
 ARCHITECTURES = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "compute_90")
-CUDA_OPS = ("soft_mask_pool", "mask_nms_raster", "vote")
+CUDA_OPS = ("soft_mask_pool", "mask_nms_raster", "vote", "slic", "rac_merge")
 #: the values of MODUSEG_CUDA that CMakeLists.txt reads as "build without CUDA"
 CUDA_OFF = re.compile(r"^(0|OFF|off|no|NO|false|FALSE)$")
 

@@ -13,12 +13,6 @@ namespace moduseg {
 
 namespace {
 
-struct SerialTeam {  // one lane computing every dimension
-  int64_t lane = 0, lanes = 1;
-  void sync() const {}
-  double sum(double x) const { return x; }
-};
-
 struct Overlaps {  // every patch's (atom, pixels) list, packed
   std::vector<int32_t> atom, pixels, found;
   std::vector<int64_t> start;

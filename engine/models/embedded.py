@@ -22,7 +22,7 @@ from ..registry import DEFAULT_BACKBONE
 from ..utils import check_image
 from .backbones import create_backbone
 from .base import Proposer, checked_features
-from .superpixels import superpixel_graph
+from .superpixels import slic_graph, superpixel_graph
 
 
 class EmbeddedProposer(Proposer):
@@ -40,6 +40,10 @@ class EmbeddedProposer(Proposer):
         effnet-lite2/multilayer, block 14); None, every feature.
     min_area: regions smaller than this many pixels are not emitted.
     num_threads: threads for the pooling kernel (0 = OpenMP's default).
+    superpixels: "watershed" (OpenCV, host) or "slic" (engine.ops.slic_superpixels, one kernel for CPU and GPU, with
+        slic_compactness and slic_iterations).
+    merging: "greedy" (engine.ops.merge_regions, closest pair first, CPU) or "rac" (engine.ops.merge_regions_rac,
+        rounds of mutual nearest pairs, one kernel for CPU and GPU).
     The defaults are measured on VOC and CamVid together (docs/decisions.md).
     """
 
@@ -48,7 +52,12 @@ class EmbeddedProposer(Proposer):
 
     def __init__(self, backbone=None, n_superpixels: int = 400, superpixel_scale: float = 0.5,
                  levels: Sequence[int] = (100, 50), colour_weight: float = 1.0, size_weight: float = 3.0,
-                 merge_group: int | None = -1, min_area: int = 300, num_threads: int = 1) -> None:
+                 merge_group: int | None = -1, min_area: int = 300, num_threads: int = 1,
+                 superpixels: str = "watershed", merging: str = "greedy", slic_compactness: float = 10.0,
+                 slic_iterations: int = 10) -> None:
+        if superpixels not in ("watershed", "slic") or merging not in ("greedy", "rac"):
+            raise InputError(f"superpixels must be 'watershed' or 'slic' and merging 'greedy' or 'rac', got "
+                             f"{superpixels!r} and {merging!r}")
         self._backbone = backbone
         self._lock = threading.Lock()
         self.n_superpixels = int(n_superpixels)
@@ -59,6 +68,8 @@ class EmbeddedProposer(Proposer):
         self.merge_group = merge_group
         self.min_area = int(min_area)
         self.num_threads = int(num_threads)
+        self.superpixels, self.merging = superpixels, merging
+        self.slic_compactness, self.slic_iterations = float(slic_compactness), int(slic_iterations)
 
     @property
     def backbone(self):
@@ -80,11 +91,16 @@ class EmbeddedProposer(Proposer):
     def propose_one(self, image: np.ndarray, features: np.ndarray, stride: int,
                     groups: Sequence[int] = ()) -> Proposals:
         """Proposals of one image from its feature map."""
-        labels, edges, colour = superpixel_graph(image, self.n_superpixels, self.superpixel_scale)
+        if self.superpixels == "slic":
+            labels, edges, colour = slic_graph(image, self.n_superpixels, self.superpixel_scale,
+                                               self.slic_compactness, self.slic_iterations, self.num_threads)
+        else:
+            labels, edges, colour = superpixel_graph(image, self.n_superpixels, self.superpixel_scale)
         count = int(labels.max()) + 1
         leaf_features = ops.soft_mask_pool(self.merge_features(features, groups), labels,
                                            np.eye(count, dtype=bool), stride, num_threads=self.num_threads)
-        tree = ops.merge_regions(edges, np.bincount(labels.ravel(), minlength=count), leaf_features, colour,
+        merge = ops.merge_regions_rac if self.merging == "rac" else ops.merge_regions
+        tree = merge(edges, np.bincount(labels.ravel(), minlength=count), leaf_features, colour,
                                  self.levels, self.colour_weight, self.size_weight)
         rows, nodes = [], []
         seen = set()

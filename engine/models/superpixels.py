@@ -12,6 +12,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .. import ops
+
 #: images are never worked on below this side (pixels): watershed needs room for its one-pixel border
 MIN_WORKING_SIDE = 16
 
@@ -108,3 +110,22 @@ def region_means(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
     values = values.reshape(len(flat), -1)
     return np.stack([np.bincount(flat, weights=values[:, c], minlength=n) / area
                      for c in range(values.shape[1])], axis=1)
+
+
+def slic_graph(image: np.ndarray, n_segments: int = 400, scale: float = 1.0, compactness: float = 10.0,
+               iterations: int = 10, num_threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """superpixel_graph with SLIC superpixels (engine.ops.slic_superpixels, the kernel the GPU runs too) on the
+    float Lab image (L 0..100; colours offset by 128 in a and b, as superpixel_graph's)."""
+    height, width = image.shape[:2]
+    small = image
+    if scale != 1.0 and min(height, width) * scale >= 1:
+        small = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
+                           interpolation=cv2.INTER_AREA)
+    lab = cv2.cvtColor(small.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    labels = ops.slic_superpixels(lab, n_segments, compactness, iterations, num_threads=num_threads)
+    colour = region_means(labels, lab).astype(np.float32)
+    colour[:, 1:] += 128.0
+    edges = adjacency(labels)
+    if labels.shape != (height, width):
+        labels = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+    return labels, edges, colour
