@@ -5,18 +5,24 @@
     summary = segment_files(find_inputs(["photos/"]), "runs/out", Engine(bank), run_provenance(...))
 
 `moduseg build-bank`, `eval` and `segment` parse their flags and call these; `moduseg report`, bench/defaults.py and
-the Ray paths (engine.distributed) call them too, so each loop exists once.
+the Ray paths (engine.distributed) call them too, so each loop exists once. Where each lives: `evaluate` with the
+metrics (engine.eval), `segment_to_folder` with a segmentation run's bookkeeping (engine.segment_runs), both below
+engine.distributed and engine.report, which use them.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 from .config import Config
 from .errors import BankError, InputError
+from .eval import evaluate
 from .registry import DEFAULT_BACKBONE
+from .segment_runs import segment_items, segment_to_folder
+
+__all__ = ["BuiltBank", "build_bank", "eval_dataset", "evaluate", "segment_files", "segment_to_folder"]
 
 
 # ------------------------------------------------------------------------------------------------ bank builds
@@ -131,132 +137,16 @@ def eval_dataset(data, split: str, class_names: Sequence[str]):
     return dataset
 
 
-def evaluate(engine, samples, class_names: Sequence[str], proposals="auto", batch_size: int = 1,
-             on_result: Callable | None = None, confusion=None, progress: bool = False, desc: str = "eval"):
-    """The confusion matrix of `engine` over `samples` (with `.image` and `.mask`; a list or a VOCDataset, read in
-    order) against their masks: the one loop over a data set that `moduseg eval`, `moduseg report` and
-    bench/defaults.py run.
-
-    proposals: "auto" (the engine's proposer), "gt" (each mask's connected components: the oracle proposals) or a
-    sequence holding each sample's Proposals (computed once for many rows). batch_size: images per segment_batch
-    call. on_result(sample, label_map) is called for each, in order. confusion: a ConfusionMatrix to add to (the
-    held-out folds of bench/defaults.py), else a new one."""
-    from tqdm.auto import tqdm
-
-    from .eval import ConfusionMatrix
-    from .models import ground_truth_proposals
-
-    confusion = confusion if confusion is not None else ConfusionMatrix(class_names)
-    given = None if isinstance(proposals, str) else iter(proposals)
-    if isinstance(proposals, str) and proposals not in ("auto", "gt"):
-        raise InputError(f"proposals must be 'auto', 'gt' or one Proposals per sample, got {proposals!r}")
-    total = len(samples) if hasattr(samples, "__len__") else None
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
-        for batch in _batches(samples, batch_size):
-            if proposals == "gt":
-                batch_proposals = [ground_truth_proposals(s.mask) for s in batch]
-            else:
-                batch_proposals = None if given is None else [next(given) for _ in batch]
-            for sample, result in zip(batch, engine.segment_batch([s.image for s in batch], batch_proposals)):
-                confusion.update(result.label_map, sample.mask)
-                if on_result is not None:
-                    on_result(sample, result.label_map)
-            bar.update(len(batch))
-    return confusion
-
-
-def _batches(items, size: int):
-    """Lists of `size` items (the last one shorter) from any iterable, read as they are needed."""
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 # ------------------------------------------------------------------------------------------------ segmentation
-
-
-def segment_to_folder(inputs: Sequence, out, run: dict, segment_todo: Callable, resume: bool = True,
-                      with_overlay: bool = True) -> dict:
-    """Segment `inputs` (engine.outputs.Input, from find_inputs) into `out`, as `moduseg segment` does, whoever
-    segments: with `resume`, an input whose record still holds (same bank or server, result-changing config and
-    input file: engine.outputs.plan_run over the `run` provenance) is skipped and a stale one redone; then
-    `segment_todo(todo)` segments the rest and writes their outputs, returning {image path: "" when written, else
-    why it failed} (a loop here, `segment_files`; Ray actors, engine.distributed.segment_ray).
-
-    Returns {"images", "done_before", "stale" (reason -> count of those redone), "written", "failures": [{"image",
-    "reason"}, ...] in input order}; a failure of one input is recorded there, never raised."""
-    from .outputs import plan_run
-
-    plan = plan_run(inputs, out, run, resume, with_overlay)
-    reasons: dict[str, str] = dict(plan.failures)  # image path -> why it failed; "" when written
-    if plan.todo:
-        reasons.update(segment_todo(plan.todo))
-    return {"images": len(inputs), "done_before": plan.done, "stale": plan.stale,
-            "written": sum(1 for item, _ in plan.todo if reasons.get(str(item.path)) == ""),
-            "failures": [{"image": str(item.path), "reason": reasons[str(item.path)]} for item in inputs
-                         if reasons.get(str(item.path))]}
 
 
 def segment_files(inputs: Sequence, out, engine, run: dict, resume: bool = True, with_overlay: bool = True,
                   batch_size: int = 4, progress: bool = True) -> dict:
-    """`segment_to_folder` in this process: `engine` an Engine (or a RemoteEngine: a server's segmentation model)
-    segments the inputs as a stream of `batch_size` images, and each one's outputs are written as it arrives."""
+    """Segment `inputs` (engine.outputs.Input, from find_inputs) into `out` in this process, as `moduseg segment`
+    does: `engine` an Engine (or a RemoteEngine: a server's segmentation model) segments the inputs still to do as a
+    stream of `batch_size` images, and each one's outputs are written as it arrives. Resume, failures and the summary
+    are engine.segment_runs.segment_to_folder's (engine.distributed.segment_ray: the same on Ray)."""
     def here(todo: list) -> dict:
         return segment_items(engine, todo, Path(out), with_overlay, batch_size, progress)
 
     return segment_to_folder(inputs, out, run, here, resume, with_overlay)
-
-
-def segment_items(engine, todo: list, out: Path, with_overlay: bool, batch_size: int, progress: bool) -> dict:
-    """Segment `todo` ((Input, provenance) pairs) with `engine` and write each one's outputs; any exception while
-    reading, segmenting or writing an item is that item's failure. Returns {image path: reason, "" when written}.
-    What segment_files runs, and each Ray actor on its batch."""
-    from tqdm.auto import tqdm
-
-    from .outputs import write_outputs
-    from .pipeline import Skipped
-
-    reasons = {}
-    with tqdm(total=len(todo), desc="segment", unit="img", disable=not progress) as bar:
-        def finish(item, provenance, result) -> None:
-            bar.update(1)
-            if isinstance(result, Skipped):
-                reasons[str(item.path)] = result.reason
-                return
-            try:
-                write_outputs(item, result, out, provenance, with_overlay)
-                reasons[str(item.path)] = ""
-            except Exception as error:  # noqa: BLE001 - disk full, read-only folder, ...: this item's failure
-                reasons[str(item.path)] = f"cannot write its outputs: {type(error).__name__}: {error}"
-
-        _each_result(engine, todo, batch_size, finish)
-    return reasons
-
-
-def _each_result(engine, todo: list, batch_size: int, finish) -> None:
-    """finish(item, provenance, result or Skipped) for each (item, provenance) of `todo`, in order, segmented as a
-    stream. The stream's stages hand an exception on in order, so when one escapes, the results before the batch
-    that raised have all arrived: that batch is redone one image at a time (the image that raises becomes a Skipped
-    with the error), and the stream starts again after it."""
-    from .pipeline import Skipped
-
-    position = 0
-    while position < len(todo):
-        try:
-            for result in engine.segment_stream([item.path for item, _ in todo[position:]], batch_size=batch_size,
-                                                on_error="skip"):
-                finish(*todo[position], result)
-                position += 1
-        except Exception:  # noqa: BLE001 - found and recorded below, image by image
-            for item, provenance in todo[position:position + batch_size]:
-                try:
-                    result = engine.segment_batch([item.path], on_error="skip")[0]
-                except Exception as error:  # noqa: BLE001 - this image's failure
-                    result = Skipped(0, str(item.path), f"{type(error).__name__}: {error}")
-                finish(item, provenance, result)
-            position += batch_size

@@ -11,10 +11,10 @@ pseudo-masks, actors prepare each image (saliency, superpixels, features), `Embe
 driver with each pass's per-image step as tasks over the prepared images (the same sums reduced in the same order as
 one process), and the featurising actors paint each image's mask from its superpixel labels.
 
-Batch segmentation (`segment_ray`): `engine.apis.segment_to_folder` (resume, failures, summary) with the images to do
-as a Ray Dataset; actors each hold an Engine (the bank loaded once per actor) and segment and write their batches with
-`engine.apis.segment_items`, as `moduseg segment` does; an image that cannot be read or segmented comes back as a
-failure, never an error.
+Batch segmentation (`segment_ray`): `engine.segment_runs.segment_to_folder` (resume, failures, summary) with the
+images to do as a Ray Dataset; actors each hold an Engine (the bank loaded once per actor) and segment and write their
+batches with `engine.segment_runs.segment_items`, as `moduseg segment` does; an image that cannot be read or segmented
+comes back as a failure, never an error.
 
 Assumptions: every node sees the data set, the bank and the output folder at the same paths (a shared file system).
 A dead actor is restarted (MAX_RESTARTS) and its batch retried (MAX_TASK_RETRIES); past that the run stops with a
@@ -390,7 +390,7 @@ class _Segmenter:
         self.fault = _Fault(fault)
 
     def __call__(self, batch: dict) -> dict:
-        from .apis import segment_items
+        from .segment_runs import segment_items
         from .outputs import Input
 
         self.fault.tick()
@@ -403,10 +403,10 @@ class _Segmenter:
 def segment_ray(inputs: Sequence, out: Path, bank, config: Config, address: str | None = None,
                 actors: int | None = None, with_overlay: bool = True, resume: bool = True, device: str = "cpu",
                 progress: bool = True, **rendering) -> dict:
-    """`engine.apis.segment_to_folder` on Ray: the inputs still to do are segmented by actors that each hold an
+    """`engine.segment_runs.segment_to_folder` on Ray: the inputs still to do are segmented by actors that each hold an
     Engine over `bank` and write each one's outputs under `out` (`rendering`: run_provenance's output_mode, palette,
     opacity). Returns segment_to_folder's summary; failures are never raised."""
-    from .apis import segment_to_folder
+    from .segment_runs import segment_to_folder
     from .outputs import bank_id, run_provenance
 
     def on_ray(todo: list) -> dict:

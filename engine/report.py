@@ -22,14 +22,13 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from .apis import evaluate
 from .bank import FeatureBank
 from .config import Config
 from .constants import IGNORE
 from .data import VOCDataset
 from .data.voc import Sample
 from .errors import InputError
-from .eval import ConfusionMatrix, atoms_ceiling, proposals_ceiling
+from .eval import ConfusionMatrix, atoms_ceiling, evaluate, proposals_ceiling
 from .models import Backbone, create_backbone, ground_truth_proposals
 from .palettes import VOC_CLASSES, Palette, palette_for
 from .pipeline import Engine

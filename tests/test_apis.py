@@ -7,11 +7,12 @@ import pytest
 from PIL import Image
 
 from engine import Engine
-from engine.apis import evaluate, segment_files, segment_to_folder
+from engine.apis import evaluate, segment_files
 from engine.errors import InputError
 from engine.eval import ConfusionMatrix
 from engine.models import ground_truth_proposals
 from engine.outputs import find_inputs, run_provenance
+from engine.segment_runs import segment_to_folder
 
 
 @pytest.fixture
