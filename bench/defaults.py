@@ -27,9 +27,10 @@ if __package__ in (None, ""):  # `python bench/defaults.py` from the repository 
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after site-packages: an installed engine (with its compiled _C) wins
 
 from engine import Config, Engine, FeatureBank  # noqa: E402
+from engine.apis import evaluate  # noqa: E402
 from engine.data import VOCDataset  # noqa: E402
 from engine.eval import ConfusionMatrix  # noqa: E402
-from engine.models import create_backbone, ground_truth_proposals  # noqa: E402
+from engine.models import create_backbone  # noqa: E402
 from engine.models.embedded import create_proposer  # noqa: E402
 from engine.models.pseudo_masks import pseudo_mask_samples  # noqa: E402
 from engine.registry import DEFAULT_BACKBONE  # noqa: E402
@@ -54,12 +55,6 @@ def folds(dataset: VOCDataset) -> list[np.ndarray]:
         sequences = [image_id[:6] for image_id in dataset.ids]
         return [np.array([s == q for s in sequences]) for q in sorted(set(sequences))]
     return [np.arange(len(dataset)) == i for i in range(len(dataset))]
-
-
-def evaluate(engine: Engine, samples, proposals, confusion: ConfusionMatrix) -> None:
-    for sample in samples:
-        given = [ground_truth_proposals(sample.mask)] if proposals == "gt" else None
-        confusion.update(engine.segment_batch([sample.image], given)[0].label_map, sample.mask)
 
 
 def main(argv=None) -> int:
@@ -90,15 +85,15 @@ def main(argv=None) -> int:
         return Engine(bank, backbone=backbone, proposer=proposer, config=config)
 
     results = {}
-    confusion = ConfusionMatrix(train.class_names)
-    evaluate(engine_for(np.ones(len(train), bool)), list(val), args.proposals, confusion)
+    confusion = evaluate(engine_for(np.ones(len(train), bool)), list(val), train.class_names, args.proposals)
     results["val"] = confusion.summary()
     both = ConfusionMatrix(train.class_names)
     both.matrix += confusion.matrix
     if not args.no_heldout:
         held = ConfusionMatrix(train.class_names)
         for fold in folds(train):
-            evaluate(engine_for(~fold), [truth[i] for i in np.flatnonzero(fold)], args.proposals, held)
+            evaluate(engine_for(~fold), [truth[i] for i in np.flatnonzero(fold)], train.class_names, args.proposals,
+                     confusion=held)
         results["heldout"] = held.summary()
         both.matrix += held.matrix
         results["both"] = both.summary()

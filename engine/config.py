@@ -34,95 +34,88 @@ BANK_FIELDS = ("erosion_kernel", "erosion_iterations", "erosion", "outlier_ratio
                "min_vector_norm", "region_entries", "region_purity", "index_train_size", "normalize_layers")
 
 
+def knob(default, help: str, section: str | None = None):
+    """A Config field: its default and its meaning in a sentence or two (`help`: what `moduseg --help` says of its
+    flag, and Config's docstring); `section` heads a group of fields in that docstring."""
+    metadata = {"help": help} if section is None else {"help": help, "section": section}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass
 class Config:
-    """Knobs of bank building and inference.
+    """Knobs of bank building and inference. Each field's meaning is written next to it (its `help`), listed below
+    and in the --help of its `moduseg` flag."""
 
-    Bank building (semantic boundary purification, soft-masked aggregation, outlier rejection):
-        erosion_kernel: side of the square structuring element of SBP's erosion (3 = 3x3).
-        erosion_iterations: how many times SBP erodes each class mask (20 x 3x3 = one 41x41 erosion). Raising it
-            purifies boundaries more but erases thin objects.
-        erosion: "fixed" is the paper's erosion; "adaptive" shrinks the erosion for a region it would erase whole,
-            so thin classes (poles, pedestrians) keep bank vectors.
-        min_area: regions (bank masks after erosion, region entries, and inference proposals) smaller than this many
-            pixels are dropped.
-        outlier_ratio: fraction of each foreground class's prototypes farthest from the class mean that is dropped.
-        background_outlier_ratio: the same for background prototypes (the paper never filters background: 0).
-        pooling: "soft" is SMFA (patch weight = fraction of the patch the mask covers); "hard" is the ablation
-            without SMFA (a patch counts fully when the mask covers its centre pixel, else not at all).
-        smfa_eps: added to the summed soft-mask weight before dividing, as in the paper (1e-8).
-        normalize_layers: with a multi-layer backbone (feature groups), L2-normalise each layer's part of a pooled
-            vector before the whole vector, so that every layer weighs the same in the cosine; False normalises the
-            pooled vector once, as the paper does. Bank and queries must agree: an engine takes the bank's.
-        min_vector_norm: bank vectors with a smaller L2 norm before normalisation (empty masks) are dropped.
-        region_entries: add the proposer's regions in each bank image, named by the mask's majority class, to the
-            class prototypes, so that queries (often parts or stuff) meet entries of their own kind; the paper's
-            bank has class prototypes only.
-        region_purity: a region becomes an entry only when its majority class covers at least this fraction of it.
+    erosion_kernel: int = knob(3, "side of the square structuring element of SBP's erosion (3 = 3x3).",
+                               section="Bank building (semantic boundary purification, soft-masked aggregation, "
+                                       "outlier rejection)")
+    erosion_iterations: int = knob(20, "how many times SBP erodes each class mask (20 x 3x3 = one 41x41 erosion). "
+                                       "Raising it purifies boundaries more but erases thin objects.")
+    erosion: str = knob("adaptive", '"fixed" is the paper\'s erosion; "adaptive" shrinks the erosion for a region it '
+                                    "would erase whole, so thin classes (poles, pedestrians) keep bank vectors.")
+    min_area: int = knob(300, "regions (bank masks after erosion, region entries, and inference proposals) smaller "
+                              "than this many pixels are dropped.")
+    outlier_ratio: float = knob(0.25, "fraction of each foreground class's prototypes farthest from the class mean "
+                                      "that is dropped.")
+    background_outlier_ratio: float = knob(0.0, "the same for background prototypes (the paper never filters "
+                                                "background: 0).")
+    pooling: str = knob("soft", '"soft" is SMFA (patch weight = fraction of the patch the mask covers); "hard" is '
+                                "the ablation without SMFA (a patch counts fully when the mask covers its centre "
+                                "pixel, else not at all).")
+    smfa_eps: float = knob(1e-8, "added to the summed soft-mask weight before dividing, as in the paper (1e-8).")
+    normalize_layers: bool = knob(True, "with a multi-layer backbone (feature groups), L2-normalise each layer's part "
+                                        "of a pooled vector before the whole vector, so that every layer weighs the "
+                                        "same in the cosine; False normalises the pooled vector once, as the paper "
+                                        "does. Bank and queries must agree: an engine takes the bank's.")
+    min_vector_norm: float = knob(1e-6, "bank vectors with a smaller L2 norm before normalisation (empty masks) are "
+                                        "dropped.")
+    region_entries: bool = knob(True, "add the proposer's regions in each bank image, named by the mask's majority "
+                                      "class, to the class prototypes, so that queries (often parts or stuff) meet "
+                                      "entries of their own kind; the paper's bank has class prototypes only.")
+    region_purity: float = knob(0.5, "a region becomes an entry only when its majority class covers at least this "
+                                     "fraction of it.")
 
-    Inference:
-        objectness_threshold: proposals with a lower objectness score are dropped (tau_obj).
-        nms_iou_threshold: a proposal whose mask IoU with a kept, more confident proposal of the same class is above
-            this is suppressed (tau_nms).
-        top_k: neighbours retrieved from the bank per proposal (K). Larger K smooths the vote but lets classes with
-            many bank vectors (background) outvote small classes.
-        vote: "count" is the paper's vote (most neighbours wins); "balanced" divides each class's votes by its number
-            of bank vectors, which keeps small banks usable; "weighted" scores each class by the summed similarity
-            of its neighbours.
-        fill_unpainted: where the bank has no background vector (a data set whose every pixel is a class, such as
-            CamVid), pixels no proposal painted take the class of the nearest painted pixel instead of background.
-        boundary_radius: after painting, each class boundary is snapped to the image's edges by a guided filter of
-            this window radius (pixels) over the class indicators, guided by the grey image (engine.boundaries):
-            the embedded proposer's regions are unions of half-scale superpixels. 0 = off (the paper). Proposals
-            given to segment_batch are exact by assumption: their boundaries are painted as given.
-        boundary_eps: the guided filter's regulariser (grey levels in 0..1, squared): edges weaker than about its
-            square root are smoothed over rather than followed.
-        index: FAISS index factory string over inner product ("Flat" is exact; "IVF4096,Flat" for large banks).
-        nprobe: inverted lists visited per query by IVF indexes.
-        refine: an index whose scores come from compressed codes (IVF-PQ, scalar quantizers) shortlists refine x
-            top_k candidates, rescores them exactly from the bank's vectors (memory-mapped for a loaded bank) and
-            keeps the best top_k: PQ codes cannot order close neighbours. 0 = off (the codes' own top_k). Exact
-            indexes (Flat, IVF-Flat) ignore it. Each candidate is a row read, from disk when the bank is larger
-            than memory. The default, 8: at 100k vectors recall@5 is at its plateau from 4; on 10M clustered 208-d
-            vectors under IVF4096,PQ52 recall@5 goes 0.266 -> 0.503 (0.941 at 64) and the true nearest is always
-            in the 5, for 0.1 ms a query more with the vectors cached, 2 ms read from disk (docs/decisions.md).
-        index_train_size: at most this many bank vectors (a fixed random sample) train an index that needs
-            training (IVF centroids); FAISS wants some 40-256 per list, and training on millions takes hours.
-        batch_size: images per backbone call (images are bucketed by padded size first), and per chunk of a long
-            segment_batch list.
-        max_image_pixels: larger images are refused with InputError: memory grows with the pixels (the backbone's
-            activations, the feature map, the superpixels). Measured peak process memory with the default backbone
-            on the CPU: 2.1 GB for 2896 x 2896 (the default, 8.4 M pixels), 4.4 GB for 4096 x 4096.
-        num_threads: threads for the compiled ops and the model runtime; 0 lets each library choose.
-    """
-
-    erosion_kernel: int = 3
-    erosion_iterations: int = 20
-    erosion: str = "adaptive"
-    min_area: int = 300
-    outlier_ratio: float = 0.25
-    background_outlier_ratio: float = 0.0
-    pooling: str = "soft"
-    smfa_eps: float = 1e-8
-    normalize_layers: bool = True
-    min_vector_norm: float = 1e-6
-    region_entries: bool = True
-    region_purity: float = 0.5
-
-    objectness_threshold: float = 0.6
-    nms_iou_threshold: float = 0.4
-    top_k: int = 5
-    vote: str = "count"
-    fill_unpainted: bool = True
-    boundary_radius: int = 16
-    boundary_eps: float = 0.01
-    index: str = "Flat"
-    nprobe: int = 16
-    refine: int = 8
-    index_train_size: int = 262144
-    batch_size: int = 4
-    max_image_pixels: int = 1 << 23
-    num_threads: int = 0
+    objectness_threshold: float = knob(0.6, "proposals with a lower objectness score are dropped (tau_obj).",
+                                       section="Inference")
+    nms_iou_threshold: float = knob(0.4, "a proposal whose mask IoU with a kept, more confident proposal of the same "
+                                         "class is above this is suppressed (tau_nms).")
+    top_k: int = knob(5, "neighbours retrieved from the bank per proposal (K). Larger K smooths the vote but lets "
+                         "classes with many bank vectors (background) outvote small classes.")
+    vote: str = knob("count", '"count" is the paper\'s vote (most neighbours wins); "balanced" divides each class\'s '
+                              "votes by its number of bank vectors, which keeps small banks usable; \"weighted\" "
+                              "scores each class by the summed similarity of its neighbours.")
+    fill_unpainted: bool = knob(True, "where the bank has no background vector (a data set whose every pixel is a "
+                                      "class, such as CamVid), pixels no proposal painted take the class of the "
+                                      "nearest painted pixel instead of background.")
+    boundary_radius: int = knob(16, "after painting, each class boundary is snapped to the image's edges by a guided "
+                                    "filter of this window radius (pixels) over the class indicators, guided by the "
+                                    "grey image (engine.boundaries): the embedded proposer's regions are unions of "
+                                    "half-scale superpixels. 0 = off (the paper). Proposals given to segment_batch "
+                                    "are exact by assumption: their boundaries are painted as given.")
+    boundary_eps: float = knob(0.01, "the guided filter's regulariser (grey levels in 0..1, squared): edges weaker "
+                                     "than about its square root are smoothed over rather than followed.")
+    index: str = knob("Flat", 'FAISS index factory string over inner product ("Flat" is exact; "IVF4096,Flat" for '
+                              "large banks).")
+    nprobe: int = knob(16, "inverted lists visited per query by IVF indexes.")
+    refine: int = knob(8, "an index whose scores come from compressed codes (IVF-PQ, scalar quantizers) shortlists "
+                          "refine x top_k candidates, rescores them exactly from the bank's vectors (memory-mapped "
+                          "for a loaded bank) and keeps the best top_k: PQ codes cannot order close neighbours. 0 = "
+                          "off (the codes' own top_k). Exact indexes (Flat, IVF-Flat) ignore it. Each candidate is "
+                          "a row read, from disk when the bank is larger than memory. The default, 8: at 100k "
+                          "vectors recall@5 is at its plateau from 4; on 10M clustered 208-d vectors under "
+                          "IVF4096,PQ52 recall@5 goes 0.266 -> 0.503 (0.941 at 64) and the true nearest is always "
+                          "in the 5, for 0.1 ms a query more with the vectors cached, 2 ms read from disk "
+                          "(docs/decisions.md).")
+    index_train_size: int = knob(262144, "at most this many bank vectors (a fixed random sample) train an index that "
+                                         "needs training (IVF centroids); FAISS wants some 40-256 per list, and "
+                                         "training on millions takes hours.")
+    batch_size: int = knob(4, "images per backbone call (images are bucketed by padded size first), and per chunk of "
+                              "a long segment_batch list.")
+    max_image_pixels: int = knob(1 << 23, "larger images are refused with InputError: memory grows with the pixels "
+                                          "(the backbone's activations, the feature map, the superpixels). Measured "
+                                          "peak process memory with the default backbone on the CPU: 2.1 GB for "
+                                          "2896 x 2896 (the default, 8.4 M pixels), 4.4 GB for 4096 x 4096.")
+    num_threads: int = knob(0, "threads for the compiled ops and the model runtime; 0 lets each library choose.")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -193,3 +186,19 @@ class Config:
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def _field_list() -> str:
+    """Config's fields as its docstring lists them: a section's heading, then `name: help`, wrapped."""
+    import textwrap
+
+    lines = []
+    for f in dataclasses.fields(Config):
+        if "section" in f.metadata:
+            lines += ["", f"    {f.metadata['section']}:"]
+        lines += textwrap.wrap(f"{f.name}: {f.metadata['help']}", 116, initial_indent=" " * 8,
+                               subsequent_indent=" " * 12)
+    return "\n".join(lines) + "\n"
+
+
+Config.__doc__ = f"{Config.__doc__}\n{_field_list()}"

@@ -1,17 +1,20 @@
 """Scale-out on Ray: feature-bank builds and batch segmentation over a Ray cluster (a local one by default).
 
+The library's own algorithms, distributed: each is written once over an injected map, which here runs its
+per-image or per-part steps in Ray actors and tasks.
+
 Bank builds (`build_parts_ray`, `reject_outliers_ray`): a split's image ids are a Ray Dataset; actors holding the
 backbone and the proposer featurise batches of them (`engine.bank.featurise_batch`) and return one BankPart per image,
-which the driver regroups in image order into the parts a single-process build makes. Outlier rejection is a
-per-class aggregate: per-class sums and counts reduced to means on the driver, distances per row in tasks, then per
-class the int(n * ratio) farthest rows dropped with `reject_outliers`' tie rule (`drop_farthest`). With pseudo-masks,
-actors prepare each image (saliency, superpixels, features), the class prototypes of `EmbeddedPseudoMasker.assign`
-are reduced on the driver from per-image partial sums in image order at each iteration (the same sums in the same
-order as one process), and the featurising actors paint each image's mask from its superpixel labels.
+which the driver regroups in image order into the parts a single-process build makes. Outlier rejection is
+`reject_outliers_mapped` with its per-part steps (per-class sums, distances to the class means) as tasks. With
+pseudo-masks, actors prepare each image (saliency, superpixels, features), `EmbeddedPseudoMasker.solve` runs on the
+driver with each pass's per-image step as tasks over the prepared images (the same sums reduced in the same order as
+one process), and the featurising actors paint each image's mask from its superpixel labels.
 
-Batch segmentation (`segment_ray`): image paths are a Ray Dataset; actors each hold an Engine (the bank loaded once
-per actor) and write every image's outputs with `engine.outputs.write_outputs`, as `moduseg segment` does; an image that
-cannot be read or segmented comes back as a failure, never an error.
+Batch segmentation (`segment_ray`): `engine.segment_runs.segment_to_folder` (resume, failures, summary) with the
+images to do as a Ray Dataset; actors each hold an Engine (the bank loaded once per actor) and segment and write their
+batches with `engine.segment_runs.segment_items`, as `moduseg segment` does; an image that cannot be read or segmented
+comes back as a failure, never an error.
 
 Assumptions: every node sees the data set, the bank and the output folder at the same paths (a shared file system).
 A dead actor is restarted (MAX_RESTARTS) and its batch retried (MAX_TASK_RETRIES); past that the run stops with a
@@ -25,7 +28,7 @@ import os
 import pickle
 import socket
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -217,32 +220,20 @@ class _Preparer:
         return {"index": batch["index"], "regions": np.array(prepared, dtype=object)}
 
 
-def _pseudo_step(batch: dict, step: str, protos=None, centres=None) -> dict:
-    """Task: one per-image piece of EmbeddedPseudoMasker.assign for each prepared image of the batch."""
+def _pseudo_step(batch: dict, step: str, **state) -> dict:
+    """Task: EmbeddedPseudoMasker.step `step` on each prepared image of the batch."""
     from .models.pseudo_masks import EmbeddedPseudoMasker
 
     masker = EmbeddedPseudoMasker()  # only its knobs are used here, no model
-    values = []
-    for blob in batch["regions"]:
-        r = pickle.loads(blob)
-        if step == "initial":
-            value = masker.initial_sums(r)
-        elif step == "iteration":
-            value = masker.iteration_sums(r, protos)
-        elif step == "pool":
-            value = masker.background_pool(r)
-        elif step == "refine":
-            value = masker.refinement_sums(r, masker.decide(r, protos, centres))
-        else:
-            value = masker.decide(r, protos, centres)
-        values.append(pickle.dumps(value))
+    values = [pickle.dumps(masker.step(step, pickle.loads(blob), **state)) for blob in batch["regions"]]
     return {"index": batch["index"], "value": np.array(values, dtype=object)}
 
 
 def _pseudo_leaf_labels(ray, ids, data, split, backbone_name, dim, class_ids, actors, resources, threads, device,
                         fault, batch_size):
-    """Each image's superpixel labels, as EmbeddedPseudoMasker.assign gives them over the whole split: prepared in
-    actors, prototypes reduced on the driver from per-image partial sums each iteration."""
+    """Each image's superpixel labels, as EmbeddedPseudoMasker.assign gives them over the whole split: images
+    prepared in actors and kept in the cluster, `EmbeddedPseudoMasker.solve` on the driver mapping each pass's
+    per-image step over them as tasks."""
     from tqdm.auto import tqdm
 
     from .models.pseudo_masks import EmbeddedPseudoMasker
@@ -255,22 +246,8 @@ def _pseudo_leaf_labels(ray, ids, data, split, backbone_name, dim, class_ids, ac
         result = prepared.map_batches(_pseudo_step, fn_kwargs={"step": step, **state}, batch_format="numpy")
         return [pickle.loads(row["value"]) for row in _rows(result, "index")]
 
-    passes = max(masker.iterations, 1) + masker.refinements + 3
-    with tqdm(total=passes, desc="pseudo-masks: prototype passes", unit="pass") as bar:
-        protos = masker.reduce_prototypes(per_image("initial"), class_ids, dim)
-        bar.update(1)
-        for _ in range(max(masker.iterations, 1)):
-            protos = masker.reduce_prototypes(per_image("iteration", protos=protos), class_ids, dim, protos)
-            bar.update(1)
-        centres = masker.background_centres(per_image("pool"), dim)
-        bar.update(1)
-        for _ in range(masker.refinements):
-            protos = masker.reduce_prototypes(per_image("refine", protos=protos, centres=centres), class_ids, dim,
-                                              protos)
-            bar.update(1)
-        leaves = per_image("decide", protos=protos, centres=centres)
-        bar.update(1)
-    return leaves
+    with tqdm(total=masker.passes(), desc="pseudo-masks: prototype passes", unit="pass") as bar:
+        return masker.solve(per_image, class_ids, dim, on_pass=lambda: bar.update(1))
 
 
 def build_parts_ray(data, split: str, masks: str, backbone: str, config: Config, address: str | None = None,
@@ -316,72 +293,31 @@ def build_parts_ray(data, split: str, masks: str, backbone: str, config: Config,
     return [BankPart.concatenate(per_image[start:start + size]) for start in range(0, len(per_image), size)]
 
 
-def _class_sums(batch: dict, subject_kind: int) -> dict:
-    """Task: per part and class, the number and float64 sum of its subject vectors (class prototypes)."""
-    orders, labels, counts, sums, dim = [], [], [], [], 0
-    for order, blob in zip(batch["order"], batch["part"]):
-        part = pickle.loads(blob)
-        dim = part.dim
-        subject = part.kinds == subject_kind
-        for class_id in np.unique(part.labels[subject]):
-            rows = subject & (part.labels == class_id)
-            orders.append(order)
-            labels.append(class_id)
-            counts.append(int(rows.sum()))
-            sums.append(part.vectors[rows].astype(np.float64).sum(axis=0))
-    return {"order": np.asarray(orders, np.int64), "label": np.asarray(labels, np.int64),
-            "count": np.asarray(counts, np.int64), "sum": np.asarray(sums, np.float64).reshape(len(sums), dim)}
+def reject_outliers_mapped(parts: Sequence[BankPart], config: Config, map_parts: Callable) -> np.ndarray:
+    """The keep-mask of `reject_outliers` over the concatenation of `parts` (class prototypes only), as a per-class
+    aggregate over parts: per part and class, the count and float64 sum of its prototypes; their sums (in part
+    order) over the counts, the class means; per part, each prototype's distance to its class mean; then per class
+    the `int(n * ratio)` farthest dropped, ties dropping the earlier row first (`drop_farthest`).
 
-
-def _distances(batch: dict, subject_kind: int, means: dict) -> dict:
-    """Task: the distance of every subject vector to its class mean, with its position in the concatenation."""
-    positions, labels, distances = [], [], []
-    for offset, blob in zip(batch["offset"], batch["part"]):
-        part = pickle.loads(blob)
-        for row in np.flatnonzero(part.kinds == subject_kind):
-            label = int(part.labels[row])
-            positions.append(int(offset) + int(row))
-            labels.append(label)
-            distances.append(float(np.linalg.norm(part.vectors[row] - means[label])))
-    return {"position": np.asarray(positions, np.int64), "label": np.asarray(labels, np.int64),
-            "distance": np.asarray(distances, np.float64)}
-
-
-def reject_outliers_ray(parts: Sequence[BankPart], config: Config, address: str | None = None,
-                        progress: bool = True) -> np.ndarray:
-    """The keep-mask of `reject_outliers` over the concatenation of `parts` (class prototypes only), computed as a
-    per-class aggregate on Ray: per-class sums and counts (per part, in tasks) reduced to means on the driver, the
-    distance of every row to its class mean (in tasks), then per class the `int(n * ratio)` farthest rows dropped,
-    ties dropping the earlier row first as `reject_outliers` does. Means are float64 sums over float32 vectors, so
-    distances may differ from the single-process ones in the last bits; the kept set is the same unless two
-    distances agree to those bits."""
-    ray = connect(address, progress)
-    parts = list(parts)
+    map_parts(step, **state) returns step(part, **state) for every part, in part order: `local_map(parts)` runs
+    the steps here, `reject_outliers_ray` as Ray tasks. Means are float64 sums over float32 vectors, so distances
+    may differ from `reject_outliers`' in the last bits; the kept set is the same unless two distances agree to
+    those bits."""
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
     keep = np.ones(int(offsets[-1]), bool)
     if not len(keep):
         return keep
-    subject = KINDS.index("class")
-    table = ray.data.from_items([{"order": k, "offset": int(offsets[k]), "part": pickle.dumps(p)}
-                                 for k, p in enumerate(parts)])
-    try:
-        sums: dict[int, np.ndarray] = {}
-        counts: dict[int, int] = {}
-        rows = table.map_batches(_class_sums, fn_kwargs={"subject_kind": subject}, batch_format="numpy").take_all()
-        for row in sorted(rows, key=lambda r: (int(r["label"]), int(r["order"]))):
-            label = int(row["label"])
-            sums[label] = sums.get(label, 0.0) + row["sum"]
-            counts[label] = counts.get(label, 0) + int(row["count"])
-        means = {label: sums[label] / counts[label] for label in sums}
-        rows = _rows(table.map_batches(_distances, fn_kwargs={"subject_kind": subject, "means": means},
-                                       batch_format="numpy"), "position")
-    except ModuSegError:
-        raise
-    except Exception as error:
-        raise _failed("outlier rejection", error) from error
-    positions = np.array([int(r["position"]) for r in rows], np.int64)
-    labels = np.array([int(r["label"]) for r in rows], np.int64)
-    distances = np.array([float(r["distance"]) for r in rows], np.float64)
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for per_class in map_parts(_class_sums):
+        for label, (count, total) in per_class.items():
+            sums[label] = sums.get(label, 0.0) + total
+            counts[label] = counts.get(label, 0) + count
+    means = {label: sums[label] / counts[label] for label in sums}
+    found = map_parts(_distances, means=means)
+    positions = np.concatenate([offset + rows for offset, (rows, _, _) in zip(offsets, found)])
+    labels = np.concatenate([labels for _, labels, _ in found])
+    distances = np.concatenate([distances for _, _, distances in found])
     for label in np.unique(labels):
         members = labels == label
         n_drop = outlier_count(int(label), int(members.sum()), config)
@@ -390,12 +326,61 @@ def reject_outliers_ray(parts: Sequence[BankPart], config: Config, address: str 
     return keep
 
 
+def local_map(parts: Sequence[BankPart]) -> Callable:
+    """The map_parts of `reject_outliers_mapped` that runs each step here, part by part."""
+    return lambda step, **state: [step(part, **state) for part in parts]
+
+
+def _class_sums(part: BankPart) -> dict:
+    """Per class, the number and float64 sum of the part's class prototypes."""
+    subject = part.kinds == KINDS.index("class")
+    out = {}
+    for class_id in np.unique(part.labels[subject]):
+        rows = subject & (part.labels == class_id)
+        out[int(class_id)] = (int(rows.sum()), part.vectors[rows].astype(np.float64).sum(axis=0))
+    return out
+
+
+def _distances(part: BankPart, means: dict) -> tuple:
+    """(rows, classes, distances): each class prototype of the part, its class and its distance to the class mean."""
+    rows = np.flatnonzero(part.kinds == KINDS.index("class"))
+    labels = part.labels[rows].astype(np.int64)
+    distances = [float(np.linalg.norm(part.vectors[row] - means[int(label)])) for row, label in zip(rows, labels)]
+    return rows.astype(np.int64), labels, np.asarray(distances, np.float64)
+
+
+def _part_step(batch: dict, step, state: dict) -> dict:
+    """Task: `step` of reject_outliers_mapped on each part of the batch."""
+    values = [pickle.dumps(step(pickle.loads(blob), **state)) for blob in batch["part"]]
+    return {"order": batch["order"], "value": np.array(values, dtype=object)}
+
+
+def reject_outliers_ray(parts: Sequence[BankPart], config: Config, address: str | None = None,
+                        progress: bool = True) -> np.ndarray:
+    """`reject_outliers_mapped` with its per-part steps as Ray tasks."""
+    ray = connect(address, progress)
+    parts = list(parts)
+    table = ray.data.from_items([{"order": k, "part": pickle.dumps(p)} for k, p in enumerate(parts)])
+
+    def map_parts(step, **state) -> list:
+        result = table.map_batches(_part_step, fn_kwargs={"step": step, "state": state}, batch_format="numpy")
+        return [pickle.loads(row["value"]) for row in _rows(result, "order")]
+
+    try:
+        return reject_outliers_mapped(parts, config, map_parts)
+    except ModuSegError:
+        raise
+    except Exception as error:
+        raise _failed("outlier rejection", error) from error
+
+
 # ------------------------------------------------------------------------------------------ batch segmentation
 
 
 class _Segmenter:
     """Actor: an Engine over the bank (loaded once); a batch of inputs (paths and keys as file-system bytes: a name
-    that is not UTF-8 is no Arrow string) -> the outputs written, a reason per failed image ("" when done)."""
+    that is not UTF-8 is no Arrow string) -> the outputs written, a reason per failed image ("" when done), as
+    `moduseg segment` writes them in one process (engine.apis.segment_files)."""
 
     def __init__(self, bank, config, out, with_overlay, device, fault):
         from .pipeline import Engine
@@ -405,71 +390,49 @@ class _Segmenter:
         self.fault = _Fault(fault)
 
     def __call__(self, batch: dict) -> dict:
+        from .segment_runs import segment_items
         from .outputs import Input
 
         self.fault.tick()
         items = [(Input(Path(os.fsdecode(path)), Path(os.fsdecode(key))), json.loads(provenance))
                  for path, key, provenance in zip(batch["path"], batch["key"], batch["provenance"])]
-        return {"path": batch["path"], "reason": np.array(self._segment(items), dtype=object)}
-
-    def _segment(self, items: list) -> list[str]:
-        from .outputs import write_outputs
-        from .pipeline import Skipped
-
-        try:
-            results = self.engine.segment_batch([item.path for item, _ in items], on_error="skip")
-        except Exception as error:  # not a decode error (those come back Skipped): find the image that caused it
-            if len(items) == 1:
-                return [f"{type(error).__name__}: {error}"]
-            return [reason for item in items for reason in self._segment([item])]
-        reasons = []
-        for (item, provenance), result in zip(items, results):
-            if isinstance(result, Skipped):
-                reasons.append(result.reason)
-                continue
-            try:
-                write_outputs(item, result, self.out, provenance, self.with_overlay)
-                reasons.append("")
-            except Exception as error:  # noqa: BLE001 - disk full, read-only folder, ...: this image's failure
-                reasons.append(f"cannot write its outputs: {type(error).__name__}: {error}")
-        return reasons
+        reasons = segment_items(self.engine, items, self.out, self.with_overlay, len(items), progress=False)
+        return {"path": batch["path"], "reason": np.array([reasons[str(item.path)] for item, _ in items], dtype=object)}
 
 
 def segment_ray(inputs: Sequence, out: Path, bank, config: Config, address: str | None = None,
                 actors: int | None = None, with_overlay: bool = True, resume: bool = True, device: str = "cpu",
                 progress: bool = True, **rendering) -> dict:
-    """Segment `inputs` (engine.outputs.Input: path and key, from find_inputs) on Ray, writing each one's outputs under
-    `out` as `moduseg segment` does (`rendering`: run_provenance's output_mode, palette, opacity). With `resume`, an
-    input whose record still holds (same bank, result-changing config and input file: engine.outputs.plan_run) is
-    skipped, and one whose record is stale is redone. Returns {"images", "done_before", "stale" (reason -> count of
-    those redone), "written", "failures": [{"image", "reason"}, ...] in input order}; failures are never raised."""
-    from tqdm.auto import tqdm
+    """`engine.segment_runs.segment_to_folder` on Ray: the inputs still to do are segmented by actors that each hold an
+    Engine over `bank` and write each one's outputs under `out` (`rendering`: run_provenance's output_mode, palette,
+    opacity). Returns segment_to_folder's summary; failures are never raised."""
+    from .segment_runs import segment_to_folder
+    from .outputs import bank_id, run_provenance
 
-    from .outputs import bank_id, plan_run, run_provenance
+    def on_ray(todo: list) -> dict:
+        from tqdm.auto import tqdm
 
-    plan = plan_run(inputs, out, run_provenance(bank=bank_id(bank), config=config, **rendering), resume, with_overlay)
-    reasons: dict[str, str] = dict(plan.failures)  # image path -> why it failed; "" when written
-    if plan.todo:
         ray = connect(address, progress=False)
         n, resources, threads, gpu_device = _pool(ray, actors, config)
         engine_config = config if config.num_threads else config.replace(num_threads=threads)
         table = ray.data.from_items([{"path": os.fsencode(item.path), "key": os.fsencode(item.key),
-                                      "provenance": json.dumps(provenance)} for item, provenance in plan.todo])
+                                      "provenance": json.dumps(provenance)} for item, provenance in todo])
         results = _map(ray, table, _Segmenter, n, resources, config.batch_size, bank=str(Path(bank).resolve()),
                        config=engine_config, out=str(Path(out).resolve()), with_overlay=with_overlay,
                        device=device if gpu_device == "cpu" else gpu_device, fault=os.environ.get(FAULT_ENV))
+        reasons = {}
         try:
-            with tqdm(total=len(plan.todo), desc="segment (ray)", unit="img", disable=not progress) as bar:
+            with tqdm(total=len(todo), desc="segment (ray)", unit="img", disable=not progress) as bar:
                 for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                     reasons.update(zip(map(os.fsdecode, batch["path"]), batch["reason"]))
                     bar.update(len(batch["path"]))
         except Exception as error:
             raise _failed("segment run", error) from error
-        missing = [str(item.path) for item, _ in plan.todo if str(item.path) not in reasons]
+        missing = [str(item.path) for item, _ in todo if str(item.path) not in reasons]
         if missing:
             raise ModelError(f"Ray segment run returned no result for {len(missing)} images (e.g. {missing[0]}); "
                              "rerun to resume")
-    return {"images": len(inputs), "done_before": plan.done, "stale": plan.stale,
-            "written": sum(1 for item, _ in plan.todo if reasons.get(str(item.path)) == ""),
-            "failures": [{"image": str(item.path), "reason": reasons[str(item.path)]} for item in inputs
-                         if reasons.get(str(item.path))]}
+        return reasons
+
+    run = run_provenance(bank=bank_id(bank), config=config, **rendering)
+    return segment_to_folder(inputs, out, run, on_ray, resume, with_overlay)

@@ -1,6 +1,9 @@
-"""Segmentation metrics: one confusion matrix over a whole split, IoU per class, mIoU, Markdown tables."""
+"""Segmentation metrics: one confusion matrix over a whole split (`evaluate`: an engine over a data set), IoU per
+class, mIoU, Markdown tables."""
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -76,3 +79,48 @@ def atoms_ceiling(proposals, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """The label map of perfectly named atoms (the embedded proposer's superpixels): each atom its ground-truth
     majority. The best any union of these atoms allows."""
     return proposals.atom_histogram(truth, num_classes).argmax(axis=1)[proposals.atoms].astype(truth.dtype)
+
+
+def evaluate(engine, samples, class_names: Sequence[str], proposals="auto", batch_size: int = 1,
+             on_result: Callable | None = None, confusion=None, progress: bool = False, desc: str = "eval"):
+    """The confusion matrix of `engine` over `samples` (with `.image` and `.mask`; a list or a VOCDataset, read in
+    order) against their masks: the one loop over a data set that `moduseg eval`, `moduseg report` and
+    bench/defaults.py run.
+
+    proposals: "auto" (the engine's proposer), "gt" (each mask's connected components: the oracle proposals) or a
+    sequence holding each sample's Proposals (computed once for many rows). batch_size: images per segment_batch
+    call. on_result(sample, label_map) is called for each, in order. confusion: a ConfusionMatrix to add to (the
+    held-out folds of bench/defaults.py), else a new one."""
+    from tqdm.auto import tqdm
+
+    from .models import ground_truth_proposals
+
+    confusion = confusion if confusion is not None else ConfusionMatrix(class_names)
+    given = None if isinstance(proposals, str) else iter(proposals)
+    if isinstance(proposals, str) and proposals not in ("auto", "gt"):
+        raise InputError(f"proposals must be 'auto', 'gt' or one Proposals per sample, got {proposals!r}")
+    total = len(samples) if hasattr(samples, "__len__") else None
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+        for batch in _batches(samples, batch_size):
+            if proposals == "gt":
+                batch_proposals = [ground_truth_proposals(s.mask) for s in batch]
+            else:
+                batch_proposals = None if given is None else [next(given) for _ in batch]
+            for sample, result in zip(batch, engine.segment_batch([s.image for s in batch], batch_proposals)):
+                confusion.update(result.label_map, sample.mask)
+                if on_result is not None:
+                    on_result(sample, result.label_map)
+            bar.update(len(batch))
+    return confusion
+
+
+def _batches(items, size: int):
+    """Lists of `size` items (the last one shorter) from any iterable, read as they are needed."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

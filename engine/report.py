@@ -28,7 +28,7 @@ from .constants import IGNORE
 from .data import VOCDataset
 from .data.voc import Sample
 from .errors import InputError
-from .eval import ConfusionMatrix, atoms_ceiling, proposals_ceiling
+from .eval import ConfusionMatrix, atoms_ceiling, evaluate, proposals_ceiling
 from .models import Backbone, create_backbone, ground_truth_proposals
 from .palettes import VOC_CLASSES, Palette, palette_for
 from .pipeline import Engine
@@ -183,13 +183,9 @@ def _report_dataset(root: Path, name: str, out: Path, quick: bool, sheet_images:
         bank = FeatureBank.build(samples, model, train.class_names, row.config, proposer=create_proposer(row.config),
                                  progress=False)
         engine = Engine(bank, backbone=model, config=row.config)
-        confusion = ConfusionMatrix(train.class_names)
-        for sample, proposal in zip(val_samples, gt_proposals() if row.proposals == "gt" else auto_proposals()):
-            label_map = engine.segment_batch([sample.image], [proposal])[0].label_map
-            confusion.update(label_map, sample.mask)
-            if row is main:
-                main_predictions.append(label_map)
-        row.result = confusion.summary()
+        shown = (lambda sample, label_map: main_predictions.append(label_map)) if row is main else None
+        row.result = evaluate(engine, val_samples, train.class_names,
+                              gt_proposals() if row.proposals == "gt" else auto_proposals(), on_result=shown).summary()
         result["rows"].append({"group": row.group, "name": row.name, "bank": row.bank, "proposals": row.proposals,
                                "backbone": row.backbone, "config": row.config.to_dict(), "bank_size": len(bank),
                                "miou": row.result["miou"], "per_class": row.result["per_class"]})

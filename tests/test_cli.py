@@ -34,9 +34,17 @@ def test_build_bank_eval_segment(small_voc, tmp_path, capsys):
     assert main(["eval", "--bank", str(bank), "--data", str(small_voc), "--split", "val", "--proposals", "gt",
                  "--out", str(out), "--save-predictions"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 < metrics["miou"] <= 100 and metrics["images"] == 3
-    assert set(metrics["per_class"]) == set(manifest["class_names"])
-    assert len(list((out / "predictions").glob("*.png"))) == 3
+    assert metrics["images"] == 3 and set(metrics["per_class"]) == set(manifest["class_names"])
+    # the metrics are those of the predictions written, scored against the ground truth
+    from engine.data import VOCDataset
+    from engine.eval import ConfusionMatrix
+
+    val = VOCDataset(small_voc, "val")
+    rescored = ConfusionMatrix(val.class_names)
+    for sample in val:
+        rescored.update(np.array(Image.open(out / "predictions" / f"{sample.id}.png")), sample.mask)
+    assert rescored.summary()["miou"] == pytest.approx(metrics["miou"], abs=1e-9)
+    assert sorted(p.stem for p in (out / "predictions").glob("*.png")) == sorted(val.ids)
 
     # files from two folders with the same name, found by a folder and again by a glob: outputs keep their paths
     # below the folder, suffix and all
@@ -200,37 +208,40 @@ def test_serve_prints_urls_and_stops_the_server_on_sigterm(triton_launcher, repo
 
 
 def test_config_file_then_flags(tmp_path):
-    from engine.cli import _config, build_parser
+    from engine.cli import build_parser
+    from engine.cli_args import command_config
 
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"top_k": 3, "region_purity": 0.7}))
     args = build_parser().parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--config", str(settings),
                                       "--top-k", "9"])
-    config = _config(args)
+    config = command_config(args)
     assert (config.top_k, config.region_purity) == (9, 0.7)  # the flag wins over the file
     help_text = build_parser().parse_args(["segment", "--bank", "b", "x", "--out", "o"])  # parses
     assert help_text.overlay is True
 
 
 def test_boolean_config_flags_parse_both_ways():
-    from engine.cli import _config, build_parser
+    from engine.cli import build_parser
+    from engine.cli_args import command_config
 
     parser = build_parser()
     args = parser.parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--no-region-entries"])
-    assert _config(args).region_entries is False
+    assert command_config(args).region_entries is False
     args = parser.parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--region-entries"])
-    assert _config(args).region_entries is True
+    assert command_config(args).region_entries is True
     args = parser.parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--region-purity", "0.7"])
-    assert _config(args).region_purity == 0.7 and _config(args).region_entries is True
+    assert command_config(args).region_purity == 0.7 and command_config(args).region_entries is True
 
 
 def test_yaml_config_file(tmp_path):
-    from engine.cli import _config, build_parser
+    from engine.cli import build_parser
+    from engine.cli_args import command_config
 
     settings = tmp_path / "settings.yaml"
     settings.write_text("top_k: 7\nregion_entries: false\n")
     args = build_parser().parse_args(["eval", "--bank", "b", "--data", "d", "--out", "o", "--config", str(settings)])
-    config = _config(args)
+    config = command_config(args)
     assert (config.top_k, config.region_entries) == (7, False)
 
 

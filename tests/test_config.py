@@ -114,3 +114,22 @@ def test_a_wrong_nested_value_is_named_in_a_short_message():
     with pytest.raises(InputError, match=r"Config.top_k must be a int, got list \[\[\.\.\.\], ") as error:
         Config(top_k=value)
     assert len(str(error.value)) < 200 and time.perf_counter() - start < 1
+
+
+def test_every_field_says_what_it_means_next_to_it_in_the_docstring_and_in_the_flags_help():
+    """Was: the flags' --help was scraped from Config's docstring by indentation, so a field documented out of
+    place, or a new field, silently had no help."""
+    import argparse
+
+    from engine.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    flags = {a.dest: a.help for command in ("build-bank", "eval") for a in commands[command]._actions}
+    doc = " ".join(Config.__doc__.split())
+    for f in dataclasses.fields(Config):
+        meaning = f.metadata.get("help", "")
+        assert len(meaning) > 20, f"Config.{f.name} has no help"
+        assert f"{f.name}: {' '.join(meaning.split())}" in doc
+        assert flags[f"config_{f.name}"] == f"{meaning} (default {f.default})".replace("%", "%%")
+    assert "Bank building" in Config.__doc__ and "Inference:" in Config.__doc__

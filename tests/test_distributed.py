@@ -72,9 +72,8 @@ def test_ray_bank_equals_single_process_bank(cluster, small_voc, backbone_factor
     np.testing.assert_allclose(ray_bank.vectors, single_bank.vectors, atol=1e-5, rtol=0)
 
 
-def test_distributed_outlier_rejection_equals_reject_outliers(cluster, rng):
-    """Random parts with exact ties (repeated vectors) and region entries that are never rejected."""
-    config = Config(outlier_ratio=0.3, background_outlier_ratio=0.1)
+def random_parts(rng) -> list[BankPart]:
+    """Random parts with exact ties (repeated vectors), empty parts, and region entries that are never rejected."""
     parts = []
     for k in range(5):
         n = int(rng.integers(0, 12))
@@ -85,11 +84,35 @@ def test_distributed_outlier_rejection_equals_reject_outliers(cluster, rng):
         parts.append(BankPart(vectors, labels, kinds, [f"p{k}"] * n, [f"p{k}"]))
     parts.append(BankPart(np.repeat(parts[0].vectors[:1], 8, axis=0) if len(parts[0]) else np.ones((8, 6)),
                           [1] * 8, [0] * 8, ["dup"] * 8, ["dup"]))  # a class of identical vectors
+    return parts
+
+
+def test_distributed_outlier_rejection_equals_reject_outliers(cluster, rng):
+    config = Config(outlier_ratio=0.3, background_outlier_ratio=0.1)
+    parts = random_parts(rng)
     whole = BankPart.concatenate(parts)
     want = reject_outliers(whole.vectors, whole.labels, config, whole.kinds == 0)
     got = distributed.reject_outliers_ray(parts, config, progress=False)
     assert (~want).sum() > 0
     np.testing.assert_array_equal(got, want)
+    # the same algorithm mapped here, part by part
+    np.testing.assert_array_equal(distributed.reject_outliers_mapped(parts, config, distributed.local_map(parts)),
+                                  want)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_outlier_rejection_over_a_local_map_equals_reject_outliers(seed):
+    rng = np.random.default_rng(seed)
+    config = Config(outlier_ratio=float(rng.uniform(0.1, 0.6)), background_outlier_ratio=float(rng.uniform(0, 0.3)))
+    parts = random_parts(rng)
+    whole = BankPart.concatenate(parts)
+    want = reject_outliers(whole.vectors, whole.labels, config, whole.kinds == 0)
+    got = distributed.reject_outliers_mapped(parts, config, distributed.local_map(parts))
+    np.testing.assert_array_equal(got, want)
+    empty = [BankPart(np.zeros((0, 6), np.float32), [], [], [], ["e"])]
+    assert distributed.reject_outliers_mapped(empty, config, distributed.local_map(empty)).shape == (0,)
+    regions_only = [BankPart(np.ones((3, 6), np.float32), [1, 1, 1], [1, 1, 1], ["r"] * 3, ["r"])]
+    assert distributed.reject_outliers_mapped(regions_only, config, distributed.local_map(regions_only)).all()
 
 
 @pytest.fixture(scope="module")

