@@ -15,6 +15,27 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+class LabelMapRefiner:
+    """The refinements after painting that a Config asks for, on one image's label map and owner map.
+
+    Config.fill_unpainted acts where the bank has no background class (`has_background` False); Config.boundary_radius
+    and boundary_eps snap boundaries when `snap` (the engine's proposer's regions; proposals the caller gives are
+    exact by assumption). A pixel whose class changes becomes no proposal's (owner -1), so that every segment keeps
+    to its class."""
+
+    def __init__(self, config, has_background: bool) -> None:
+        self.fill = config.fill_unpainted and not has_background
+        self.radius, self.eps = config.boundary_radius, config.boundary_eps
+
+    def __call__(self, image: np.ndarray, label_map: np.ndarray, owner: np.ndarray, snap: bool = True) -> tuple:
+        refined = fill_unpainted(label_map, owner) if self.fill else label_map
+        if snap:
+            refined = snap_to_edges(refined, image, self.radius, self.eps)
+        if refined is not label_map:
+            owner = np.where(refined == label_map, owner, -1).astype(owner.dtype)
+        return refined, owner
+
+
 #: the guided filter's coefficients are computed at this fraction of the image's side (1 = full resolution)
 SUBSAMPLE = 4
 

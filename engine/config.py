@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import reprlib
+import warnings
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -202,3 +203,20 @@ def _field_list() -> str:
 
 
 Config.__doc__ = f"{Config.__doc__}\n{_field_list()}"
+
+
+def check_bank_config(config: Config, bank_config: Config) -> None:
+    """What an engine's Config may differ in from the Config its bank was built with: a bank-building field
+    (BANK_FIELDS) is the bank's, whatever the engine's says (a warning names both values; the CLI refuses them), and
+    normalize_layers must agree (queries are pooled as the bank's vectors were): an InputError."""
+    fixed = [name for name in BANK_FIELDS if name != "normalize_layers"
+             and getattr(config, name) != getattr(bank_config, name)
+             and not (name == "index_train_size" and config.index not in ("Flat", bank_config.index))]
+    if fixed:
+        warnings.warn(f"Config {', '.join(f'{n}={getattr(config, n)!r}' for n in fixed)} ignored: the bank was built "
+                      f"with {', '.join(f'{n}={getattr(bank_config, n)!r}' for n in fixed)}, which its vectors keep; "
+                      "rebuild the bank to change them", stacklevel=3)
+    if config.normalize_layers != bank_config.normalize_layers:
+        raise InputError(f"Config.normalize_layers={config.normalize_layers} but the bank's vectors were made with "
+                         f"normalize_layers={bank_config.normalize_layers}: queries must be pooled as the bank was "
+                         "(rebuild the bank to change it)")

@@ -25,8 +25,8 @@ import numpy as np
 from . import ops, reference
 from .arrays import contiguous, host_all, place
 from .bank import FeatureBank
-from .boundaries import fill_unpainted, snap_to_edges
-from .config import BANK_FIELDS, Config
+from .boundaries import LabelMapRefiner
+from .config import Config, check_bank_config
 from .constants import BACKGROUND
 from .data.gpu_decode import gpu_decoder_available
 from .deps import check_torch_device
@@ -162,21 +162,10 @@ class Engine:
         self.kernels = KERNELS[kernels]
         self.backbone = backbone if backbone is not None else _default_backbone(self.bank, self.config, self.device)
         self.bank.check_backbone(self.backbone)
-        fixed = [name for name in BANK_FIELDS if name != "normalize_layers"
-                 and getattr(self.config, name) != getattr(self.bank.config, name)
-                 and not (name == "index_train_size" and self.config.index not in ("Flat", self.bank.config.index))]
-        if fixed:  # the bank was built with its own values: an engine cannot apply others (the CLI refuses them)
-            warnings.warn(f"Config {', '.join(f'{n}={getattr(self.config, n)!r}' for n in fixed)} ignored: the bank was "
-                          f"built with {', '.join(f'{n}={getattr(self.bank.config, n)!r}' for n in fixed)}, which "
-                          "its vectors keep; rebuild the bank to change them", stacklevel=2)
-        if self.config.normalize_layers != self.bank.config.normalize_layers:
-            raise InputError(f"Config.normalize_layers={self.config.normalize_layers} but the bank's vectors were made "
-                             f"with normalize_layers={self.bank.config.normalize_layers}: queries must be pooled as "
-                             "the bank was (rebuild the bank to change it)")
+        check_bank_config(self.config, self.bank.config)
         # the backbone's layers, each normalised on its own in SMFA, unless the bank normalises the whole vector once
         self._layers = self.backbone.groups if self.config.normalize_layers else ()
-        # no background class to paint the rest with (a bank of street scenes): fill it from the painted classes
-        self._fill_unpainted = self.config.fill_unpainted and not self.bank.class_counts()[BACKGROUND]
+        self.refiner = LabelMapRefiner(self.config, has_background=bool(self.bank.class_counts()[BACKGROUND]))
         self.proposer = proposer
         self._proposer_lock = threading.Lock()  # the default proposer is made once, whichever thread asks first
         if kernels == "reference" and self.device != "cpu":
@@ -314,7 +303,7 @@ class Engine:
                 candidates["class"], candidates["confidence"] = classes[rows], confidences[rows]
                 results.append((proposals, candidates, keep[rows], maps[i], maps[len(atoms) + i]))
         with self.times("refine"):
-            painted = [self._refine(image, label_map, owner, snap=not given)
+            painted = [self.refiner(image, label_map, owner, snap=not given)
                        for image, given, (*_, label_map, owner) in zip(batch.images, batch.given, results)]
         return [self._assemble(*found[:3], *maps) for found, maps in zip(results, painted)]
 
@@ -371,20 +360,6 @@ class Engine:
                           objectness=proposals.objectness, area=proposals.areas())
         return records.filter((records["objectness"] >= self.config.objectness_threshold)
                               & (records["area"] >= self.config.min_area))
-
-    def _refine(self, image: np.ndarray, label_map: np.ndarray, owner: np.ndarray, snap: bool) -> tuple:
-        """Config.fill_unpainted (where the bank has no background class) and, with `snap` (the regions are the
-        engine's proposer's, not proposals the caller gave, which are painted as given), Config.boundary_radius on
-        one painted label map (engine.boundaries). A pixel whose class they change becomes no proposal's (owner
-        -1), so that every segment keeps to its class."""
-        refined = label_map
-        if self._fill_unpainted:
-            refined = fill_unpainted(refined, owner)
-        if snap:
-            refined = snap_to_edges(refined, image, self.config.boundary_radius, self.config.boundary_eps)
-        if refined is not label_map:
-            owner = np.where(refined == label_map, owner, -1).astype(owner.dtype)
-        return refined, owner
 
     def _assemble(self, proposals: Proposals, candidates: Records, keep: np.ndarray, label_map: np.ndarray,
                   owner: np.ndarray) -> Result:
