@@ -5,11 +5,12 @@
 """
 
 from .bank import FeatureBank
+from .batches import Result
 from .config import Config
 from .errors import BankError, InputError, ModelError, ModuSegError
 from .models import create_backbone
 from .regions import Proposals
-from .pipeline import Engine, Result, segment_batch
+from .pipeline import Engine, segment_batch
 
 __version__ = "0.1.0"
 

@@ -88,7 +88,7 @@ class Config:
     fill_unpainted: bool = knob(True, "where the bank has no background vector (a data set whose every pixel is a "
                                       "class, such as CamVid), pixels no proposal painted take the class of the "
                                       "nearest painted pixel instead of background.")
-    boundary_radius: int = knob(16, "after painting, each class boundary is snapped to the image's edges by a guided "
+    boundary_radius: int = knob(8, "after painting, each class boundary is snapped to the image's edges by a guided "
                                     "filter of this window radius (pixels) over the class indicators, guided by the "
                                     "grey image (engine.boundaries): the embedded proposer's regions are unions of "
                                     "half-scale superpixels. 0 = off (the paper). Proposals given to segment_batch "

@@ -22,7 +22,7 @@ from .config import Config
 from .errors import InputError, ModelError
 from .export.triton_segment import SEGMENT_MODEL
 from .export.triton_segment_model import INPUT, LABELS, SEGMENTS
-from .pipeline import Batch, Skipped, check_modes, describe_item, in_input_order, load_batch
+from .batches import Batch, Skipped, check_modes, describe_item, in_input_order, load_batch
 from .stream import StageTimes, run_stages
 
 

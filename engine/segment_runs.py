@@ -36,7 +36,7 @@ def segment_items(engine, todo: list, out: Path, with_overlay: bool, batch_size:
     from tqdm.auto import tqdm
 
     from .outputs import write_outputs
-    from .pipeline import Skipped
+    from .batches import Skipped
 
     reasons = {}
     with tqdm(total=len(todo), desc="segment", unit="img", disable=not progress) as bar:
@@ -60,7 +60,7 @@ def _each_result(engine, todo: list, batch_size: int, finish) -> None:
     stream. The stream's stages hand an exception on in order, so when one escapes, the results before the batch
     that raised have all arrived: that batch is redone one image at a time (the image that raises becomes a Skipped
     with the error), and the stream starts again after it."""
-    from .pipeline import Skipped
+    from .batches import Skipped
 
     position = 0
     while position < len(todo):

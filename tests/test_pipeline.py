@@ -341,7 +341,7 @@ def test_empty_stream_and_no_candidates(make_engine, toy, rng):
 def test_on_error_skip_keeps_the_good_items_in_order(make_engine, toy, rng, tmp_path):
     from PIL import Image
 
-    from engine.pipeline import Skipped
+    from engine.batches import Skipped
 
     eng = make_engine()
     data = scenes(toy, rng, 5)
@@ -405,7 +405,7 @@ def test_result_records_are_the_painted_segments(make_engine, toy, rng):
 def test_segments_keep_only_what_was_painted_in_every_output_mode(rng):
     """A kept proposal painted over entirely by more confident ones has no record (it painted nothing); masks come
     as bool arrays, uncompressed RLE or COCO's compressed RLE (pycocotools decodes it)."""
-    from engine.pipeline import Result
+    from engine.batches import Result
     from engine.utils import rle_decode
 
     owner = np.full((40, 60), -1, np.int32)
@@ -500,7 +500,7 @@ def test_one_call_per_op_per_batch_whatever_the_images_and_proposals(make_engine
             masks.append(mask)
         proposals.append(Proposals.from_masks(np.stack(masks), np.ones(len(masks), np.float32)))
     counting = CountingKernels(ops._C)
-    monkeypatch.setattr(ops, "_C", counting)
+    monkeypatch.setattr(ops._core, "_C", counting)  # where every face looks the extension up
     eng = make_engine(config=Config(batch_size=images))
     results = eng.segment_batch([image for image, _ in data], proposals)
     assert len(results) == images
@@ -513,7 +513,7 @@ def test_any_error_reading_one_item_is_recorded_and_the_batch_goes_on(make_engin
     import struct
 
     import engine.data
-    from engine.pipeline import Skipped
+    from engine.batches import Skipped
 
     eng = make_engine()
     data = scenes(toy, rng, 4)

@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from ..pipeline import Skipped
+from ..batches import Skipped
 
 INPUT = "IMAGE"
 LABELS = "LABELS"

@@ -275,7 +275,7 @@ def test_the_whole_pipeline_through_the_server_equals_in_process(segment_server,
 def test_concurrent_requests_of_mixed_sizes_are_batched_and_bad_ones_skipped(segment_server, voc_bank):
     import tritonclient.http as http
 
-    from engine.pipeline import Skipped
+    from engine.batches import Skipped
     from engine.remote import RemoteEngine
 
     images = [s.image for s in voc_bank[2]]
