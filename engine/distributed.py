@@ -6,7 +6,8 @@ per-image or per-part steps in Ray actors and tasks.
 Bank builds (`build_parts_ray`, `reject_outliers_ray`): a split's image ids are a Ray Dataset; actors holding the
 backbone and the proposer featurise batches of them (`engine.bank.featurise_batch`) and return one BankPart per image,
 which the driver regroups in image order into the parts a single-process build makes. Outlier rejection is
-`reject_outliers_mapped` with its per-part steps (per-class sums, distances to the class means) as tasks. With
+`engine.bank.reject_outliers_parts` with its per-part steps (per-class sums, distances to the class means) as
+tasks. With
 pseudo-masks, actors prepare each image (saliency, superpixels, features), `EmbeddedPseudoMasker.solve` runs on the
 driver with each pass's per-image step as tasks over the prepared images (the same sums reduced in the same order as
 one process), and the featurising actors paint each image's mask from its superpixel labels.
@@ -28,11 +29,11 @@ import os
 import pickle
 import socket
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .bank import BankPart, KINDS, drop_farthest, featurise_batch, outlier_count
+from .bank import BankPart, featurise_batch, reject_outliers_parts
 from .config import Config
 from .errors import InputError, ModelError, ModuSegError
 
@@ -293,71 +294,15 @@ def build_parts_ray(data, split: str, masks: str, backbone: str, config: Config,
     return [BankPart.concatenate(per_image[start:start + size]) for start in range(0, len(per_image), size)]
 
 
-def reject_outliers_mapped(parts: Sequence[BankPart], config: Config, map_parts: Callable) -> np.ndarray:
-    """The keep-mask of `reject_outliers` over the concatenation of `parts` (class prototypes only), as a per-class
-    aggregate over parts: per part and class, the count and float64 sum of its prototypes; their sums (in part
-    order) over the counts, the class means; per part, each prototype's distance to its class mean; then per class
-    the `int(n * ratio)` farthest dropped, ties dropping the earlier row first (`drop_farthest`).
-
-    map_parts(step, **state) returns step(part, **state) for every part, in part order: `local_map(parts)` runs
-    the steps here, `reject_outliers_ray` as Ray tasks. Means are float64 sums over float32 vectors, so distances
-    may differ from `reject_outliers`' in the last bits; the kept set is the same unless two distances agree to
-    those bits."""
-    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
-    keep = np.ones(int(offsets[-1]), bool)
-    if not len(keep):
-        return keep
-    sums: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = {}
-    for per_class in map_parts(_class_sums):
-        for label, (count, total) in per_class.items():
-            sums[label] = sums.get(label, 0.0) + total
-            counts[label] = counts.get(label, 0) + count
-    means = {label: sums[label] / counts[label] for label in sums}
-    found = map_parts(_distances, means=means)
-    positions = np.concatenate([offset + rows for offset, (rows, _, _) in zip(offsets, found)])
-    labels = np.concatenate([labels for _, labels, _ in found])
-    distances = np.concatenate([distances for _, _, distances in found])
-    for label in np.unique(labels):
-        members = labels == label
-        n_drop = outlier_count(int(label), int(members.sum()), config)
-        if n_drop:
-            keep[drop_farthest(positions[members], distances[members], n_drop)] = False
-    return keep
-
-
-def local_map(parts: Sequence[BankPart]) -> Callable:
-    """The map_parts of `reject_outliers_mapped` that runs each step here, part by part."""
-    return lambda step, **state: [step(part, **state) for part in parts]
-
-
-def _class_sums(part: BankPart) -> dict:
-    """Per class, the number and float64 sum of the part's class prototypes."""
-    subject = part.kinds == KINDS.index("class")
-    out = {}
-    for class_id in np.unique(part.labels[subject]):
-        rows = subject & (part.labels == class_id)
-        out[int(class_id)] = (int(rows.sum()), part.vectors[rows].astype(np.float64).sum(axis=0))
-    return out
-
-
-def _distances(part: BankPart, means: dict) -> tuple:
-    """(rows, classes, distances): each class prototype of the part, its class and its distance to the class mean."""
-    rows = np.flatnonzero(part.kinds == KINDS.index("class"))
-    labels = part.labels[rows].astype(np.int64)
-    distances = [float(np.linalg.norm(part.vectors[row] - means[int(label)])) for row, label in zip(rows, labels)]
-    return rows.astype(np.int64), labels, np.asarray(distances, np.float64)
-
-
 def _part_step(batch: dict, step, state: dict) -> dict:
-    """Task: `step` of reject_outliers_mapped on each part of the batch."""
+    """Task: `step` of reject_outliers_parts on each part of the batch."""
     values = [pickle.dumps(step(pickle.loads(blob), **state)) for blob in batch["part"]]
     return {"order": batch["order"], "value": np.array(values, dtype=object)}
 
 
 def reject_outliers_ray(parts: Sequence[BankPart], config: Config, address: str | None = None,
                         progress: bool = True) -> np.ndarray:
-    """`reject_outliers_mapped` with its per-part steps as Ray tasks."""
+    """`engine.bank.reject_outliers_parts` with its per-part steps as Ray tasks."""
     ray = connect(address, progress)
     parts = list(parts)
     table = ray.data.from_items([{"order": k, "part": pickle.dumps(p)} for k, p in enumerate(parts)])
@@ -367,7 +312,7 @@ def reject_outliers_ray(parts: Sequence[BankPart], config: Config, address: str 
         return [pickle.loads(row["value"]) for row in _rows(result, "order")]
 
     try:
-        return reject_outliers_mapped(parts, config, map_parts)
+        return reject_outliers_parts(parts, config, map_parts)
     except ModuSegError:
         raise
     except Exception as error:

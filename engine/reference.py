@@ -197,7 +197,7 @@ def merge_regions(edges, area, features, colour, levels, colour_weight: float = 
     (distance, i, j), so equal distances go to the smaller ids), every quantity in float64."""
     import heapq
 
-    from .ops import MergeTree, check_merge_inputs
+    from .ops import check_merge_inputs
 
     edges, area, features, colour, levels = check_merge_inputs("merge_regions", edges, area, features, colour,
                                                                levels)
@@ -261,11 +261,7 @@ def merge_regions(edges, area, features, colour, levels, colour_weight: float = 
     while recorded < len(levels):
         snapshots[recorded] = leaf_node
         recorded += 1
-    node_area = np.array(node_area, np.float64)
-    coherence = np.array([np.linalg.norm(s) for s in feature_sum]) / np.maximum(node_area, 1e-12)
-    coherence[:count] = 1.0
-    return MergeTree(np.array(parent, np.int64), np.array(height, np.float64), node_area,
-                     np.clip(coherence, 0.0, 1.0), levels, snapshots)
+    return _tree(parent, height, node_area, feature_sum, count, levels, snapshots)
 
 
 def slic_superpixels(lab, n_segments: int = 400, compactness: float = 10.0, iterations: int = 10,
@@ -344,7 +340,7 @@ def merge_regions_rac(edges, area, features, colour, levels, colour_weight: floa
                       num_threads: int = 0):
     """engine.ops.merge_regions_rac's twin: rounds of mutual nearest pairs over the leaf edges, written with Python
     sets and sorts, every quantity in float64."""
-    from .ops import MergeTree, check_merge_inputs
+    from .ops import check_merge_inputs
 
     edges, area, features, colour, levels = check_merge_inputs("merge_regions_rac", edges, area, features, colour,
                                                                levels)
@@ -399,6 +395,13 @@ def merge_regions_rac(edges, area, features, colour, levels, colour_weight: floa
     while recorded < len(levels):
         snapshots[recorded] = node_of_leaf
         recorded += 1
+    return _tree(parent, height, node_area, feature_sum, count, levels, snapshots)
+
+
+def _tree(parent, height, node_area, feature_sum, count, levels, snapshots):
+    """The MergeTree of a finished merge: coherence = |summed leaf features| / area (1 for a leaf)."""
+    from .ops import MergeTree
+
     node_area = np.array(node_area, np.float64)
     coherence = np.array([np.linalg.norm(s) for s in feature_sum]) / np.maximum(node_area, 1e-12)
     coherence[:count] = 1.0

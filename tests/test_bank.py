@@ -63,6 +63,34 @@ def test_outlier_rejection_drops_farthest_quarter_of_foreground_only(rng):
     assert reject_outliers(vectors, labels, Config(outlier_ratio=0)).all()
 
 
+def _outliers_reference(vectors, labels, config, subject):
+    """The rule as written: per class among the subject rows, int(n * ratio) rows farthest from the class mean
+    (float64) dropped, the earlier row first among equal distances."""
+    keep = np.ones(len(labels), bool)
+    for class_id in np.unique(labels[subject]):
+        rows = np.flatnonzero((labels == class_id) & subject)
+        ratio = config.background_outlier_ratio if class_id == 0 else config.outlier_ratio
+        mean = vectors[rows].astype(np.float64).mean(axis=0)
+        distance = [np.linalg.norm(vectors[row].astype(np.float64) - mean) for row in rows]
+        order = sorted(range(len(rows)), key=lambda k: (-distance[k], k))
+        keep[rows[order[:int(len(rows) * ratio)]]] = False
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_outlier_rejection_matches_the_rule(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 60))
+    vectors = rng.normal(size=(n, 7)).astype(np.float32)
+    vectors[rng.integers(0, n, size=n // 3)] = vectors[0]  # exact ties in distance
+    labels = rng.integers(0, 4, size=n)
+    subject = rng.random(n) < 0.7
+    config = Config(outlier_ratio=float(rng.uniform(0, 0.7)), background_outlier_ratio=float(rng.uniform(0, 0.5)))
+    np.testing.assert_array_equal(reject_outliers(vectors, labels, config, subject),
+                                  _outliers_reference(vectors, labels, config, subject))
+    assert reject_outliers(vectors[:0], labels[:0], config).shape == (0,)
+
+
 @pytest.mark.parametrize("pooling", ["soft", "hard"])
 def test_build_vectors_are_smfa_of_purified_masks(rng, toy, CLASSES, ColorBackbone, pooling):
     backbone = ColorBackbone()

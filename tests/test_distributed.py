@@ -15,7 +15,7 @@ from PIL import Image
 ray = pytest.importorskip("ray", reason="ray[data] is not installed (pip install 'moduseg-engine[ray]')")
 
 from engine import distributed  # noqa: E402
-from engine.bank import BankPart, FeatureBank, bank_parts, reject_outliers  # noqa: E402
+from engine.bank import BankPart, FeatureBank, bank_parts, local_map, reject_outliers, reject_outliers_parts  # noqa: E402
 from engine.cli import main  # noqa: E402
 from engine.config import Config  # noqa: E402
 from engine.data import VOCDataset  # noqa: E402
@@ -96,7 +96,7 @@ def test_distributed_outlier_rejection_equals_reject_outliers(cluster, rng):
     assert (~want).sum() > 0
     np.testing.assert_array_equal(got, want)
     # the same algorithm mapped here, part by part
-    np.testing.assert_array_equal(distributed.reject_outliers_mapped(parts, config, distributed.local_map(parts)),
+    np.testing.assert_array_equal(reject_outliers_parts(parts, config, local_map(parts)),
                                   want)
 
 
@@ -107,12 +107,12 @@ def test_outlier_rejection_over_a_local_map_equals_reject_outliers(seed):
     parts = random_parts(rng)
     whole = BankPart.concatenate(parts)
     want = reject_outliers(whole.vectors, whole.labels, config, whole.kinds == 0)
-    got = distributed.reject_outliers_mapped(parts, config, distributed.local_map(parts))
+    got = reject_outliers_parts(parts, config, local_map(parts))
     np.testing.assert_array_equal(got, want)
     empty = [BankPart(np.zeros((0, 6), np.float32), [], [], [], ["e"])]
-    assert distributed.reject_outliers_mapped(empty, config, distributed.local_map(empty)).shape == (0,)
+    assert reject_outliers_parts(empty, config, local_map(empty)).shape == (0,)
     regions_only = [BankPart(np.ones((3, 6), np.float32), [1, 1, 1], [1, 1, 1], ["r"] * 3, ["r"])]
-    assert distributed.reject_outliers_mapped(regions_only, config, distributed.local_map(regions_only)).all()
+    assert reject_outliers_parts(regions_only, config, local_map(regions_only)).all()
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ One idea a module:
 from .feature_bank import FeatureBank
 from .featurise import BankEntry, bank_parts, featurise_batch
 from .index_storage import INDEX_STORAGE
-from .outliers import drop_farthest, outlier_count, reject_outliers
+from .outliers import drop_farthest, local_map, outlier_count, reject_outliers, reject_outliers_parts
 from .parts import KINDS, BankPart, load_parts, merge_parts, save_parts
 from .purification import erode, purify
 from .storage import FORMAT, FORMAT_VERSION, SEAL
 
 __all__ = ["BankEntry", "BankPart", "FORMAT", "FORMAT_VERSION", "FeatureBank", "INDEX_STORAGE", "KINDS", "SEAL",
            "bank_parts", "drop_farthest", "erode", "featurise_batch", "load_parts", "merge_parts", "outlier_count",
-           "purify", "reject_outliers", "save_parts"]
+           "local_map", "purify", "reject_outliers", "reject_outliers_parts", "save_parts"]

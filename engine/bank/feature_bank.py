@@ -17,7 +17,7 @@ from ..errors import BankError, InputError
 from ..ivf import make_faiss_index
 from .featurise import bank_parts
 from .index_storage import check_index, choose_storage, read_index, write_index
-from .outliers import reject_outliers
+from .outliers import reject_outliers_parts
 from .parts import KINDS, BankPart
 from .storage import (FORMAT, FORMAT_VERSION, check_replaceable, read_manifest, staged, write_manifest,
                       write_vectors)
@@ -90,11 +90,11 @@ class FeatureBank:
                    config: Config | None = None, provenance: dict | None = None,
                    keep: np.ndarray | None = None) -> "FeatureBank":
         """The bank of a sequence of parts (see `BankPart`): their entries concatenated in the order given, then
-        per-class outlier rejection over all of them (`reject_outliers`). Merging shards or appending images is this
+        per-class outlier rejection over all of them (`reject_outliers_parts`). Merging shards or appending images is this
         call over the parts of each, so outlier rejection sees the union, as one build over all images would.
 
         backbone_record: the backbone's `describe()` dict. keep: a keep-mask over the concatenated entries computed
-        elsewhere (the Ray build's distributed outlier rejection, which equals `reject_outliers`); None computes it.
+        elsewhere (the Ray build runs the same steps as tasks); None computes it here.
         """
         config = config or Config()
         parts = list(parts)
@@ -108,7 +108,7 @@ class FeatureBank:
         kinds = np.concatenate([p.kinds for p in parts]) if parts else np.zeros(0, np.uint8)
         sources = [source for p in parts for source in p.sources]
         if keep is None:
-            keep = reject_outliers(matrix, labels, config, kinds == KINDS.index("class"))
+            keep = reject_outliers_parts(parts, config)
         keep = np.asarray(keep, bool)
         if keep.shape != labels.shape:
             raise InputError(f"keep-mask of {keep.shape} for {len(labels)} bank entries")
