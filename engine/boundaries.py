@@ -32,7 +32,7 @@ class LabelMapRefiner:
         if snap:
             refined = snap_to_edges(refined, image, self.radius, self.eps)
         if refined is not label_map:
-            owner = np.where(refined == label_map, owner, -1).astype(owner.dtype)
+            owner = np.where(refined == label_map, owner, -1).astype(owner.dtype, copy=False)
         return refined, owner
 
 
@@ -48,15 +48,18 @@ def snap_to_edges(label_map: np.ndarray, image: np.ndarray, radius: int, eps: fl
     filter's square window in full-resolution pixels (0 returns the map unchanged). eps: the regulariser of the
     slope a, in squared grey levels: edges weaker than about sqrt(eps) are smoothed over. Exact ties keep the lower
     class id."""
-    classes = np.unique(label_map)
-    if radius <= 0 or len(classes) < 2:
+    if radius <= 0:
+        return label_map
+    classes = np.flatnonzero(np.bincount(label_map.ravel()))  # the classes present (a sort would cost more)
+    if len(classes) < 2:
         return label_map
     height, width = label_map.shape
     factor = max(1, min(int(subsample), height, width))
     # mirrored up to whole factor x factor blocks, so that shrinking is an exact block mean (OpenCV's fast path)
     pad = (-height % factor, -width % factor)
     grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
-    full = (width + pad[1], height + pad[0])
+    padded_labels = _mirror(np.ascontiguousarray(label_map), pad)
+    full = padded_labels.shape[::-1]
     small = (full[0] // factor, full[1] // factor)
     guide = _shrink(_mirror(grey, pad), small)
     window = 2 * max(1, round(radius / factor)) + 1
@@ -65,12 +68,12 @@ def snap_to_edges(label_map: np.ndarray, image: np.ndarray, radius: int, eps: fl
     best = np.full((height, width), -np.inf, np.float32)
     refined = label_map.copy()
     for class_id in classes:  # ascending: a later class must be strictly larger to win a tie
-        indicator = _shrink(_mirror((label_map == class_id).astype(np.float32), pad), small)
+        indicator = _shrink((padded_labels == class_id).astype(np.float32), small)
         mean_indicator = _box(indicator, window)
         slope = (_box(guide * indicator, window) - mean_guide * mean_indicator) / (var_guide + eps)
         offset = mean_indicator - slope * mean_guide
-        filtered = (_grow(_box(slope, window), full)[:height, :width] * grey
-                    + _grow(_box(offset, window), full)[:height, :width])
+        filtered = _grow(_box(slope, window), full)[:height, :width] * grey
+        filtered += _grow(_box(offset, window), full)[:height, :width]
         wins = filtered > best
         np.copyto(best, filtered, where=wins)
         np.putmask(refined, wins, class_id)
