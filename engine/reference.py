@@ -203,12 +203,7 @@ def merge_regions(edges, area, features, colour, levels, colour_weight: float = 
                                                                levels)
     count = len(area)
     total = area.sum()
-    unit = features.astype(np.float64) / np.maximum(np.linalg.norm(features.astype(np.float64), axis=1,
-                                                                   keepdims=True), 1e-12)
-    feature_sum = [unit[i] * area[i] for i in range(count)]
-    mean_colour = [colour[i].astype(np.float64) for i in range(count)]
-    node_area = list(area)
-    parent, height = [-1] * count, [0.0] * count
+    feature_sum, mean_colour, node_area, parent, height = _leaves(area, features, colour)
     leaves = [[i] for i in range(count)]
     neighbours = [set() for _ in range(count)]
     for a, b in edges:
@@ -240,15 +235,9 @@ def merge_regions(edges, area, features, colour, levels, colour_weight: float = 
         d, i, j = heapq.heappop(heap)
         if not (alive[i] and alive[j]):
             continue
-        n = len(parent)
         alive[i] = alive[j] = False
         alive.append(True)
-        parent[i] = parent[j] = n
-        parent.append(-1)
-        height.append(d)
-        node_area.append(node_area[i] + node_area[j])
-        feature_sum.append(feature_sum[i] + feature_sum[j])
-        mean_colour.append((node_area[i] * mean_colour[i] + node_area[j] * mean_colour[j]) / node_area[n])
+        n = _join(i, j, d, parent, height, node_area, feature_sum, mean_colour)
         leaves.append(leaves[i] + leaves[j])
         leaf_node[leaves[n]] = n
         around = sorted(k for k in neighbours[i] | neighbours[j] if alive[k] and k != n)
@@ -346,12 +335,7 @@ def merge_regions_rac(edges, area, features, colour, levels, colour_weight: floa
                                                                levels)
     count = len(area)
     total = sum(float(a) for a in area)  # in leaf order
-    unit = features.astype(np.float64) / np.maximum(np.linalg.norm(features.astype(np.float64), axis=1,
-                                                                   keepdims=True), 1e-12)
-    feature_sum = [unit[i] * area[i] for i in range(count)]
-    mean_colour = [colour[i].astype(np.float64) for i in range(count)]
-    node_area = list(area)
-    parent, height = [-1] * count, [0.0] * count
+    feature_sum, mean_colour, node_area, parent, height = _leaves(area, features, colour)
 
     def distance(i, j):
         fi = feature_sum[i] / max(np.linalg.norm(feature_sum[i]), 1e-12)
@@ -378,15 +362,8 @@ def merge_regions_rac(edges, area, features, colour, levels, colour_weight: floa
         if not pairs:
             break
         merges = min(len(pairs), regions - stop)
-        created = len(parent)
-        for t, (d, i, j) in enumerate(pairs[:merges]):
-            n = created + t
-            parent[i] = parent[j] = n
-            parent.append(-1)
-            height.append(d)
-            node_area.append(node_area[i] + node_area[j])
-            feature_sum.append(feature_sum[i] + feature_sum[j])
-            mean_colour.append((node_area[i] * mean_colour[i] + node_area[j] * mean_colour[j]) / node_area[n])
+        for d, i, j in pairs[:merges]:
+            n = _join(i, j, d, parent, height, node_area, feature_sum, mean_colour)
             node_of_leaf[np.isin(node_of_leaf, [i, j])] = n
             regions -= 1
             while recorded < len(levels) and regions <= levels[recorded]:  # a cut reached inside the round
@@ -407,3 +384,24 @@ def _tree(parent, height, node_area, feature_sum, count, levels, snapshots):
     coherence[:count] = 1.0
     return MergeTree(np.array(parent, np.int64), np.array(height, np.float64), node_area,
                      np.clip(coherence, 0.0, 1.0), levels, snapshots)
+
+
+def _leaves(area, features, colour):
+    """The merge twins' leaf nodes: area-weighted unit features, mean colours, areas, no parents, height 0."""
+    unit = features.astype(np.float64) / np.maximum(np.linalg.norm(features.astype(np.float64), axis=1,
+                                                                   keepdims=True), 1e-12)
+    count = len(area)
+    return ([unit[i] * area[i] for i in range(count)], [colour[i].astype(np.float64) for i in range(count)],
+            list(area), [-1] * count, [0.0] * count)
+
+
+def _join(i, j, d, parent, height, node_area, feature_sum, mean_colour) -> int:
+    """Node n made by merging nodes i and j at distance d: its area, feature sum and mean colour; returns n."""
+    n = len(parent)
+    parent[i] = parent[j] = n
+    parent.append(-1)
+    height.append(d)
+    node_area.append(node_area[i] + node_area[j])
+    feature_sum.append(feature_sum[i] + feature_sum[j])
+    mean_colour.append((node_area[i] * mean_colour[i] + node_area[j] * mean_colour[j]) / node_area[n])
+    return n
