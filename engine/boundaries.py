@@ -87,11 +87,17 @@ def fill_unpainted(label_map: np.ndarray, owner: np.ndarray) -> np.ndarray:
     unpainted = owner < 0
     if not unpainted.any() or unpainted.all():
         return label_map
-    _, nearest = cv2.distanceTransformWithLabels(unpainted.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5,
+    return nearest_known(label_map, unpainted, cv2.DIST_MASK_5)
+
+
+def nearest_known(values: np.ndarray, unknown: np.ndarray, mask_size: int) -> np.ndarray:
+    """`values` with every `unknown` pixel given the value of its nearest known pixel (one OpenCV distance transform
+    with a 3 x 3 or 5 x 5 chamfer mask; some pixel must be known)."""
+    _, nearest = cv2.distanceTransformWithLabels(unknown.astype(np.uint8), cv2.DIST_L2, mask_size,
                                                  labelType=cv2.DIST_LABEL_PIXEL)
-    # DIST_LABEL_PIXEL numbers the painted (zero) pixels 1.. in raster order
-    painted = np.flatnonzero(~unpainted.ravel())
-    return label_map.ravel()[painted[nearest.ravel() - 1]].reshape(label_map.shape)
+    # DIST_LABEL_PIXEL numbers the known (zero) pixels 1.. in raster order
+    known = np.flatnonzero(~unknown.ravel())
+    return values.ravel()[known[nearest.ravel() - 1]].reshape(values.shape)
 
 
 def _box(values: np.ndarray, window: int) -> np.ndarray:

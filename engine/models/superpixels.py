@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from .. import ops
+from ..boundaries import nearest_known
 
 #: images are never worked on below this side (pixels): watershed needs room for its one-pixel border
 MIN_WORKING_SIDE = 16
@@ -75,11 +76,7 @@ def _nearest_label(labels: np.ndarray, unlabelled: np.ndarray) -> np.ndarray:
     labelled pixel at all the image is one region."""
     if unlabelled.all():
         return np.ones_like(labels)
-    _, nearest = cv2.distanceTransformWithLabels(unlabelled.astype(np.uint8), cv2.DIST_L2, 3,
-                                                 labelType=cv2.DIST_LABEL_PIXEL)
-    # DIST_LABEL_PIXEL numbers the zero (labelled) pixels 1.. in raster order
-    source = np.flatnonzero(~unlabelled.ravel())
-    return labels.ravel()[source[nearest.ravel() - 1]].reshape(labels.shape)
+    return nearest_known(labels, unlabelled, cv2.DIST_MASK_3)
 
 
 def compact_labels(labels: np.ndarray) -> np.ndarray:
