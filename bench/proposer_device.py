@@ -1,8 +1,10 @@
 """Times the proposer's device kernels: SLIC superpixels (ops.slic_superpixels_batch) and merging in rounds
 (ops.merge_regions_rac_batch) on a batch of real images, on the CPU launchers and, with --cuda, on the CUDA ones
-(torch tensors, timed with CUDA events), beside today's host steps (OpenCV watershed, the greedy merge). Images are
-worked at the proposer's scale (0.5); the merge runs on the watershed graphs with random unit leaf features of
---dim (its cost depends on the graph and the width, not on the values).
+(torch tensors, timed with CUDA events), beside today's host steps (OpenCV watershed, the greedy merge); then the
+whole proposer per image: the host's (EmbeddedProposer.propose_one) and the device one
+(EmbeddedProposer.propose_on_device: Lab, SLIC, graph, pooling, RAC, proposals) on torch CPU tensors and, with
+--cuda, on the GPU. Images are worked at the proposer's scale (0.5); the merges run on random feature maps of --dim
+at stride 16 (their cost depends on the graph and the width, not on the values).
 
     python bench/proposer_device.py --images ../shared/data/voc2012-mini/JPEGImages [--limit 24] [--cuda]
 """
@@ -22,6 +24,7 @@ if __package__ in (None, ""):
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import ops  # noqa: E402
+from engine.models.embedded import DEVICE_PROPOSER, EmbeddedProposer  # noqa: E402
 from engine.models.superpixels import superpixel_graph  # noqa: E402
 
 
@@ -67,6 +70,22 @@ def main(argv=None) -> int:
         "greedy merge cpu": best_ms(lambda: [ops.merge_regions(*g, levels) for g in graphs], args.repeats),
         "rac merge cpu": best_ms(lambda: ops.merge_regions_rac_batch(graphs, levels), args.repeats),
     }
+    stride = 16
+    maps = [rng.standard_normal((-(-im.shape[0] // stride), -(-im.shape[1] // stride), args.dim)).astype(np.float32)
+            for im in images]
+    host_proposer = EmbeddedProposer(n_superpixels=args.n_segments)
+    device_proposer = EmbeddedProposer(n_superpixels=args.n_segments, slic_iterations=args.iterations,
+                                       **DEVICE_PROPOSER)
+    rows["whole proposer, host"] = best_ms(lambda: [host_proposer.propose_one(im, f, stride)
+                                                    for im, f in zip(images, maps)], args.repeats)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        cpu_maps = [torch.from_numpy(f) for f in maps]
+        rows["whole proposer, device steps cpu"] = best_ms(
+            lambda: device_proposer.propose_on_device(images, cpu_maps, stride), args.repeats)
     if args.cuda:
         import torch
 
@@ -88,6 +107,8 @@ def main(argv=None) -> int:
         rows["slic cuda"] = device_ms(lambda: ops.slic_superpixels_batch(d_labs, args.n_segments, 10.0,
                                                                          args.iterations))
         rows["rac merge cuda"] = device_ms(lambda: ops.merge_regions_rac_batch(d_graphs, levels))
+        d_maps = [torch.from_numpy(f).cuda() for f in maps]
+        rows["whole proposer, cuda"] = device_ms(lambda: device_proposer.propose_on_device(images, d_maps, stride))
     print(f"{n} images from {args.images}, {args.n_segments} segments at scale 0.5, merge width {args.dim}")
     for name, ms in rows.items():
         print(f"{name:28s} {ms / n:8.2f} ms/img")

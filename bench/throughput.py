@@ -140,7 +140,7 @@ def print_report(args, config, described, bank, bank_seconds, paths, main_run, r
           f"{args.repeats} repeat(s) (median), {os.cpu_count()} CPU core(s), {platform.processor() or platform.machine()}")
     print(f"device {described['device']}; backbone {described['backbone']} on {runtime.get('runtime', '?')} "
           f"({runtime.get('device', '?')}); search {described['search']}; bank {len(bank)} x {bank.dim} "
-          f"({'loaded' if args.bank else 'built in-process'}, {bank_seconds:.1f} s)")
+          f"({'loaded' if args.bank else 'built in-process'}, {bank_seconds:.1f} s); proposer {described['proposer']}")
     header = f"| {'stage':<12} | {'kind':<6} | {'engine ms/img':>13} |" + (
         f" {'reference ms/img':>16} | {'ratio':>7} |" if reference_run else "")
     print(header)
@@ -187,16 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="use the first N images")
     parser.add_argument("--no-reference", action="store_true", help="skip the NumPy reference path")
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table (bench/kernels.py)")
+    parser.add_argument("--host-proposer", action="store_true", help="on a GPU, the host's proposer in a thread pool "
+                        "(Config.gpu_proposer False) instead of the device proposer")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
 
     runtime = args.runtime or ("torch" if args.device.startswith("cuda") else "onnxruntime")
     start = time.perf_counter()
-    config = Config(batch_size=args.batch_size, num_threads=args.threads)
+    config = Config(batch_size=args.batch_size, num_threads=args.threads, gpu_proposer=not args.host_proposer)
     name, weights = DEFAULT_BACKBONE, None
     if args.bank:
         bank = FeatureBank.load(args.bank)
-        config = bank.config.replace(batch_size=args.batch_size, num_threads=args.threads)
+        config = bank.config.replace(batch_size=args.batch_size, num_threads=args.threads,
+                                     gpu_proposer=not args.host_proposer)
         name, weights = bank.backbone_name, bank.backbone.get("weights")
     backbone = create_backbone(name, runtime=runtime, batch_size=config.batch_size, num_threads=config.num_threads,
                                device=args.device, weights=weights)
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     bank_seconds = time.perf_counter() - start
 
     paths = image_paths(args.images, args.limit)
-    proposer = create_proposer(config)
+    proposer = create_proposer(config, on_device=args.device != "cpu")
     engine = Engine(bank, backbone=backbone, proposer=proposer, config=config, device=args.device)
     sync = None
     if args.device != "cpu":
@@ -253,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "runtime": described["runtime"],
             "search": described["search"],
             "proposals": "embedded",
+            "proposer": described["proposer"],
             "batch_size": config.batch_size,
             "images": len(paths),
             "repeats": args.repeats,

@@ -97,6 +97,23 @@ def contiguous(x, dtype, where: Place):
     return x.to(device=f"cuda:{where.index}", dtype=_torch_dtype(torch, dtype)).contiguous()
 
 
+def concatenate(arrays: list, dtype, where: Place):
+    """One-dimensional arrays joined end to end on `where` (torch or CuPy on a CUDA device, else NumPy), as
+    `dtype`."""
+    parts = [contiguous(x, dtype, where).reshape(-1) for x in arrays]
+    if not where.is_cuda:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+    if not parts:
+        return empty(where, (0,), dtype)
+    if where.library == "cupy":
+        import cupy
+
+        return cupy.concatenate(parts)
+    import torch
+
+    return torch.cat(parts)
+
+
 def empty(where: Place, shape, dtype):
     """An uninitialised array of `shape` and `dtype` on `where`, made by its library."""
     dtype = np.dtype(dtype)

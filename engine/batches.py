@@ -99,6 +99,21 @@ class Batch:
     given: list = field(default_factory=list)  # per image: were its proposals the caller's (not the proposer's)
 
 
+def kept_result(proposals, named, keep: np.ndarray, label_map: np.ndarray, owner: np.ndarray,
+                class_names: tuple[str, ...]) -> Result:
+    """One image's Result from its candidates' Records (`named`: id, class, confidence), what NMS kept of them and
+    the painted maps; the kept proposals most confident first."""
+    kept = named.filter(keep.astype(bool))
+    kept = kept.filter(np.argsort(-kept["confidence"].astype(np.float64), kind="stable"))
+    note = ("no proposals: all background" if len(proposals) == 0 else
+            "no proposal passed the objectness and area filters: all background" if len(named) == 0 else
+            "every proposal was voted background: all background" if len(kept) == 0 else "")
+    return Result(label_map=label_map, classes=kept["class"].astype(np.int32),
+                  confidences=kept["confidence"].astype(np.float32), proposal_ids=kept["id"].astype(np.int64),
+                  owner=owner, num_proposals=len(proposals), num_candidates=len(named), class_names=class_names,
+                  note=note)
+
+
 ON_ERROR = ("raise", "skip")
 CHANNEL_ORDERS = ("RGB", "BGR")
 

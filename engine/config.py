@@ -95,6 +95,12 @@ class Config:
                                     "are exact by assumption: their boundaries are painted as given.")
     boundary_eps: float = knob(0.01, "the guided filter's regulariser (grey levels in 0..1, squared): edges weaker "
                                      "than about its square root are smoothed over rather than followed.")
+    gpu_proposer: bool = knob(True, "on a CUDA device the embedded proposer runs there: SLIC superpixels and rounds "
+                                    "of merges of mutual nearest pairs (engine.ops.proposer's kernels), with nothing "
+                                    "per image on the host; on VOC 3.3 mIoU below the host's watershed and "
+                                    "closest-pair merging, on CamVid 1.9 above (docs/decisions.md). False keeps the "
+                                    "host's proposer on a GPU engine (in a thread pool). The CPU always uses the "
+                                    "host's.")
     index: str = knob("Flat", 'FAISS index factory string over inner product ("Flat" is exact; "IVF4096,Flat" for '
                               "large banks).")
     nprobe: int = knob(16, "inverted lists visited per query by IVF indexes.")

@@ -2,11 +2,12 @@
 → backbone features → one SMFA query per proposal → one batched top-K bank search → vote → proposals voted
 background dropped → class-specific mask NMS → confidence-priority rasterisation.
 
-Every step after the backbone exists once and runs on the host over regions made of atoms (engine.regions), where it
-costs a fraction of the models. The device is a property of two parts only: the backbone's runtime (where the network
-runs; its (h, w, D) features come back to the host) and the search index (engine.search: FAISS on the CPU, or the
-bank resident on a GPU). `kernels="reference"` swaps the compiled ops and the FAISS search for their plain NumPy twins
-(engine.reference, an exact scan), which is how bench/throughput.py times the two side by side.
+Every step exists once, over regions made of atoms (engine.regions). On the CPU all of it runs on the host. On a GPU
+engine (device="cuda") the features stay on the GPU that ran the backbone, and the embedded proposer
+(Config.gpu_proposer), SMFA, the search, the vote and NMS with painting run there as the CUDA launchers of the same
+compiled ops; the label maps, owner maps and per-region classes come down, and the refinement after painting runs on
+the host, spread over its cores. `kernels="reference"` swaps the compiled ops and the FAISS search for their plain
+NumPy twins (engine.reference, an exact scan), which is how bench/throughput.py times the two side by side.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from . import ops, reference
-from .arrays import contiguous, host_all, place
-from .batches import Batch, Result, check_items, check_modes, in_input_order, load_batch
+from .arrays import concatenate, contiguous, host_all, place
+from .batches import Batch, Result, check_items, check_modes, in_input_order, kept_result, load_batch
 from .bank import FeatureBank
 from .boundaries import LabelMapRefiner
 from .config import Config, check_bank_config
@@ -83,10 +84,11 @@ class Engine:
         self.index = create_index(self.bank, self.config, backend, self.device, self.config.num_threads)
         self.times = StageTimes()
         self._decode_device = self.device if gpu_decoder_available(self.device) else None  # nvJPEG for files
-        # on a GPU the host's only per-image work is the proposer: spread over the cores
-        self._proposer_pool = (None if self.device == "cpu" else
-                               ThreadPoolExecutor(self.config.num_threads or os.cpu_count() or 1,
-                                                  thread_name_prefix="moduseg-proposer"))
+        # on a GPU the host's per-image work (the refinement, and a proposer that runs on the host): spread over the
+        # cores
+        self._host_pool = (None if self.device == "cpu" else
+                           ThreadPoolExecutor(self.config.num_threads or os.cpu_count() or 1,
+                                              thread_name_prefix="moduseg-host"))
         self._post_stream = None if self.device == "cpu" else _new_stream(self.device)
 
     @property
@@ -94,9 +96,11 @@ class Engine:
         return self.bank.class_names
 
     def describe(self) -> dict:
-        """Device, kernels, search backend and backbone (what bench/throughput.py reports)."""
+        """Device, kernels, search backend, backbone and proposer (what bench/throughput.py reports)."""
         runtime = getattr(self.backbone, "runtime", None)
+        proposer = self._proposer() if self.proposer is not None else None
         return {"device": self.device, "kernels": self.kernels.__name__, "search": self.index.describe(),
+                "proposer": _describe_proposer(proposer, self.device),
                 "decode": "nvjpeg (torchvision) on " + self._decode_device if self._decode_device else "host",
                 "backbone": self.backbone.id,
                 "runtime": runtime.describe() if hasattr(runtime, "describe") else type(self.backbone).__name__}
@@ -165,7 +169,8 @@ class Engine:
         with self.times("proposer"):
             batch.proposals = self._propose(batch.images, batch.proposals, batch.features, batch.positions)
         with self.times("filter"):
-            batch.candidates = [self._candidates(p) for p in batch.proposals]
+            batch.candidates = [p.candidates(self.config.objectness_threshold, self.config.min_area)
+                                for p in batch.proposals]
         return batch
 
     def _post(self, batch: Batch) -> list:
@@ -198,35 +203,45 @@ class Engine:
         with self.times("search"):
             classes, confidences = retrieve(self.index, queries, config.top_k, config.vote, self.kernels)
         with self.times("nms_raster"):
-            ids = np.concatenate([c["id"] for c in batch.candidates]).astype(np.int32)
+            ids = concatenate([c["id"] for c in batch.candidates], np.int32, where)
             keep, label_maps, owners = self.kernels.mask_nms_raster_batch(
                 atoms, members, classes, confidences, config.nms_iou_threshold, drop_class=BACKGROUND, ids=ids,
                 num_threads=threads)
             label_type = np.uint8 if len(self.class_names) <= 256 else np.int32
             label_maps = [contiguous(m, label_type, where) for m in label_maps]  # narrowed before they come down
-            keep, classes, confidences, *maps = host_all([keep, classes, confidences, *label_maps, *owners])
+            keep, classes, confidences, ids, *maps = host_all([keep, classes, confidences, ids, *label_maps,
+                                                               *owners])
             offsets = np.cumsum([0] + [len(c) for c in batch.candidates])
             results = []
-            for i, (proposals, candidates) in enumerate(zip(batch.proposals, batch.candidates)):
+            for i, proposals in enumerate(batch.proposals):
                 rows = slice(offsets[i], offsets[i + 1])
-                candidates["class"], candidates["confidence"] = classes[rows], confidences[rows]
-                results.append((proposals, candidates, keep[rows], maps[i], maps[len(atoms) + i]))
+                named = Records(id=ids[rows], **{"class": classes[rows], "confidence": confidences[rows]})
+                results.append((proposals, named, keep[rows], maps[i], maps[len(atoms) + i]))
         with self.times("refine"):
-            painted = [self.refiner(image, label_map, owner, snap=not given)
-                       for image, given, (*_, label_map, owner) in zip(batch.images, batch.given, results)]
-        return [self._assemble(*found[:3], *maps) for found, maps in zip(results, painted)]
+            painted = self._per_image(self._refine, batch.images, batch.given, [r[3:] for r in results])
+        return [kept_result(*found[:3], *maps, self.class_names) for found, maps in zip(results, painted)]
+
+    def _refine(self, images: list, given: list, painted: list) -> list:
+        """The refiner over images with their (label map, owner map); the boundaries of given proposals are kept."""
+        return [self.refiner(image, label_map, owner, snap=not is_given)
+                for image, is_given, (label_map, owner) in zip(images, given, painted)]
 
     # ------------------------------------------------------------------------------------------------------- steps
 
     def _propose(self, images: list, proposals: list, features: list, positions: list) -> list[Proposals]:
-        """One Proposals per image: the given ones, the engine's proposer's for the images without (given the
-        backbone's features, copied to the host, if it reads them)."""
+        """One Proposals per image: the given ones, the engine's proposer's for the images without: on a GPU engine
+        where the features are, when the proposer runs there (`runs_on_device`, Config.gpu_proposer), else on the
+        host (given the backbone's features, copied down, if it reads them)."""
         missing = [i for i, p in enumerate(proposals) if p is None]
         if missing:
             proposer = self._proposer()
             uses_features = getattr(proposer, "uses_features", False)
-            maps = host_all([features[i] for i in missing]) if uses_features else [None] * len(missing)
-            made = self._run_proposer(proposer, [images[i] for i in missing], maps, uses_features)
+            if self.device != "cpu" and getattr(proposer, "runs_on_device", False):
+                made = proposer.propose_on_device([images[i] for i in missing], [features[i] for i in missing],
+                                                  self.backbone.stride, self.backbone.groups)
+            else:
+                maps = host_all([features[i] for i in missing]) if uses_features else [None] * len(missing)
+                made = self._run_proposer(proposer, [images[i] for i in missing], maps, uses_features)
             if len(made) != len(missing):
                 raise ModelError(f"proposer {getattr(proposer, 'name', '?')} returned {len(made)} proposal "
                                  f"sets for {len(missing)} images")
@@ -241,15 +256,20 @@ class Engine:
         return proposals
 
     def _run_proposer(self, proposer, images: list, maps: list, uses_features: bool) -> list:
-        """The proposer over a batch: in one call on the CPU device (whose cores the other stages use), one image
-        per worker of a thread pool when the device computes the rest, so that the host work keeps up with it."""
+        """A host proposer over a batch (through _per_image)."""
         def call(images, maps):
             shared = dict(features=maps, stride=self.backbone.stride, groups=self.backbone.groups)
             return proposer.propose(images, **(shared if uses_features else {}))
 
-        if self._proposer_pool is None or len(images) < 2:
-            return call(images, maps)
-        futures = [self._proposer_pool.submit(call, [image], [f]) for image, f in zip(images, maps)]
+        return self._per_image(call, images, maps)
+
+    def _per_image(self, function, *columns) -> list:
+        """`function` over a batch, called on the whole columns at once on the CPU device (whose cores the other
+        stages use), or one image per worker of the host pool when the device computes the rest, so that the host
+        keeps up with it; function takes and returns lists."""
+        if self._host_pool is None or len(columns[0]) < 2:
+            return function(*columns)
+        futures = [self._host_pool.submit(function, *[[value] for value in row]) for row in zip(*columns)]
         return [future.result()[0] for future in futures]
 
     def _proposer(self):
@@ -260,28 +280,8 @@ class Engine:
             if isinstance(self.proposer, str):
                 from .models.embedded import resolve_proposer
 
-                self.proposer = resolve_proposer(self.proposer, self.config)
+                self.proposer = resolve_proposer(self.proposer, self.config, on_device=self.device != "cpu")
         return self.proposer
-
-    def _candidates(self, proposals: Proposals) -> Records:
-        """The proposals with objectness >= tau_obj and area >= min_area, with their input indices."""
-        records = Records(id=np.arange(len(proposals)), members=proposals.members,
-                          objectness=proposals.objectness, area=proposals.areas())
-        return records.filter((records["objectness"] >= self.config.objectness_threshold)
-                              & (records["area"] >= self.config.min_area))
-
-    def _assemble(self, proposals: Proposals, candidates: Records, keep: np.ndarray, label_map: np.ndarray,
-                  owner: np.ndarray) -> Result:
-        """One image's Result from its voted candidates and what NMS kept and painted, most confident first."""
-        kept = candidates.filter(keep.astype(bool))
-        kept = kept.filter(np.argsort(-kept["confidence"].astype(np.float64), kind="stable"))
-        note = ("no proposals: all background" if len(proposals) == 0 else
-                "no proposal passed the objectness and area filters: all background" if len(candidates) == 0 else
-                "every proposal was voted background: all background" if len(kept) == 0 else "")
-        return Result(label_map=label_map, classes=kept["class"].astype(np.int32),
-                      confidences=kept["confidence"].astype(np.float32), proposal_ids=kept["id"].astype(np.int64),
-                      owner=owner, num_proposals=len(proposals), num_candidates=len(candidates),
-                      class_names=self.class_names, note=note)
 
     def _threads(self, proposals: list[Proposals]) -> int:
         """OpenMP threads for the CPU kernels on a batch: Config.num_threads when set, else all for large images and
@@ -307,6 +307,18 @@ def _check_device(device: str) -> str:
                          f"(CUDA build: {torch.version.cuda}); use device='cpu'")
     check_torch_device(device)  # a GPU this torch build has no kernels for: a clear error, not "no kernel image"
     return device
+
+
+def _describe_proposer(proposer, device: str) -> str:
+    """The engine's proposer in a few words: its name, and for the embedded one its superpixels and merging and
+    where they run."""
+    if proposer is None:
+        return "none (proposals are given)"
+    name = getattr(proposer, "name", type(proposer).__name__)
+    if not hasattr(proposer, "superpixels"):
+        return name
+    on_device = device != "cpu" and getattr(proposer, "runs_on_device", False)
+    return f"{name} ({proposer.superpixels} + {proposer.merging}, on {device if on_device else 'the host'})"
 
 
 def _new_stream(device: str):

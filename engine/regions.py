@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arrays import common_place, dtype_of, place, shape_of
 from .constants import IGNORE
 from .errors import InputError
 
@@ -37,6 +38,9 @@ class Proposals:
     objectness: np.ndarray
 
     def __post_init__(self) -> None:
+        if place(self.atoms).is_cuda:
+            self._check_on_device()
+            return
         atoms = np.asarray(self.atoms)
         if atoms.ndim != 2 or atoms.dtype.kind not in "iu":
             hint = " (dense (N, H, W) masks? use Proposals.from_masks(masks, objectness))" if atoms.ndim == 3 else ""
@@ -53,6 +57,21 @@ class Proposals:
         self.atoms = np.ascontiguousarray(atoms, dtype=np.int32)
         self.members = np.ascontiguousarray(members != 0 if members.dtype != np.bool_ else members)
         self.objectness = objectness
+
+    def _check_on_device(self) -> None:
+        """Proposals whose arrays live on a CUDA device (torch or CuPy; the device proposer's): their shapes, types
+        and place are checked, their values trusted as the proposer's own (checking them would read them back)."""
+        where = common_place("Proposals", [self.atoms, self.members, self.objectness])
+        atoms, members, objectness = (shape_of(x) for x in (self.atoms, self.members, self.objectness))
+        if (len(atoms) != 2 or dtype_of(self.atoms) != np.int32 or len(members) != 2
+                or dtype_of(self.members) != np.bool_ or objectness != members[:1]
+                or dtype_of(self.objectness) != np.float32):
+            raise InputError(f"Proposals on {where}: expected atoms (H, W) int32, members (N, A) bool and objectness "
+                             f"(N,) float32, got {atoms}, {members} and {objectness}")
+
+    @property
+    def on_device(self) -> bool:
+        return place(self.atoms).is_cuda
 
     # ------------------------------------------------------------------------------------------------- construct
 
@@ -122,11 +141,21 @@ class Proposals:
         return self.members.shape[1]
 
     def atom_areas(self) -> np.ndarray:
-        """(A,) int64 pixels of each atom."""
+        """(A,) int64 pixels of each atom (where the atoms are)."""
+        if self.on_device:
+            import torch
+
+            return torch.bincount(torch.as_tensor(self.atoms).reshape(-1), minlength=self.num_atoms)
         return np.bincount(self.atoms.ravel(), minlength=self.num_atoms)
 
     def areas(self) -> np.ndarray:
-        """(N,) int64 pixels of each proposal."""
+        """(N,) int64 pixels of each proposal (where the proposals are)."""
+        if self.on_device:
+            import torch
+
+            members = torch.as_tensor(self.members)
+            # a float64 product: CUDA has no integer matrix product, and pixel counts are exact in float64
+            return (members.to(torch.float64) @ self.atom_areas().to(torch.float64)).to(torch.int64)
         return self.members.astype(np.int64) @ self.atom_areas()
 
     def atom_histogram(self, label_map: np.ndarray, num_classes: int) -> np.ndarray:
@@ -147,6 +176,14 @@ class Proposals:
         counts = self.members.astype(np.int64) @ self.atom_histogram(label_map, num_classes)
         return counts.argmax(axis=1), counts.max(axis=1, initial=0) / np.maximum(self.areas(), 1)
 
+    def candidates(self, objectness_threshold: float, min_area: int) -> "Records":
+        """The proposals with objectness >= objectness_threshold and area >= min_area as Records (id: the index in
+        these proposals; members, objectness, area), where the proposals are (the host, or a device)."""
+        area = self.areas()
+        passed = (self.objectness >= objectness_threshold) & (area >= min_area)
+        ids = passed.nonzero().flatten() if self.on_device else np.flatnonzero(passed)
+        return Records(id=ids, members=self.members[ids], objectness=self.objectness[ids], area=area[ids])
+
     @property
     def masks(self) -> np.ndarray:
         """(N, H, W) bool masks, materialised (N x H x W bytes: for inspection and small images)."""
@@ -159,7 +196,8 @@ class Proposals:
 
 class Records:
     """Per-region arrays of equal length (one row per region), filtered together: `records["area"]`,
-    `records["class"] = classes`, `records.filter(keep)`."""
+    `records["class"] = classes`, `records.filter(keep)`. NumPy arrays, or arrays on a CUDA device (torch, CuPy)
+    kept there."""
 
     def __init__(self, **arrays) -> None:
         self._arrays: dict[str, np.ndarray] = {}
@@ -170,7 +208,7 @@ class Records:
         return self._arrays[name]
 
     def __setitem__(self, name: str, value) -> None:
-        value = np.asarray(value)
+        value = value if place(value).is_cuda else np.asarray(value)  # device rows stay where they are
         if self._arrays and len(value) != len(self):
             raise InputError(f"Records: {name!r} has {len(value)} rows, the others {len(self)}")
         self._arrays[name] = value

@@ -183,19 +183,56 @@ def test_gpu_decode_matches_the_host_decoder(torch, voc_root, tmp_path):
 
 
 def test_engine_on_cuda_from_files_with_the_embedded_proposer(torch, voc_bank, voc_root):
-    """The whole device pipeline from JPEG files: nvJPEG, features left on the GPU, the host proposer, SMFA, search,
-    vote, NMS and raster on the GPU; against the CPU engine on the same files."""
+    """The whole device pipeline from JPEG files: nvJPEG, features left on the GPU, the device proposer (SLIC + RAC),
+    SMFA, search, vote, NMS and raster on the GPU; against the CPU engine with the same proposer on the same files
+    (which differs in its shrinking and Lab conversion: OpenCV's)."""
+    from engine.models.embedded import DEVICE_PROPOSER, create_proposer
+
     bank, backbone, samples = voc_bank
     config = bank.config.replace(top_k=1)
     gpu = Engine(bank, config=config, device="cuda")
     paths = [voc_root / "JPEGImages" / f"{s.id}.jpg" for s in samples]
     got = gpu.segment_batch(paths)
-    want = cpu_engine(bank, backbone, config=config).segment_batch(paths)
+    assert gpu.proposer.runs_on_device
+    want = cpu_engine(bank, backbone, config=config,
+                      proposer=create_proposer(config, **DEVICE_PROPOSER)).segment_batch(paths)
     agreement = np.mean([(a.label_map == b.label_map).mean() for a, b in zip(got, want)])
     assert all(a.label_map.shape == b.label_map.shape and a.label_map.dtype == np.uint8 for a, b in zip(got, want))
     assert agreement > 0.9, f"GPU and CPU label maps agree on {agreement:.3f} of the pixels"
     if torch.cuda.is_available() and "nvjpeg" not in gpu.describe()["decode"]:
         pytest.skip("decoded on the host: torchvision is not installed")
+
+
+def test_engine_on_cuda_with_the_host_proposer(torch, voc_bank):
+    """Config.gpu_proposer False: the host's watershed + closest-pair proposer feeds the device pipeline."""
+    bank, backbone, samples = voc_bank
+    config = bank.config.replace(top_k=1, gpu_proposer=False)
+    images = [s.image for s in samples]
+    gpu = Engine(bank, config=config, device="cuda")
+    got = gpu.segment_batch(images)
+    assert not gpu.proposer.runs_on_device
+    want = cpu_engine(bank, backbone, config=config).segment_batch(images)
+    agreement = np.mean([(a.label_map == b.label_map).mean() for a, b in zip(got, want)])
+    assert agreement > 0.9, f"GPU and CPU label maps agree on {agreement:.3f} of the pixels"
+
+
+def test_device_proposer_on_cuda_equals_its_cpu_run(torch, voc_bank):
+    """engine.models.embedded_device on the GPU against the same steps on torch CPU tensors: the kernels agree
+    exactly, so only the Lab conversion's float rounding (CUDA's and the CPU's pow) may move a superpixel pixel."""
+    from engine.models.embedded import DEVICE_PROPOSER, create_proposer
+
+    bank, backbone, samples = voc_bank
+    proposer = create_proposer(bank.config, **DEVICE_PROPOSER)
+    images = [s.image for s in samples]
+    features = backbone.features(images)
+    on_gpu = proposer.propose_on_device(images, [torch.from_numpy(f).cuda() for f in features], backbone.stride,
+                                        backbone.groups)
+    on_cpu = proposer.propose_on_device(images, [torch.from_numpy(f) for f in features], backbone.stride,
+                                        backbone.groups)
+    for a, b in zip(on_gpu, on_cpu):
+        assert a.on_device and a.atoms.is_cuda and a.members.is_cuda
+        assert (a.atoms.cpu().numpy() == b.atoms).mean() > 0.99
+        assert abs(len(a) - len(b)) <= max(2, len(b) // 10)
 
 
 # ------------------------------------------------------------------------------------------------------ TensorRT

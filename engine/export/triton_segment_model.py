@@ -6,9 +6,9 @@ triton_env.sh for the local server, a packed environment through EXECUTION_ENV_P
 docs/serving.md). Per model instance, `initialize` loads the bank once and makes an Engine whose backbone runs in the
 same server's backbone model through BLS (engine.models.bls_runtime); the proposer, pooling, search, vote and NMS run
 here: on the instance's CPU threads, or, with config parameter `device` "cuda" (KIND_GPU instances), as the engine's
-device pipeline on the instance's GPU, the backbone's features taken from BLS without a host copy where the server
-hands them over in GPU memory (DLPack), and only the label maps and what the segment records are made from coming
-back to the host.
+device pipeline on the instance's GPU (the proposer too, Config.gpu_proposer), the backbone's features taken from BLS
+without a host copy where the server hands them over in GPU memory (DLPack), and only the label maps and what the
+segment records are made from coming back to the host.
 
 Requests: IMAGE uint8 (B, H, W, 3) RGB, any H and W (the input allows ragged batches, so the dynamic batcher merges
 requests of different sizes into one `execute`, and the engine buckets them by padded size for the backbone).
@@ -126,8 +126,9 @@ class TritonPythonModel:
 
     def _host_array(self, tensor) -> np.ndarray:
         """A request tensor's pixels in host memory. With FORCE_CPU_ONLY_INPUT_TENSORS "no" (device "cuda") the
-        python backend may hand them over in GPU memory; they come down here because the engine's proposer reads host
-        pixels for now (the features, the heavy part, stay on the GPU)."""
+        python backend may hand them over in GPU memory; they come down here because the engine's input checks and
+        its refinement after painting read host pixels (the device proposer takes them up again; the features, the
+        heavy part, stay on the GPU)."""
         if self.device == "cpu" or tensor.is_cpu():
             return tensor.as_numpy()
         import torch

@@ -115,28 +115,54 @@ class EmbeddedProposer(Proposer):
             return Proposals.empty(*image.shape[:2])
         return Proposals(labels, np.stack(rows), tree.coherence[nodes].astype(np.float32))
 
+    @property
+    def runs_on_device(self) -> bool:
+        """Whether `propose_on_device` can make this proposer's proposals: its superpixels and merging are the
+        kernels the GPU runs (SLIC and RAC)."""
+        return self.superpixels == "slic" and self.merging == "rac"
+
+    def propose_on_device(self, images: Sequence[np.ndarray], features: Sequence, stride: int,
+                          groups: Sequence[int] = ()) -> list[Proposals]:
+        """`propose` where the feature maps are (torch tensors, e.g. on the GPU that ran the backbone): the images go
+        up once and the proposals' arrays stay there (engine.models.embedded_device)."""
+        if not self.runs_on_device:
+            raise InputError(f"propose_on_device needs superpixels 'slic' and merging 'rac', got "
+                             f"{self.superpixels!r} and {self.merging!r}")
+        from . import embedded_device
+
+        images = [check_image(image, f"images[{i}]") for i, image in enumerate(images)]
+        return embedded_device.propose(self, images, features, stride, groups)
+
     def merge_features(self, features: np.ndarray, groups: Sequence[int]) -> np.ndarray:
         """The part of a feature map that drives the merging (`merge_group`)."""
         if self.merge_group is None or not len(groups):
             return features
         bounds = np.concatenate([[0], np.cumsum(groups)])
         group = range(len(groups))[self.merge_group]
-        return np.ascontiguousarray(features[..., bounds[group]:bounds[group + 1]])
+        part = features[..., bounds[group]:bounds[group + 1]]
+        return part.contiguous() if hasattr(part, "contiguous") else np.ascontiguousarray(part)  # torch or NumPy
 
 
-def create_proposer(config: Config | None = None, **options) -> EmbeddedProposer:
-    """The embedded class-agnostic proposer with the engine's min_area and thread count."""
+#: the embedded proposer's knobs on a GPU engine with Config.gpu_proposer: the kernels that run there
+DEVICE_PROPOSER = dict(superpixels="slic", merging="rac")
+
+
+def create_proposer(config: Config | None = None, on_device: bool = False, **options) -> EmbeddedProposer:
+    """The embedded class-agnostic proposer with the engine's min_area and thread count; `on_device` (a GPU engine
+    whose Config.gpu_proposer is set): the one that runs on the device (DEVICE_PROPOSER)."""
     config = config or Config()
+    if on_device and config.gpu_proposer:
+        options = {**DEVICE_PROPOSER, **options}
     options.setdefault("min_area", config.min_area)
     options.setdefault("num_threads", config.num_threads or 1)
     return EmbeddedProposer(**options)
 
 
-def resolve_proposer(proposer, config: Config | None = None):
-    """A proposer argument as the engine and the bank take it: "embedded" -> the embedded proposer; None or a
-    proposer object -> itself."""
+def resolve_proposer(proposer, config: Config | None = None, on_device: bool = False):
+    """A proposer argument as the engine and the bank take it: "embedded" -> the embedded proposer (create_proposer's,
+    `on_device` for a GPU engine); None or a proposer object -> itself."""
     if isinstance(proposer, str):
         if proposer != "embedded":
             raise InputError(f"unknown proposer {proposer!r}; pass 'embedded', a Proposer or None")
-        return create_proposer(config)
+        return create_proposer(config, on_device)
     return proposer
