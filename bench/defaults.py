@@ -5,10 +5,14 @@ than a small val split holds. Folds: one image each on voc2012-mini (leave one o
 
     python bench/defaults.py --data ../shared/data/camvid [--masks gt|pseudo] [--proposals auto|gt]
         [--backbone effnet-lite2/multilayer] [--set top_k=5 --set region_purity=0.5 ...]
-        [--proposer levels=100,50 --proposer superpixel_scale=0.5 ...] [--no-heldout] [--json out.json]
+        [--proposer levels=100,50 --proposer superpixel_scale=0.5 ...] [--device-proposer] [--no-heldout]
+        [--json out.json]
 
 Train masks serve only the ground-truth bank (oracle rows) and the held-out folds' scoring, as the data's README
 allows; val masks only score. Features are computed once per image (engine.report.CachedBackbone).
+--device-proposer segments with the GPU engine's proposer (Config.gpu_proposer: EmbeddedProposer.propose_on_device,
+its steps run here on torch CPU tensors), the bank's regions still coming from the host's proposer, as a bank built
+by `moduseg build-bank` has them.
 """
 
 from __future__ import annotations
@@ -57,6 +61,24 @@ def folds(dataset: VOCDataset) -> list[np.ndarray]:
     return [np.arange(len(dataset)) == i for i in range(len(dataset))]
 
 
+class DeviceStepsOnCPU:
+    """The GPU engine's proposer for a CPU engine: EmbeddedProposer.propose_on_device on torch CPU tensors (the same
+    steps and kernels; only float rounding in the Lab conversion can differ from a GPU's)."""
+
+    name = "embedded"
+    uses_features = True
+
+    def __init__(self, proposer) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # the engine's own threads keep the cores busy
+        self.proposer, self.torch = proposer, torch
+
+    def propose(self, images, features, stride, groups=()):
+        maps = [self.torch.from_numpy(np.ascontiguousarray(f)) for f in features]
+        return self.proposer.propose_on_device(images, maps, stride, groups)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a VOC-layout data set with train and val splits")
@@ -65,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--set", action="append", default=[], help="a Config field, e.g. top_k=5")
     parser.add_argument("--proposer", action="append", default=[], help="an EmbeddedProposer knob, e.g. levels=100,50")
+    parser.add_argument("--device-proposer", action="store_true",
+                        help="segment with the GPU engine's proposer, its steps on torch CPU tensors")
     parser.add_argument("--no-heldout", action="store_true", help="val only")
     parser.add_argument("--json", type=Path, help="write the summaries here")
     args = parser.parse_args(argv)
@@ -73,6 +97,7 @@ def main(argv=None) -> int:
     config = Config(**assignments(args.set))
     backbone = CachedBackbone(create_backbone(args.backbone))
     proposer = create_proposer(config, **assignments(args.proposer))
+    segmenter = DeviceStepsOnCPU(create_proposer(config, on_device=True)) if args.device_proposer else proposer
     train, val = VOCDataset(args.data, "train"), VOCDataset(args.data, "val")
     truth = list(train)
     bank_samples = truth
@@ -82,7 +107,7 @@ def main(argv=None) -> int:
     def engine_for(use: np.ndarray) -> Engine:
         bank = FeatureBank.build([s for s, u in zip(bank_samples, use) if u], backbone, train.class_names, config,
                                  proposer=proposer, progress=False)
-        return Engine(bank, backbone=backbone, proposer=proposer, config=config)
+        return Engine(bank, backbone=backbone, proposer=segmenter, config=config)
 
     results = {}
     confusion = evaluate(engine_for(np.ones(len(train), bool)), list(val), train.class_names, args.proposals)
@@ -99,7 +124,8 @@ def main(argv=None) -> int:
         results["both"] = both.summary()
     line = " ".join(f"{split} {summary['miou']:.1f}" for split, summary in results.items())
     print(f"{args.data.name} bank={args.masks} proposals={args.proposals} backbone={args.backbone} "
-          f"set={assignments(args.set)} proposer={assignments(args.proposer)}: {line} "
+          f"set={assignments(args.set)} proposer={assignments(args.proposer)}"
+          f"{' device-proposer' if args.device_proposer else ''}: {line} "
           f"({time.perf_counter() - start:.0f} s)")
     last = results.get("both", results["val"])
     print(" ".join(f"{name}={value:.0f}" for name, value in last["per_class"].items() if value is not None))

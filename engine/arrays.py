@@ -9,6 +9,7 @@ with.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,8 +94,16 @@ def contiguous(x, dtype, where: Place):
     import torch
 
     if not isinstance(x, torch.Tensor):
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = torch_view(torch, np.ascontiguousarray(x))
     return x.to(device=f"cuda:{where.index}", dtype=_torch_dtype(torch, dtype)).contiguous()
+
+
+def torch_view(torch, array: np.ndarray):
+    """A torch tensor sharing a NumPy array's memory, to be read (copied to a device) and never written: torch warns
+    about read-only arrays (the engine's checked images are), which is moot here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def concatenate(arrays: list, dtype, where: Place):

@@ -84,8 +84,8 @@ class Engine:
         self.index = create_index(self.bank, self.config, backend, self.device, self.config.num_threads)
         self.times = StageTimes()
         self._decode_device = self.device if gpu_decoder_available(self.device) else None  # nvJPEG for files
-        # on a GPU the host's per-image work (the refinement, and a proposer that runs on the host): spread over the
-        # cores
+        # on a GPU with a proposer that runs on the host (Config.gpu_proposer False, or the caller's): one image per
+        # worker, spread over the cores
         self._host_pool = (None if self.device == "cpu" else
                            ThreadPoolExecutor(self.config.num_threads or os.cpu_count() or 1,
                                               thread_name_prefix="moduseg-host"))
@@ -188,9 +188,9 @@ class Engine:
             return in_input_order(batch, self._name_and_paint(batch))
 
     def _name_and_paint(self, batch: Batch) -> list[Result]:
-        """SMFA, search, vote, NMS and painting for the whole batch, one compiled op each, where the features live
-        (the host, or the GPU that ran the backbone: then the regions go up once and only the label maps, owner
-        maps and the per-region classes come down)."""
+        """SMFA, search, vote, NMS, painting and the refinement for the whole batch, where the features live (the
+        host, or the GPU that ran the backbone: then the regions go up once and only the label maps, owner maps and
+        the per-region classes come down)."""
         config = self.config
         where = place(batch.features[0])
         atoms = [contiguous(p.atoms, np.int32, where) for p in batch.proposals]
@@ -209,22 +209,21 @@ class Engine:
                 num_threads=threads)
             label_type = np.uint8 if len(self.class_names) <= 256 else np.int32
             label_maps = [contiguous(m, label_type, where) for m in label_maps]  # narrowed before they come down
-            keep, classes, confidences, ids, *maps = host_all([keep, classes, confidences, ids, *label_maps,
-                                                               *owners])
+        with self.times("refine"):  # where the maps are
+            images = [contiguous(image, np.uint8, where) for image in batch.images]
+            painted = [self.refiner(image, label_map, owner, snap=not given)
+                       for image, given, label_map, owner in zip(images, batch.given, label_maps, owners)]
+        with self.times("results"):
+            keep, classes, confidences, ids, *maps = host_all([keep, classes, confidences, ids,
+                                                               *(m for pair in painted for m in pair)])
             offsets = np.cumsum([0] + [len(c) for c in batch.candidates])
             results = []
             for i, proposals in enumerate(batch.proposals):
                 rows = slice(offsets[i], offsets[i + 1])
                 named = Records(id=ids[rows], **{"class": classes[rows], "confidence": confidences[rows]})
-                results.append((proposals, named, keep[rows], maps[i], maps[len(atoms) + i]))
-        with self.times("refine"):
-            painted = self._per_image(self._refine, batch.images, batch.given, [r[3:] for r in results])
-        return [kept_result(*found[:3], *maps, self.class_names) for found, maps in zip(results, painted)]
-
-    def _refine(self, images: list, given: list, painted: list) -> list:
-        """The refiner over images with their (label map, owner map); the boundaries of given proposals are kept."""
-        return [self.refiner(image, label_map, owner, snap=not is_given)
-                for image, is_given, (label_map, owner) in zip(images, given, painted)]
+                results.append(kept_result(proposals, named, keep[rows], maps[2 * i], maps[2 * i + 1],
+                                           self.class_names))
+        return results
 
     # ------------------------------------------------------------------------------------------------------- steps
 
@@ -256,20 +255,15 @@ class Engine:
         return proposals
 
     def _run_proposer(self, proposer, images: list, maps: list, uses_features: bool) -> list:
-        """A host proposer over a batch (through _per_image)."""
+        """A host proposer over a batch: in one call on the CPU device (whose cores the other stages use), one image
+        per worker of the host pool when the device computes the rest, so that the host keeps up with it."""
         def call(images, maps):
             shared = dict(features=maps, stride=self.backbone.stride, groups=self.backbone.groups)
             return proposer.propose(images, **(shared if uses_features else {}))
 
-        return self._per_image(call, images, maps)
-
-    def _per_image(self, function, *columns) -> list:
-        """`function` over a batch, called on the whole columns at once on the CPU device (whose cores the other
-        stages use), or one image per worker of the host pool when the device computes the rest, so that the host
-        keeps up with it; function takes and returns lists."""
-        if self._host_pool is None or len(columns[0]) < 2:
-            return function(*columns)
-        futures = [self._host_pool.submit(function, *[[value] for value in row]) for row in zip(*columns)]
+        if self._host_pool is None or len(images) < 2:
+            return call(images, maps)
+        futures = [self._host_pool.submit(call, [image], [f]) for image, f in zip(images, maps)]
         return [future.result()[0] for future in futures]
 
     def _proposer(self):

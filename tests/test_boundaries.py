@@ -1,10 +1,25 @@
 """engine.boundaries: the guided-filter boundary snapping against a plain NumPy guided filter written from its
-equations, and the unpainted-pixel fill against brute-force nearest pixels."""
+equations, and the unpainted-pixel fill against brute-force nearest pixels; each on NumPy arrays (OpenCV's filters)
+and on torch tensors (torch's, as a GPU engine runs them; here on the CPU)."""
 
 import numpy as np
 import pytest
 
-from engine.boundaries import fill_unpainted, snap_to_edges
+from engine.boundaries import LabelMapRefiner, fill_unpainted, snap_to_edges
+from engine.config import Config
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def to(request):
+    """Arrays as the backend under test takes them (`to(x)`), and its results back as NumPy (`to.back(y)`)."""
+    if request.param == "numpy":
+        convert = lambda x: x  # noqa: E731
+        convert.back = lambda y: y
+        return convert
+    torch = pytest.importorskip("torch")
+    convert = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
+    convert.back = lambda y: y.numpy()
+    return convert
 
 
 def _window_mean(values: np.ndarray, radius: int) -> np.ndarray:
@@ -42,7 +57,7 @@ def _grey(image):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_snap_matches_the_reference_at_full_resolution(seed):
+def test_snap_matches_the_reference_at_full_resolution(seed, to):
     rng = np.random.default_rng(seed)
     height, width = rng.integers(8, 40, size=2)
     # blocky labels and a noisy image with edges of its own, so the filter has something to follow
@@ -50,7 +65,7 @@ def test_snap_matches_the_reference_at_full_resolution(seed):
     label_map = label_map[:height, :width].astype(np.uint8)
     image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     radius, eps = int(rng.integers(1, 4)), float(rng.choice([1e-3, 1e-2, 1e-1]))
-    got = snap_to_edges(label_map, image, radius, eps, subsample=1)
+    got = to.back(snap_to_edges(to(label_map), to(image), radius, eps, subsample=1))
     expected, margin = _guided_reference(label_map, _grey(image), radius, eps)
     clear = margin > 1e-4  # float32 against float64: only near-ties may differ
     assert clear.mean() > 0.9
@@ -58,43 +73,43 @@ def test_snap_matches_the_reference_at_full_resolution(seed):
     assert got.dtype == label_map.dtype
 
 
-def test_a_boundary_moves_onto_the_image_edge():
+def test_a_boundary_moves_onto_the_image_edge(to):
     image = np.zeros((64, 64, 3), np.uint8)
     image[:, 32:] = 200  # the object's edge: column 32
     label_map = np.zeros((64, 64), np.uint8)
     label_map[:, 29:] = 7  # painted three pixels too far left (a half-scale superpixel boundary)
-    snapped = snap_to_edges(label_map, image, radius=16, eps=1e-2)
+    snapped = to.back(snap_to_edges(to(label_map), to(image), radius=16, eps=1e-2))
     np.testing.assert_array_equal(snapped[:, :32], 0)
     np.testing.assert_array_equal(snapped[:, 32:], 7)
 
 
-def test_flat_image_smooths_and_ties_keep_the_lower_class():
+def test_flat_image_smooths_and_ties_keep_the_lower_class(to):
     image = np.full((16, 16, 3), 90, np.uint8)
     label_map = np.zeros((16, 16), np.uint8)
     label_map[:, 8:] = 3  # exactly half and half: the middle columns tie only by symmetry, never flip the halves
-    snapped = snap_to_edges(label_map, image, radius=4, eps=1e-2, subsample=1)
+    snapped = to.back(snap_to_edges(to(label_map), to(image), radius=4, eps=1e-2, subsample=1))
     assert (snapped[:, :7] == 0).all() and (snapped[:, 9:] == 3).all()
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (2, 3), (5, 200)])
-def test_tiny_and_thin_images(shape):
+def test_tiny_and_thin_images(shape, to):
     rng = np.random.default_rng(1)
     label_map = rng.integers(0, 3, size=shape).astype(np.uint8)
     image = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
-    snapped = snap_to_edges(label_map, image, radius=16, eps=1e-2)
+    snapped = to.back(snap_to_edges(to(label_map), to(image), radius=16, eps=1e-2))
     assert snapped.shape == shape and set(np.unique(snapped)) <= set(np.unique(label_map))
 
 
-def test_one_class_or_radius_zero_is_unchanged():
+def test_one_class_or_radius_zero_is_unchanged(to):
     rng = np.random.default_rng(2)
-    image = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
-    single = np.full((20, 30), 5, np.uint8)
+    image = to(rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8))
+    single = to(np.full((20, 30), 5, np.uint8))
     assert snap_to_edges(single, image, 16, 1e-2) is single
-    mixed = rng.integers(0, 3, size=(20, 30)).astype(np.uint8)
+    mixed = to(rng.integers(0, 3, size=(20, 30)).astype(np.uint8))
     assert snap_to_edges(mixed, image, 0, 1e-2) is mixed
 
 
-def test_fill_gives_each_unpainted_pixel_a_nearest_painted_class():
+def test_fill_gives_each_unpainted_pixel_a_nearest_painted_class(to):
     rng = np.random.default_rng(3)
     owner = np.full((40, 50), -1, np.int32)
     label_map = np.zeros((40, 50), np.uint8)
@@ -102,18 +117,63 @@ def test_fill_gives_each_unpainted_pixel_a_nearest_painted_class():
     for i, point in enumerate(points):  # a few painted pixels, far apart, each its own class
         y, x = divmod(point, 50)
         owner[y, x], label_map[y, x] = i, i + 1
-    filled = fill_unpainted(label_map, owner)
+    filled = to.back(fill_unpainted(to(label_map), to(owner)))
     ys, xs = np.divmod(points, 50)
     yy, xx = np.mgrid[:40, :50]
     distance = np.hypot(yy[..., None] - ys, xx[..., None] - xs)  # to every painted pixel
     nearest = distance.min(axis=2)
     got = distance[yy, xx, filled.astype(int) - 1]
-    # the chamfer distance approximates the Euclidean one: the class found is a nearest one up to 3 percent
+    # the chamfer distance and jump flooding approximate the nearest: the class found is a nearest one up to 3 %
     assert (got <= nearest * 1.03 + 1e-9).all()
     np.testing.assert_array_equal(filled[owner >= 0], label_map[owner >= 0])
 
 
-def test_fill_is_a_no_op_when_all_or_nothing_is_painted():
-    label_map = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    assert fill_unpainted(label_map, np.zeros((3, 4), np.int32)) is label_map
-    assert fill_unpainted(label_map, np.full((3, 4), -1, np.int32)) is label_map
+def test_fill_is_a_no_op_when_all_or_nothing_is_painted(to):
+    label_map = to(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    assert fill_unpainted(label_map, to(np.zeros((3, 4), np.int32))) is label_map
+    assert fill_unpainted(label_map, to(np.full((3, 4), -1, np.int32))) is label_map
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (5, 5), (33, 70), (64, 3)])
+def test_fill_reaches_every_pixel_of_any_shape(to, shape):
+    rng = np.random.default_rng(4)
+    owner = np.full(shape, -1, np.int32)
+    label_map = np.zeros(shape, np.uint8)
+    y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])  # one painted pixel in a corner of nothing
+    owner[y, x], label_map[y, x] = 0, 9
+    np.testing.assert_array_equal(to.back(fill_unpainted(to(label_map), to(owner))), 9)
+
+
+def test_torch_and_opencv_refinements_agree_on_real_sized_maps():
+    """The two backends' snapping through LabelMapRefiner on a 375 x 500 scene at the defaults: the same maps but
+    where float rounding decides a near-tie, and owners cleared exactly where the class changed. (Their fills differ
+    where two painted pixels are nearly equally near, chamfer against jump flooding: each is held to the brute-force
+    nearest above.)"""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    image = (rng.random((375, 500, 3)) * 40).astype(np.uint8)
+    label_map = np.zeros((375, 500), np.uint8)
+    owner = np.full((375, 500), -1, np.int32)
+    for k in range(6):
+        y, x = rng.integers(0, 300), rng.integers(0, 420)
+        image[y:y + 70, x:x + 80] += np.uint8(30 * (k + 1))
+        label_map[y + 3:y + 73, x - 2 if x > 1 else 0:x + 78] = k + 1  # painted a few pixels off the edges
+        owner[label_map == k + 1] = k
+    refiner = LabelMapRefiner(Config(), has_background=True)  # snap only
+    want, want_owner = refiner(image, label_map, owner)
+    got, got_owner = refiner(torch.from_numpy(image), torch.from_numpy(label_map), torch.from_numpy(owner))
+    got, got_owner = got.numpy(), got_owner.numpy()
+    assert (got != want).mean() < 0.001 and (got != label_map).mean() > 0.01
+    np.testing.assert_array_equal(got_owner[got == want], want_owner[got == want])
+    np.testing.assert_array_equal(got_owner == -1, (got != label_map) | (owner == -1))
+
+
+def test_torch_grey_levels_are_opencvs():
+    torch = pytest.importorskip("torch")
+    import cv2
+
+    from engine.boundaries import _TorchSteps
+
+    pixels = np.random.default_rng(6).integers(0, 256, (1, 100000, 3), dtype=np.uint8)
+    want = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    np.testing.assert_array_equal(_TorchSteps.grey(torch.from_numpy(pixels)).numpy(), want)

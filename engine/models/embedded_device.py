@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..arrays import torch_view
 from ..regions import Proposals
 
 # sRGB (D65) to CIE XYZ, and the D65 white point: the constants of OpenCV's RGB2Lab, so that the host and the device
@@ -149,7 +150,8 @@ def propose(proposer, images: Sequence[np.ndarray], features: Sequence[torch.Ten
     """EmbeddedProposer's proposals (superpixels "slic", merging "rac") for HxWx3 uint8 RGB images, computed where
     their feature maps (torch tensors) are."""
     device = features[0].device
-    labs = [working_lab(torch.as_tensor(image).to(device), proposer.superpixel_scale) for image in images]
+    labs = [working_lab(torch_view(torch, np.ascontiguousarray(image)).to(device), proposer.superpixel_scale)
+            for image in images]
     small = [torch.as_tensor(labels, device=device) for labels in ops.slic_superpixels_batch(
         labs, proposer.n_superpixels, proposer.slic_compactness, proposer.slic_iterations,
         num_threads=proposer.num_threads)]
