@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.kernels import format_table, run_kernel_bench
 
         kernel_rows = run_kernel_bench(repeats=3, num_threads=args.threads or 1, quick=False)
-        print(f"\nkernels (bench/kernels.py): engine.ops vs engine.reference, median of 3")
+        print("\nkernels (bench/kernels.py): engine.ops vs engine.reference, median of 3")
         print(format_table(kernel_rows))
 
     if args.json:
