@@ -5,14 +5,14 @@ than a small val split holds. Folds: one image each on voc2012-mini (leave one o
 
     python bench/defaults.py --data ../shared/data/camvid [--masks gt|pseudo] [--proposals auto|gt]
         [--backbone effnet-lite2/multilayer] [--set top_k=5 --set region_purity=0.5 ...]
-        [--proposer levels=100,50 --proposer superpixel_scale=0.5 ...] [--device-proposer] [--no-heldout]
-        [--json out.json]
+        [--proposer levels=100,50 --proposer superpixel_scale=0.5 ...] [--device-proposer [--device-knob
+        slic_compactness=5 ...]] [--no-heldout] [--json out.json]
 
 Train masks serve only the ground-truth bank (oracle rows) and the held-out folds' scoring, as the data's README
 allows; val masks only score. Features are computed once per image (engine.report.CachedBackbone).
 --device-proposer segments with the GPU engine's proposer (Config.gpu_proposer: EmbeddedProposer.propose_on_device,
 its steps run here on torch CPU tensors), the bank's regions still coming from the host's proposer, as a bank built
-by `moduseg build-bank` has them.
+by `moduseg build-bank` has them; --device-knob sets that proposer's EmbeddedProposer knobs.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--proposer", action="append", default=[], help="an EmbeddedProposer knob, e.g. levels=100,50")
     parser.add_argument("--device-proposer", action="store_true",
                         help="segment with the GPU engine's proposer, its steps on torch CPU tensors")
+    parser.add_argument("--device-knob", action="append", default=[],
+                        help="an EmbeddedProposer knob of the device proposer, e.g. slic_compactness=5")
     parser.add_argument("--no-heldout", action="store_true", help="val only")
     parser.add_argument("--json", type=Path, help="write the summaries here")
     args = parser.parse_args(argv)
@@ -97,7 +99,9 @@ def main(argv=None) -> int:
     config = Config(**assignments(args.set))
     backbone = CachedBackbone(create_backbone(args.backbone))
     proposer = create_proposer(config, **assignments(args.proposer))
-    segmenter = DeviceStepsOnCPU(create_proposer(config, on_device=True)) if args.device_proposer else proposer
+    segmenter = proposer
+    if args.device_proposer:
+        segmenter = DeviceStepsOnCPU(create_proposer(config, on_device=True, **assignments(args.device_knob)))
     train, val = VOCDataset(args.data, "train"), VOCDataset(args.data, "val")
     truth = list(train)
     bank_samples = truth
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
     line = " ".join(f"{split} {summary['miou']:.1f}" for split, summary in results.items())
     print(f"{args.data.name} bank={args.masks} proposals={args.proposals} backbone={args.backbone} "
           f"set={assignments(args.set)} proposer={assignments(args.proposer)}"
-          f"{' device-proposer' if args.device_proposer else ''}: {line} "
+          f"{f' device-proposer {assignments(args.device_knob)}' if args.device_proposer else ''}: {line} "
           f"({time.perf_counter() - start:.0f} s)")
     last = results.get("both", results["val"])
     print(" ".join(f"{name}={value:.0f}" for name, value in last["per_class"].items() if value is not None))

@@ -3,9 +3,10 @@
 # installs the engine there (its CUDA launchers compiled for that machine's nvcc), records `moduseg info --json`,
 # runs the GPU parity tests (compiled ops on CUDA vs their CPU launchers, the device pipeline vs the CPU one), times
 # the ops on the GPU (bench/kernels.py --cuda) and the engine end to end on CUDA (bench/throughput.py --device cuda:
-# images/s beside the backbone alone, device ms per stage, host ms per image, launches per batch, peak memory), and
-# the proposer's kernels on the GPU beside their CPU launchers and today's host steps (bench/proposer_device.py), and
-# writes everything to OUT (the first argument).
+# images/s beside the backbone alone, device ms per stage, host ms per image, launches per batch, peak memory; with
+# the device proposer, the default, and again with the host's), and the proposer's kernels and the whole proposer on
+# the GPU beside their CPU launchers and today's host steps (bench/proposer_device.py), and writes everything to OUT
+# (the first argument).
 # Prepare its inputs here first with scripts/gpu_prepare.sh (carried: .whl and .gpu_data). Meant to finish within
 # 8 minutes; each step has its own time limit and a failing step does not stop the others.
 set -uo pipefail
@@ -43,6 +44,9 @@ step tests 240 bash -c "cd tests && '$PYTHON' -m pytest test_gpu.py -q -rA -p no
 step kernels 120 "$PYTHON" bench/kernels.py --cuda --quick --repeats 3
 step throughput 240 "$PYTHON" bench/throughput.py --device cuda --images .gpu_data/voc2012-mini/JPEGImages \
   --limit 24 --repeats 3 --no-kernels --json "$OUT/throughput.json"
+step throughput_host_proposer 180 "$PYTHON" bench/throughput.py --device cuda --host-proposer \
+  --images .gpu_data/voc2012-mini/JPEGImages --limit 24 --repeats 2 --no-kernels --no-reference \
+  --json "$OUT/throughput_host_proposer.json"
 step proposer 120 "$PYTHON" bench/proposer_device.py --cuda --images .gpu_data/voc2012-mini/JPEGImages --limit 24
 cat "$OUT/summary.txt"
 exit $status

@@ -235,6 +235,30 @@ def test_device_proposer_on_cuda_equals_its_cpu_run(torch, voc_bank):
         assert abs(len(a) - len(b)) <= max(2, len(b) // 10)
 
 
+def test_refinement_on_cuda_equals_its_cpu_run(torch, rng):
+    """engine.boundaries's torch steps on the GPU against the same steps on the CPU: the snapping on a scene, and
+    the fill by jump flooding (integer work: identical)."""
+    from engine.boundaries import LabelMapRefiner
+    from engine.config import Config
+
+    image = (rng.random((375, 500, 3)) * 40).astype(np.uint8)
+    label_map = np.zeros((375, 500), np.uint8)
+    owner = np.full((375, 500), -1, np.int32)
+    for k in range(6):
+        y, x = rng.integers(0, 300), rng.integers(0, 420)
+        image[y:y + 70, x:x + 80] += np.uint8(30 * (k + 1))
+        label_map[y + 3:y + 73, x:x + 78] = k + 1
+        owner[label_map == k + 1] = k
+    for has_background in (True, False):  # snap only; fill then snap
+        refiner = LabelMapRefiner(Config(), has_background)
+        want = refiner(*(torch.from_numpy(x) for x in (image, label_map, owner)))
+        got = refiner(*(torch.from_numpy(x).cuda() for x in (image, label_map, owner)))
+        assert got[0].is_cuda and got[1].is_cuda
+        assert (got[0].cpu() != want[0]).float().mean() < 0.001
+        cleared = (got[0].cpu() != torch.from_numpy(label_map)) | torch.from_numpy(owner == -1)
+        assert torch.equal(got[1].cpu() == -1, cleared)
+
+
 # ------------------------------------------------------------------------------------------------------ TensorRT
 
 
