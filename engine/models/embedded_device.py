@@ -149,6 +149,8 @@ def propose(proposer, images: Sequence[np.ndarray], features: Sequence[torch.Ten
             groups: Sequence[int]) -> list[Proposals]:
     """EmbeddedProposer's proposals (superpixels "slic", merging "rac") for HxWx3 uint8 RGB images, computed where
     their feature maps (torch tensors) are."""
+    if not len(images):
+        return []
     device = features[0].device
     labs = [working_lab(torch_view(torch, np.ascontiguousarray(image)).to(device), proposer.superpixel_scale)
             for image in images]

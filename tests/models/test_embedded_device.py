@@ -104,8 +104,9 @@ def host_proposals(proposer, image, lab, features, stride):
 
 
 def test_device_proposals_equal_the_host_proposer_from_the_same_lab(rng, monkeypatch):
-    proposer = EmbeddedProposer(n_superpixels=60, levels=(20, 8, 3), min_area=30, superpixels="slic", merging="rac")
-    images = [scene(rng, 70, 90), scene(rng, 33, 47), scene(rng, 2, 40), np.full((20, 30, 3), 128, np.uint8)]
+    proposer = EmbeddedProposer(n_superpixels=60, levels=(20, 8, 3), min_area=1, superpixels="slic", merging="rac")
+    images = [scene(rng, 70, 90), scene(rng, 33, 47), scene(rng, 2, 40), np.full((20, 30, 3), 128, np.uint8),
+              scene(rng, 1, 1), scene(rng, 1, 90)]
     stride = 16
     features = [rng.standard_normal((-(-h // stride), -(-w // stride), 8)).astype(np.float32)
                 for h, w in (image.shape[:2] for image in images)]
@@ -127,6 +128,7 @@ def test_device_proposals_without_any_region_over_min_area(rng):
     features = torch.from_numpy(rng.standard_normal((2, 3, 4)).astype(np.float32))
     (proposals,) = proposer.propose_on_device([image], [features], 16)
     assert len(proposals) == 0 and proposals.atoms.shape == (30, 40)
+    assert proposer.propose_on_device([], [], 16) == []
 
 
 def test_only_slic_and_rac_run_on_the_device(rng):
