@@ -5,8 +5,8 @@ background dropped → class-specific mask NMS → confidence-priority rasterisa
 Every step exists once, over regions made of atoms (engine.regions). On the CPU all of it runs on the host. On a GPU
 engine (device="cuda") the features stay on the GPU that ran the backbone, and the embedded proposer
 (Config.gpu_proposer), SMFA, the search, the vote and NMS with painting run there as the CUDA launchers of the same
-compiled ops; the label maps, owner maps and per-region classes come down, and the refinement after painting runs on
-the host, spread over its cores. `kernels="reference"` swaps the compiled ops and the FAISS search for their plain
+compiled ops, and the refinement after painting runs there on the label maps; the refined maps, owner maps and
+per-region classes come down. `kernels="reference"` swaps the compiled ops and the FAISS search for their plain
 NumPy twins (engine.reference, an exact scan), which is how bench/throughput.py times the two side by side.
 """
 

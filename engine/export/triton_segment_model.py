@@ -126,8 +126,8 @@ class TritonPythonModel:
 
     def _host_array(self, tensor) -> np.ndarray:
         """A request tensor's pixels in host memory. With FORCE_CPU_ONLY_INPUT_TENSORS "no" (device "cuda") the
-        python backend may hand them over in GPU memory; they come down here because the engine's input checks and
-        its refinement after painting read host pixels (the device proposer takes them up again; the features, the
+        python backend may hand them over in GPU memory; they come down here because the engine's input checks read
+        host pixels (the device proposer and the refinement after painting take them up again; the features, the
         heavy part, stay on the GPU)."""
         if self.device == "cpu" or tensor.is_cpu():
             return tensor.as_numpy()
