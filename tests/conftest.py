@@ -161,6 +161,21 @@ def scene(rng: np.random.Generator, height: int = 96, width: int = 128, classes=
     return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), label
 
 
+def painted_scene(rng: np.random.Generator, height: int = 375, width: int = 500, objects: int = 6):
+    """A VOC-sized scene for the refinement after painting: `objects` brighter rectangles on dark noise, each painted
+    in the label map (class k + 1, owner k) a few pixels off its edges, as proposals land; unpainted pixels owner -1.
+    Returns image, label map, owner map."""
+    image = (rng.random((height, width, 3)) * 40).astype(np.uint8)
+    label_map = np.zeros((height, width), np.uint8)
+    owner = np.full((height, width), -1, np.int32)
+    for k in range(objects):
+        y, x = int(rng.integers(0, height - 75)), int(rng.integers(0, width - 80))
+        image[y:y + 70, x:x + 80] += np.uint8(30 * (k + 1))
+        label_map[y + 3:y + 73, max(x - 2, 0):x + 78] = k + 1
+        owner[label_map == k + 1] = k
+    return image, label_map, owner
+
+
 def toy_samples(rng: np.random.Generator, count: int = 6):
     """Bank samples: scenes with two of the three colour classes each, image-level labels from their masks."""
     from engine.data import Sample
@@ -203,10 +218,11 @@ def copy_small_voc(voc: Path, root: Path, train: int = 6, val: int = 3) -> Path:
 
 @pytest.fixture(scope="session")
 def toy():
-    """The toy models: toy.ColorBackbone, toy.scene(rng, ...), toy.samples(rng, count), toy.bank(rng, count),
+    """The toy models: toy.ColorBackbone, toy.scene(rng, ...), toy.painted_scene(rng), toy.samples(rng, count),
+    toy.bank(rng, count),
     toy.CLASSES, toy.COLORS, toy.copy_small_voc(voc, root)."""
-    return SimpleNamespace(ColorBackbone=ColorBackbone, scene=scene, samples=toy_samples, bank=build_toy_bank,
-                           CLASSES=CLASSES, COLORS=COLORS, copy_small_voc=copy_small_voc)
+    return SimpleNamespace(ColorBackbone=ColorBackbone, scene=scene, painted_scene=painted_scene, samples=toy_samples,
+                           bank=build_toy_bank, CLASSES=CLASSES, COLORS=COLORS, copy_small_voc=copy_small_voc)
 
 
 @pytest.fixture(scope="session")

@@ -144,21 +144,13 @@ def test_fill_reaches_every_pixel_of_any_shape(to, shape):
     np.testing.assert_array_equal(to.back(fill_unpainted(to(label_map), to(owner))), 9)
 
 
-def test_torch_and_opencv_refinements_agree_on_real_sized_maps():
+def test_torch_and_opencv_refinements_agree_on_real_sized_maps(toy, rng):
     """The two backends' snapping through LabelMapRefiner on a 375 x 500 scene at the defaults: the same maps but
     where float rounding decides a near-tie, and owners cleared exactly where the class changed. (Their fills differ
     where two painted pixels are nearly equally near, chamfer against jump flooding: each is held to the brute-force
     nearest above.)"""
     torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(5)
-    image = (rng.random((375, 500, 3)) * 40).astype(np.uint8)
-    label_map = np.zeros((375, 500), np.uint8)
-    owner = np.full((375, 500), -1, np.int32)
-    for k in range(6):
-        y, x = rng.integers(0, 300), rng.integers(0, 420)
-        image[y:y + 70, x:x + 80] += np.uint8(30 * (k + 1))
-        label_map[y + 3:y + 73, x - 2 if x > 1 else 0:x + 78] = k + 1  # painted a few pixels off the edges
-        owner[label_map == k + 1] = k
+    image, label_map, owner = toy.painted_scene(rng)
     refiner = LabelMapRefiner(Config(), has_background=True)  # snap only
     want, want_owner = refiner(image, label_map, owner)
     got, got_owner = refiner(torch.from_numpy(image), torch.from_numpy(label_map), torch.from_numpy(owner))

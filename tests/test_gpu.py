@@ -235,20 +235,13 @@ def test_device_proposer_on_cuda_equals_its_cpu_run(torch, voc_bank):
         assert abs(len(a) - len(b)) <= max(2, len(b) // 10)
 
 
-def test_refinement_on_cuda_equals_its_cpu_run(torch, rng):
+def test_refinement_on_cuda_equals_its_cpu_run(torch, rng, toy):
     """engine.boundaries's torch steps on the GPU against the same steps on the CPU: the snapping on a scene, and
     the fill by jump flooding (integer work: identical)."""
     from engine.boundaries import LabelMapRefiner
     from engine.config import Config
 
-    image = (rng.random((375, 500, 3)) * 40).astype(np.uint8)
-    label_map = np.zeros((375, 500), np.uint8)
-    owner = np.full((375, 500), -1, np.int32)
-    for k in range(6):
-        y, x = rng.integers(0, 300), rng.integers(0, 420)
-        image[y:y + 70, x:x + 80] += np.uint8(30 * (k + 1))
-        label_map[y + 3:y + 73, x:x + 78] = k + 1
-        owner[label_map == k + 1] = k
+    image, label_map, owner = toy.painted_scene(rng)
     for has_background in (True, False):  # snap only; fill then snap
         refiner = LabelMapRefiner(Config(), has_background)
         want = refiner(*(torch.from_numpy(x) for x in (image, label_map, owner)))
