@@ -35,8 +35,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "voc2012-mini"
 #: stage -> what it is; "model" stages are model inference (the proposer counts: it is the method's model of
 #: objects), "engine" ones the engine's own work
 STAGES = {"decode": "engine", "backbone": "model", "proposer": "model", "filter": "engine", "smfa": "engine",
-          "search": "engine", "nms_raster": "engine", "refine": "engine",
-          "results": "engine"}
+          "search": "engine", "nms_raster": "engine", "refine": "engine", "results": "engine"}
 
 
 def image_paths(folder: Path, limit: int | None) -> list[Path]:

@@ -99,8 +99,9 @@ class Engine:
         """Device, kernels, search backend, backbone and proposer (what bench/throughput.py reports)."""
         runtime = getattr(self.backbone, "runtime", None)
         proposer = self._proposer() if self.proposer is not None else None
+        where = self.device if self._on_device(proposer) else "the host"
         return {"device": self.device, "kernels": self.kernels.__name__, "search": self.index.describe(),
-                "proposer": _describe_proposer(proposer, self.device),
+                "proposer": _describe_proposer(proposer, where),
                 "decode": "nvjpeg (torchvision) on " + self._decode_device if self._decode_device else "host",
                 "backbone": self.backbone.id,
                 "runtime": runtime.describe() if hasattr(runtime, "describe") else type(self.backbone).__name__}
@@ -235,7 +236,7 @@ class Engine:
         if missing:
             proposer = self._proposer()
             uses_features = getattr(proposer, "uses_features", False)
-            if self.device != "cpu" and getattr(proposer, "runs_on_device", False):
+            if self._on_device(proposer):
                 made = proposer.propose_on_device([images[i] for i in missing], [features[i] for i in missing],
                                                   self.backbone.stride, self.backbone.groups)
             else:
@@ -265,6 +266,10 @@ class Engine:
             return call(images, maps)
         futures = [self._host_pool.submit(call, [image], [f]) for image, f in zip(images, maps)]
         return [future.result()[0] for future in futures]
+
+    def _on_device(self, proposer) -> bool:
+        """Whether `proposer` runs where the features are: a GPU engine's proposer with `propose_on_device`."""
+        return self.device != "cpu" and getattr(proposer, "runs_on_device", False)
 
     def _proposer(self):
         if self.proposer is None:
@@ -303,16 +308,15 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _describe_proposer(proposer, device: str) -> str:
+def _describe_proposer(proposer, where: str) -> str:
     """The engine's proposer in a few words: its name, and for the embedded one its superpixels and merging and
-    where they run."""
+    `where` they run."""
     if proposer is None:
         return "none (proposals are given)"
     name = getattr(proposer, "name", type(proposer).__name__)
     if not hasattr(proposer, "superpixels"):
         return name
-    on_device = device != "cpu" and getattr(proposer, "runs_on_device", False)
-    return f"{name} ({proposer.superpixels} + {proposer.merging}, on {device if on_device else 'the host'})"
+    return f"{name} ({proposer.superpixels} + {proposer.merging}, on {where})"
 
 
 def _new_stream(device: str):

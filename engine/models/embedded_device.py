@@ -116,9 +116,10 @@ def proposals_from_trees(trees: Sequence, atoms: Sequence[torch.Tensor], min_are
     several cuts once, regions under min_area pixels left out) as one image's Proposals over its superpixels: the
     order and content of the host proposer's. One nonzero over the whole batch finds them."""
     device = atoms[0].device
-    new, sizes = [], []
+    new, sizes, cuts = [], [], []
     for tree in trees:
         snapshots = torch.as_tensor(tree.snapshots, device=device).long()
+        cuts.append(snapshots)
         area = torch.as_tensor(tree.area, device=device)
         present = torch.zeros(snapshots.shape[0], area.shape[0], dtype=torch.bool, device=device)
         present.scatter_(1, snapshots, True)
@@ -130,16 +131,15 @@ def proposals_from_trees(trees: Sequence, atoms: Sequence[torch.Tensor], min_are
     owner = torch.bucketize(found, torch.as_tensor(starts[1:], device=device), right=True)
     per_image = torch.bincount(owner, minlength=len(trees)).tolist()
     proposals, first = [], 0
-    for b, (tree, labels) in enumerate(zip(trees, atoms)):
+    for b, (tree, labels, snapshots) in enumerate(zip(trees, atoms, cuts)):
         local = found[first:first + per_image[b]] - int(starts[b])
         first += per_image[b]
         level, node = local // sizes[b], local % sizes[b]
-        snapshots = torch.as_tensor(tree.snapshots, device=device)
         if not len(node):
             proposals.append(Proposals(torch.zeros_like(labels), torch.zeros(0, 1, dtype=torch.bool, device=device),
                                        torch.zeros(0, dtype=torch.float32, device=device)))
             continue
-        members = snapshots[level] == node[:, None].to(snapshots.dtype)
+        members = snapshots[level] == node[:, None]
         objectness = torch.as_tensor(tree.coherence, device=device)[node].to(torch.float32)
         proposals.append(Proposals(labels, members, objectness))
     return proposals
