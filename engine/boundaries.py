@@ -18,21 +18,23 @@ import numpy as np
 class LabelMapRefiner:
     """The refinements after painting that a Config asks for, on one image's label map and owner map.
 
-    Config.fill_unpainted acts where the bank has no background class (`has_background` False); Config.boundary_radius
-    and boundary_eps snap boundaries when `snap` (the engine's proposer's regions; proposals the caller gives are
-    exact by assumption). A pixel whose class changes becomes no proposal's (owner -1), so that every segment keeps
-    to its class."""
+    Both act on the engine's proposer's regions only (`proposed`): proposals the caller gives are exact by
+    assumption, so they are painted as given and what they leave unpainted stays background. Config.fill_unpainted
+    acts where the bank has no background class (`has_background` False); Config.boundary_radius and boundary_eps
+    snap boundaries. A pixel whose class changes becomes no proposal's (owner -1), so that every segment keeps to its
+    class."""
 
     def __init__(self, config, has_background: bool) -> None:
         self.fill = config.fill_unpainted and not has_background
         self.radius, self.eps = config.boundary_radius, config.boundary_eps
 
-    def __call__(self, image, label_map, owner, snap: bool = True) -> tuple:
+    def __call__(self, image, label_map, owner, proposed: bool = True) -> tuple:
         """(label map, owner map) refined: NumPy arrays on the host, or torch tensors where they are (a GPU
-        engine's, with the image there too)."""
+        engine's, with the image there too); returned as they are when not `proposed`."""
+        if not proposed:
+            return label_map, owner
         refined = fill_unpainted(label_map, owner) if self.fill else label_map
-        if snap:
-            refined = snap_to_edges(refined, image, self.radius, self.eps)
+        refined = snap_to_edges(refined, image, self.radius, self.eps)
         if refined is not label_map:
             changed = refined != label_map
             owner = owner.masked_fill(changed, -1) if _is_torch(owner) else np.where(changed, -1, owner).astype(

@@ -86,8 +86,9 @@ class Config:
                               "votes by its number of bank vectors, which keeps small banks usable; \"weighted\" "
                               "scores each class by the summed similarity of its neighbours.")
     fill_unpainted: bool = knob(True, "where the bank has no background vector (a data set whose every pixel is a "
-                                      "class, such as CamVid), pixels no proposal painted take the class of the "
-                                      "nearest painted pixel instead of background.")
+                                      "class, such as CamVid), pixels the engine's proposer's regions left "
+                                      "unpainted take the class of the nearest painted pixel instead of "
+                                      "background. Proposals given to segment_batch are painted as given.")
     boundary_radius: int = knob(8, "after painting, each class boundary is snapped to the image's edges by a guided "
                                     "filter of this window radius (pixels) over the class indicators, guided by the "
                                     "grey image (engine.boundaries): the embedded proposer's regions are unions of "

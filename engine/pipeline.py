@@ -212,7 +212,7 @@ class Engine:
             label_maps = [contiguous(m, label_type, where) for m in label_maps]  # narrowed before they come down
         with self.times("refine"):  # where the maps are
             images = [contiguous(image, np.uint8, where) for image in batch.images]
-            painted = [self.refiner(image, label_map, owner, snap=not given)
+            painted = [self.refiner(image, label_map, owner, proposed=not given)
                        for image, given, label_map, owner in zip(images, batch.given, label_maps, owners)]
         with self.times("results"):
             keep, classes, confidences, ids, *maps = host_all([keep, classes, confidences, ids,

@@ -645,12 +645,18 @@ def test_unpainted_pixels_are_filled_only_without_a_background_class(toy_bank, t
     no_background = FeatureBank(toy_bank.vectors[toy_bank.labels != 0], toy_bank.labels[toy_bank.labels != 0],
                                 toy_bank.class_names, toy_bank.backbone, toy_bank.config)
     image, label = toy.scene(rng, classes=(1, 3))
-    proposals = [ground_truth_proposals(label)]  # the grey background is no proposal: it stays unpainted
+    proposer = _TruthProposer([(image, label)])  # the grey background is no region: it stays unpainted
     exact = Config(boundary_radius=0)
-    filled = Engine(no_background, backbone=toy.ColorBackbone(), config=exact).segment_batch([image], proposals)[0]
+
+    def segment(bank, config, **kwargs):
+        return Engine(bank, backbone=toy.ColorBackbone(), config=config, proposer=proposer).segment_batch([image],
+                                                                                                          **kwargs)[0]
+
+    filled = segment(no_background, exact)
     assert (filled.label_map != 0).all() and (filled.owner[label == 0] == -1).all()
     np.testing.assert_array_equal(filled.label_map[label != 0], label[label != 0])
-    kept = Engine(no_background, backbone=toy.ColorBackbone(), config=dataclasses.replace(exact, fill_unpainted=False))
-    np.testing.assert_array_equal(kept.segment_batch([image], proposals)[0].label_map, label)
-    with_background = Engine(toy_bank, backbone=toy.ColorBackbone(), config=exact)
-    np.testing.assert_array_equal(with_background.segment_batch([image], proposals)[0].label_map, label)
+    np.testing.assert_array_equal(segment(no_background, exact.replace(fill_unpainted=False)).label_map, label)
+    np.testing.assert_array_equal(segment(toy_bank, exact).label_map, label)
+    # the same regions given by the caller are painted as given: what they leave unpainted stays background
+    given = segment(no_background, exact, proposals=[ground_truth_proposals(label)])
+    np.testing.assert_array_equal(given.label_map, label)
