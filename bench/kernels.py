@@ -377,7 +377,7 @@ def run_kernel_bench(repeats: int = 5, num_threads: int = 0, quick: bool = False
     rows += [bench_merge_regions(n, d, repeats=repeats) for n, d in (MERGE_CASES[:1] if quick else MERGE_CASES)]
     rows += [bench_soft_mask_pool_batch(*case, repeats=repeats, num_threads=num_threads) for case in POOL_BATCH_CASES]
     rows += [bench_vote(*case, method=method, repeats=repeats, num_threads=num_threads) for case in VOTE_CASES
-             for method in ("count", "balanced")]
+             for method in ("count", "softmax")]
     return rows
 
 

@@ -1,6 +1,6 @@
 """Every knob of the engine in one dataclass. The defaults are the ModuSeg paper's (arXiv 2604.07021) except where
-measurement on VOC and CamVid together chose otherwise (erosion, top_k, region_entries; docs/decisions.md gives the
-tables and the commands); `Config.paper()` restores the paper's exact settings."""
+measurement on VOC and CamVid together chose otherwise (erosion, the vote and top_k, region_entries;
+docs/decisions.md gives the tables and the commands); `Config.paper()` restores the paper's exact settings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import InputError
 
-VOTES = ("count", "balanced", "weighted")
+VOTES = ("count", "balanced", "weighted", "softmax")
 
 # a wrong value is shown cut short: a nested value (a YAML file's aliases share subtrees) could print as gigabytes
 _SHORT = reprlib.Repr()
@@ -80,11 +80,15 @@ class Config:
                                        section="Inference")
     nms_iou_threshold: float = knob(0.4, "a proposal whose mask IoU with a kept, more confident proposal of the same "
                                          "class is above this is suppressed (tau_nms).")
-    top_k: int = knob(5, "neighbours retrieved from the bank per proposal (K). Larger K smooths the vote but lets "
-                         "classes with many bank vectors (background) outvote small classes.")
-    vote: str = knob("count", '"count" is the paper\'s vote (most neighbours wins); "balanced" divides each class\'s '
-                              "votes by its number of bank vectors, which keeps small banks usable; \"weighted\" "
-                              "scores each class by the summed similarity of its neighbours.")
+    top_k: int = knob(15, "neighbours retrieved from the bank per proposal (K). Under the count vote a larger K "
+                          "smooths the vote but lets classes with many bank vectors (background) outvote small "
+                          "classes; the softmax vote weighs far neighbours down, so K matters less.")
+    vote: str = knob("softmax", '"count" is the paper\'s vote (most neighbours wins); "balanced" divides each '
+                                "class's votes by its number of bank vectors; \"weighted\" scores each class by the "
+                                "summed similarity of its neighbours; \"softmax\" by the sum of exp((s - s_max) / "
+                                "vote_temperature) over its neighbours' similarities s (s_max: the nearest's).")
+    vote_temperature: float = knob(0.03, "the softmax vote's temperature, in cosine similarity: a neighbour this much "
+                                         "farther than the nearest counts 1/e as much.")
     fill_unpainted: bool = knob(True, "where the bank has no background vector (a data set whose every pixel is a "
                                       "class, such as CamVid), pixels the engine's proposer's regions left "
                                       "unpainted take the class of the nearest painted pixel instead of "
@@ -156,6 +160,8 @@ class Config:
         if not (math.isfinite(self.smfa_eps) and 0.0 < self.smfa_eps <= 1.0):
             raise InputError(f"Config.smfa_eps must be a finite number in (0, 1] (the paper's 1e-8), got "
                              f"{self.smfa_eps}")
+        if not (math.isfinite(self.vote_temperature) and self.vote_temperature > 0.0):
+            raise InputError(f"Config.vote_temperature must be a finite number > 0, got {self.vote_temperature}")
         if not (math.isfinite(self.boundary_eps) and self.boundary_eps > 0.0):
             raise InputError(f"Config.boundary_eps must be a finite number > 0, got {self.boundary_eps}")
         if not (math.isfinite(self.min_vector_norm) and self.min_vector_norm >= 0.0):

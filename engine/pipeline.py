@@ -202,7 +202,8 @@ class Engine:
                                                         config.pooling, config.smfa_eps, groups=self._layers,
                                                         num_threads=threads)
         with self.times("search"):
-            classes, confidences = retrieve(self.index, queries, config.top_k, config.vote, self.kernels)
+            classes, confidences = retrieve(self.index, queries, config.top_k, config.vote, self.kernels,
+                                           config.vote_temperature)
         with self.times("nms_raster"):
             ids = concatenate([c["id"] for c in batch.candidates], np.int32, where)
             keep, label_maps, owners = self.kernels.mask_nms_raster_batch(

@@ -149,11 +149,12 @@ def mask_nms_raster_batch(atoms, members, classes, scores, iou_threshold: float,
 
 
 def vote(similarities, neighbour_labels, num_classes: int, method: str = "count", class_counts=None,
-         num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+         num_threads: int = 0, temperature: float = 0.03) -> tuple[np.ndarray, np.ndarray]:
     """engine.ops.vote's twin, from the rule: per query, per class among its K neighbours the count, the summed
-    similarity and the first rank; score = count, count / bank size ("balanced") or summed similarity ("weighted");
-    the best score wins, then the larger sum, then the first rank. Neighbour ids outside [0, num_classes) are
-    ignored."""
+    similarity and the first rank; score = count, count / bank size ("balanced"), summed similarity ("weighted") or
+    the sum of exp((s - s_max) / temperature) over the class's neighbours' similarities s, s_max the query's best
+    ("softmax"); the best score wins, then the larger sum, then the first rank. Neighbour ids outside
+    [0, num_classes) are ignored."""
     from .errors import InputError
 
     similarities = np.asarray(similarities, np.float64)
@@ -161,10 +162,12 @@ def vote(similarities, neighbour_labels, num_classes: int, method: str = "count"
     if similarities.shape != neighbour_labels.shape or similarities.ndim != 2:
         raise InputError(f"similarities {similarities.shape} and neighbour labels {neighbour_labels.shape} must be "
                          "equal (Q, K) shapes")
-    if method not in ("count", "balanced", "weighted"):
-        raise InputError(f"unknown vote {method!r}; expected one of ('count', 'balanced', 'weighted')")
+    if method not in ("count", "balanced", "weighted", "softmax"):
+        raise InputError(f"unknown vote {method!r}; expected one of ('count', 'balanced', 'weighted', 'softmax')")
     if method == "balanced" and class_counts is None:
         raise InputError("the balanced vote needs the bank's class counts")
+    if not 0.0 < temperature < float("inf"):
+        raise InputError(f"vote: temperature must be a finite number > 0, got {temperature}")
     queries, k = similarities.shape
     if queries == 0:
         return np.zeros(0, np.int32), np.zeros(0, np.float32)
@@ -175,10 +178,14 @@ def vote(similarities, neighbour_labels, num_classes: int, method: str = "count"
     sums = np.zeros((queries, num_classes))
     np.add.at(counts, (rows, labels.ravel()), valid.ravel())
     np.add.at(sums, (rows, labels.ravel()), np.where(valid, similarities, 0).ravel())
+    top = np.where(valid, similarities, -np.inf).max(axis=1, keepdims=True)
+    top[~np.isfinite(top)] = 0.0  # a query without neighbours
+    softs = np.zeros((queries, num_classes))
+    np.add.at(softs, (rows, labels.ravel()), np.where(valid, np.exp((similarities - top) / temperature), 0).ravel())
     first_rank = np.full((queries, num_classes), k, np.int64)
     rank = np.broadcast_to(np.arange(k), (queries, k))
     np.minimum.at(first_rank, (rows, labels.ravel()), np.where(valid, rank, k).ravel())
-    score = {"count": counts, "weighted": sums,
+    score = {"count": counts, "weighted": sums, "softmax": softs,
              "balanced": counts / np.maximum(np.asarray(class_counts, np.float64), 1)
              if class_counts is not None else None}[method]
     present = counts > 0

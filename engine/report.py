@@ -91,11 +91,11 @@ def plan_rows(dataset_name: str, has_weak_labels: bool, quick: bool = False) -> 
     for name, changes in (("SBP + SMFA", {}), ("no SBP", {"erosion_iterations": 0}),
                           ("no SMFA", {"pooling": "hard"}), ("neither", {"erosion_iterations": 0, "pooling": "hard"})):
         rows.append(Row("SBP/SMFA ablation", name, main_bank, "auto", default.replace(**changes)))
-    for k in (1, 5, 10, 25, 50):
-        for vote in ("count", "balanced"):
+    for k in (1, 5, 10, 15, 25, 50):
+        for vote in ("count", "balanced", "softmax"):
             rows.append(Row("K sweep (oracle system)", f"K={k}, {vote} vote", "gt", "gt",
                             default.replace(top_k=k, vote=vote)))
-    for vote in ("count", "balanced"):
+    for vote in ("count", "softmax", "balanced"):
         for erosion in ("fixed", "adaptive"):
             rows.append(Row("vote / erosion", f"{vote} vote, {erosion} erosion", main_bank, "auto",
                             default.replace(vote=vote, erosion=erosion)))

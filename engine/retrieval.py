@@ -2,8 +2,10 @@
 
 The vote, per query, over its K nearest bank vectors:
   1. score per class: the number of neighbours of that class ("count", the paper's vote), that number divided by
-     the class's bank size ("balanced", for small banks where background vectors outnumber every class), or the
-     summed similarity of the class's neighbours ("weighted": closer neighbours count more);
+     the class's bank size ("balanced", for small banks where background vectors outnumber every class), the
+     summed similarity of the class's neighbours ("weighted"), or the sum of exp((s - s_max) / T) over their
+     similarities s, s_max the query's best ("softmax", the default: with a small temperature T a neighbour
+     counts less the farther it is from the nearest, so K matters little and the nearest neighbours decide);
   2. a tie in score goes to the class with the larger summed similarity;
   3. an exact tie in both goes to the class that appears first in rank order.
 Confidence = mean similarity of the winning class's neighbours. The vote is a compiled op (engine.ops.vote, one
@@ -15,10 +17,11 @@ from __future__ import annotations
 from . import ops
 
 
-def retrieve(index, queries, top_k: int, method: str = "count", kernels=None) -> tuple:
+def retrieve(index, queries, top_k: int, method: str = "count", kernels=None, temperature: float = 0.03) -> tuple:
     """Search `index` (an engine.search.SearchIndex) with all queries at once and vote: classes (Q,) int32 and
     confidences (Q,) float32, where the queries live (a GPU-resident index keeps device queries on the device).
-    `kernels`: the module whose `vote` runs (engine.ops by default, engine.reference for the NumPy twin)."""
+    `kernels`: the module whose `vote` runs (engine.ops by default, engine.reference for the NumPy twin);
+    `temperature`: the softmax vote's."""
     similarities, rows = index.search(queries, top_k)
     return (kernels or ops).vote(similarities, index.neighbour_labels(rows), index.num_classes, method,
-                                 index.class_counts)
+                                 index.class_counts, temperature=temperature)

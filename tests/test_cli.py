@@ -419,7 +419,7 @@ def test_every_flag_has_help_and_finite_choices_are_listed():
     for name, option, choices in [("segment", "--device", ("cpu", "cuda")),
                                   ("segment", "--palette", ("auto", "voc", "camvid", "distinct")),
                                   ("segment", "--protocol", ("http", "grpc")),
-                                  ("segment", "--vote", ("count", "balanced", "weighted")),
+                                  ("segment", "--vote", ("count", "balanced", "weighted", "softmax")),
                                   ("eval", "--erosion", ("fixed", "adaptive")),
                                   ("build-bank", "--pooling", ("soft", "hard")),
                                   ("build-bank", "--masks", ("gt", "pseudo")),

@@ -10,7 +10,8 @@ from engine.errors import InputError
 
 def test_defaults_and_paper_settings():
     config = Config()
-    assert (config.erosion, config.top_k, config.vote, config.pooling) == ("adaptive", 5, "count", "soft")
+    assert (config.erosion, config.top_k, config.vote, config.pooling) == ("adaptive", 15, "softmax", "soft")
+    assert config.vote_temperature == 0.03
     assert config.erosion_size == 41  # 20 x 3x3 erosions = one 41x41 square
     paper = Config.paper()
     for name, value in PAPER_SETTINGS.items():
@@ -19,7 +20,7 @@ def test_defaults_and_paper_settings():
     assert Config.paper(top_k=1).top_k == 1 and Config.paper(top_k=1).erosion == "fixed"
     assert Config(erosion_kernel=5, erosion_iterations=3).erosion_size == 13
     assert Config(erosion_iterations=0).erosion_size == 1
-    assert VOTES == ("count", "balanced", "weighted") and POOLINGS == ("soft", "hard")
+    assert VOTES == ("count", "balanced", "weighted", "softmax") and POOLINGS == ("soft", "hard")
     assert EROSIONS == ("fixed", "adaptive")
     assert (config.index, config.nprobe, config.refine) == ("Flat", 16, 8)
     assert Config(refine=0).refine == 0 and Config(refine=1).refine == 1  # 0 = off; 1 = FAISS's k, rescored
@@ -77,6 +78,10 @@ def test_wrong_types_are_refused_with_the_field_named(field, value):
     ("smfa_eps", -1, r"smfa_eps must be a finite number in \(0, 1\]"),
     ("smfa_eps", 0.0, r"smfa_eps must be a finite number in \(0, 1\]"),
     ("smfa_eps", 2.0, r"smfa_eps must be a finite number in \(0, 1\]"),
+    ("vote_temperature", 0.0, "vote_temperature must be a finite number > 0"),
+    ("vote_temperature", -0.03, "vote_temperature must be a finite number > 0"),
+    ("vote_temperature", float("inf"), "vote_temperature must be a finite number > 0"),
+    ("vote_temperature", float("nan"), "vote_temperature must be a finite number > 0"),
     ("min_vector_norm", float("inf"), "min_vector_norm must be a finite number >= 0"),
     ("min_vector_norm", float("nan"), "min_vector_norm must be a finite number >= 0"),
     ("min_vector_norm", -1e-6, "min_vector_norm must be a finite number >= 0"),

@@ -412,7 +412,7 @@ def test_mask_nms_raster_batch_on_cuda_equals_cpu(cuda_ops, to_device, rng, drop
                     np.testing.assert_array_equal(host(owner), want_owner)
 
 
-@pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
+@pytest.mark.parametrize("method", ["count", "balanced", "weighted", "softmax"])
 def test_vote_on_cuda_equals_cpu(cuda_ops, to_device, rng, method):
     from engine.arrays import host
 

@@ -782,7 +782,7 @@ def test_mask_nms_raster_batch_checks_per_region_arrays(rng):
 # (the vote's rules are in test_retrieval.py; these are its edges: one neighbour, ids beyond the classes)
 
 
-@pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
+@pytest.mark.parametrize("method", ["count", "balanced", "weighted", "softmax"])
 def test_vote_one_neighbour(rng, method):
     num_classes = 5
     similarities = rng.random((40, 1)).astype(np.float32)
@@ -797,7 +797,7 @@ def test_vote_one_neighbour(rng, method):
     np.testing.assert_array_equal(confidences, want[1])
 
 
-@pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
+@pytest.mark.parametrize("method", ["count", "balanced", "weighted", "softmax"])
 def test_vote_ignores_ids_outside_the_classes(rng, method):
     for _ in range(20):
         queries, k, num_classes = int(rng.integers(1, 60)), int(rng.integers(1, 30)), int(rng.integers(1, 6))

@@ -1,6 +1,8 @@
 """engine.retrieval: the hierarchical vote against a plain loop written from its definition, the tie rules one by
 one, and retrieve() over a search index."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -16,24 +18,30 @@ def vote(request):
     return {"compiled": ops.vote, "reference": reference.vote}[request.param]
 
 
-def vote_loop(similarities, labels, num_classes, method="count", class_counts=None):
+METHODS = ["count", "balanced", "weighted", "softmax"]
+
+
+def vote_loop(similarities, labels, num_classes, method="count", class_counts=None, temperature=0.03):
     """Per query: score, then summed similarity, then first rank; confidence = mean similarity of the winner."""
     classes, confidences = [], []
     for sims, labs in zip(similarities, labels):
+        valid = [float(s) for s, c in zip(sims, labs) if c >= 0]
+        top = max(valid, default=0.0)
         stats = {}
         for rank, (s, c) in enumerate(zip(sims, labs)):
             if c < 0:
                 continue
-            count, total, first = stats.get(c, (0, 0.0, rank))
-            stats[c] = (count + 1, total + float(s), first)
+            count, total, soft, first = stats.get(c, (0, 0.0, 0.0, rank))
+            stats[c] = (count + 1, total + float(s), soft + math.exp((float(s) - top) / temperature), first)
         if not stats:
             classes.append(0)
             confidences.append(0.0)
             continue
 
         def key(c):
-            count, total, first = stats[c]
-            score = {"count": count, "balanced": count / max(class_counts[c], 1), "weighted": total}[method]
+            count, total, soft, first = stats[c]
+            score = {"count": count, "weighted": total, "softmax": soft,
+                     "balanced": count / max(class_counts[c], 1) if class_counts is not None else None}[method]
             return (score, total, -first)
 
         best = max(stats, key=key)
@@ -51,12 +59,25 @@ def random_neighbours(rng):
     return similarities, labels, num_classes, rng.integers(1, 10, num_classes)
 
 
-@pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
+@pytest.mark.parametrize("method", METHODS)
 def test_vote_matches_loop_on_random_inputs(rng, method, vote):
-    for _ in range(50):
-        similarities, labels, num_classes, counts = random_neighbours(rng)
-        got = vote(similarities, labels, num_classes, method, counts)
-        want = vote_loop(similarities, labels, num_classes, method, counts)
+    for temperature in (0.25, 0.03):  # 0.25: the coarse similarities' exponents are whole, ties stay exact
+        for _ in range(50):
+            similarities, labels, num_classes, counts = random_neighbours(rng)
+            got = vote(similarities, labels, num_classes, method, counts, temperature=temperature)
+            want = vote_loop(similarities, labels, num_classes, method, counts, temperature)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.03, 0.1, 1.0])
+def test_softmax_vote_matches_loop_on_continuous_similarities(rng, temperature, vote):
+    for _ in range(30):
+        queries, k, num_classes = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 8))
+        labels = rng.integers(-1, num_classes, (queries, k))
+        similarities = -np.sort(-rng.uniform(-0.2, 1.0, (queries, k)), axis=1).astype(np.float32)
+        got = vote(similarities, labels, num_classes, "softmax", temperature=temperature)
+        want = vote_loop(similarities, labels, num_classes, "softmax", temperature=temperature)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
 
@@ -97,6 +118,27 @@ def test_weighted_vote_sums_similarities(vote):
     assert vote([[0.3, 0.6, 0.3]], [[2, 1, 2]], 3, "weighted")[0][0] == 2
 
 
+def test_softmax_vote_weighs_neighbours_by_distance_from_the_nearest(vote):
+    # One close neighbour of class 1 against two of class 2 a tenth farther: a small temperature lets the nearest
+    # decide, a large one counts neighbours.
+    sims, labels = [[0.9, 0.8, 0.8]], [[1, 2, 2]]
+    classes, confidence = vote(sims, labels, 3, "softmax", temperature=0.03)
+    assert classes[0] == 1 and confidence[0] == pytest.approx(0.9)
+    assert vote(sims, labels, 3, "softmax", temperature=1.0)[0][0] == 2
+    # exp(-0.1 / T) * 2 = 1 at T = 0.1 / ln 2: a tie in score, then the larger summed similarity wins
+    assert vote(sims, labels, 3, "softmax", temperature=0.08)[0][0] == 1
+    assert vote(sims, labels, 3, "softmax", temperature=0.3)[0][0] == 2
+    # far below the nearest, exp underflows to 0 for every neighbour but the nearest's class: no NaN, no overflow
+    classes, confidence = vote([[1.0, -1.0, -1.0, -1.0]], [[2, 1, 1, 1]], 3, "softmax", temperature=1e-3)
+    assert classes[0] == 2 and confidence[0] == pytest.approx(1.0)
+
+
+def test_softmax_vote_skips_missing_results_for_the_nearest(vote):
+    # the first slot is the search's "no result" (-1): the nearest is the best valid neighbour
+    classes, confidence = vote([[0.99, 0.5, 0.4, 0.4]], [[-1, 1, 2, 2]], 3, "softmax", temperature=0.03)
+    assert classes[0] == 1 and confidence[0] == pytest.approx(0.5)
+
+
 def test_no_valid_neighbour_is_background_with_zero_confidence(vote):
     classes, confidence = vote([[0.0, 0.0]], [[-1, -1]], 3)
     assert classes[0] == 0 and confidence[0] == 0
@@ -109,9 +151,12 @@ def test_empty_and_bad_inputs(vote):
         vote(np.zeros((2, 3)), np.zeros((2, 4), int), 3)
     with pytest.raises(InputError):
         vote(np.zeros((1, 1)), np.zeros((1, 1), int), 3, "majority")
+    for temperature in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(InputError, match="temperature"):
+            vote(np.zeros((1, 1)), np.zeros((1, 1), int), 3, "softmax", temperature=temperature)
 
 
-@pytest.mark.parametrize("method", ["count", "balanced", "weighted"])
+@pytest.mark.parametrize("method", METHODS)
 def test_retrieve_is_search_then_vote(rng, method):
     vectors = rng.integers(-2, 3, (60, 6)).astype(np.float32)  # integers: exact ties in the search too
     labels = rng.integers(0, 4, 60)

@@ -23,7 +23,7 @@ else:
 _INT32 = np.iinfo(np.int32)
 POOLINGS = ("soft", "hard")
 #: the vote's methods and their codes in csrc/vote/vote.h
-VOTE_METHODS = {"count": 0, "balanced": 1, "weighted": 2}
+VOTE_METHODS = {"count": 0, "balanced": 1, "weighted": 2, "softmax": 3}
 #: feature groups (backbone layers) a vector may have (csrc/smfa/smfa.h: kMaxGroups)
 MAX_GROUPS = 16
 

@@ -127,17 +127,21 @@ def mask_nms_raster_batch(atoms: Sequence, members: Sequence, classes: Any, scor
 
 
 def vote(similarities: Any, neighbour_labels: Any, num_classes: int, method: str = "count",
-         class_counts: Any = None, num_threads: int = 0):
+         class_counts: Any = None, num_threads: int = 0, temperature: float = 0.03):
     """The vote over (Q, K) neighbour similarities and class ids (best first; ids outside [0, num_classes), such as
     the search's -1, are ignored): score per class "count" (neighbours), "balanced" (neighbours / the class's bank
-    size, `class_counts`) or "weighted" (summed similarity); ties to the larger summed similarity, then to the class
-    met first. Returns classes (Q,) int32 and confidences (Q,) float32 (the winning class's mean similarity; a query
+    size, `class_counts`), "weighted" (summed similarity) or "softmax" (the sum of exp((s - s_max) / temperature)
+    over its neighbours' similarities s, s_max the query's best); ties to the larger summed similarity, then to the
+    class met first. Returns classes (Q,) int32 and confidences (Q,) float32 (the winning class's mean similarity; a query
     with no neighbour: class 0, confidence 0), where the similarities live."""
     op = "vote"
     if method not in VOTE_METHODS:
         raise InputError(f"unknown vote {method!r}; expected one of {tuple(VOTE_METHODS)}")
     num_classes = _int(op, "num_classes", num_classes, minimum=1)
     num_threads = _int(op, "num_threads", num_threads, minimum=0)
+    temperature = _real(op, "temperature", temperature)
+    if not 0.0 < temperature < float("inf"):
+        raise InputError(f"{op}: temperature must be a finite number > 0, got {temperature}")
     where = common_place(op, [similarities, neighbour_labels])
     shape = shape_of(similarities)
     if len(shape) != 2 or shape_of(neighbour_labels) != shape:
@@ -153,6 +157,6 @@ def vote(similarities: Any, neighbour_labels: Any, num_classes: int, method: str
     counts = contiguous(counts, np.int64, where)
     winner, confidence = empty(where, (shape[0],), np.int32), empty(where, (shape[0],), np.float32)
     _lib().vote(where.index, stream(where), address(similarities), address(neighbour_labels), shape[0], shape[1],
-                address(counts), num_classes, VOTE_METHODS[method], address(winner), address(confidence),
+                address(counts), num_classes, VOTE_METHODS[method], temperature, address(winner), address(confidence),
                 num_threads)
     return winner, confidence
