@@ -103,9 +103,10 @@ class Config:
     gpu_proposer: bool = knob(True, "on a CUDA device the embedded proposer runs there: SLIC superpixels and rounds "
                                     "of merges of mutual nearest pairs (engine.ops.proposer's kernels), with nothing "
                                     "per image on the host. Against the host's watershed and closest-pair merging "
-                                    "(mIoU, docs/decisions.md): 2.1 below on VOC with a ground truth bank, 0.5 above "
-                                    "with a pseudo mask bank, 1.8 above on CamVid. False keeps the host's proposer "
-                                    "on a GPU engine (in a thread pool). The CPU always uses the host's.")
+                                    "(mIoU with the softmax vote, docs/decisions.md): 1.4 below on VOC with a ground "
+                                    "truth bank, 0.5 below with a pseudo mask bank, 1.3 above on CamVid. False keeps "
+                                    "the host's proposer on a GPU engine (in a thread pool). The CPU always uses the "
+                                    "host's.")
     index: str = knob("Flat", 'FAISS index factory string over inner product ("Flat" is exact; "IVF4096,Flat" for '
                               "large banks).")
     nprobe: int = knob(16, "inverted lists visited per query by IVF indexes.")
