@@ -13,8 +13,8 @@ def test_kernel_bench_quick_run(repo_root, tmp_path):
     rows = [line for line in run.stdout.splitlines() if line.startswith(("| soft_mask_pool", "| mask_nms_raster",
                                                                          "| merge_regions", "| vote"))]
     ops = sorted(line.split("|")[1].strip() for line in rows)
-    assert ops == ["mask_nms_raster", "merge_regions", "soft_mask_pool", "soft_mask_pool_batch", "vote (balanced)",
-                   "vote (count)"], ops
+    assert ops == ["mask_nms_raster", "merge_regions", "soft_mask_pool", "soft_mask_pool_batch", "vote (count)",
+                   "vote (softmax)"], ops
     assert all(line.rstrip().endswith("x |") for line in rows)
     try:
         import torch
