@@ -6,7 +6,8 @@
 //   2. a tie in score goes to the larger summed similarity; 3. an exact tie to the class met first in rank order.
 // Confidence = mean similarity of the winning class's neighbours. Neighbour slots whose class is outside
 // [0, num_classes) (the search's "no result", -1) are ignored; a query with none gets class 0, confidence 0.
-// Sums (and the exponentials) are in double, in rank order. O(K^2) per query and no per-class storage, so any number of classes works.
+// Sums (and the exponentials) are in double, in rank order. O(K^2) per query and no per-class storage, so any
+// number of classes works.
 // The NumPy twin that defines the result is engine.reference.vote.
 #pragma once
 
