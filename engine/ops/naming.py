@@ -132,8 +132,8 @@ def vote(similarities: Any, neighbour_labels: Any, num_classes: int, method: str
     the search's -1, are ignored): score per class "count" (neighbours), "balanced" (neighbours / the class's bank
     size, `class_counts`), "weighted" (summed similarity) or "softmax" (the sum of exp((s - s_max) / temperature)
     over its neighbours' similarities s, s_max the query's best); ties to the larger summed similarity, then to the
-    class met first. Returns classes (Q,) int32 and confidences (Q,) float32 (the winning class's mean similarity; a query
-    with no neighbour: class 0, confidence 0), where the similarities live."""
+    class met first. Returns classes (Q,) int32 and confidences (Q,) float32 (the winning class's mean similarity; a
+    query with no neighbour: class 0, confidence 0), where the similarities live."""
     op = "vote"
     if method not in VOTE_METHODS:
         raise InputError(f"unknown vote {method!r}; expected one of {tuple(VOTE_METHODS)}")
