@@ -4,7 +4,7 @@ The vote, per query, over its K nearest bank vectors:
   1. score per class: the number of neighbours of that class ("count", the paper's vote), that number divided by
      the class's bank size ("balanced", for small banks where background vectors outnumber every class), the
      summed similarity of the class's neighbours ("weighted"), or the sum of exp((s - s_max) / T) over their
-     similarities s, s_max the query's best ("softmax", the default: with a small temperature T a neighbour
+     similarities s, s_max the query's best ("softmax", Config's default: with a small temperature T a neighbour
      counts less the farther it is from the nearest, so K matters little and the nearest neighbours decide);
   2. a tie in score goes to the class with the larger summed similarity;
   3. an exact tie in both goes to the class that appears first in rank order.

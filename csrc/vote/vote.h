@@ -38,7 +38,7 @@ HOST_DEVICE_INLINE void vote_query(const VoteArgs& args, int64_t q) {
   double best_score = 0.0, best_sum = 0.0;
   double top = 0.0;  // the best valid similarity: the softmax vote's exponents are <= 0, so none overflows
   bool any = false;
-  for (int64_t i = 0; i < args.k; ++i) {
+  for (int64_t i = 0; i < args.k && args.method == kVoteSoftmax; ++i) {  // only the softmax vote reads it
     if (label[i] < 0 || label[i] >= args.num_classes) continue;
     const double s = static_cast<double>(sim[i]);
     if (!any || s > top) top = s;
