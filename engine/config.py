@@ -24,7 +24,7 @@ POOLINGS = ("soft", "hard")
 # The method's own values (arXiv 2604.07021); Config.paper() applies them over any changed defaults.
 PAPER_SETTINGS = dict(erosion_kernel=3, erosion_iterations=20, erosion="fixed", min_area=300, outlier_ratio=0.25,
                       background_outlier_ratio=0.0, pooling="soft", smfa_eps=1e-8, normalize_layers=False,
-                      region_entries=False, fill_unpainted=False, boundary_radius=0,
+                      center_bank=False, hub_neighbours=0, hub_penalty=0.0, region_entries=False, fill_unpainted=False, boundary_radius=0,
                       objectness_threshold=0.6, nms_iou_threshold=0.4, top_k=25, vote="count", index="Flat")
 
 #: the fields a built bank fixes (FeatureBank.build, bank_parts read them; normalize_layers shapes its vectors and the
@@ -32,7 +32,8 @@ PAPER_SETTINGS = dict(erosion_kernel=3, erosion_iterations=20, erosion="fixed", 
 #: so does Engine for normalize_layers. index_train_size trains an index of the engine's own only where Config.index
 #: names another approximate index than the bank's.
 BANK_FIELDS = ("erosion_kernel", "erosion_iterations", "erosion", "outlier_ratio", "background_outlier_ratio",
-               "min_vector_norm", "region_entries", "region_purity", "index_train_size", "normalize_layers")
+               "min_vector_norm", "region_entries", "region_purity", "index_train_size", "normalize_layers",
+               "center_bank", "hub_neighbours")
 
 
 def knob(default, help: str, section: str | None = None):
@@ -68,6 +69,14 @@ class Config:
                                         "of a pooled vector before the whole vector, so that every layer weighs the "
                                         "same in the cosine; False normalises the pooled vector once, as the paper "
                                         "does. Bank and queries must agree: an engine takes the bank's.")
+    center_bank: bool = knob(True, "subtract the mean of the bank's vectors from them and normalise again, and the "
+                                   "same from every query before its search (engine.bank.centering), so that the "
+                                   "cosine compares what tells regions apart rather than what they all share; the "
+                                   "paper searches SMFA's vectors as they are (False).")
+    hub_neighbours: int = knob(10, "each bank vector's hubness is its mean similarity to this many nearest other "
+                                   "bank vectors (engine.bank.hubness), computed when the bank is made: an exact "
+                                   "search of the bank against itself, quadratic in its size (0 = none, for banks "
+                                   "of millions of vectors).")
     min_vector_norm: float = knob(1e-6, "bank vectors with a smaller L2 norm before normalisation (empty masks) are "
                                         "dropped.")
     region_entries: bool = knob(True, "add the proposer's regions in each bank image, named by the mask's majority "
@@ -87,8 +96,13 @@ class Config:
                                 "class's votes by its number of bank vectors; \"weighted\" scores each class by the "
                                 "summed similarity of its neighbours; \"softmax\" by the sum of exp((s - s_max) / "
                                 "vote_temperature) over its neighbours' similarities s (s_max: the nearest's).")
-    vote_temperature: float = knob(0.03, "the softmax vote's temperature, in cosine similarity: a neighbour this much "
-                                         "farther than the nearest counts 1/e as much.")
+    vote_temperature: float = knob(0.07, "the softmax vote's temperature, in cosine similarity: a neighbour this much "
+                                         "farther than the nearest counts 1/e as much. Centred cosines "
+                                         "(center_bank) spread wider than SMFA's own: 0.03 suits a bank built "
+                                         "without centring.")
+    hub_penalty: float = knob(0.25, "a bank vector's similarity to a query is lowered by this times its hubness "
+                                    "before the top K, so that vectors near everything (hubs) stop deciding votes "
+                                    "(the bank side of CSLS); 0 = off, the paper's search.")
     fill_unpainted: bool = knob(True, "where the bank has no background vector (a data set whose every pixel is a "
                                       "class, such as CamVid), pixels the engine's proposer's regions left "
                                       "unpainted take the class of the nearest painted pixel instead of "
@@ -144,7 +158,7 @@ class Config:
                                  f"{_SHORT.repr(value)}")
         if self.erosion_kernel < 1 or self.erosion_kernel % 2 == 0:
             raise InputError(f"Config.erosion_kernel must be a positive odd integer, got {self.erosion_kernel}")
-        for name in ("erosion_iterations", "min_area", "num_threads", "refine", "boundary_radius"):
+        for name in ("erosion_iterations", "min_area", "num_threads", "refine", "boundary_radius", "hub_neighbours"):
             if getattr(self, name) < 0:
                 raise InputError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("top_k", "batch_size", "nprobe", "index_train_size", "max_image_pixels"):
@@ -163,6 +177,8 @@ class Config:
                              f"{self.smfa_eps}")
         if not (math.isfinite(self.vote_temperature) and self.vote_temperature > 0.0):
             raise InputError(f"Config.vote_temperature must be a finite number > 0, got {self.vote_temperature}")
+        if not (math.isfinite(self.hub_penalty) and self.hub_penalty >= 0.0):
+            raise InputError(f"Config.hub_penalty must be a finite number >= 0, got {self.hub_penalty}")
         if not (math.isfinite(self.boundary_eps) and self.boundary_eps > 0.0):
             raise InputError(f"Config.boundary_eps must be a finite number > 0, got {self.boundary_eps}")
         if not (math.isfinite(self.min_vector_norm) and self.min_vector_norm >= 0.0):

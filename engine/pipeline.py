@@ -201,6 +201,7 @@ class Engine:
             queries = self.kernels.soft_mask_pool_batch(batch.features, atoms, members, self.backbone.stride,
                                                         config.pooling, config.smfa_eps, groups=self._layers,
                                                         num_threads=threads)
+            queries = self.bank.center_queries(queries)  # into the bank's search space (engine.bank.centering)
         with self.times("search"):
             classes, confidences = retrieve(self.index, queries, config.top_k, config.vote, self.kernels,
                                            config.vote_temperature)

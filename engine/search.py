@@ -47,13 +47,19 @@ RERANK_ROWS = 1 << 14
 
 
 class SearchIndex(abc.ABC):
-    """Search over a bank's L2-normalised vectors (M, D) with class ids (M,) and `num_classes` classes."""
+    """Search over a bank's L2-normalised vectors (M, D) with class ids (M,) and `num_classes` classes.
+
+    offsets: (M,) added to every query's similarity with each vector before the top k (the hubness penalty,
+    engine.bank.hubness: `FeatureBank.search_offsets`), or None; the similarities returned include them."""
 
     backend: str
 
-    def __init__(self, vectors: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+    def __init__(self, vectors: np.ndarray, labels: np.ndarray, num_classes: int, offsets=None) -> None:
         # `vectors` may also be just their (rows, dim) shape, for an index that keeps no vectors (IVF-PQ)
         self.size, self.dim = (int(n) for n in (vectors.shape if hasattr(vectors, "shape") else vectors))
+        self.offsets = None if offsets is None else np.ascontiguousarray(offsets, np.float32).reshape(-1)
+        if self.offsets is not None and len(self.offsets) != self.size:
+            raise InputError(f"{len(self.offsets)} search offsets for {self.size} bank vectors")
         self.labels = np.asarray(labels, np.int64)
         self.num_classes = int(num_classes)
         self.class_counts = np.bincount(self.labels, minlength=self.num_classes)
@@ -102,7 +108,7 @@ class SearchIndex(abc.ABC):
         return labels[rows.clamp(min=0)].masked_fill(rows < 0, -1)
 
     def describe(self) -> str:
-        return self.backend
+        return self.backend + (", hubness penalty" if self.offsets is not None else "")
 
 
 class FaissIndex(SearchIndex):
@@ -117,10 +123,13 @@ class FaissIndex(SearchIndex):
     so other threads are unaffected.
     """
 
-    def __init__(self, vectors, labels, num_classes: int, config: Config, index=None, num_threads: int = 0) -> None:
+    def __init__(self, vectors, labels, num_classes: int, config: Config, index=None, num_threads: int = 0,
+                 offsets=None) -> None:
         if vectors is None and index is None:
             raise InputError("FaissIndex needs the vectors or a built index")
-        super().__init__(vectors if vectors is not None else (index.ntotal, index.d), labels, num_classes)
+        if offsets is not None and vectors is None:
+            raise InputError("search offsets (the hubness penalty) need the bank's vectors, for the exact re-rank")
+        super().__init__(vectors if vectors is not None else (index.ntotal, index.d), labels, num_classes, offsets)
         if len(self.labels) != self.size:
             raise InputError(f"{len(self.labels)} labels for an index of {self.size} vectors")
         if index is not None and vectors is not None and (index.ntotal, index.d) != (self.size, self.dim):
@@ -129,8 +138,10 @@ class FaissIndex(SearchIndex):
         self.nprobe = int(config.nprobe)
         self._params = _ivf_parameters(self.index, self.nprobe)
         self.num_threads = int(num_threads)
-        # the vectors are kept (never copied: a memory-mapped bank stays on disk) only when the re-rank reads them
-        self.refine = int(config.refine) if vectors is not None and not exact_scores(self.index) else 0
+        # the vectors are kept (never copied: a memory-mapped bank stays on disk) only when the re-rank reads them;
+        # FAISS knows nothing of offsets, so with them every index's shortlist is re-ranked
+        self.refine = (max(int(config.refine), 1) if offsets is not None else
+                       int(config.refine) if vectors is not None and not exact_scores(self.index) else 0)
         self.vectors = random_access(vectors) if self.refine else None
         self.backend = (f"faiss-cpu {config.index}" + (" (on disk)" if ondisk_data_file(self.index) else "") +
                         (f", exact re-rank of {self.refine} x k" if self.refine else ""))
@@ -139,7 +150,7 @@ class FaissIndex(SearchIndex):
         if not self.refine:
             return self._faiss_search(queries, k)
         similarities, rows = self._faiss_search(queries, min(k * self.refine, self.size))
-        return rerank(queries, similarities, rows, self.vectors, k)
+        return rerank(queries, similarities, rows, self.vectors, k, self.offsets)
 
     def _faiss_search(self, queries, k):
         faiss = require("faiss", "the FAISS search")
@@ -191,9 +202,9 @@ def random_access(vectors: np.ndarray) -> np.ndarray:
 
 
 def rerank(queries: np.ndarray, similarities: np.ndarray, rows: np.ndarray, vectors: np.ndarray,
-           k: int) -> tuple[np.ndarray, np.ndarray]:
+           k: int, offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The best k of each query's shortlist `rows` (Q, n), n >= k, rescored exactly: the inner products of
-    `queries` (Q, D) with those rows of `vectors` (M, D), possibly memory-mapped. Rows -1 (FAISS found fewer than n
+    `queries` (Q, D) with those rows of `vectors` (M, D), possibly memory-mapped, plus their `offsets` (M,). Rows -1 (FAISS found fewer than n
     candidates) keep their `similarities` (FAISS's lowest float) and stay last. Ties: lowest row first (engine.topk,
     as FlatIndex). Up to RERANK_ROWS candidates at a time; each group's distinct rows are read once, in ascending order
     (a memory-mapped bank is read front to back, each page once)."""
@@ -206,6 +217,8 @@ def rerank(queries: np.ndarray, similarities: np.ndarray, rows: np.ndarray, vect
         gathered = np.ascontiguousarray(vectors[unique], np.float32)
         which = np.nonzero(found)[0] + start  # each found candidate's query
         scores[found] = np.einsum("id,id->i", queries[which], gathered[position.ravel()])
+        if offsets is not None:
+            scores[found] += offsets[unique][position.ravel()]
         values, best = top_k(scores, k, block)
         best_values.append(values)
         best_rows.append(best)
@@ -232,12 +245,13 @@ class ExactIndex(SearchIndex):
 
     backend = "numpy-exact"
 
-    def __init__(self, vectors, labels, num_classes: int) -> None:
-        super().__init__(vectors, labels, num_classes)
+    def __init__(self, vectors, labels, num_classes: int, offsets=None) -> None:
+        super().__init__(vectors, labels, num_classes, offsets)
         self.vectors = np.ascontiguousarray(vectors, np.float32)
 
     def _search(self, queries, k):
-        return top_k_reference(queries @ self.vectors.T, k)
+        scores = queries @ self.vectors.T
+        return top_k_reference(scores if self.offsets is None else scores + self.offsets[None, :], k)
 
 
 class FlatIndex(ExactIndex):
@@ -248,14 +262,14 @@ class FlatIndex(ExactIndex):
 
     backend = "numpy-flat (BLAS)"
 
-    def __init__(self, vectors, labels, num_classes: int, chunk_rows: int = 1 << 16) -> None:
-        super().__init__(vectors, labels, num_classes)
+    def __init__(self, vectors, labels, num_classes: int, chunk_rows: int = 1 << 16, offsets=None) -> None:
+        super().__init__(vectors, labels, num_classes, offsets)
         if chunk_rows < 1:
             raise InputError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self.chunk_rows = int(chunk_rows)
 
     def _search(self, queries, k):
-        return topk_inner_product(queries, self.vectors, k, self.chunk_rows)
+        return topk_inner_product(queries, self.vectors, k, self.chunk_rows, self.offsets)
 
 
 class TorchIndex(SearchIndex):
@@ -268,17 +282,20 @@ class TorchIndex(SearchIndex):
     go up a block of rows at a time, so a memory-mapped bank is never copied whole into host memory; on the CPU
     device `self.vectors` shares the NumPy array's memory."""
 
-    def __init__(self, vectors, labels, num_classes: int, device: str = "cuda", chunk_rows: int = 1 << 18) -> None:
+    def __init__(self, vectors, labels, num_classes: int, device: str = "cuda", chunk_rows: int = 1 << 18,
+                 offsets=None) -> None:
         import torch
 
-        super().__init__(vectors, labels, num_classes)
+        super().__init__(vectors, labels, num_classes, offsets)
         check_torch_device(device)  # no GPU, or no kernel image for it: ModelError naming both
         if chunk_rows < 1:
             raise InputError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self.device = torch.device(device)
         self.chunk_rows = int(chunk_rows)
-        self.faiss_index = _faiss_gpu_index(vectors, self.device)
+        # faiss-gpu's flat index cannot add offsets: with them the torch scan searches
+        self.faiss_index = _faiss_gpu_index(vectors, self.device) if offsets is None else None
         self.vectors = None if self.faiss_index is not None else _to_device(torch, vectors, self.device)
+        self.device_offsets = None if offsets is None else torch.from_numpy(self.offsets).to(self.device)
         self.backend = f"{'faiss-gpu' if self.faiss_index is not None else 'torch-topk'} on {self.device}"
 
     def _search(self, queries, k):
@@ -308,7 +325,7 @@ class TorchIndex(SearchIndex):
         if self.faiss_index is not None:
             similarities, rows = self.faiss_index.search(queries.contiguous(), k)  # faiss.contrib.torch_utils
             return similarities, rows.to(torch.int64)
-        return topk_inner_product(queries.to(torch.float32), self.vectors, k, self.chunk_rows)
+        return topk_inner_product(queries.to(torch.float32), self.vectors, k, self.chunk_rows, self.device_offsets)
 
 
 def _to_device(torch, vectors: np.ndarray, device):
@@ -327,20 +344,22 @@ def _to_device(torch, vectors: np.ndarray, device):
 
 def create_index(bank, config: Config, backend: str = "faiss", device: str = "cuda",
                  num_threads: int = 0) -> SearchIndex:
-    """The search index over `bank` for a backend of BACKENDS ("torch" on `device`)."""
+    """The search index over `bank` for a backend of BACKENDS ("torch" on `device`), with the bank's hubness
+    penalty under `config` (FeatureBank.search_offsets)."""
+    offsets = bank.search_offsets(config)
     if backend == "faiss" and config.index == "Flat":
-        return FlatIndex(bank.vectors, bank.labels, len(bank.class_names))
+        return FlatIndex(bank.vectors, bank.labels, len(bank.class_names), offsets=offsets)
     if backend == "faiss":
         # the bank's own index (an on-disk one included) serves when it was made from the same factory string, with
         # this config's nprobe; another factory string gets an index of its own, built from the bank's vectors
         same = config.index == bank.config.index
         return FaissIndex(bank.vectors, bank.labels, len(bank.class_names), config, bank.index if same else None,
-                          num_threads)
+                          num_threads, offsets)
     if backend == "torch":
         # Config.index holds on the device too: Flat is the bank resident on the GPU (exact GEMM + top-k); an
         # approximate index is the bank's own moved to the GPU by faiss-gpu, or else stays on the CPU (warned)
         if config.index == "Flat":
-            return TorchIndex(bank.vectors, bank.labels, len(bank.class_names), device)
+            return TorchIndex(bank.vectors, bank.labels, len(bank.class_names), device, offsets=offsets)
         index = create_index(bank, config, "faiss", device, num_threads)
         gpu = _faiss_index_to_gpu(index.index, device)
         if gpu is None:
@@ -352,7 +371,7 @@ def create_index(bank, config: Config, backend: str = "faiss", device: str = "cu
         index.index, index.backend = gpu, index.backend.replace("faiss-cpu", f"faiss-gpu on {device}")
         return index
     if backend == "exact":
-        return ExactIndex(bank.vectors, bank.labels, len(bank.class_names))
+        return ExactIndex(bank.vectors, bank.labels, len(bank.class_names), offsets)
     raise InputError(f"unknown search backend {backend!r}; known backends: {BACKENDS}")
 
 

@@ -69,11 +69,12 @@ def top_k_torch(scores, k: int, ids=None):
     return torch.gather(values, 1, order), torch.gather(by_id.values, 1, order)
 
 
-def topk_inner_product(queries, vectors, k: int, chunk_rows: int = 1 << 18):
+def topk_inner_product(queries, vectors, k: int, chunk_rows: int = 1 << 18, offsets=None):
     """Exact top-k of `queries` (Q, D) @ `vectors` (M, D).T, `chunk_rows` bank rows at a time (the (Q, chunk)
     score block stays small for big banks), each chunk's best merged with the best so far. NumPy arrays (one BLAS
     product a chunk; `vectors` may be memory-mapped) or torch tensors on any device; returns (Q, min(k, M))
-    float32 scores and int64 rows of the same kind, best first, equal scores lowest row first."""
+    float32 scores and int64 rows of the same kind, best first, equal scores lowest row first. offsets: (M,) added
+    to every query's score of each row (engine.bank.hubness), of the same kind, or None."""
     if isinstance(queries, np.ndarray):
         select, concatenate = top_k, np.concatenate
     else:
@@ -82,7 +83,10 @@ def topk_inner_product(queries, vectors, k: int, chunk_rows: int = 1 << 18):
         select, concatenate = top_k_torch, torch.cat
     best = select(queries @ vectors[:0].T, 0)  # the answer for an empty bank
     for start in range(0, int(vectors.shape[0]), chunk_rows):
-        values, rows = select(queries @ vectors[start:start + chunk_rows].T, k)
+        scores = queries @ vectors[start:start + chunk_rows].T
+        if offsets is not None:
+            scores = scores + offsets[None, start:start + chunk_rows]
+        values, rows = select(scores, k)
         if start:
             values, rows = select(concatenate([best[0], values], 1), k, concatenate([best[1], rows + start], 1))
         best = values, rows

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from engine.bank import FeatureBank, erode, purify, reject_outliers
+from engine.bank.centering import bank_center, centered
+from engine.bank.hubness import hubness
 from engine.config import Config
 from engine.data import Sample
 from engine.errors import BankError, InputError
@@ -95,7 +97,8 @@ def test_outlier_rejection_matches_the_rule(seed):
 def test_build_vectors_are_smfa_of_purified_masks(rng, toy, CLASSES, ColorBackbone, pooling):
     backbone = ColorBackbone()
     samples = toy.samples(rng, 3)
-    config = Config(outlier_ratio=0, min_area=50, erosion_iterations=2, pooling=pooling, region_entries=False)
+    config = Config(outlier_ratio=0, min_area=50, erosion_iterations=2, pooling=pooling, region_entries=False,
+                    center_bank=False)
     bank = FeatureBank.build(samples, backbone, CLASSES, config, progress=False)
     np.testing.assert_allclose(np.linalg.norm(bank.vectors, axis=1), 1, atol=1e-5)
     assert bank.sources[0] == "img0"
@@ -141,7 +144,7 @@ def test_region_entries_are_pure_regions_named_by_the_majority(rng, toy, CLASSES
     tiny = np.zeros_like(red)
     tiny[0, 0] = True
     masks = np.stack([red, green, mixed, mostly_green, tiny])
-    config = Config(min_area=50, region_purity=0.9, outlier_ratio=0.5)
+    config = Config(min_area=50, region_purity=0.9, outlier_ratio=0.5, center_bank=False)
     backbone = ColorBackbone()
     bank = FeatureBank.build([Sample("a", image, [1, 2], label)], backbone, CLASSES, config,
                              proposer=FixedProposer(masks), progress=False)
@@ -197,9 +200,12 @@ def test_round_trip(saved_bank, rng, CLASSES, ColorBackbone):
     loaded = FeatureBank.load(path, backbone=ColorBackbone())
     assert np.shares_memory(loaded.vectors, np.load(path / "vectors.npy", mmap_mode="r")) or \
         isinstance(loaded.vectors.base, np.memmap)  # memory-mapped, not read
-    assert sorted(p.name for p in path.iterdir()) == ["kinds.npy", "labels.npy", "manifest.json", "sources.json",
-                                                      "vectors.npy"]  # a flat bank: the vectors once, no index file
+    assert sorted(p.name for p in path.iterdir()) == ["center.npy", "hubness.npy", "kinds.npy", "labels.npy",
+                                                      "manifest.json", "sources.json",
+                                                      "vectors.npy"]  # a flat bank: no index file
     np.testing.assert_array_equal(loaded.vectors, bank.vectors)
+    np.testing.assert_array_equal(loaded.center, bank.center)
+    np.testing.assert_array_equal(loaded.hubness, bank.hubness)
     np.testing.assert_array_equal(loaded.labels, bank.labels)
     assert loaded.class_names == CLASSES and loaded.config == bank.config and loaded.sources == bank.sources
     assert loaded.provenance["data"] == "synthetic" and loaded.backbone == bank.backbone
@@ -388,7 +394,8 @@ def test_a_failed_replacement_leaves_the_old_bank_in_place(saved_bank, monkeypat
         return real_replace(src, dst)
 
     monkeypatch.setattr("engine.bank.storage.os.replace", failing_replace)
-    other = FeatureBank(bank.vectors[:-1], bank.labels[:-1], bank.class_names, bank.backbone, bank.config)
+    other = FeatureBank(bank.vectors[:-1], bank.labels[:-1], bank.class_names, bank.backbone, bank.config,
+                        center=bank.center)
     with pytest.raises(OSError, match="simulated crash"):
         other.save(path, overwrite=True)
     monkeypatch.undo()
@@ -741,3 +748,109 @@ def test_parts_are_sealed_and_stay_inside_their_folder(rng, toy, CLASSES, ColorB
         reseal_json(record, lambda r: r.__setitem__("version", 1))
     with pytest.raises(BankError, match=message):
         load_parts(path)
+
+
+# ---------------------------------------------------------------------------------------------------------- centring
+
+
+def centered_reference(vectors, center, groups=()):
+    """Centring written from its definition, a row and a layer at a time: the row minus the mean, each layer's part
+    L2-normalised, then the whole row (a part or row that is exactly zero stays zero)."""
+    bounds = np.cumsum([0, *(groups or [vectors.shape[1]])])
+    out = np.zeros(vectors.shape, np.float64)
+    for i, row in enumerate(np.asarray(vectors, np.float64) - np.asarray(center, np.float64)):
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            norm = np.linalg.norm(row[start:stop])
+            out[i, start:stop] = row[start:stop] / norm if norm > 0 else 0.0
+        norm = np.linalg.norm(out[i])
+        out[i] = out[i] / norm if norm > 0 else 0.0
+    return out
+
+
+@pytest.mark.parametrize("groups", [(), (3, 5, 2), (10,)])
+def test_centring_is_its_definition(rng, groups):
+    vectors = rng.normal(size=(int(rng.integers(2, 40)), 10)).astype(np.float32)
+    center = bank_center(vectors)
+    np.testing.assert_allclose(center, vectors.astype(np.float64).mean(axis=0), atol=1e-6)
+    vectors[0] = center  # on the mean: a zero row, which stays zero
+    vectors[1, :(groups or (10,))[0]] = center[:(groups or (10,))[0]]  # one layer on the mean
+    got = centered(vectors, center, groups)
+    assert got.dtype == np.float32 and got.shape == vectors.shape
+    np.testing.assert_allclose(got, centered_reference(vectors, center, groups), atol=1e-6)
+    assert not got[0].any()
+    one = centered(vectors[2:3], center, groups)  # one query
+    np.testing.assert_allclose(one, centered_reference(vectors[2:3], center, groups), atol=1e-6)
+    assert centered(vectors[:0], center, groups).shape == (0, 10)  # no queries
+    with pytest.raises(InputError, match="do not sum"):
+        centered(vectors, center, (3, 3))
+
+
+def test_a_centred_bank_keeps_its_center_and_an_old_bank_loads_uncentred(saved_bank, rng, tmp_path):
+    from test_bank import rewrite_manifest
+
+    bank, path = saved_bank
+    assert bank.config.center_bank and bank.center is not None
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["centered"] is True and "center.npy" in manifest["files"]
+    queries = rng.normal(size=(3, bank.dim)).astype(np.float32)
+    np.testing.assert_allclose(FeatureBank.load(path).center_queries(queries),
+                               centered_reference(queries, bank.center), atol=1e-6)
+    (path / "center.npy").unlink()
+    with pytest.raises(BankError, match="missing center.npy"):
+        FeatureBank.load(path)
+    # a bank saved before centring existed: no center_bank in its config, no center.npy, no "centered"
+    plain = FeatureBank(bank.vectors, bank.labels, bank.class_names, bank.backbone,
+                        bank.config.replace(center_bank=False))
+    old = plain.save(tmp_path / "old")
+    rewrite_manifest(old, lambda m: (m.pop("centered"), m["config"].pop("center_bank")))
+    loaded = FeatureBank.load(old)
+    assert loaded.center is None and not loaded.config.center_bank
+    assert loaded.center_queries(queries) is queries
+    with pytest.raises(BankError, match="center"):
+        FeatureBank(bank.vectors, bank.labels, bank.class_names, bank.backbone, bank.config, center=bank.center[:2])
+
+
+# ---------------------------------------------------------------------------------------------------------- hubness
+
+
+@pytest.mark.parametrize("neighbours", [1, 3, 12, 40])
+def test_hubness_is_its_definition(rng, monkeypatch, neighbours):
+    monkeypatch.setattr("engine.bank.hubness.QUERY_ROWS", 7)  # several blocks of rows
+    vectors = rng.normal(size=(int(rng.integers(2, 30)), 6)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[-1] = vectors[0]  # an identical pair: each is the other's nearest, at similarity 1
+    sims = vectors.astype(np.float64) @ vectors.astype(np.float64).T
+    want = [np.sort(np.delete(sims[i], i))[::-1][:neighbours].mean() for i in range(len(vectors))]
+    got = hubness(vectors, neighbours)
+    assert got.dtype == np.float32 and got.shape == (len(vectors),)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert hubness(vectors[:1], neighbours).tolist() == [0.0] and hubness(vectors[:0], neighbours).shape == (0,)
+
+
+def test_a_bank_scores_hubness_in_its_search_space_and_the_search_discounts_it(rng, toy, CLASSES, ColorBackbone,
+                                                                               tmp_path, monkeypatch):
+    from engine.search import create_index
+    from test_bank import rewrite_manifest
+
+    bank = FeatureBank.build(toy.samples(rng, 5), ColorBackbone(), CLASSES, Config(min_area=100), progress=False)
+    assert bank.config.hub_neighbours == 10
+    np.testing.assert_allclose(bank.hubness, hubness(bank.vectors, 10), atol=1e-6)  # of the centred vectors
+    np.testing.assert_allclose(bank.search_offsets(), -0.25 * bank.hubness, atol=1e-7)
+    assert bank.search_offsets(bank.config.replace(hub_penalty=0)) is None
+    assert create_index(bank, bank.config.replace(hub_penalty=0)).offsets is None
+    np.testing.assert_allclose(create_index(bank, bank.config).offsets, bank.search_offsets())
+    none = FeatureBank.build(toy.samples(rng, 2), ColorBackbone(), CLASSES, Config(min_area=100, hub_neighbours=0),
+                             progress=False)
+    assert none.hubness is None and none.search_offsets() is None
+    loaded = FeatureBank.load(bank.save(tmp_path / "bank"))
+    np.testing.assert_array_equal(loaded.hubness, bank.hubness)
+    old = none.save(tmp_path / "old")  # a bank from before hubness: no field in its config, no "hubness" key
+    rewrite_manifest(old, lambda m: (m.pop("hubness"), m["config"].pop("hub_neighbours")))
+    assert FeatureBank.load(old).config.hub_neighbours == 0
+    with pytest.raises(BankError, match="hubness"):
+        FeatureBank(bank.vectors, bank.labels, bank.class_names, bank.backbone, bank.config, center=bank.center,
+                    hubness=bank.hubness[:2])
+    monkeypatch.setattr("engine.bank.feature_bank.MAX_HUBNESS_ROWS", 3)  # a bank too large for the exact self-search
+    with pytest.warns(UserWarning, match="gets no hubness"):
+        large = FeatureBank.build(toy.samples(rng, 2), ColorBackbone(), CLASSES, Config(min_area=100), progress=False)
+    assert large.hubness is None and large.config.hub_neighbours == 0 and large.center is not None

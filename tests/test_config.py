@@ -11,7 +11,7 @@ from engine.errors import InputError
 def test_defaults_and_paper_settings():
     config = Config()
     assert (config.erosion, config.top_k, config.vote, config.pooling) == ("adaptive", 15, "softmax", "soft")
-    assert config.vote_temperature == 0.03
+    assert config.vote_temperature == 0.07 and config.center_bank and not Config.paper().center_bank
     assert config.erosion_size == 41  # 20 x 3x3 erosions = one 41x41 square
     paper = Config.paper()
     for name, value in PAPER_SETTINGS.items():

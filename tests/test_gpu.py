@@ -98,6 +98,15 @@ def test_torch_index_on_cuda_equals_exact_with_ties(torch, rng, chunk_rows):
         np.testing.assert_array_equal(got[0], want[0])
     sims, rows = index.search_tensors(torch.from_numpy(queries).cuda(), 25)
     assert rows.is_cuda and rows.dtype == torch.int64
+    # with search offsets (the hubness penalty): the torch scan, offsets added before the top k, as the CPU's
+    offsets = rng.integers(-3, 4, len(vectors)).astype(np.float32)
+    index = TorchIndex(vectors, labels, 21, device="cuda", chunk_rows=chunk_rows, offsets=offsets)
+    assert index.faiss_index is None and index.describe().endswith("hubness penalty")
+    exact = ExactIndex(vectors, labels, 21, offsets)
+    for k in (1, 25, 200):
+        got, want = index.search(queries, k), exact.search(queries, k)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
 
 
 def test_torch_index_on_cuda_agrees_with_cpu_and_faiss_on_unit_vectors(torch, rng):
@@ -538,3 +547,19 @@ def test_rac_merge_on_cuda_equals_cpu(cuda_ops, to_device, rng):
             assert_on_device_of(g.parent, to_device(graphs[0][1]))
             for field in ("parent", "height", "area", "coherence", "snapshots"):
                 np.testing.assert_array_equal(host(getattr(g, field)), getattr(w, field))
+
+
+@pytest.mark.parametrize("groups", [(), (208, 352, 120)])
+def test_query_centring_on_cuda_equals_cpu(to_device, rng, groups):
+    """engine.bank.centering on device queries (torch or CuPy) gives the host's result, on the device."""
+    from engine.arrays import host
+    from engine.bank.centering import bank_center, centered
+
+    vectors = rng.standard_normal((300, 680)).astype(np.float32)
+    center = bank_center(vectors)
+    vectors[0] = center  # a zero row stays zero
+    for rows in (vectors, vectors[:1], vectors[:0]):
+        d_rows = to_device(rows)
+        got = centered(d_rows, center, groups)
+        assert_on_device_of(got, d_rows)
+        np.testing.assert_allclose(host(got), centered(rows, center, groups), rtol=1e-5, atol=1e-6)

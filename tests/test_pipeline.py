@@ -76,7 +76,8 @@ def test_reference_kernels_give_the_compiled_label_maps(make_engine, toy, rng):
     compiled = make_engine()
     reference = make_engine(kernels="reference")
     assert compiled.describe()["kernels"] == "engine.ops" and reference.describe()["kernels"] == "engine.reference"
-    assert reference.describe()["search"] == "numpy-exact" and compiled.describe()["search"] == "numpy-flat (BLAS)"
+    assert reference.describe()["search"] == "numpy-exact, hubness penalty"
+    assert compiled.describe()["search"] == "numpy-flat (BLAS), hubness penalty"
     want = compiled.segment_batch(images, proposals)
     assert sum(len(r.classes) for r in want) > len(want)  # something was named
     for a, b in zip(reference.segment_batch(images, proposals), want):
@@ -151,7 +152,8 @@ def test_nms_suppresses_duplicate_and_owner_points_to_input_index(make_engine, t
 
 def test_label_map_is_int32_beyond_256_classes(toy_bank, make_engine, toy, rng):
     names = toy_bank.class_names + tuple(f"extra{i}" for i in range(300))
-    wide = FeatureBank(toy_bank.vectors, toy_bank.labels, names, toy_bank.backbone, toy_bank.config)
+    wide = FeatureBank(toy_bank.vectors, toy_bank.labels, names, toy_bank.backbone, toy_bank.config,
+                       center=toy_bank.center)
     image, label = toy.scene(rng, classes=(1, 3))
     result = make_engine(bank=wide).segment(image, ground_truth_proposals(label))
     assert result.label_map.dtype == np.int32
@@ -219,7 +221,7 @@ def test_module_level_segment_batch_with_bank_directory(toy_bank, toy, rng, tmp_
     from engine import pipeline
 
     other = FeatureBank(toy_bank.vectors, np.where(toy_bank.labels == 3, 1, toy_bank.labels), toy_bank.class_names,
-                        toy_bank.backbone, toy_bank.config)
+                        toy_bank.backbone, toy_bank.config, center=toy_bank.center)
     other.save(path, overwrite=True)
     replaced = engine.segment_batch([image], path, proposals=[ground_truth_proposals(label)], config=exact)
     assert set(np.unique(replaced[0].label_map)) == {0, 1}  # blue regions are now named red
@@ -576,14 +578,14 @@ def test_paper_settings_normalise_the_pooled_vector_once(toy, rng):
     backbone = Layered(id="test/layered")
     samples = toy.samples(rng, 4)
     paper = FeatureBank.build(samples, backbone, toy.CLASSES, Config.paper(min_area=100), progress=False)
-    ours = FeatureBank.build(samples, backbone, toy.CLASSES, Config(min_area=100), progress=False)
+    ours = FeatureBank.build(samples, backbone, toy.CLASSES, Config(min_area=100, center_bank=False), progress=False)
     for bank, per_layer in ((ours, True), (paper, False)):
         vectors = np.asarray(bank.vectors)
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
         colour, constant = np.linalg.norm(vectors[:, :3], axis=1), np.linalg.norm(vectors[:, 3:], axis=1)
         assert np.allclose(colour, constant, rtol=1e-4) == per_layer
     with pytest.raises(InputError, match="normalize_layers"):
-        Engine(paper, backbone=backbone, config=Config(min_area=100))
+        Engine(paper, backbone=backbone, config=Config(min_area=100, center_bank=False))
     image, label = toy.scene(rng, classes=(1, 3))
     result = Engine(paper, backbone=backbone).segment(image, ground_truth_proposals(label))
     assert set(np.unique(result.label_map)) <= {0, 1, 3} and result.classes.size
@@ -643,7 +645,8 @@ def test_refinement_snaps_the_proposers_regions_and_frees_changed_pixels(make_en
 
 def test_unpainted_pixels_are_filled_only_without_a_background_class(toy_bank, toy, rng):
     no_background = FeatureBank(toy_bank.vectors[toy_bank.labels != 0], toy_bank.labels[toy_bank.labels != 0],
-                                toy_bank.class_names, toy_bank.backbone, toy_bank.config)
+                                toy_bank.class_names, toy_bank.backbone, toy_bank.config, center=toy_bank.center,
+                                hubness=toy_bank.hubness[toy_bank.labels != 0])
     image, label = toy.scene(rng, classes=(1, 3))
     proposer = _TruthProposer([(image, label)])  # the grey background is no region: it stays unpainted
     exact = Config(boundary_radius=0)
@@ -660,3 +663,39 @@ def test_unpainted_pixels_are_filled_only_without_a_background_class(toy_bank, t
     # the same regions given by the caller are painted as given: what they leave unpainted stays background
     given = segment(no_background, exact, proposals=[ground_truth_proposals(label)])
     np.testing.assert_array_equal(given.label_map, label)
+
+
+def test_a_centred_bank_is_searched_with_queries_centred_on_its_mean(toy, rng):
+    """Config.center_bank (the default): the bank's vectors are moved off their mean and normalised again, each layer
+    and then the whole, and every query is moved off the same mean before its search; checked against the rule
+    written out in NumPy from SMFA's own vectors."""
+    from engine.reference import soft_mask_pool_reference
+    from test_bank import centered_reference
+
+    class Layered(toy.ColorBackbone):
+        groups = (2, 2)
+
+    backbone = Layered(id="test/layered")
+    samples = toy.samples(rng, 5)
+    plain = FeatureBank.build(samples, backbone, toy.CLASSES, Config(min_area=100, center_bank=False), progress=False)
+    bank = FeatureBank.build(samples, backbone, toy.CLASSES, Config(min_area=100), progress=False)
+    assert plain.center is None and bank.config.center_bank
+    np.testing.assert_allclose(bank.center, np.asarray(plain.vectors, np.float64).mean(0), atol=1e-6)
+    np.testing.assert_allclose(bank.vectors, centered_reference(plain.vectors, bank.center, (2, 2)), atol=1e-5)
+    np.testing.assert_array_equal(bank.labels, plain.labels)
+
+    image, label = toy.scene(rng, classes=(1, 3))
+    masks = np.concatenate([ground_truth_proposals(label, include_background=True).masks,
+                            np.ones((1, *label.shape), bool)])
+    eng = Engine(bank, backbone=backbone, proposer=None, config=dataclasses.replace(bank.config, boundary_radius=0))
+    searched = []
+    search = eng.index.search
+    eng.index.search = lambda queries, k: searched.append(queries) or search(queries, k)
+    eng.segment(image, Proposals.from_masks(masks, np.ones(len(masks))))
+    pooled = soft_mask_pool_reference(backbone.features([image])[0], masks, backbone.stride, groups=(2, 2))
+    np.testing.assert_allclose(searched[0], centered_reference(pooled, bank.center, (2, 2)), atol=1e-5)
+    # a bank built without centring is searched with SMFA's queries as they are
+    plain_engine = Engine(plain, backbone=backbone, proposer=None)
+    plain_engine.index.search = lambda queries, k: searched.append(queries) or search(queries, k)
+    plain_engine.segment(image, Proposals.from_masks(masks, np.ones(len(masks))))
+    np.testing.assert_allclose(searched[1], pooled, atol=1e-5)

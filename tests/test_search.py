@@ -407,7 +407,8 @@ def test_rerank_applies_to_approximate_scores_only(rng, toy_bank):
     with pytest.raises(InputError, match="an index of 2000 x 16 vectors given 1999 x 16 vectors"):
         FaissIndex(vectors[:-1], labels[:-1], 1, ivfpq, built)
     # create_index hands the bank's vectors (a loaded bank's are memory-mapped) to the index
-    bank = SimpleNamespace(vectors=vectors, labels=labels, class_names=["a"], config=ivfpq, index=built)
+    bank = SimpleNamespace(vectors=vectors, labels=labels, class_names=["a"], config=ivfpq, index=built,
+                           search_offsets=lambda config: None)
     face = create_index(bank, ivfpq, "faiss")
     assert face.index is built and face.refine == Config().refine and face.vectors is vectors
     # the re-rank in query groups (RERANK_ROWS candidates at a time) gives the same as in one
@@ -439,3 +440,43 @@ def test_random_access_maps_the_same_rows_again(rng, tmp_path):
     writable = np.load(tmp_path / "v.npy", mmap_mode="c")  # copy-on-write: its changes are its own, kept
     for array in (in_memory, writable, mapped[:, :10], mapped[:0]):
         assert random_access(array) is array
+
+
+def test_offsets_join_every_score_before_the_top_k_in_every_exact_backend(rng):
+    """Search offsets (the hubness penalty): each row's offset is added to every query's score of that row before
+    the top k, ties lowest row first, in ExactIndex (against the loop), FlatIndex at any chunking and TorchIndex."""
+    vectors, queries, labels = integer_bank(rng)
+    offsets = rng.integers(-3, 4, len(vectors)).astype(np.float32)  # small integers: sums stay exact, ties stay
+    scores = queries.astype(np.float64) @ vectors.astype(np.float64).T + offsets
+    for k in (1, 5, 30, len(vectors)):
+        want_rows = np.array([sorted(range(len(vectors)), key=lambda r: (-scores[q, r], r))[:k]
+                              for q in range(len(queries))], np.int64)
+        want_sims = np.take_along_axis(scores, want_rows, 1).astype(np.float32)
+        for index in (ExactIndex(vectors, labels, 4, offsets), FlatIndex(vectors, labels, 4, 7, offsets),
+                      TorchIndex(vectors, labels, 4, "cpu", chunk_rows=7, offsets=offsets)):
+            sims, rows = index.search(queries, k)
+            np.testing.assert_array_equal(rows, want_rows)
+            np.testing.assert_array_equal(sims, want_sims)
+            assert index.describe().endswith("hubness penalty")
+    with pytest.raises(InputError, match="3 search offsets for"):
+        FlatIndex(vectors, labels, 4, offsets=offsets[:3])
+
+
+def test_faiss_indexes_rerank_their_shortlist_with_the_offsets(rng):
+    """FAISS knows nothing of offsets: with them every FAISS index re-ranks its shortlist exactly, offsets added."""
+    pytest.importorskip("faiss")
+    vectors, queries = normalised(rng, 2000, 16), normalised(rng, 50, 16)
+    labels = np.zeros(2000, int)
+    offsets = (-0.25 * rng.random(2000)).astype(np.float32)
+    want_sims, want_rows = ExactIndex(vectors, labels, 1, offsets).search(queries, 5)
+    for factory in ("IVF8,Flat", "IVF8,PQ4"):
+        config = Config(index=factory, nprobe=8, refine=400, index_train_size=1000)  # a shortlist of the whole bank
+        index = FaissIndex(vectors, labels, 1, config, offsets=offsets)
+        sims, rows = index.search(queries, 5)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+    flat = Config(index="IVF8,Flat", refine=0, index_train_size=1000)
+    assert FaissIndex(vectors, labels, 1, flat, offsets=offsets).refine == 1  # re-ranked even without Config.refine
+    assert FaissIndex(vectors, labels, 1, flat).refine == 0
+    with pytest.raises(InputError, match="need the bank's vectors"):
+        FaissIndex(None, labels, 1, flat, make_faiss_index(vectors, flat), offsets=offsets)

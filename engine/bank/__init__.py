@@ -4,7 +4,8 @@ Per image and class mask: semantic boundary purification (SBP: erosion, small re
 aggregation (SMFA: area-interpolated mask weights over the backbone's patch grid, weighted mean, L2-normalised) → one
 vector per (image, class) plus one background vector per image → per-class outlier rejection. Region entries
 (Config.region_entries, on by default) join them: the proposer's own regions in each bank image, named by the
-(pseudo-)mask's majority class.
+(pseudo-)mask's majority class. Last, the search space (not the paper's): every vector centred on the bank's mean
+and normalised again, and each one's hubness scored (Config.center_bank, hub_neighbours).
 
 One idea a module:
 
@@ -12,6 +13,8 @@ One idea a module:
 - `featurise`: images, masks and labels to bank entries, a batch at a time (bank_parts, featurise_batch);
 - `parts`: the entries before outlier rejection (BankPart), kept on disk, merged and appended to;
 - `outliers`: per-class outlier rejection;
+- `centering`: the bank's vectors, and the queries searched in it, moved off the bank's mean (Config.center_bank);
+- `hubness`: each vector's mean similarity to its nearest others, which the search discounts (Config.hub_penalty);
 - `feature_bank`: the FeatureBank class (build, from_parts, save, load, its index);
 - `storage`: the bank directory on disk: staged writes swapped in whole, checksums, the sealed manifest;
 - `index_storage`: how the search index is stored beside the vectors, which are stored once (INDEX_STORAGE).

@@ -1,11 +1,13 @@
 """FeatureBank: the offline feature bank, L2-normalised prototypes with their class ids and provenance, built from
-images with image-level labels (engine.bank.featurise, then per-class outlier rejection), saved to and loaded from a
-checked bank directory (engine.bank.storage), and searched through its index (engine.search)."""
+images with image-level labels (engine.bank.featurise, then per-class outlier rejection, then the search space:
+centring and hubness), saved to and loaded from a checked bank directory (engine.bank.storage), and searched through
+its index (engine.search)."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -15,7 +17,9 @@ import numpy as np
 from ..config import Config
 from ..errors import BankError, InputError
 from ..ivf import make_faiss_index
+from .centering import bank_center, centered
 from .featurise import bank_parts
+from .hubness import MAX_ROWS as MAX_HUBNESS_ROWS, hubness
 from .index_storage import check_index, choose_storage, read_index, write_index
 from .outliers import reject_outliers_parts
 from .parts import KINDS, BankPart
@@ -27,9 +31,12 @@ from .storage import (FORMAT, FORMAT_VERSION, check_replaceable, read_manifest, 
 class FeatureBank:
     """L2-normalised prototypes (M, dim) with their class ids (0 = background) and provenance.
 
-    `backbone` is the backbone's `describe()` dict (id, dim, stride, padding); an engine refuses a bank whose backbone
-    id or dimension differs from its own. `sources`: the image id of each vector; `kinds`: each vector's kind, an
-    index into KINDS.
+    `backbone` is the backbone's `describe()` dict (id, dim, stride, groups, padding); an engine refuses a bank whose
+    backbone id or dimension differs from its own. `sources`: the image id of each vector; `kinds`: each vector's
+    kind, an index into KINDS. `center`: the mean the vectors were centred on (engine.bank.centering), which queries
+    are centred on before a search (`center_queries`); None for a bank whose vectors are SMFA's own. The bank's
+    `config.center_bank` says which: a copy of a centred bank's vectors must carry its center. `hubness`: each
+    vector's mean similarity to its Config.hub_neighbours nearest others (engine.bank.hubness), or None.
     """
 
     vectors: np.ndarray
@@ -40,6 +47,8 @@ class FeatureBank:
     sources: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     kinds: np.ndarray | None = None
+    center: np.ndarray | None = None
+    hubness: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         mapped = isinstance(self.vectors, np.memmap) or isinstance(getattr(self.vectors, "base", None), np.memmap)
@@ -61,6 +70,13 @@ class FeatureBank:
         # a block at a time, and load's checksums say the file is the one saved
         if not mapped and not np.isfinite(self.vectors).all():
             raise BankError("bank vectors contain NaN or inf")
+        self.center = _finite_or_none("center", self.center, self.vectors.shape[1])
+        self.hubness = _finite_or_none("hubness", self.hubness, len(self.labels))
+        # the config says what the vectors and scores are
+        if self.config.center_bank != (self.center is not None):
+            self.config = self.config.replace(center_bank=self.center is not None)
+        if self.hubness is None and self.config.hub_neighbours:
+            self.config = self.config.replace(hub_neighbours=0)
         self._index = None
 
     # ---------------------------------------------------------------------------------------------------------- build
@@ -118,8 +134,10 @@ class FeatureBank:
         record = dict(provenance or {})
         record.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         record["vectors_before_outlier_rejection"] = int(len(matrix))
-        return cls(matrix[keep], labels[keep], tuple(class_names), dict(backbone_record), config,
-                   [sources[i] for i in np.flatnonzero(keep)], record, kinds[keep])
+        # after outlier rejection, which compares SMFA's own vectors
+        vectors, center, scores = search_space(matrix[keep], backbone_record, config)
+        return cls(vectors, labels[keep], tuple(class_names), dict(backbone_record), config,
+                   [sources[i] for i in np.flatnonzero(keep)], record, kinds[keep], center, scores)
 
     # ----------------------------------------------------------------------------------------------------- access
 
@@ -134,6 +152,19 @@ class FeatureBank:
     def backbone_name(self) -> str:
         """The registered name of the bank's backbone (its id without the padding rule), for create_backbone."""
         return self.backbone.get("model") or str(self.backbone["id"]).split("+")[0]
+
+    def center_queries(self, queries):
+        """Queries pooled as the bank's vectors were, moved into the bank's search space: centred on the bank's
+        center (where the queries live) when it has one, else as they are."""
+        if self.center is None:
+            return queries
+        return centered(queries, self.center, layer_groups(self.backbone, self.config))
+
+    def search_offsets(self, config: Config | None = None) -> np.ndarray | None:
+        """What a search adds to each vector's similarity: -config.hub_penalty x its hubness (engine.bank.hubness),
+        or None without hubness or penalty. config: the searching engine's (default the bank's)."""
+        penalty = (config or self.config).hub_penalty
+        return None if self.hubness is None or not penalty else -penalty * self.hubness
 
     def class_counts(self) -> np.ndarray:
         """Number of bank vectors of each class (length = number of classes)."""
@@ -182,6 +213,10 @@ class FeatureBank:
         storage = choose_storage(self, ondisk)
         with staged(path) as staging:
             write_vectors(staging / "vectors.npy", self.vectors)
+            if self.center is not None:
+                np.save(staging / "center.npy", self.center)
+            if self.hubness is not None:
+                np.save(staging / "hubness.npy", self.hubness)
             np.save(staging / "labels.npy", self.labels)
             np.save(staging / "kinds.npy", self.kinds)
             (staging / "sources.json").write_text(json.dumps(self.sources))
@@ -198,6 +233,8 @@ class FeatureBank:
                 "config": self.config.to_dict(),
                 "provenance": self.provenance,
                 "index_storage": storage,
+                "centered": self.center is not None,
+                "hubness": self.hubness is not None,
             })
         return path
 
@@ -213,11 +250,15 @@ class FeatureBank:
         path = Path(path)
         manifest = read_manifest(path, verify)
         try:
+            # a bank saved before centring and hubness existed lacks their fields: its vectors are SMFA's own
+            config = Config.from_dict({"center_bank": False, "hub_neighbours": 0, **manifest["config"]})
+            center = np.load(path / "center.npy", allow_pickle=False) if manifest.get("centered") is True else None
+            scores = np.load(path / "hubness.npy", allow_pickle=False) if manifest.get("hubness") is True else None
             bank = cls(np.load(path / "vectors.npy", mmap_mode="r", allow_pickle=False),
                        np.load(path / "labels.npy", allow_pickle=False),
-                       manifest["class_names"], manifest["backbone"], Config.from_dict(manifest["config"]),
+                       manifest["class_names"], manifest["backbone"], config,
                        json.loads((path / "sources.json").read_text()), manifest.get("provenance", {}),
-                       np.load(path / "kinds.npy", allow_pickle=False))
+                       np.load(path / "kinds.npy", allow_pickle=False), center, scores)
             index = read_index(path, manifest["index_storage"], bank)
         except (KeyError, ValueError, TypeError, AttributeError, OSError, RuntimeError) as error:
             raise BankError(f"{path}: cannot read bank: {error}") from error
@@ -234,3 +275,36 @@ class FeatureBank:
         manifest; BankError naming the first problem."""
         FeatureBank.load(path, verify="full")
         return json.loads((Path(path) / "manifest.json").read_text())
+
+
+def layer_groups(backbone_record: dict, config: Config) -> tuple[int, ...]:
+    """The feature groups a bank's vectors are normalised by: the backbone's layers under Config.normalize_layers,
+    else none (the whole vector at once)."""
+    return tuple(int(g) for g in backbone_record.get("groups", ())) if config.normalize_layers else ()
+
+
+def search_space(vectors: np.ndarray, backbone_record: dict, config: Config) -> tuple:
+    """A new bank's vectors in its search space: (vectors, center, hubness), centred on their mean under
+    Config.center_bank (engine.bank.centering) and their hubness scored there under Config.hub_neighbours
+    (engine.bank.hubness); center and hubness are None where off."""
+    center = scores = None
+    if config.center_bank:
+        center = bank_center(vectors)
+        vectors = centered(vectors, center, layer_groups(backbone_record, config))
+    if config.hub_neighbours and len(vectors) > MAX_HUBNESS_ROWS:
+        warnings.warn(f"a bank of {len(vectors):,} vectors gets no hubness (Config.hub_neighbours): the exact search "
+                      f"of the bank against itself is quadratic, allowed up to {MAX_HUBNESS_ROWS:,} vectors; its "
+                      "searches have no hubness penalty", stacklevel=4)
+    elif config.hub_neighbours:
+        scores = hubness(vectors, config.hub_neighbours)
+    return vectors, center, scores
+
+
+def _finite_or_none(name: str, values, length: int) -> np.ndarray | None:
+    """A bank's optional per-dimension or per-vector array as float32 of `length` finite numbers, or None."""
+    if values is None:
+        return None
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    if len(values) != length or not np.isfinite(values).all():
+        raise BankError(f"bank {name} of {values.size} numbers must be {length} finite numbers")
+    return values

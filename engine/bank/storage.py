@@ -35,7 +35,7 @@ OLD_FORMATS = {3: "its manifest is not sealed: its class names and config were n
 #: the key of a manifest (and of a parts directory's parts.json and part.json) holding the sha256 of the rest of it
 SEAL = "seal_sha256"
 #: what a bank directory may hold: anything else there means it is not (only) a bank, and it is never deleted
-BANK_FILES = {"manifest.json", "vectors.npy", "labels.npy", "kinds.npy", "sources.json",
+BANK_FILES = {"manifest.json", "vectors.npy", "labels.npy", "kinds.npy", "sources.json", "center.npy", "hubness.npy",
               *(name for names in INDEX_STORAGE.values() for name in names)}
 #: FeatureBank.load's checks: sizes and head/tail hashes ("quick"), or every byte ("full")
 VERIFY = ("quick", "full")
@@ -94,9 +94,11 @@ def check_replaceable(path: Path) -> None:
         raise BankError(f"{path} is not a feature bank ({what}): refusing to replace it; choose another --out")
 
 
-def bank_files(storage: str) -> tuple[str, ...]:
-    """The files listed in the manifest of a bank with this index storage (a key of INDEX_STORAGE)."""
-    return ("vectors.npy", "labels.npy", "kinds.npy", "sources.json", *INDEX_STORAGE[storage])
+def bank_files(storage: str, centered: bool = False, hubness: bool = False) -> tuple[str, ...]:
+    """The files listed in the manifest of a bank with this index storage (a key of INDEX_STORAGE), center.npy with
+    them when its vectors are centred (FeatureBank.center), hubness.npy when it has hubness (FeatureBank.hubness)."""
+    return ("vectors.npy", "labels.npy", "kinds.npy", "sources.json", *(["center.npy"] if centered else []),
+            *(["hubness.npy"] if hubness else []), *INDEX_STORAGE[storage])
 
 
 def write_vectors(file: Path, vectors: np.ndarray) -> None:
@@ -114,7 +116,8 @@ def write_vectors(file: Path, vectors: np.ndarray) -> None:
 
 def write_manifest(staging: Path, manifest: dict) -> None:
     """The bank's manifest.json, written last: `manifest` with each file's checksum record and the SEAL."""
-    files = {name: file_record(staging / name) for name in bank_files(manifest["index_storage"])}
+    names = bank_files(manifest["index_storage"], manifest["centered"], manifest["hubness"])
+    files = {name: file_record(staging / name) for name in names}
     (staging / "manifest.json").write_text(json.dumps(sealed({**manifest, "files": files}), indent=2))
 
 
@@ -143,7 +146,7 @@ def read_manifest(path: Path, verify: str = "quick") -> dict:
     storage = manifest.get("index_storage")
     if storage not in INDEX_STORAGE:
         raise BankError(f"{path}: unknown index storage {storage!r}; known: {sorted(INDEX_STORAGE)}")
-    expected_files = set(bank_files(storage))
+    expected_files = set(bank_files(storage, manifest.get("centered") is True, manifest.get("hubness") is True))
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != expected_files:
         raise BankError(f"{path}: the manifest must list checksums of exactly {sorted(expected_files)}, it "

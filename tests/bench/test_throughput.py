@@ -25,5 +25,5 @@ def test_throughput_benchmark_tiny_run_writes_json(repo_root, voc_root, tmp_path
     stages = {"decode", "proposer", "filter", "backbone", "smfa", "search", "nms_raster"}
     assert stages <= set(report["stages"]) and stages <= set(report["reference_stages"])
     assert report["device"] == "cpu" and report["backend"] == "onnxruntime" and report["images"] == 4
-    assert report["search"] == "numpy-flat (BLAS)" and report["kernels"] == []
+    assert report["search"] == "numpy-flat (BLAS), hubness penalty" and report["kernels"] == []
     assert "the backbone alone" in run.stdout and "reference path" in run.stdout
