@@ -6,7 +6,7 @@ the mean of the bank's vectors and normalising again, each layer's part and then
 tells the vectors apart (the "CL2N" normalisation of nearest-neighbour few-shot classification: SimpleShot, Wang et
 al. 2019). The bank stores its vectors centred and the mean beside them (FeatureBank.center, Config.center_bank); the
 engine centres each query on that mean before the search, wherever the query lives (NumPy, torch or CuPy: the
-transform is written in products and element-wise operations that all three share).
+transform is written in slices, sums and element-wise operations that all three share).
 """
 
 from __future__ import annotations
@@ -28,24 +28,23 @@ def bank_center(vectors: np.ndarray) -> np.ndarray:
     return (total / max(len(vectors), 1)).astype(np.float32)
 
 
-def group_matrix(dim: int, groups: Sequence[int] = ()) -> np.ndarray:
-    """(D, G) float32 indicator of which layer (feature group) each dimension belongs to; one group without groups."""
+def group_bounds(dim: int, groups: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """(start, stop) of each layer's part (feature group) of a dim-wide vector; one part without groups."""
     widths = list(groups) or [dim]
     if sum(widths) != dim:
         raise InputError(f"feature groups {widths} do not sum to the vectors' width {dim}")
-    matrix = np.zeros((dim, len(widths)), np.float32)
-    for g, (start, width) in enumerate(zip(np.cumsum([0] + widths[:-1]), widths)):
-        matrix[start:start + width, g] = 1.0
-    return matrix
+    ends = np.cumsum([0] + widths).tolist()
+    return list(zip(ends[:-1], ends[1:]))
 
 
 def centered(vectors, center: np.ndarray, groups: Sequence[int] = ()):
     """`vectors` (N, D) minus `center` (D,), each group's part then the whole row L2-normalised (a part or row that
     is exactly zero stays zero), in float32, as the same library on the same device as `vectors`."""
     where = place(vectors)
-    indicator = contiguous(group_matrix(len(center), groups), np.float32, where)
-    moved = vectors - contiguous(center, np.float32, where)[None, :]
-    moved = moved * (_inverse_norms((moved * moved) @ indicator) @ indicator.T)
+    moved = contiguous(vectors, np.float32, where) - contiguous(center, np.float32, where)[None, :]  # a new array
+    for start, stop in group_bounds(len(center), groups):
+        part = moved[:, start:stop]  # a view: scaled in place
+        part *= _inverse_norms((part * part).sum(1)[:, None])
     return moved * _inverse_norms((moved * moved).sum(1)[:, None])
 
 
