@@ -24,7 +24,8 @@ POOLINGS = ("soft", "hard")
 # The method's own values (arXiv 2604.07021); Config.paper() applies them over any changed defaults.
 PAPER_SETTINGS = dict(erosion_kernel=3, erosion_iterations=20, erosion="fixed", min_area=300, outlier_ratio=0.25,
                       background_outlier_ratio=0.0, pooling="soft", smfa_eps=1e-8, normalize_layers=False,
-                      center_bank=False, hub_neighbours=0, hub_penalty=0.0, region_entries=False, fill_unpainted=False, boundary_radius=0,
+                      center_bank=False, hub_neighbours=0, hub_penalty=0.0, region_entries=False,
+                      fill_unpainted=False, boundary_radius=0,
                       objectness_threshold=0.6, nms_iou_threshold=0.4, top_k=25, vote="count", index="Flat")
 
 #: the fields a built bank fixes (FeatureBank.build, bank_parts read them; normalize_layers shapes its vectors and the

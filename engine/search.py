@@ -204,10 +204,10 @@ def random_access(vectors: np.ndarray) -> np.ndarray:
 def rerank(queries: np.ndarray, similarities: np.ndarray, rows: np.ndarray, vectors: np.ndarray,
            k: int, offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The best k of each query's shortlist `rows` (Q, n), n >= k, rescored exactly: the inner products of
-    `queries` (Q, D) with those rows of `vectors` (M, D), possibly memory-mapped, plus their `offsets` (M,). Rows -1 (FAISS found fewer than n
-    candidates) keep their `similarities` (FAISS's lowest float) and stay last. Ties: lowest row first (engine.topk,
-    as FlatIndex). Up to RERANK_ROWS candidates at a time; each group's distinct rows are read once, in ascending order
-    (a memory-mapped bank is read front to back, each page once)."""
+    `queries` (Q, D) with those rows of `vectors` (M, D), possibly memory-mapped, plus their `offsets` (M,) when
+    given. Rows -1 (FAISS found fewer than n candidates) keep their `similarities` (FAISS's lowest float) and stay
+    last. Ties: lowest row first (engine.topk, as FlatIndex). Up to RERANK_ROWS candidates at a time; each group's
+    distinct rows are read once, in ascending order (a memory-mapped bank is read front to back, each page once)."""
     step = max(1, RERANK_ROWS // rows.shape[1])
     best_values, best_rows = [], []
     for start in range(0, len(queries), step):
