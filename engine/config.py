@@ -205,6 +205,11 @@ class Config:
         """Side of the single square erosion equivalent to `erosion_iterations` erosions by the small kernel."""
         return 1 + (self.erosion_kernel - 1) * self.erosion_iterations
 
+    def layer_groups(self, groups) -> tuple[int, ...]:
+        """The feature groups (a backbone's layer widths) each normalised on its own when a vector is pooled or
+        centred: `groups` under normalize_layers, else none (the whole vector at once)."""
+        return tuple(int(g) for g in groups) if self.normalize_layers else ()
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

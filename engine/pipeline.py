@@ -74,7 +74,7 @@ class Engine:
         self.bank.check_backbone(self.backbone)
         check_bank_config(self.config, self.bank.config)
         # the backbone's layers, each normalised on its own in SMFA, unless the bank normalises the whole vector once
-        self._layers = self.backbone.groups if self.config.normalize_layers else ()
+        self._layers = self.config.layer_groups(self.backbone.groups)
         self.refiner = LabelMapRefiner(self.config, has_background=bool(self.bank.class_counts()[BACKGROUND]))
         self.proposer = proposer
         self._proposer_lock = threading.Lock()  # the default proposer is made once, whichever thread asks first

@@ -158,7 +158,7 @@ class FeatureBank:
         center (where the queries live) when it has one, else as they are."""
         if self.center is None:
             return queries
-        return centered(queries, self.center, layer_groups(self.backbone, self.config))
+        return centered(queries, self.center, self.config.layer_groups(self.backbone.get("groups", ())))
 
     def search_offsets(self, config: Config | None = None) -> np.ndarray | None:
         """What a search adds to each vector's similarity: -config.hub_penalty x its hubness (engine.bank.hubness),
@@ -277,12 +277,6 @@ class FeatureBank:
         return json.loads((Path(path) / "manifest.json").read_text())
 
 
-def layer_groups(backbone_record: dict, config: Config) -> tuple[int, ...]:
-    """The feature groups a bank's vectors are normalised by: the backbone's layers under Config.normalize_layers,
-    else none (the whole vector at once)."""
-    return tuple(int(g) for g in backbone_record.get("groups", ())) if config.normalize_layers else ()
-
-
 def search_space(vectors: np.ndarray, backbone_record: dict, config: Config) -> tuple:
     """A new bank's vectors in its search space: (vectors, center, hubness), centred on their mean under
     Config.center_bank (engine.bank.centering) and their hubness scored there under Config.hub_neighbours
@@ -290,7 +284,7 @@ def search_space(vectors: np.ndarray, backbone_record: dict, config: Config) -> 
     center = scores = None
     if config.center_bank:
         center = bank_center(vectors)
-        vectors = centered(vectors, center, layer_groups(backbone_record, config))
+        vectors = centered(vectors, center, config.layer_groups(backbone_record.get("groups", ())))
     if config.hub_neighbours and len(vectors) > MAX_HUBNESS_ROWS:
         warnings.warn(f"a bank of {len(vectors):,} vectors gets no hubness (Config.hub_neighbours): the exact search "
                       f"of the bank against itself is quadratic, allowed up to {MAX_HUBNESS_ROWS:,} vectors; its "

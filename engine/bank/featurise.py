@@ -74,7 +74,7 @@ def featurise_batch(batch, backbone, proposer, class_names: Sequence[str], confi
         for i, made in zip(finite, proposer.propose([images[i] for i in finite], **shared)):
             proposals[i] = made
     pooling = dict(pooling=config.pooling, eps=config.smfa_eps,
-                   groups=backbone.groups if config.normalize_layers else (), num_threads=config.num_threads)
+                   groups=config.layer_groups(backbone.groups), num_threads=config.num_threads)
     for sample, image, feature_map, regions in zip(batch, images, features, proposals):
         mask = np.asarray(sample.mask)
         if mask.shape != image.shape[:2]:
