@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..arrays import contiguous, place
 from ..config import Config
 from ..errors import BankError, InputError
 from ..ivf import make_faiss_index
@@ -72,12 +73,12 @@ class FeatureBank:
             raise BankError("bank vectors contain NaN or inf")
         self.center = _finite_or_none("center", self.center, self.vectors.shape[1])
         self.hubness = _finite_or_none("hubness", self.hubness, len(self.labels))
-        # the config says what the vectors and scores are
-        if self.config.center_bank != (self.center is not None):
+        if self.config.center_bank != (self.center is not None):  # the config says what the vectors are
             self.config = self.config.replace(center_bank=self.center is not None)
         if self.hubness is None and self.config.hub_neighbours:
             self.config = self.config.replace(hub_neighbours=0)
         self._index = None
+        self._centers: dict = {}  # Place -> the center there (center_queries)
 
     # ---------------------------------------------------------------------------------------------------------- build
 
@@ -158,7 +159,10 @@ class FeatureBank:
         center (where the queries live) when it has one, else as they are."""
         if self.center is None:
             return queries
-        return centered(queries, self.center, self.config.layer_groups(self.backbone.get("groups", ())))
+        where = place(queries)
+        if where not in self._centers:  # copied to a device once, not with every batch
+            self._centers[where] = contiguous(self.center, np.float32, where)
+        return centered(queries, self._centers[where], self.config.layer_groups(self.backbone.get("groups", ())))
 
     def search_offsets(self, config: Config | None = None) -> np.ndarray | None:
         """What a search adds to each vector's similarity: -config.hub_penalty x its hubness (engine.bank.hubness),
