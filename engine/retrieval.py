@@ -8,8 +8,9 @@ The vote, per query, over its K nearest bank vectors:
      counts less the farther it is from the nearest, so K matters little and the nearest neighbours decide);
   2. a tie in score goes to the class with the larger summed similarity;
   3. an exact tie in both goes to the class that appears first in rank order.
-Confidence = mean similarity of the winning class's neighbours. The vote is a compiled op (engine.ops.vote, one
-body for the CPU and CUDA launchers); its NumPy twin is engine.reference.vote.
+Confidence = mean similarity of the winning class's neighbours, as the index returns it (with the bank's hubness
+penalty, engine.bank.hubness, when it has one). The vote is a compiled op (engine.ops.vote, one body for the CPU and
+CUDA launchers); its NumPy twin is engine.reference.vote.
 """
 
 from __future__ import annotations
