@@ -10,6 +10,7 @@ import reprlib
 import warnings
 from dataclasses import dataclass
 
+from .constants import VOTE_TEMPERATURE
 from .errors import InputError
 
 VOTES = ("count", "balanced", "weighted", "softmax")
@@ -97,7 +98,7 @@ class Config:
                                 "class's votes by its number of bank vectors; \"weighted\" scores each class by the "
                                 "summed similarity of its neighbours; \"softmax\" by the sum of exp((s - s_max) / "
                                 "vote_temperature) over its neighbours' similarities s (s_max: the nearest's).")
-    vote_temperature: float = knob(0.07, "the softmax vote's temperature, in cosine similarity: a neighbour this much "
+    vote_temperature: float = knob(VOTE_TEMPERATURE, "the softmax vote's temperature, in cosine similarity: a neighbour this much "
                                          "farther than the nearest counts 1/e as much. Centred cosines "
                                          "(center_bank) spread wider than SMFA's own: 0.03 suits a bank built "
                                          "without centring.")

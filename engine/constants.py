@@ -4,6 +4,10 @@ embedded models."""
 #: class id of the background in every bank and label map: proposals voted background are dropped before NMS
 BACKGROUND = 0
 
+#: the softmax vote's default temperature, in cosine similarity (Config.vote_temperature; chosen for a centred bank,
+#: docs/decisions.md): the one default of every function that takes a temperature
+VOTE_TEMPERATURE = 0.07
+
 #: label-map value for void / ignore pixels (VOC's border, CamVid's void): never a class, never scored
 IGNORE = 255
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .constants import VOTE_TEMPERATURE
 from .utils import ceil_div
 
 
@@ -149,7 +150,7 @@ def mask_nms_raster_batch(atoms, members, classes, scores, iou_threshold: float,
 
 
 def vote(similarities, neighbour_labels, num_classes: int, method: str = "count", class_counts=None,
-         num_threads: int = 0, temperature: float = 0.03) -> tuple[np.ndarray, np.ndarray]:
+         num_threads: int = 0, temperature: float = VOTE_TEMPERATURE) -> tuple[np.ndarray, np.ndarray]:
     """engine.ops.vote's twin, from the rule: per query, per class among its K neighbours the count, the summed
     similarity and the first rank; score = count, count / bank size ("balanced"), summed similarity ("weighted") or
     the sum of exp((s - s_max) / temperature) over the class's neighbours' similarities s, s_max the query's best

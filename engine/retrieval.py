@@ -16,9 +16,11 @@ CUDA launchers); its NumPy twin is engine.reference.vote.
 from __future__ import annotations
 
 from . import ops
+from .constants import VOTE_TEMPERATURE
 
 
-def retrieve(index, queries, top_k: int, method: str = "count", kernels=None, temperature: float = 0.03) -> tuple:
+def retrieve(index, queries, top_k: int, method: str = "count", kernels=None,
+             temperature: float = VOTE_TEMPERATURE) -> tuple:
     """Search `index` (an engine.search.SearchIndex) with all queries at once and vote: classes (Q,) int32 and
     confidences (Q,) float32, where the queries live (a GPU-resident index keeps device queries on the device).
     `kernels`: the module whose `vote` runs (engine.ops by default, engine.reference for the NumPy twin);

@@ -52,6 +52,17 @@ def test_invalid_values_are_refused_with_the_field_named(changes, message):
         Config().replace(**changes)
 
 
+@pytest.mark.parametrize("function", ["engine.ops.vote", "engine.reference.vote", "engine.retrieval.retrieve"])
+def test_every_vote_defaults_to_the_configs_temperature(function):
+    """A caller of the low-level vote who leaves the temperature out gets the engine's own, not a stale one."""
+    import importlib
+    import inspect
+
+    module, name = function.rsplit(".", 1)
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    assert parameters["temperature"].default == Config().vote_temperature
+
+
 def test_dict_round_trip_and_unknown_fields():
     config = Config(top_k=7, vote="balanced", index="IVF16,Flat")
     values = config.to_dict()

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..arrays import address, common_place, contiguous, dtype_of, empty, host, place, shape_of, stream
+from ..constants import VOTE_TEMPERATURE
 from ..errors import InputError
 from ._core import (_INT32, MAX_GROUPS, POOLINGS, VOTE_METHODS, _classes_scores, _grid, _ids, _int, _lib, _real,
                     _regions_on, _shapes, check_groups)
@@ -127,7 +128,7 @@ def mask_nms_raster_batch(atoms: Sequence, members: Sequence, classes: Any, scor
 
 
 def vote(similarities: Any, neighbour_labels: Any, num_classes: int, method: str = "count",
-         class_counts: Any = None, num_threads: int = 0, temperature: float = 0.03):
+         class_counts: Any = None, num_threads: int = 0, temperature: float = VOTE_TEMPERATURE):
     """The vote over (Q, K) neighbour similarities and class ids (best first; ids outside [0, num_classes), such as
     the search's -1, are ignored): score per class "count" (neighbours), "balanced" (neighbours / the class's bank
     size, `class_counts`), "weighted" (summed similarity) or "softmax" (the sum of exp((s - s_max) / temperature)
