@@ -1,5 +1,6 @@
-"""Label-map refinement after painting: class boundaries snapped to the image's edges, and pixels that no proposal
-painted given the nearest painted class where the bank has no background class to give them.
+"""Label-map refinement after painting: pixels that no proposal painted given the nearest painted class where the bank
+has no background class to give them, superpixels repainted by the superpixel vote (engine.retrieval), and class
+boundaries snapped to the image's edges.
 
 Proposals are unions of superpixels made at half scale, so a painted boundary can sit a few pixels off the object's
 edge. `snap_to_edges` runs a guided filter (He, Sun and Tang, "Guided Image Filtering", 2013) over the indicator of
@@ -18,22 +19,26 @@ import numpy as np
 class LabelMapRefiner:
     """The refinements after painting that a Config asks for, on one image's label map and owner map.
 
-    Both act on the engine's proposer's regions only (`proposed`): proposals the caller gives are exact by
+    They act on the engine's proposer's regions only (`proposed`): proposals the caller gives are exact by
     assumption, so they are painted as given and what they leave unpainted stays background. Config.fill_unpainted
-    acts where the bank has no background class (`has_background` False); Config.boundary_radius and boundary_eps
-    snap boundaries. A pixel whose class changes becomes no proposal's (owner -1), so that every segment keeps to its
+    acts where the bank has no background class (`has_background` False); the superpixel vote's classes, when given
+    (Config.superpixel_vote), repaint the superpixels; Config.boundary_radius and boundary_eps snap boundaries. A pixel whose class changes becomes no proposal's (owner -1), so that every segment keeps to its
     class."""
 
     def __init__(self, config, has_background: bool) -> None:
         self.fill = config.fill_unpainted and not has_background
         self.radius, self.eps = config.boundary_radius, config.boundary_eps
 
-    def __call__(self, image, label_map, owner, proposed: bool = True) -> tuple:
+    def __call__(self, image, label_map, owner, proposed: bool = True, atoms=None, atom_classes=None) -> tuple:
         """(label map, owner map) refined: NumPy arrays on the host, or torch tensors where they are (a GPU
-        engine's, with the image there too); returned as they are when not `proposed`."""
+        engine's, with the image there too); returned as they are when not `proposed`. `atoms` (H, W) and
+        `atom_classes` (n_atoms,), the superpixel vote's (engine.retrieval.superpixel_classes; -1 for an atom no
+        region covers), repaint every covered atom with its class after the fill and before the snapping."""
         if not proposed:
             return label_map, owner
         refined = fill_unpainted(label_map, owner) if self.fill else label_map
+        if atom_classes is not None:
+            refined = repaint_atoms(refined, atoms, atom_classes)
         refined = snap_to_edges(refined, image, self.radius, self.eps)
         if refined is not label_map:
             changed = refined != label_map
@@ -217,6 +222,16 @@ class _TorchSteps:
 
 def _is_torch(array) -> bool:
     return type(array).__module__.split(".")[0] == "torch"
+
+
+def repaint_atoms(label_map, atoms, atom_classes):
+    """The label map with each pixel of a covered atom (class >= 0) given its atom's class; the rest unchanged."""
+    voted = atom_classes[atoms]
+    if _is_torch(label_map):
+        import torch
+
+        return torch.where(voted >= 0, voted.to(label_map.dtype), label_map)
+    return np.where(voted >= 0, voted, label_map).astype(label_map.dtype, copy=False)
 
 
 def fill_unpainted(label_map, owner):

@@ -26,7 +26,7 @@ POOLINGS = ("soft", "hard")
 PAPER_SETTINGS = dict(erosion_kernel=3, erosion_iterations=20, erosion="fixed", min_area=300, outlier_ratio=0.25,
                       background_outlier_ratio=0.0, pooling="soft", smfa_eps=1e-8, normalize_layers=False,
                       center_bank=False, hub_neighbours=0, hub_penalty=0.0, region_entries=False,
-                      fill_unpainted=False, boundary_radius=0,
+                      fill_unpainted=False, superpixel_vote=False, boundary_radius=0,
                       objectness_threshold=0.6, nms_iou_threshold=0.4, top_k=25, vote="count", index="Flat")
 
 #: the fields a built bank fixes (FeatureBank.build, bank_parts read them; normalize_layers shapes its vectors and the
@@ -109,6 +109,12 @@ class Config:
                                       "class, such as CamVid), pixels the engine's proposer's regions left "
                                       "unpainted take the class of the nearest painted pixel instead of "
                                       "background. Proposals given to segment_batch are painted as given.")
+    superpixel_vote: bool = knob(True, "the engine's proposer's regions nest (cuts of one merge tree over its "
+                                       "superpixels): after painting, each superpixel takes the class whose vote "
+                                       "shares, summed over every region that contains it, are largest, instead of "
+                                       "the class of the one region that painted it (engine.retrieval). False = "
+                                       "the paper's painting alone. Proposals given to segment_batch are painted "
+                                       "as given.")
     boundary_radius: int = knob(8, "after painting, each class boundary is snapped to the image's edges by a guided "
                                     "filter of this window radius (pixels) over the class indicators, guided by the "
                                     "grey image (engine.boundaries): the embedded proposer's regions are unions of "

@@ -34,7 +34,7 @@ from .deps import check_torch_device
 from .errors import InputError, ModelError
 from .models.base import checked_features
 from .regions import Proposals, Records
-from .retrieval import retrieve
+from .retrieval import retrieve, superpixel_classes
 from .search import create_index
 from .stream import StageTimes, run_stages
 
@@ -203,8 +203,8 @@ class Engine:
                                                         num_threads=threads)
             queries = self.bank.center_queries(queries)  # into the bank's search space (engine.bank.centering)
         with self.times("search"):
-            classes, confidences = retrieve(self.index, queries, config.top_k, config.vote, self.kernels,
-                                           config.vote_temperature)
+            classes, confidences, *shares = retrieve(self.index, queries, config.top_k, config.vote, self.kernels,
+                                                     config.vote_temperature, scores=config.superpixel_vote)
         with self.times("nms_raster"):
             ids = concatenate([c["id"] for c in batch.candidates], np.int32, where)
             keep, label_maps, owners = self.kernels.mask_nms_raster_batch(
@@ -212,14 +212,19 @@ class Engine:
                 num_threads=threads)
             label_type = np.uint8 if len(self.class_names) <= 256 else np.int32
             label_maps = [contiguous(m, label_type, where) for m in label_maps]  # narrowed before they come down
+        offsets = np.cumsum([0] + [len(c) for c in batch.candidates])
         with self.times("refine"):  # where the maps are
             images = [contiguous(image, np.uint8, where) for image in batch.images]
-            painted = [self.refiner(image, label_map, owner, proposed=not given)
-                       for image, given, label_map, owner in zip(images, batch.given, label_maps, owners)]
+            painted = []
+            for i, (image, given, label_map, owner) in enumerate(zip(images, batch.given, label_maps, owners)):
+                voted = None  # the superpixel vote, over the engine's proposer's nested regions only
+                if shares and not given:
+                    voted = superpixel_classes(members[i], shares[0][offsets[i]:offsets[i + 1]])
+                painted.append(self.refiner(image, label_map, owner, proposed=not given, atoms=atoms[i],
+                                            atom_classes=voted))
         with self.times("results"):
             keep, classes, confidences, ids, *maps = host_all([keep, classes, confidences, ids,
                                                                *(m for pair in painted for m in pair)])
-            offsets = np.cumsum([0] + [len(c) for c in batch.candidates])
             results = []
             for i, proposals in enumerate(batch.proposals):
                 rows = slice(offsets[i], offsets[i + 1])

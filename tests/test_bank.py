@@ -802,9 +802,12 @@ def test_a_centred_bank_keeps_its_center_and_an_old_bank_loads_uncentred(saved_b
     plain = FeatureBank(bank.vectors, bank.labels, bank.class_names, bank.backbone,
                         bank.config.replace(center_bank=False))
     old = plain.save(tmp_path / "old")
-    rewrite_manifest(old, lambda m: (m.pop("centered"), m["config"].pop("center_bank")))
+    rewrite_manifest(old, lambda m: (m.pop("centered"), m["config"].pop("center_bank"),
+                                     m["config"].pop("superpixel_vote")))
     loaded = FeatureBank.load(old)
     assert loaded.center is None and not loaded.config.center_bank
+    assert not loaded.config.superpixel_vote  # it paints as the engine that built it did
+    assert FeatureBank.load(plain.save(tmp_path / "new")).config.superpixel_vote  # a bank that says so keeps it
     assert loaded.center_queries(queries) is queries
     with pytest.raises(BankError, match="center"):
         FeatureBank(bank.vectors, bank.labels, bank.class_names, bank.backbone, bank.config, center=bank.center[:2])

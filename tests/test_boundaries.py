@@ -5,7 +5,7 @@ and on torch tensors (torch's, as a GPU engine runs them; here on the CPU)."""
 import numpy as np
 import pytest
 
-from engine.boundaries import LabelMapRefiner, fill_unpainted, snap_to_edges
+from engine.boundaries import LabelMapRefiner, fill_unpainted, repaint_atoms, snap_to_edges
 from engine.config import Config
 
 
@@ -142,6 +142,37 @@ def test_fill_reaches_every_pixel_of_any_shape(to, shape):
     y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])  # one painted pixel in a corner of nothing
     owner[y, x], label_map[y, x] = 0, 9
     np.testing.assert_array_equal(to.back(fill_unpainted(to(label_map), to(owner))), 9)
+
+
+def test_repaint_gives_covered_atoms_their_class_and_keeps_the_rest(to, rng):
+    atoms = rng.integers(0, 6, (9, 11)).astype(np.int32)
+    label_map = rng.integers(0, 4, (9, 11)).astype(np.uint8)
+    atom_classes = np.array([3, -1, 0, 7, -1, 2])
+    got = to.back(repaint_atoms(to(label_map), to(atoms), to(atom_classes)))
+    want = np.where(atom_classes[atoms] >= 0, atom_classes[atoms], label_map)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
+
+
+def test_refiner_fills_then_repaints_then_snaps_and_frees_changed_pixels(to, rng):
+    """Without a background class: the unpainted pixels are filled from the painting first, so an atom the superpixel
+    vote leaves uncovered keeps its nearest painted class; every pixel whose class changed has owner -1."""
+    atoms = np.repeat(np.repeat(np.arange(4, dtype=np.int32).reshape(2, 2), 10, axis=0), 10, axis=1)  # 2 x 2 blocks
+    label_map = np.array([[1, 1], [0, 2]], np.uint8)[atoms // 2, atoms % 2]
+    owner = np.array([[0, 0], [-1, 1]], np.int32)[atoms // 2, atoms % 2]
+    image = np.full((20, 20, 3), 128, np.uint8)
+    refiner = LabelMapRefiner(Config(boundary_radius=0), has_background=False)
+    got, got_owner = refiner(to(image), to(label_map), to(owner), atoms=to(atoms), atom_classes=to(np.array([1, 3,
+                                                                                                       -1, 2])))
+    got, got_owner = to.back(got), to.back(got_owner)
+    filled = fill_unpainted(label_map, owner)  # atom 2 takes its nearest painted classes, 1 and 2
+    want = np.where(atoms == 1, 3, filled)  # atom 1 repainted, atom 2 uncovered
+    assert set(np.unique(want[atoms == 2])) == {1, 2}
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_owner, np.where(got != label_map, -1, owner))
+    # without the vote's classes, the refiner is what it was
+    plain, _ = refiner(to(image), to(label_map), to(owner))
+    assert (to.back(plain)[atoms == 1] == 1).all()
 
 
 def test_torch_and_opencv_refinements_agree_on_real_sized_maps(toy, rng):

@@ -563,3 +563,33 @@ def test_query_centring_on_cuda_equals_cpu(to_device, rng, groups):
         got = centered(d_rows, center, groups)
         assert_on_device_of(got, d_rows)
         np.testing.assert_allclose(host(got), centered(rows, center, groups), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["count", "balanced", "weighted", "softmax"])
+def test_superpixel_vote_on_cuda_equals_cpu(to_device, rng, method):
+    """engine.retrieval's class shares and superpixel classes, and the refiner's repainting, on device arrays (torch
+    or CuPy for the shares and classes, torch for the repainting, as a GPU engine runs them) give the host's
+    results, on the device."""
+    from engine.arrays import host
+    from engine.boundaries import repaint_atoms
+    from engine.retrieval import class_shares, superpixel_classes
+
+    sims = -np.sort(-rng.random((40, 15)).astype(np.float32), axis=1)
+    labels = rng.integers(-1, 6, (40, 15))
+    labels[3] = -1  # a query with no neighbour
+    counts = rng.integers(1, 9, 6)
+    shares = class_shares(sims, labels, 6, method, counts, 0.07)
+    d_shares = class_shares(to_device(sims), to_device(labels), 6, method, counts, 0.07)
+    assert_on_device_of(d_shares, to_device(sims))
+    np.testing.assert_allclose(host(d_shares), shares, rtol=1e-5, atol=1e-6)
+    members = rng.random((40, 30)) < 0.2
+    members[:, 7] = False  # an atom no region covers
+    atom_classes = superpixel_classes(members, shares)
+    np.testing.assert_array_equal(host(superpixel_classes(to_device(members), d_shares)), atom_classes)
+    torch = pytest.importorskip("torch")
+    atoms = rng.integers(0, 30, (50, 60)).astype(np.int32)
+    label_map = rng.integers(0, 6, (50, 60)).astype(np.uint8)
+    got = repaint_atoms(torch.from_numpy(label_map).cuda(), torch.from_numpy(atoms).cuda(),
+                        torch.from_numpy(atom_classes).cuda())
+    assert got.is_cuda and got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.cpu().numpy(), repaint_atoms(label_map, atoms, atom_classes))

@@ -643,6 +643,65 @@ def test_refinement_snaps_the_proposers_regions_and_frees_changed_pixels(make_en
         np.testing.assert_array_equal(result.label_map, before.label_map)
 
 
+class _NestedBlocksProposer:
+    """Nested regions as a merge tree's cuts give them: a 4 x 4 grid of blocks (the atoms), each row of blocks, the
+    halves of the image and the whole image."""
+
+    def propose(self, images):
+        out = []
+        for image in images:
+            height, width = image.shape[:2]
+            atoms = ((np.arange(height)[:, None] * 4 // height) * 4 + np.arange(width)[None, :] * 4 // width)
+            grid = np.arange(16).reshape(4, 4)
+            regions = [grid == a for a in range(16)] + [grid // 4 == r for r in range(4)]
+            regions += [grid // 8 == 0, grid // 8 == 1, grid >= 0]
+            members = np.stack([r.reshape(-1) for r in regions])
+            out.append(Proposals(atoms.astype(np.int32), members, np.ones(len(members), np.float32)))
+        return out
+
+
+def test_superpixel_vote_repaints_each_atom_by_the_regions_that_contain_it(make_engine, toy, rng, monkeypatch):
+    """Config.superpixel_vote against the paper's painting of the same regions: the shares the vote sums are the
+    search's own (checked against the loop from their definition), each covered atom takes the class of the loop's
+    summed shares, the rest of the map is the painting's, and a pixel whose class changed is no segment's."""
+    import engine.pipeline
+    from test_retrieval import shares_loop, superpixel_loop
+
+    data = scenes(toy, rng, 6)
+    images = [image for image, _ in data]
+    paper = make_engine(proposer=_NestedBlocksProposer())
+    paper.config = dataclasses.replace(paper.config, superpixel_vote=False)
+    painted = paper.segment_batch(images)
+    voting = make_engine(proposer=_NestedBlocksProposer())
+    assert voting.config.superpixel_vote
+    searched, voted = [], []
+    search = voting.index.search
+    voting.index.search = lambda queries, k: searched.append(search(queries, k)) or searched[-1]
+    vote = engine.pipeline.superpixel_classes
+    monkeypatch.setattr(engine.pipeline, "superpixel_classes",
+                        lambda members, shares: voted.append((members, shares, vote(members, shares))) or voted[-1][2])
+    results = voting.segment_batch(images)
+    sims, rows = (np.concatenate(parts) for parts in zip(*searched))  # one search a batch
+    config = voting.config
+    want_shares = shares_loop(sims, voting.index.neighbour_labels(rows), len(toy.CLASSES), config.vote,
+                              temperature=config.vote_temperature)
+    np.testing.assert_allclose(np.concatenate([shares for _, shares, _ in voted]), want_shares, rtol=1e-5, atol=1e-6)
+    changed = 0
+    for image, before, after, (members, shares, atom_classes) in zip(images, painted, results, voted):
+        np.testing.assert_array_equal(atom_classes, superpixel_loop(members, shares))
+        atoms = _NestedBlocksProposer().propose([image])[0].atoms
+        want = np.where(atom_classes[atoms] >= 0, atom_classes[atoms], before.label_map)
+        np.testing.assert_array_equal(after.label_map, want)
+        moved = after.label_map != before.label_map
+        np.testing.assert_array_equal(after.owner, np.where(moved, -1, before.owner))
+        changed += int(moved.sum())
+    assert changed  # the halves and the whole image straddle the toy objects: some block's class moves
+    # proposals the caller gives are painted as given
+    given = [_NestedBlocksProposer().propose([image])[0] for image in images]
+    for a, b in zip(paper.segment_batch(images, given), voting.segment_batch(images, given)):
+        np.testing.assert_array_equal(a.label_map, b.label_map)
+
+
 def test_unpainted_pixels_are_filled_only_without_a_background_class(toy_bank, toy, rng):
     no_background = FeatureBank(toy_bank.vectors[toy_bank.labels != 0], toy_bank.labels[toy_bank.labels != 0],
                                 toy_bank.class_names, toy_bank.backbone, toy_bank.config, center=toy_bank.center,

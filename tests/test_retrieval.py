@@ -8,7 +8,7 @@ import pytest
 
 from engine.errors import InputError
 from engine import ops, reference
-from engine.retrieval import retrieve
+from engine.retrieval import class_shares, retrieve, superpixel_classes
 from engine.search import ExactIndex
 
 
@@ -179,3 +179,92 @@ def test_retrieve_names_regions_by_their_nearest_bank_vectors(vote):
     assert retrieve(index, np.zeros((0, 3), np.float32), 2)[0].shape == (0,)
     with pytest.raises(InputError, match="balanced vote needs"):
         vote([[0.5]], [[1]], 3, "balanced")
+
+
+def shares_loop(similarities, labels, num_classes, method, class_counts=None, temperature=0.07):
+    """Per query: each class's vote score (count, count / bank size, summed similarity, or sum of exp((s - s_max) /
+    T) with s_max the best valid neighbour's), over the valid neighbours, divided by the scores' sum."""
+    out = np.zeros((len(labels), num_classes))
+    for q, (sims, labs) in enumerate(zip(similarities, labels)):
+        valid = [(float(s), int(c)) for s, c in zip(sims, labs) if 0 <= c < num_classes]
+        if not valid:
+            continue
+        top = max(s for s, _ in valid)
+        for s, c in valid:
+            out[q, c] += {"count": 1.0, "balanced": 1.0 / max(class_counts[c], 1) if class_counts is not None else 0,
+                          "weighted": s, "softmax": math.exp((s - top) / temperature)}[method]
+        out[q] /= out[q].sum()
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_class_shares_match_loop_on_random_inputs(rng, method):
+    for _ in range(20):
+        similarities, labels, num_classes, counts = random_neighbours(rng)
+        similarities = similarities + rng.random(similarities.shape).astype(np.float32) * 0.01 + 0.05
+        similarities = -np.sort(-similarities, axis=1)
+        want = shares_loop(similarities, labels, num_classes, method, counts, 0.05)
+        got = class_shares(similarities, labels, num_classes, method, counts, 0.05)
+        assert got.shape == (len(labels), num_classes) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        answered = (labels >= 0).any(axis=1)
+        np.testing.assert_allclose(got.sum(axis=1), answered.astype(float), rtol=1e-5)
+
+
+def test_class_shares_of_missing_neighbours_and_no_queries():
+    """A search's missing results (-1, similarity -inf) weigh nothing, even as the nearest; no query, no rows."""
+    sims = np.array([[0.9, 0.5, -np.inf], [-np.inf, -np.inf, -np.inf]], np.float32)
+    labels = np.array([[2, 1, -1], [-1, -1, -1]])
+    got = class_shares(sims, labels, 3, "softmax", temperature=0.1)
+    want = np.exp([0.0, -4.0]) / np.exp([0.0, -4.0]).sum()
+    np.testing.assert_allclose(got, [[0, want[1], want[0]], [0, 0, 0]], rtol=1e-6)
+    assert np.isfinite(class_shares(sims, labels, 3, "weighted")).all()
+    assert class_shares(np.zeros((0, 4), np.float32), np.zeros((0, 4), int), 5, "count").shape == (0, 5)
+
+
+def superpixel_loop(members, shares):
+    """Per atom: the class of largest summed share over the candidates containing it (the smaller class on a tie),
+    -1 when none does."""
+    out = []
+    for atom in range(members.shape[1]):
+        rows = np.flatnonzero(members[:, atom])
+        if not len(rows):
+            out.append(-1)
+            continue
+        totals = shares[rows].astype(np.float64).sum(axis=0)
+        out.append(int(np.flatnonzero(totals == totals.max())[0]))
+    return np.array(out)
+
+
+def test_superpixel_classes_match_loop_on_random_inputs(rng):
+    for _ in range(30):
+        queries, atoms, num_classes = int(rng.integers(0, 12)), int(rng.integers(1, 40)), int(rng.integers(1, 6))
+        members = rng.random((queries, atoms)) < 0.3
+        # shares in quarters: equal sums (ties) are common and exact
+        shares = rng.integers(0, 3, (queries, num_classes)).astype(np.float32) / 4
+        got = superpixel_classes(members, shares)
+        np.testing.assert_array_equal(got, superpixel_loop(members, shares))
+        assert (got[~members.any(axis=0)] == -1).all()
+
+
+def test_superpixel_vote_names_an_atom_by_all_the_regions_around_it():
+    """One small region says class 1 more strongly; two larger ones that contain it say class 2: the sum wins."""
+    members = np.array([[1, 0, 0], [1, 1, 0], [1, 1, 1]], bool)
+    shares = np.array([[0, 0.6, 0.4], [0, 0.4, 0.6], [0.2, 0.2, 0.6]], np.float32)
+    assert superpixel_classes(members, shares).tolist() == [2, 2, 2]
+    assert superpixel_classes(members[:1], shares[:1]).tolist() == [1, -1, -1]  # one proposal
+    assert superpixel_classes(np.zeros((0, 3), bool), np.zeros((0, 3), np.float32)).tolist() == [-1, -1, -1]
+    # a tie between classes goes to the smaller id
+    assert superpixel_classes(np.ones((2, 1), bool), np.array([[0, 1, 0], [0, 0, 1]], np.float32)).tolist() == [1]
+
+
+def test_retrieve_returns_the_shares_of_the_same_search(rng):
+    vectors = rng.integers(-2, 3, (60, 6)).astype(np.float32)
+    labels = rng.integers(0, 4, 60)
+    index = ExactIndex(vectors, labels, num_classes=5)
+    queries = rng.integers(-2, 3, (25, 6)).astype(np.float32)
+    classes, confidences, shares = retrieve(index, queries, 7, "softmax", temperature=0.5, scores=True)
+    np.testing.assert_array_equal(classes, retrieve(index, queries, 7, "softmax", temperature=0.5)[0])
+    sims, rows = index.search(queries, 7)
+    np.testing.assert_allclose(shares, shares_loop(sims, labels[rows], 5, "softmax", temperature=0.5), rtol=1e-5,
+                               atol=1e-7)

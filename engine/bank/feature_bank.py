@@ -254,8 +254,10 @@ class FeatureBank:
         path = Path(path)
         manifest = read_manifest(path, verify)
         try:
-            # a bank saved before centring and hubness existed lacks their fields: its vectors are SMFA's own
-            config = Config.from_dict({"center_bank": False, "hub_neighbours": 0, **manifest["config"]})
+            # a bank saved before centring, hubness and the superpixel vote existed lacks their fields: its vectors
+            # are SMFA's own and its engines paint as the paper did
+            config = Config.from_dict({"center_bank": False, "hub_neighbours": 0, "superpixel_vote": False,
+                                       **manifest["config"]})
             center = np.load(path / "center.npy", allow_pickle=False) if manifest.get("centered") is True else None
             scores = np.load(path / "hubness.npy", allow_pickle=False) if manifest.get("hubness") is True else None
             bank = cls(np.load(path / "vectors.npy", mmap_mode="r", allow_pickle=False),
