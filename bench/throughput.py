@@ -30,6 +30,8 @@ from engine.models import create_backbone  # noqa: E402
 from engine.models.embedded import create_proposer  # noqa: E402
 from engine.registry import DEFAULT_BACKBONE  # noqa: E402
 
+from bench.defaults import assignments  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "voc2012-mini"
 #: stage -> what it is; "model" stages are model inference (the proposer counts: it is the method's model of
@@ -189,17 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table (bench/kernels.py)")
     parser.add_argument("--host-proposer", action="store_true", help="on a GPU, the host's proposer in a thread pool "
                         "(Config.gpu_proposer False) instead of the device proposer")
+    parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                        help="an inference knob of Config for this run, e.g. superpixel_vote=False")
+    parser.add_argument("--proposer", action="append", default=[], metavar="KNOB=VALUE",
+                        help="an EmbeddedProposer knob, e.g. levels=400,100,50")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
 
     runtime = args.runtime or ("torch" if args.device.startswith("cuda") else "onnxruntime")
     start = time.perf_counter()
-    config = Config(batch_size=args.batch_size, num_threads=args.threads, gpu_proposer=not args.host_proposer)
+    knobs = dict(batch_size=args.batch_size, num_threads=args.threads, gpu_proposer=not args.host_proposer,
+                 **assignments(args.set))
+    config = Config(**knobs)
     name, weights = DEFAULT_BACKBONE, None
     if args.bank:
         bank = FeatureBank.load(args.bank)
-        config = bank.config.replace(batch_size=args.batch_size, num_threads=args.threads,
-                                     gpu_proposer=not args.host_proposer)
+        config = bank.config.replace(**knobs)
         name, weights = bank.backbone_name, bank.backbone.get("weights")
     backbone = create_backbone(name, runtime=runtime, batch_size=config.batch_size, num_threads=config.num_threads,
                                device=args.device, weights=weights)
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     bank_seconds = time.perf_counter() - start
 
     paths = image_paths(args.images, args.limit)
-    proposer = create_proposer(config, on_device=args.device != "cpu")
+    proposer = create_proposer(config, on_device=args.device != "cpu", **assignments(args.proposer))
     engine = Engine(bank, backbone=backbone, proposer=proposer, config=config, device=args.device)
     sync = None
     if args.device != "cpu":
