@@ -27,6 +27,10 @@ from .parts import KINDS, BankPart
 from .storage import (FORMAT, FORMAT_VERSION, check_replaceable, read_manifest, staged, write_manifest,
                       write_vectors)
 
+#: the Config fields a bank saved before they existed lacks, as that bank was built and searched: its vectors SMFA's
+#: own (no centring, no hubness) and its engines painting as the paper does (no superpixel vote)
+FIELDS_OF_OLDER_BANKS = {"center_bank": False, "hub_neighbours": 0, "superpixel_vote": False}
+
 
 @dataclass
 class FeatureBank:
@@ -254,10 +258,7 @@ class FeatureBank:
         path = Path(path)
         manifest = read_manifest(path, verify)
         try:
-            # a bank saved before centring, hubness and the superpixel vote existed lacks their fields: its vectors
-            # are SMFA's own and its engines paint as the paper did
-            config = Config.from_dict({"center_bank": False, "hub_neighbours": 0, "superpixel_vote": False,
-                                       **manifest["config"]})
+            config = Config.from_dict({**FIELDS_OF_OLDER_BANKS, **manifest["config"]})
             center = np.load(path / "center.npy", allow_pickle=False) if manifest.get("centered") is True else None
             scores = np.load(path / "hubness.npy", allow_pickle=False) if manifest.get("hubness") is True else None
             bank = cls(np.load(path / "vectors.npy", mmap_mode="r", allow_pickle=False),
