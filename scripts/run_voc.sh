@@ -4,8 +4,9 @@
 # DATA_ROOT defaults to ../shared/data/voc2012-mini. The default is the embedded system from image-level labels only
 # (pseudo-mask bank, embedded proposals); MODUSEG_MASKS=gt / MODUSEG_PROPOSALS=gt give the oracle rows, and extra
 # knobs go through MODUSEG_ARGS to both commands (e.g. "--top-k 25 --vote count --erosion fixed --no-region-entries
-# --no-normalize-layers --no-center-bank --hub-neighbours 0 --hub-penalty 0" for the paper's settings: the
-# bank-building ones take effect in build-bank, and eval accepts them as the bank's own).
+# --no-normalize-layers --no-center-bank --hub-neighbours 0 --hub-penalty 0 --no-fill-unpainted --no-superpixel-vote
+# --boundary-radius 0" for the paper's settings: the bank-building ones take effect in build-bank, and eval accepts
+# them as the bank's own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-../shared/data/voc2012-mini}
