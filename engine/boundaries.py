@@ -22,8 +22,8 @@ class LabelMapRefiner:
     They act on the engine's proposer's regions only (`proposed`): proposals the caller gives are exact by
     assumption, so they are painted as given and what they leave unpainted stays background. Config.fill_unpainted
     acts where the bank has no background class (`has_background` False); the superpixel vote's classes, when given
-    (Config.superpixel_vote), repaint the superpixels; Config.boundary_radius and boundary_eps snap boundaries. A pixel whose class changes becomes no proposal's (owner -1), so that every segment keeps to its
-    class."""
+    (Config.superpixel_vote), repaint the superpixels; Config.boundary_radius and boundary_eps snap boundaries. A
+    pixel whose class changes becomes no proposal's (owner -1), so that every segment keeps to its class."""
 
     def __init__(self, config, has_background: bool) -> None:
         self.fill = config.fill_unpainted and not has_background

@@ -98,10 +98,10 @@ class Config:
                                 "class's votes by its number of bank vectors; \"weighted\" scores each class by the "
                                 "summed similarity of its neighbours; \"softmax\" by the sum of exp((s - s_max) / "
                                 "vote_temperature) over its neighbours' similarities s (s_max: the nearest's).")
-    vote_temperature: float = knob(VOTE_TEMPERATURE, "the softmax vote's temperature, in cosine similarity: a neighbour this much "
-                                         "farther than the nearest counts 1/e as much. Centred cosines "
-                                         "(center_bank) spread wider than SMFA's own: 0.03 suits a bank built "
-                                         "without centring.")
+    vote_temperature: float = knob(VOTE_TEMPERATURE, "the softmax vote's temperature, in cosine similarity: a "
+                                                       "neighbour this much farther than the nearest counts 1/e as "
+                                                       "much. Centred cosines (center_bank) spread wider than "
+                                                       "SMFA's own: 0.03 suits a bank built without centring.")
     hub_penalty: float = knob(0.25, "a bank vector's similarity to a query is lowered by this times its hubness "
                                     "before the top K, so that vectors near everything (hubs) stop deciding votes "
                                     "(the bank side of CSLS); 0 = off, the paper's search.")
