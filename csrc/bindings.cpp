@@ -140,7 +140,7 @@ void mask_nms_raster(int device, uintptr_t stream, const Addresses& atoms, const
 
 void vote(int device, uintptr_t stream, uintptr_t similarities, uintptr_t labels, int64_t queries, int64_t k,
           uintptr_t class_counts, int64_t num_classes, int32_t method, double temperature, uintptr_t winner,
-          uintptr_t confidence, int num_threads) {
+          uintptr_t confidence, uintptr_t shares, int num_threads) {
   require_cuda_build(device);
   require(method >= moduseg::kVoteCount && method <= moduseg::kVoteSoftmax, "unknown vote method");
   require(std::isfinite(temperature) && temperature > 0.0, "the vote's temperature must be a finite number > 0");
@@ -155,6 +155,7 @@ void vote(int device, uintptr_t stream, uintptr_t similarities, uintptr_t labels
   args.temperature = temperature;
   args.winner = at<int32_t>(winner);
   args.confidence = at<float>(confidence);
+  args.shares = at<float>(shares);  // 0: no shares
   py::gil_scoped_release release;
 #ifdef MODUSEG_WITH_CUDA
   if (device >= 0) return moduseg::vote_cuda(args, device, at<void>(stream));
@@ -340,7 +341,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("drop_class"), py::arg("num_threads"));
   m.def("vote", &vote, py::arg("device"), py::arg("stream"), py::arg("similarities"), py::arg("labels"),
         py::arg("queries"), py::arg("k"), py::arg("class_counts"), py::arg("num_classes"), py::arg("method"),
-        py::arg("temperature"), py::arg("winner"), py::arg("confidence"), py::arg("num_threads"));
+        py::arg("temperature"), py::arg("winner"), py::arg("confidence"), py::arg("shares"),
+        py::arg("num_threads"));
   m.def("merge_regions", &merge_regions, py::arg("edges"), py::arg("area"), py::arg("features"), py::arg("colour"),
         py::arg("levels"), py::arg("colour_weight"), py::arg("size_weight"),
         "Agglomerative merging -> (parent, height, area, coherence, snapshots (L, n) int32, number of nodes).");

@@ -150,12 +150,12 @@ def mask_nms_raster_batch(atoms, members, classes, scores, iou_threshold: float,
 
 
 def vote(similarities, neighbour_labels, num_classes: int, method: str = "count", class_counts=None,
-         num_threads: int = 0, temperature: float = VOTE_TEMPERATURE) -> tuple[np.ndarray, np.ndarray]:
+         num_threads: int = 0, temperature: float = VOTE_TEMPERATURE, shares: bool = False) -> tuple:
     """engine.ops.vote's twin, from the rule: per query, per class among its K neighbours the count, the summed
     similarity and the first rank; score = count, count / bank size ("balanced"), summed similarity ("weighted") or
     the sum of exp((s - s_max) / temperature) over the class's neighbours' similarities s, s_max the query's best
     ("softmax"); the best score wins, then the larger sum, then the first rank. Neighbour ids outside
-    [0, num_classes) are ignored."""
+    [0, num_classes) are ignored. With `shares`, also each query's scores over their sum (zeros without neighbours)."""
     from .errors import InputError
 
     similarities = np.asarray(similarities, np.float64)
@@ -171,7 +171,7 @@ def vote(similarities, neighbour_labels, num_classes: int, method: str = "count"
         raise InputError(f"vote: temperature must be a finite number > 0, got {temperature}")
     queries, k = similarities.shape
     if queries == 0:
-        return np.zeros(0, np.int32), np.zeros(0, np.float32)
+        return (np.zeros(0, np.int32), np.zeros(0, np.float32)) + ((np.zeros((0, num_classes), np.float32),) * shares)
     valid = (neighbour_labels >= 0) & (neighbour_labels < num_classes)
     labels = np.where(valid, neighbour_labels, 0)
     rows = np.repeat(np.arange(queries), k)
@@ -197,7 +197,11 @@ def vote(similarities, neighbour_labels, num_classes: int, method: str = "count"
     winner = np.argmin(np.where(tied, first_rank, k + 1), axis=1).astype(np.int32)
     winner_count = counts[np.arange(queries), winner]
     confidence = sums[np.arange(queries), winner] / np.maximum(winner_count, 1)
-    return winner, confidence.astype(np.float32)
+    if not shares:
+        return winner, confidence.astype(np.float32)
+    scores = np.where(present, score, 0.0)
+    total = scores.sum(axis=1, keepdims=True)
+    return winner, confidence.astype(np.float32), (scores / np.where(total == 0, 1, total)).astype(np.float32)
 
 
 def merge_regions(edges, area, features, colour, levels, colour_weight: float = 1.0, size_weight: float = 3.0):

@@ -20,17 +20,11 @@ rather than by the one region that painted it.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import ops
 from .arrays import contiguous, place
 from .constants import VOTE_TEMPERATURE
-
-#: similarities are clipped to +-this before the shares: a missing neighbour's -inf stays finite (its zero weight
-#: stays zero), far outside any cosine of unit vectors, hubness penalty included
-SIMILARITY_BOUND = 1e4
 
 
 def retrieve(index, queries, top_k: int, method: str = "count", kernels=None,
@@ -38,37 +32,12 @@ def retrieve(index, queries, top_k: int, method: str = "count", kernels=None,
     """Search `index` (an engine.search.SearchIndex) with all queries at once and vote: classes (Q,) int32 and
     confidences (Q,) float32, where the queries live (a GPU-resident index keeps device queries on the device).
     `kernels`: the module whose `vote` runs (engine.ops by default, engine.reference for the NumPy twin);
-    `temperature`: the softmax vote's. With `scores`, also each query's class shares (Q, C) (`class_shares`)."""
+    `temperature`: the softmax vote's. With `scores`, also each query's class shares (Q, C): its scores divided by
+    their sum, as the vote computes them."""
     similarities, rows = index.search(queries, top_k)
     labels = index.neighbour_labels(rows)
-    voted = (kernels or ops).vote(similarities, labels, index.num_classes, method, index.class_counts,
-                                  temperature=temperature)
-    if not scores:
-        return voted
-    return (*voted, class_shares(similarities, labels, index.num_classes, method, index.class_counts, temperature))
-
-
-def class_shares(similarities, neighbour_labels, num_classes: int, method: str = "count", class_counts=None,
-                 temperature: float = VOTE_TEMPERATURE):
-    """Each query's vote scores (step 1 above) over (Q, K) neighbour similarities and class ids (best first, as a
-    search returns them), divided by their sum: (Q, num_classes) float32 rows summing to 1 (all zero for a query
-    with no neighbour; ids outside [0, num_classes), such as the search's -1, count for no class). On the host as
-    NumPy arrays, or where the similarities are (torch or CuPy on a CUDA device)."""
-    where = place(similarities)
-    similarities = contiguous(similarities, np.float32, where).clip(-SIMILARITY_BOUND, SIMILARITY_BOUND)
-    classes = contiguous(np.arange(num_classes, dtype=np.int64), np.int64, where)
-    one_hot = contiguous(neighbour_labels, np.int64, where)[:, :, None] == classes[None, None, :]  # (Q, K, C)
-    if method == "weighted":
-        weights = similarities
-    elif method == "softmax":
-        weights = math.e ** ((similarities - similarities[:, :1]) / temperature)
-    else:  # count and balanced: one vote a neighbour
-        weights = similarities * 0 + 1
-    totals = (one_hot * weights[:, :, None]).sum(1)
-    if method == "balanced":
-        totals = totals / contiguous(np.maximum(np.asarray(class_counts, np.float32), 1), np.float32, where)[None, :]
-    sums = totals.sum(1)[:, None]
-    return totals / (sums + (sums == 0))
+    return (kernels or ops).vote(similarities, labels, index.num_classes, method, index.class_counts,
+                                 temperature=temperature, shares=scores)
 
 
 def superpixel_classes(members, shares):

@@ -429,13 +429,15 @@ def test_vote_on_cuda_equals_cpu(cuda_ops, to_device, rng, method):
         labels = rng.integers(-1, num_classes + 2, (queries, k))  # -1 and ids >= num_classes are ignored
         similarities = -np.sort(-rng.integers(0, 8, (queries, k)) / 8.0, axis=1).astype(np.float32)  # ties
         counts = rng.integers(0, 50, num_classes)
-        want = cuda_ops.vote(similarities, labels, num_classes, method, counts)
+        want = cuda_ops.vote(similarities, labels, num_classes, method, counts, shares=True)
         d_sims = to_device(similarities)
-        classes, confidences = cuda_ops.vote(d_sims, to_device(labels), num_classes, method, counts)
-        assert_on_device_of(classes, d_sims)
-        assert_on_device_of(confidences, d_sims)
+        classes, confidences, shares = cuda_ops.vote(d_sims, to_device(labels), num_classes, method, counts,
+                                                     shares=True)
+        for got in (classes, confidences, shares):
+            assert_on_device_of(got, d_sims)
         np.testing.assert_array_equal(host(classes), want[0])
         np.testing.assert_allclose(host(confidences), want[1], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(host(shares), want[2], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("num_images", [1, 8])
@@ -566,20 +568,20 @@ def test_query_centring_on_cuda_equals_cpu(to_device, rng, groups):
 
 
 @pytest.mark.parametrize("method", ["count", "balanced", "weighted", "softmax"])
-def test_superpixel_vote_on_cuda_equals_cpu(to_device, rng, method):
-    """engine.retrieval's class shares and superpixel classes, and the refiner's repainting, on device arrays (torch
-    or CuPy for the shares and classes, torch for the repainting, as a GPU engine runs them) give the host's
-    results, on the device."""
+def test_superpixel_vote_on_cuda_equals_cpu(cuda_ops, to_device, rng, method):
+    """The vote's class shares (the CUDA launcher), engine.retrieval's superpixel classes (torch or CuPy) and the
+    refiner's repainting (torch), on device arrays as a GPU engine runs them, give the host's results, on the
+    device."""
     from engine.arrays import host
     from engine.boundaries import repaint_atoms
-    from engine.retrieval import class_shares, superpixel_classes
+    from engine.retrieval import superpixel_classes
 
     sims = -np.sort(-rng.random((40, 15)).astype(np.float32), axis=1)
     labels = rng.integers(-1, 6, (40, 15))
     labels[3] = -1  # a query with no neighbour
     counts = rng.integers(1, 9, 6)
-    shares = class_shares(sims, labels, 6, method, counts, 0.07)
-    d_shares = class_shares(to_device(sims), to_device(labels), 6, method, counts, 0.07)
+    shares = cuda_ops.vote(sims, labels, 6, method, counts, temperature=0.07, shares=True)[2]
+    d_shares = cuda_ops.vote(to_device(sims), to_device(labels), 6, method, counts, temperature=0.07, shares=True)[2]
     assert_on_device_of(d_shares, to_device(sims))
     np.testing.assert_allclose(host(d_shares), shares, rtol=1e-5, atol=1e-6)
     members = rng.random((40, 30)) < 0.2

@@ -8,7 +8,7 @@ import pytest
 
 from engine.errors import InputError
 from engine import ops, reference
-from engine.retrieval import class_shares, retrieve, superpixel_classes
+from engine.retrieval import retrieve, superpixel_classes
 from engine.search import ExactIndex
 
 
@@ -198,28 +198,34 @@ def shares_loop(similarities, labels, num_classes, method, class_counts=None, te
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_class_shares_match_loop_on_random_inputs(rng, method):
+def test_vote_shares_match_loop_on_random_inputs(rng, method, vote):
     for _ in range(20):
         similarities, labels, num_classes, counts = random_neighbours(rng)
         similarities = similarities + rng.random(similarities.shape).astype(np.float32) * 0.01 + 0.05
         similarities = -np.sort(-similarities, axis=1)
         want = shares_loop(similarities, labels, num_classes, method, counts, 0.05)
-        got = class_shares(similarities, labels, num_classes, method, counts, 0.05)
+        classes, confidences, got = vote(similarities, labels, num_classes, method, counts, temperature=0.05,
+                                         shares=True)
         assert got.shape == (len(labels), num_classes) and got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         answered = (labels >= 0).any(axis=1)
         np.testing.assert_allclose(got.sum(axis=1), answered.astype(float), rtol=1e-5)
+        # the shares come with the same vote
+        plain = vote(similarities, labels, num_classes, method, counts, temperature=0.05)
+        np.testing.assert_array_equal(classes, plain[0])
+        np.testing.assert_array_equal(confidences, plain[1])
 
 
-def test_class_shares_of_missing_neighbours_and_no_queries():
-    """A search's missing results (-1, similarity -inf) weigh nothing, even as the nearest; no query, no rows."""
+def test_vote_shares_of_missing_neighbours_and_no_queries(vote):
+    """A search's missing results (-1, similarity -inf) weigh nothing; no query, no rows."""
     sims = np.array([[0.9, 0.5, -np.inf], [-np.inf, -np.inf, -np.inf]], np.float32)
     labels = np.array([[2, 1, -1], [-1, -1, -1]])
-    got = class_shares(sims, labels, 3, "softmax", temperature=0.1)
+    got = vote(sims, labels, 3, "softmax", temperature=0.1, shares=True)[2]
     want = np.exp([0.0, -4.0]) / np.exp([0.0, -4.0]).sum()
     np.testing.assert_allclose(got, [[0, want[1], want[0]], [0, 0, 0]], rtol=1e-6)
-    assert np.isfinite(class_shares(sims, labels, 3, "weighted")).all()
-    assert class_shares(np.zeros((0, 4), np.float32), np.zeros((0, 4), int), 5, "count").shape == (0, 5)
+    assert np.isfinite(vote(sims, labels, 3, "weighted", shares=True)[2]).all()
+    none = vote(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.int64), 5, "count", shares=True)
+    assert [x.shape for x in none] == [(0,), (0,), (0, 5)]
 
 
 def superpixel_loop(members, shares):

@@ -6,6 +6,8 @@
 //   2. a tie in score goes to the larger summed similarity; 3. an exact tie to the class met first in rank order.
 // Confidence = mean similarity of the winning class's neighbours. Neighbour slots whose class is outside
 // [0, num_classes) (the search's "no result", -1) are ignored; a query with none gets class 0, confidence 0.
+// Optionally each query's class shares: the scores of step 1 divided by their sum (a row of zeros for a query
+// with no neighbour), which the superpixel vote adds up (engine.retrieval).
 // Sums (and the exponentials) are in double, in rank order. O(K^2) per query and no per-class storage, so any
 // number of classes works.
 // The NumPy twin that defines the result is engine.reference.vote.
@@ -29,6 +31,7 @@ struct VoteArgs {
   double temperature = 1.0;  // the softmax vote's T (> 0)
   int32_t* winner = nullptr;   // queries
   float* confidence = nullptr;  // queries
+  float* shares = nullptr;      // queries x num_classes, or null: no shares
 };
 
 HOST_DEVICE_INLINE void vote_query(const VoteArgs& args, int64_t q) {
@@ -38,6 +41,9 @@ HOST_DEVICE_INLINE void vote_query(const VoteArgs& args, int64_t q) {
   double best_score = 0.0, best_sum = 0.0;
   double top = 0.0;  // the best valid similarity: the softmax vote's exponents are <= 0, so none overflows
   bool any = false;
+  float* shares = args.shares ? args.shares + q * args.num_classes : nullptr;
+  for (int64_t c = 0; shares && c < args.num_classes; ++c) shares[c] = 0.0f;
+  double total = 0.0;  // of the scores, for the shares
   for (int64_t i = 0; i < args.k && args.method == kVoteSoftmax; ++i) {  // only the softmax vote reads it
     if (label[i] < 0 || label[i] >= args.num_classes) continue;
     const double s = static_cast<double>(sim[i]);
@@ -68,6 +74,8 @@ HOST_DEVICE_INLINE void vote_query(const VoteArgs& args, int64_t q) {
     } else if (args.method == kVoteSoftmax) {
       score = soft;
     }
+    if (shares) shares[c] = static_cast<float>(score);
+    total += score;
     if (best < 0 || score > best_score || (score == best_score && sum > best_sum)) {
       best = c;
       best_score = score;
@@ -75,6 +83,8 @@ HOST_DEVICE_INLINE void vote_query(const VoteArgs& args, int64_t q) {
       best_count = count;
     }
   }
+  for (int64_t c = 0; shares && total != 0.0 && c < args.num_classes; ++c)
+    shares[c] = static_cast<float>(static_cast<double>(shares[c]) / total);
   args.winner[q] = static_cast<int32_t>(best < 0 ? 0 : best);
   args.confidence[q] = best < 0 ? 0.0f : static_cast<float>(best_sum / static_cast<double>(best_count));
 }

@@ -128,13 +128,14 @@ def mask_nms_raster_batch(atoms: Sequence, members: Sequence, classes: Any, scor
 
 
 def vote(similarities: Any, neighbour_labels: Any, num_classes: int, method: str = "count",
-         class_counts: Any = None, num_threads: int = 0, temperature: float = VOTE_TEMPERATURE):
+         class_counts: Any = None, num_threads: int = 0, temperature: float = VOTE_TEMPERATURE, shares: bool = False):
     """The vote over (Q, K) neighbour similarities and class ids (best first; ids outside [0, num_classes), such as
     the search's -1, are ignored): score per class "count" (neighbours), "balanced" (neighbours / the class's bank
     size, `class_counts`), "weighted" (summed similarity) or "softmax" (the sum of exp((s - s_max) / temperature)
     over its neighbours' similarities s, s_max the query's best); ties to the larger summed similarity, then to the
     class met first. Returns classes (Q,) int32 and confidences (Q,) float32 (the winning class's mean similarity; a
-    query with no neighbour: class 0, confidence 0), where the similarities live."""
+    query with no neighbour: class 0, confidence 0), where the similarities live; with `shares`, also each query's
+    scores divided by their sum, (Q, num_classes) float32 (zeros for a query with no neighbour)."""
     op = "vote"
     if method not in VOTE_METHODS:
         raise InputError(f"unknown vote {method!r}; expected one of {tuple(VOTE_METHODS)}")
@@ -157,7 +158,8 @@ def vote(similarities: Any, neighbour_labels: Any, num_classes: int, method: str
     neighbour_labels = contiguous(neighbour_labels, np.int64, where)
     counts = contiguous(counts, np.int64, where)
     winner, confidence = empty(where, (shape[0],), np.int32), empty(where, (shape[0],), np.float32)
+    scores = empty(where, (shape[0], num_classes), np.float32) if shares else None
     _lib().vote(where.index, stream(where), address(similarities), address(neighbour_labels), shape[0], shape[1],
                 address(counts), num_classes, VOTE_METHODS[method], temperature, address(winner), address(confidence),
-                num_threads)
-    return winner, confidence
+                address(scores) if shares else 0, num_threads)
+    return (winner, confidence, scores) if shares else (winner, confidence)
