@@ -115,6 +115,11 @@ class Config:
                                        "the class of the one region that painted it (engine.retrieval). False = "
                                        "the paper's painting alone. Proposals given to segment_batch are painted "
                                        "as given.")
+    unsure_margin: float = knob(0.0, "the superpixel vote also searches a superpixel on its own, and adds its "
+                                     "query's shares to the sum, where the two largest summed shares are within this "
+                                     "fraction of the sum (and where no region covers it): its own evidence decides "
+                                     "where the regions around it disagree. 0 = never; 1 = every superpixel. Each "
+                                     "such superpixel is one more query.")
     boundary_radius: int = knob(8, "after painting, each class boundary is snapped to the image's edges by a guided "
                                     "filter of this window radius (pixels) over the class indicators, guided by the "
                                     "grey image (engine.boundaries): the embedded proposer's regions are unions of "
@@ -173,7 +178,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise InputError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("outlier_ratio", "background_outlier_ratio", "objectness_threshold", "nms_iou_threshold",
-                     "region_purity"):
+                     "region_purity", "unsure_margin"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:  # NaN fails this too
                 raise InputError(f"Config.{name} must be in [0, 1], got {value}")

@@ -34,7 +34,7 @@ from .deps import check_torch_device
 from .errors import InputError, ModelError
 from .models.base import checked_features
 from .regions import Proposals, Records
-from .retrieval import retrieve, superpixel_classes
+from .retrieval import atom_rows, atom_shares, retrieve, superpixel_classes, unsure_atoms
 from .search import create_index
 from .stream import StageTimes, run_stages
 
@@ -197,14 +197,7 @@ class Engine:
         atoms = [contiguous(p.atoms, np.int32, where) for p in batch.proposals]
         members = [contiguous(c["members"], np.bool_, where) for c in batch.candidates]
         threads = self._threads(batch.proposals)
-        with self.times("smfa"):
-            queries = self.kernels.soft_mask_pool_batch(batch.features, atoms, members, self.backbone.stride,
-                                                        config.pooling, config.smfa_eps, groups=self._layers,
-                                                        num_threads=threads)
-            queries = self.bank.center_queries(queries)  # into the bank's search space (engine.bank.centering)
-        with self.times("search"):
-            classes, confidences, *shares = retrieve(self.index, queries, config.top_k, config.vote, self.kernels,
-                                                     config.vote_temperature, scores=config.superpixel_vote)
+        classes, confidences, *shares = self._search(batch.features, atoms, members, threads, config.superpixel_vote)
         with self.times("nms_raster"):
             ids = concatenate([c["id"] for c in batch.candidates], np.int32, where)
             keep, label_maps, owners = self.kernels.mask_nms_raster_batch(
@@ -213,15 +206,16 @@ class Engine:
             label_type = np.uint8 if len(self.class_names) <= 256 else np.int32
             label_maps = [contiguous(m, label_type, where) for m in label_maps]  # narrowed before they come down
         offsets = np.cumsum([0] + [len(c) for c in batch.candidates])
+        voted = [None] * len(atoms)  # the superpixel vote, over the engine's proposer's nested regions only
+        if shares:
+            voted = self._superpixel_vote(batch, atoms, [members[i] if not given else None
+                                                         for i, given in enumerate(batch.given)],
+                                          [shares[0][offsets[i]:offsets[i + 1]] for i in range(len(atoms))], threads)
         with self.times("refine"):  # where the maps are
             images = [contiguous(image, np.uint8, where) for image in batch.images]
-            painted = []
-            for i, (image, given, label_map, owner) in enumerate(zip(images, batch.given, label_maps, owners)):
-                voted = None  # the superpixel vote, over the engine's proposer's nested regions only
-                if shares and not given:
-                    voted = superpixel_classes(members[i], shares[0][offsets[i]:offsets[i + 1]])
-                painted.append(self.refiner(image, label_map, owner, proposed=not given, atoms=atoms[i],
-                                            atom_classes=voted))
+            painted = [self.refiner(image, label_map, owner, proposed=not given, atoms=atoms_i, atom_classes=classes_i)
+                       for image, given, label_map, owner, atoms_i, classes_i
+                       in zip(images, batch.given, label_maps, owners, atoms, voted)]
         with self.times("results"):
             keep, classes, confidences, ids, *maps = host_all([keep, classes, confidences, ids,
                                                                *(m for pair in painted for m in pair)])
@@ -234,6 +228,37 @@ class Engine:
         return results
 
     # ------------------------------------------------------------------------------------------------------- steps
+
+    def _search(self, features: list, atoms: list, members: list, threads: int, scores: bool) -> tuple:
+        """The regions' SMFA queries, in the bank's search space (engine.bank.centering), searched and voted
+        (engine.retrieval.retrieve) for the whole batch at once."""
+        config = self.config
+        with self.times("smfa"):
+            queries = self.kernels.soft_mask_pool_batch(features, atoms, members, self.backbone.stride,
+                                                        config.pooling, config.smfa_eps, groups=self._layers,
+                                                        num_threads=threads)
+            queries = self.bank.center_queries(queries)
+        with self.times("search"):
+            return retrieve(self.index, queries, config.top_k, config.vote, self.kernels, config.vote_temperature,
+                            scores=scores)
+
+    def _superpixel_vote(self, batch: Batch, atoms: list, members: list, shares: list, threads: int) -> list:
+        """Each image's atom classes by the superpixel vote (engine.retrieval), None where its proposals were given
+        (members None): the candidates' shares summed per atom, plus each unsure atom's own query's shares
+        (Config.unsure_margin; one more search for the batch's unsure atoms)."""
+        with self.times("refine"):
+            summed = {i: atom_shares(m, s) for i, (m, s) in enumerate(zip(members, shares)) if m is not None}
+        if summed and self.config.unsure_margin > 0:
+            asked = {i: unsure_atoms(s, self.config.unsure_margin) for i, s in summed.items()}
+            rows = [atom_rows(a) for a in asked.values()]
+            _, _, own = self._search([batch.features[i] for i in asked], [atoms[i] for i in asked], rows, threads,
+                                     scores=True)
+            start = 0
+            for i, r in zip(asked, rows):
+                summed[i][asked[i]] += own[start:start + len(r)]
+                start += len(r)
+        with self.times("refine"):
+            return [superpixel_classes(summed[i]) if i in summed else None for i in range(len(atoms))]
 
     def _propose(self, images: list, proposals: list, features: list, positions: list) -> list[Proposals]:
         """One Proposals per image: the given ones, the engine's proposer's for the images without: on a GPU engine

@@ -15,7 +15,9 @@ CUDA launchers); its NumPy twin is engine.reference.vote.
 The superpixel vote (Config.superpixel_vote), for the engine's proposer's regions, which nest: each query's class
 scores of step 1, divided by their sum, are added over every proposal that contains a superpixel (atom), and the atom
 takes the class with the largest sum. A superpixel is then named by all the regions around it, small and large,
-rather than by the one region that painted it.
+rather than by the one region that painted it. Where that sum is unsure (its top two classes within
+Config.unsure_margin) or no region covers the superpixel, the superpixel is also searched on its own and its query's
+shares are added: its own evidence decides between the regions around it, at the cost of a few more queries.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import numpy as np
 from . import ops
 from .arrays import contiguous, place
 from .constants import VOTE_TEMPERATURE
+
+#: subtracted from a fraction to rule it out of a second argmax (shares lie within [-1, 1] but for the weighted vote)
+_OUT_OF_RANGE = 1e30
 
 
 def retrieve(index, queries, top_k: int, method: str = "count", kernels=None,
@@ -40,12 +45,36 @@ def retrieve(index, queries, top_k: int, method: str = "count", kernels=None,
                                  temperature=temperature, shares=scores)
 
 
-def superpixel_classes(members, shares):
-    """The superpixel vote of one image: (n_atoms,) int64, each atom's class of largest summed share over the
-    candidates (members (Q, n_atoms) bool) that contain it, -1 for an atom no candidate contains. Ties go to the
-    smaller class id. Computed where the members are (with the image's atoms and label map)."""
+def atom_shares(members, shares):
+    """(n_atoms, C) float32: each atom's class shares summed over the candidates (members (Q, n_atoms) bool, shares
+    (Q, C)) that contain it. Computed where the members are (with the image's atoms and label map)."""
     where = place(members)
-    members = contiguous(members, np.float32, where)
-    summed = members.T @ contiguous(shares, np.float32, where)  # (n_atoms, C)
-    covered = members.sum(0) > 0
+    return contiguous(members, np.float32, where).T @ contiguous(shares, np.float32, where)
+
+
+def unsure_atoms(summed, margin: float):
+    """(n_atoms,) bool: the atoms whose summed shares (`atom_shares`) leave the vote unsure, their two largest within
+    `margin` of each other as fractions of the atom's total, and the atoms with no share (no candidate covers them).
+    With one class only those."""
+    total = summed.sum(1)
+    if summed.shape[1] < 2:
+        return total == 0
+    fractions = summed / (total + (total == 0))[:, None]
+    classes = contiguous(np.arange(summed.shape[1]), np.int64, place(summed))[None, :]
+    first = classes == fractions.argmax(1)[:, None]
+    second = classes == (fractions - first * _OUT_OF_RANGE).argmax(1)[:, None]
+    gap = (fractions * first).sum(1) - (fractions * second).sum(1)
+    return (gap <= margin) | (total == 0)
+
+
+def atom_rows(asked):
+    """(n_asked, n_atoms) bool: one region per asked atom (`asked` (n_atoms,) bool), the atom alone, where `asked` is."""
+    atoms = contiguous(np.arange(len(asked)), np.int64, place(asked))
+    return atoms[asked][:, None] == atoms[None, :]
+
+
+def superpixel_classes(summed):
+    """The superpixel vote of one image: (n_atoms,) int64, each atom's class of largest summed share (`summed`
+    (n_atoms, C)), -1 for an atom with no share (it keeps the painting's class). Ties go to the smaller class id."""
+    covered = summed.sum(1) != 0
     return summed.argmax(1) * covered - (~covered) * 1

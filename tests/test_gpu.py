@@ -569,12 +569,12 @@ def test_query_centring_on_cuda_equals_cpu(to_device, rng, groups):
 
 @pytest.mark.parametrize("method", ["count", "balanced", "weighted", "softmax"])
 def test_superpixel_vote_on_cuda_equals_cpu(cuda_ops, to_device, rng, method):
-    """The vote's class shares (the CUDA launcher), engine.retrieval's superpixel classes (torch or CuPy) and the
-    refiner's repainting (torch), on device arrays as a GPU engine runs them, give the host's results, on the
-    device."""
+    """The vote's class shares (the CUDA launcher), engine.retrieval's atom sums, superpixel classes, unsure atoms and
+    their rows (torch or CuPy) and the refiner's repainting (torch), on device arrays as a GPU engine runs them, give
+    the host's results, on the device."""
     from engine.arrays import host
     from engine.boundaries import repaint_atoms
-    from engine.retrieval import superpixel_classes
+    from engine.retrieval import atom_rows, atom_shares, superpixel_classes, unsure_atoms
 
     sims = -np.sort(-rng.random((40, 15)).astype(np.float32), axis=1)
     labels = rng.integers(-1, 6, (40, 15))
@@ -586,8 +586,15 @@ def test_superpixel_vote_on_cuda_equals_cpu(cuda_ops, to_device, rng, method):
     np.testing.assert_allclose(host(d_shares), shares, rtol=1e-5, atol=1e-6)
     members = rng.random((40, 30)) < 0.2
     members[:, 7] = False  # an atom no region covers
-    atom_classes = superpixel_classes(members, shares)
-    np.testing.assert_array_equal(host(superpixel_classes(to_device(members), d_shares)), atom_classes)
+    summed, d_summed = atom_shares(members, shares), atom_shares(to_device(members), d_shares)
+    np.testing.assert_allclose(host(d_summed), summed, rtol=1e-5, atol=1e-5)
+    atom_classes = superpixel_classes(summed)
+    np.testing.assert_array_equal(host(superpixel_classes(d_summed)), atom_classes)
+    asked = unsure_atoms(summed, 0.3)
+    d_asked = unsure_atoms(d_summed, 0.3)
+    assert_on_device_of(d_asked, to_device(sims))
+    np.testing.assert_array_equal(host(d_asked), asked)
+    np.testing.assert_array_equal(host(atom_rows(d_asked)), atom_rows(asked))
     torch = pytest.importorskip("torch")
     atoms = rng.integers(0, 30, (50, 60)).astype(np.int32)
     label_map = rng.integers(0, 6, (50, 60)).astype(np.uint8)

@@ -644,8 +644,12 @@ def test_refinement_snaps_the_proposers_regions_and_frees_changed_pixels(make_en
 
 
 class _NestedBlocksProposer:
-    """Nested regions as a merge tree's cuts give them: a 4 x 4 grid of blocks (the atoms), each row of blocks, the
-    halves of the image and the whole image."""
+    """Nested regions as a merge tree's cuts give them: a 4 x 4 grid of blocks (the atoms; proposed alone when
+    `singles`), each row of blocks but the last (so that its atoms are covered by larger regions only), the halves
+    of the image and the whole image."""
+
+    def __init__(self, singles: bool = True):
+        self.singles = singles
 
     def propose(self, images):
         out = []
@@ -653,8 +657,8 @@ class _NestedBlocksProposer:
             height, width = image.shape[:2]
             atoms = ((np.arange(height)[:, None] * 4 // height) * 4 + np.arange(width)[None, :] * 4 // width)
             grid = np.arange(16).reshape(4, 4)
-            regions = [grid == a for a in range(16)] + [grid // 4 == r for r in range(4)]
-            regions += [grid // 8 == 0, grid // 8 == 1, grid >= 0]
+            regions = [grid == a for a in range(16)] if self.singles else []
+            regions += [grid // 4 == r for r in range(3)] + [grid // 8 == 0, grid // 8 == 1, grid >= 0]
             members = np.stack([r.reshape(-1) for r in regions])
             out.append(Proposals(atoms.astype(np.int32), members, np.ones(len(members), np.float32)))
         return out
@@ -674,20 +678,15 @@ def test_superpixel_vote_repaints_each_atom_by_the_regions_that_contain_it(make_
     painted = paper.segment_batch(images)
     voting = make_engine(proposer=_NestedBlocksProposer())
     assert voting.config.superpixel_vote
-    searched, voted = [], []
-    search = voting.index.search
-    voting.index.search = lambda queries, k: searched.append(search(queries, k)) or searched[-1]
-    vote = engine.pipeline.superpixel_classes
-    monkeypatch.setattr(engine.pipeline, "superpixel_classes",
-                        lambda members, shares: voted.append((members, shares, vote(members, shares))) or voted[-1][2])
+    searched, summed, voted = _record_vote(voting, monkeypatch)
     results = voting.segment_batch(images)
     sims, rows = (np.concatenate(parts) for parts in zip(*searched))  # one search a batch
     config = voting.config
     want_shares = shares_loop(sims, voting.index.neighbour_labels(rows), len(toy.CLASSES), config.vote,
                               temperature=config.vote_temperature)
-    np.testing.assert_allclose(np.concatenate([shares for _, shares, _ in voted]), want_shares, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([shares for _, shares in summed]), want_shares, rtol=1e-5, atol=1e-6)
     changed = 0
-    for image, before, after, (members, shares, atom_classes) in zip(images, painted, results, voted):
+    for image, before, after, (members, shares), atom_classes in zip(images, painted, results, summed, voted):
         np.testing.assert_array_equal(atom_classes, superpixel_loop(members, shares))
         atoms = _NestedBlocksProposer().propose([image])[0].atoms
         want = np.where(atom_classes[atoms] >= 0, atom_classes[atoms], before.label_map)
@@ -700,6 +699,58 @@ def test_superpixel_vote_repaints_each_atom_by_the_regions_that_contain_it(make_
     given = [_NestedBlocksProposer().propose([image])[0] for image in images]
     for a, b in zip(paper.segment_batch(images, given), voting.segment_batch(images, given)):
         np.testing.assert_array_equal(a.label_map, b.label_map)
+
+
+def _record_vote(engine_, monkeypatch):
+    """Records an engine's searches, (members, shares) of each image's `atom_shares` and each image's atom classes
+    (`superpixel_classes`), as the pipeline calls them."""
+    import engine.pipeline
+
+    searched, summed, voted = [], [], []
+    search = engine_.index.search
+    engine_.index.search = lambda queries, k: searched.append(search(queries, k)) or searched[-1]
+    sums, classes = engine.pipeline.atom_shares, engine.pipeline.superpixel_classes
+    monkeypatch.setattr(engine.pipeline, "atom_shares",
+                        lambda members, shares: summed.append((members, shares)) or sums(members, shares))
+    monkeypatch.setattr(engine.pipeline, "superpixel_classes",
+                        lambda atoms_summed: voted.append(classes(atoms_summed)) or voted[-1])
+    return searched, summed, voted
+
+
+def test_unsure_superpixels_are_searched_on_their_own(make_engine, toy, rng, monkeypatch):
+    """Config.unsure_margin: the atoms whose summed shares are unsure (the loop's rule) are searched alone, in one
+    more search for the batch, and their own shares join the sum (the loop's classes); margin 0 asks none."""
+    from test_retrieval import shares_loop, superpixel_loop, unsure_loop
+
+    images = [image for image, _ in scenes(toy, rng, 4)]
+    for margin in (0.0, 0.4, 1.0):
+        voting = make_engine(proposer=_NestedBlocksProposer(singles=False))
+        voting.config = dataclasses.replace(voting.config, unsure_margin=margin)
+        searched, summed, voted = _record_vote(voting, monkeypatch)
+        voting.segment_batch(images)
+        assert len(searched) == (2 if margin else 1)  # one more search for the whole batch
+        config, num_classes = voting.config, len(toy.CLASSES)
+        asked = [unsure_loop(superpixel_sum(members, shares), margin) if margin else None
+                 for members, shares in summed]
+        own = np.zeros((0, num_classes))
+        if margin:
+            sims, rows = searched[1]
+            assert len(sims) == sum(a.sum() for a in asked)  # one query an unsure atom
+            own = shares_loop(sims, voting.index.neighbour_labels(rows), num_classes, config.vote,
+                              temperature=config.vote_temperature)
+        start = 0
+        for (members, shares), atom_classes, a in zip(summed, voted, asked):
+            per_atom = [None] * members.shape[1]
+            for atom in (np.flatnonzero(a) if a is not None else []):
+                per_atom[atom], start = own[start], start + 1
+            np.testing.assert_array_equal(atom_classes, superpixel_loop(members, shares, per_atom))
+        assert margin < 1 or all(a.all() for a in asked)
+        monkeypatch.undo()
+
+
+def superpixel_sum(members, shares):
+    """Each atom's shares summed over the candidates that contain it, by a loop."""
+    return np.array([shares[members[:, atom]].sum(axis=0) for atom in range(members.shape[1])])
 
 
 def test_unpainted_pixels_are_filled_only_without_a_background_class(toy_bank, toy, rng):

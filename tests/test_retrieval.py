@@ -8,7 +8,7 @@ import pytest
 
 from engine.errors import InputError
 from engine import ops, reference
-from engine.retrieval import retrieve, superpixel_classes
+from engine.retrieval import atom_rows, atom_shares, retrieve, superpixel_classes, unsure_atoms
 from engine.search import ExactIndex
 
 
@@ -228,18 +228,30 @@ def test_vote_shares_of_missing_neighbours_and_no_queries(vote):
     assert [x.shape for x in none] == [(0,), (0,), (0, 5)]
 
 
-def superpixel_loop(members, shares):
-    """Per atom: the class of largest summed share over the candidates containing it (the smaller class on a tie),
-    -1 when none does."""
+def superpixel_loop(members, shares, own=None):
+    """Per atom: the class of largest share summed over the candidates containing it (plus `own[atom]`, its own
+    query's shares, where given), the smaller class on a tie; -1 where that sum is all zero (no share)."""
     out = []
     for atom in range(members.shape[1]):
-        rows = np.flatnonzero(members[:, atom])
-        if not len(rows):
-            out.append(-1)
-            continue
-        totals = shares[rows].astype(np.float64).sum(axis=0)
-        out.append(int(np.flatnonzero(totals == totals.max())[0]))
+        totals = shares[np.flatnonzero(members[:, atom])].astype(np.float64).sum(axis=0)
+        if own is not None and own[atom] is not None:
+            totals = totals + own[atom]
+        out.append(int(np.flatnonzero(totals == totals.max())[0]) if totals.sum() != 0 else -1)
     return np.array(out)
+
+
+def unsure_loop(summed, margin):
+    """Per atom: its summed shares as fractions of their total, sorted; unsure when the top two are within `margin`
+    or it has no share at all (with one class: only then)."""
+    out = []
+    for row in summed.astype(np.float64):
+        total = row.sum()
+        if total == 0:
+            out.append(True)
+            continue
+        top = np.sort(row / total)[::-1]
+        out.append(len(top) > 1 and top[0] - top[1] <= margin)
+    return np.array(out, bool)
 
 
 def test_superpixel_classes_match_loop_on_random_inputs(rng):
@@ -248,7 +260,9 @@ def test_superpixel_classes_match_loop_on_random_inputs(rng):
         members = rng.random((queries, atoms)) < 0.3
         # shares in quarters: equal sums (ties) are common and exact
         shares = rng.integers(0, 3, (queries, num_classes)).astype(np.float32) / 4
-        got = superpixel_classes(members, shares)
+        summed = atom_shares(members, shares)
+        assert summed.shape == (atoms, num_classes)
+        got = superpixel_classes(summed)
         np.testing.assert_array_equal(got, superpixel_loop(members, shares))
         assert (got[~members.any(axis=0)] == -1).all()
 
@@ -257,11 +271,41 @@ def test_superpixel_vote_names_an_atom_by_all_the_regions_around_it():
     """One small region says class 1 more strongly; two larger ones that contain it say class 2: the sum wins."""
     members = np.array([[1, 0, 0], [1, 1, 0], [1, 1, 1]], bool)
     shares = np.array([[0, 0.6, 0.4], [0, 0.4, 0.6], [0.2, 0.2, 0.6]], np.float32)
-    assert superpixel_classes(members, shares).tolist() == [2, 2, 2]
-    assert superpixel_classes(members[:1], shares[:1]).tolist() == [1, -1, -1]  # one proposal
-    assert superpixel_classes(np.zeros((0, 3), bool), np.zeros((0, 3), np.float32)).tolist() == [-1, -1, -1]
-    # a tie between classes goes to the smaller id
-    assert superpixel_classes(np.ones((2, 1), bool), np.array([[0, 1, 0], [0, 0, 1]], np.float32)).tolist() == [1]
+
+    def vote(members, shares):
+        return superpixel_classes(atom_shares(members, shares)).tolist()
+
+    assert vote(members, shares) == [2, 2, 2]
+    assert vote(members[:1], shares[:1]) == [1, -1, -1]  # one proposal
+    assert vote(np.zeros((0, 3), bool), np.zeros((0, 3), np.float32)) == [-1, -1, -1]  # no proposals
+    assert vote(np.ones((2, 1), bool), np.array([[0, 1, 0], [0, 0, 1]], np.float32)) == [1]  # a tie: smaller id
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.25, 0.5, 1.0])
+def test_unsure_atoms_match_loop_on_random_inputs(rng, margin):
+    for _ in range(30):
+        atoms, num_classes = int(rng.integers(0, 40)), int(rng.integers(1, 6))
+        # summed quarters: gaps equal to the margin (and ties) are common and exact
+        summed = (rng.integers(0, 4, (atoms, num_classes)) * (rng.random((atoms, 1)) < 0.8)).astype(np.float32) / 4
+        got = unsure_atoms(summed, margin)
+        assert got.dtype == np.bool_ and got.shape == (atoms,)
+        np.testing.assert_array_equal(got, unsure_loop(summed, margin))
+
+
+def test_unsure_atoms_edge_cases():
+    summed = np.array([[0, 0, 0], [0.5, 0.5, 0], [1, 0, 0], [0.2, 0.7, 0.1], [0, 0, 2]], np.float32)
+    assert unsure_atoms(summed, 0.5).tolist() == [True, True, False, True, False]  # no share; a tie; gap 0.5
+    assert unsure_atoms(summed, 0.0).tolist() == [True, True, False, False, False]  # no share; a tie
+    assert unsure_atoms(summed, 1.0).all()
+    assert unsure_atoms(np.array([[3.0], [0.0]], np.float32), 1.0).tolist() == [False, True]  # one class
+    assert unsure_atoms(np.zeros((0, 4), np.float32), 0.3).shape == (0,)  # no atoms
+
+
+def test_atom_rows_are_the_asked_atoms_alone():
+    asked = np.array([False, True, False, True, True])
+    np.testing.assert_array_equal(atom_rows(asked), np.eye(5, dtype=bool)[[1, 3, 4]])
+    assert atom_rows(np.zeros(3, bool)).shape == (0, 3)
+
 
 
 def test_retrieve_returns_the_shares_of_the_same_search(rng):

@@ -28,8 +28,9 @@ from .storage import (FORMAT, FORMAT_VERSION, check_replaceable, read_manifest, 
                       write_vectors)
 
 #: the Config fields a bank saved before they existed lacks, as that bank was built and searched: its vectors SMFA's
-#: own (no centring, no hubness) and its engines painting as the paper does (no superpixel vote)
-FIELDS_OF_OLDER_BANKS = {"center_bank": False, "hub_neighbours": 0, "superpixel_vote": False}
+#: own (no centring, no hubness) and its engines painting as the paper does (no superpixel vote), or voting without
+#: the unsure superpixels' own queries
+FIELDS_OF_OLDER_BANKS = {"center_bank": False, "hub_neighbours": 0, "superpixel_vote": False, "unsure_margin": 0.0}
 
 
 @dataclass
