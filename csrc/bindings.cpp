@@ -1,8 +1,8 @@
-// pybind11 module engine._C: entry points of the batched ops for both devices, the CPU-only region merging, and what
-// the build holds (build_info). The batched ops take raw addresses: engine/ops.py validates the arrays (NumPy on the
-// host, torch or CuPy on a CUDA device through __cuda_array_interface__), allocates the outputs with the caller's
-// library and passes its CUDA stream; device -1 runs the CPU launcher with the GIL released. Nothing here links
-// against torch.
+// pybind11 module engine._C: entry points of the batched ops for both devices, the CPU-only region merging and top-k
+// selection, and what the build holds (build_info). The batched ops take raw addresses: engine/ops.py validates the
+// arrays (NumPy on the host, torch or CuPy on a CUDA device through __cuda_array_interface__), allocates the outputs
+// with the caller's library and passes its CUDA stream; device -1 runs the CPU launcher with the GIL released.
+// Nothing here links against torch.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -20,6 +20,7 @@
 #include "rac_merge/rac_merge.h"
 #include "slic/slic.h"
 #include "smfa/smfa.h"
+#include "topk/topk.h"
 #include "vote/vote.h"
 
 #ifdef MODUSEG_WITH_CUDA
@@ -195,6 +196,28 @@ py::tuple merge_regions(const CArray<int64_t>& edges, const CArray<double>& area
   return py::make_tuple(parent, height, node_area, coherence, snapshots, nodes);
 }
 
+py::tuple top_k(const CArray<float>& scores, const std::optional<CArray<float>>& offsets, int64_t k,
+                int num_threads) {
+  require(scores.ndim() == 2, "scores must be (rows, columns)");
+  require(k >= 0 && k <= scores.shape(1), "k must lie in [0, columns]");
+  require(!offsets || (offsets->ndim() == 1 && offsets->shape(0) == scores.shape(1)), "offsets must be (columns,)");
+  CArray<float> values({scores.shape(0), static_cast<py::ssize_t>(k)});
+  CArray<int64_t> ids({scores.shape(0), static_cast<py::ssize_t>(k)});
+  moduseg::TopKArgs args;
+  args.scores = scores.data();
+  args.offsets = offsets ? offsets->data() : nullptr;
+  args.rows = scores.shape(0);
+  args.columns = scores.shape(1);
+  args.k = k;
+  args.values = values.mutable_data();
+  args.ids = ids.mutable_data();
+  if (k > 0) {
+    py::gil_scoped_release release;
+    moduseg::top_k_cpu(args, num_threads);
+  }
+  return py::make_tuple(values, ids);
+}
+
 void slic(int device, uintptr_t stream, const Addresses& labs, const Addresses& labels,
           const CArray<int64_t>& shapes, const CArray<double>& weights, int32_t iterations, int num_threads) {
   require_cuda_build(device);
@@ -295,7 +318,7 @@ py::dict build_info() {
   info["architectures"] = architectures;
   info["ops"] = py::make_tuple("soft_mask_pool", "mask_nms_raster", "vote", "slic", "rac_merge");
   info["cpu_ops"] =
-      py::make_tuple("soft_mask_pool", "mask_nms_raster", "vote", "merge_regions", "slic", "rac_merge");
+      py::make_tuple("soft_mask_pool", "mask_nms_raster", "vote", "merge_regions", "slic", "rac_merge", "top_k");
 #ifdef _OPENMP
   info["openmp"] = true;
 #else
@@ -343,6 +366,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("queries"), py::arg("k"), py::arg("class_counts"), py::arg("num_classes"), py::arg("method"),
         py::arg("temperature"), py::arg("winner"), py::arg("confidence"), py::arg("shares"),
         py::arg("num_threads"));
+  m.def("top_k", &top_k, py::arg("scores"), py::arg("offsets"), py::arg("k"), py::arg("num_threads"),
+        "Exact top-k of each row (higher score first, equal scores lower column first, NaN last) -> (values, ids).");
   m.def("merge_regions", &merge_regions, py::arg("edges"), py::arg("area"), py::arg("features"), py::arg("colour"),
         py::arg("levels"), py::arg("colour_weight"), py::arg("size_weight"),
         "Agglomerative merging -> (parent, height, area, coherence, snapshots (L, n) int32, number of nodes).");

@@ -12,11 +12,9 @@ NumPy twins (engine.reference, an exact scan), which is how bench/throughput.py 
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -35,6 +33,7 @@ from .errors import InputError, ModelError
 from .models.base import checked_features
 from .regions import Proposals, Records
 from .retrieval import atom_rows, atom_shares, retrieve, superpixel_classes, unsure_atoms
+from .proposing import BatchProposer
 from .search import create_index
 from .stream import StageTimes, run_stages
 
@@ -76,20 +75,19 @@ class Engine:
         # the backbone's layers, each normalised on its own in SMFA, unless the bank normalises the whole vector once
         self._layers = self.config.layer_groups(self.backbone.groups)
         self.refiner = LabelMapRefiner(self.config, has_background=bool(self.bank.class_counts()[BACKGROUND]))
-        self.proposer = proposer
-        self._proposer_lock = threading.Lock()  # the default proposer is made once, whichever thread asks first
+        self._proposals = BatchProposer(proposer, self.config, self.device)
         if kernels == "reference" and self.device != "cpu":
             raise InputError("kernels='reference' (the NumPy twins) runs on the CPU only; use device='cpu'")
         backend = "exact" if kernels == "reference" else "torch" if self.device != "cpu" else "faiss"
         self.index = create_index(self.bank, self.config, backend, self.device, self.config.num_threads)
         self.times = StageTimes()
         self._decode_device = self.device if gpu_decoder_available(self.device) else None  # nvJPEG for files
-        # on a GPU with a proposer that runs on the host (Config.gpu_proposer False, or the caller's): one image per
-        # worker, spread over the cores
-        self._host_pool = (None if self.device == "cpu" else
-                           ThreadPoolExecutor(self.config.num_threads or os.cpu_count() or 1,
-                                              thread_name_prefix="moduseg-host"))
         self._post_stream = None if self.device == "cpu" else _new_stream(self.device)
+
+    @property
+    def proposer(self):
+        """The engine's proposer (engine.proposing): the object, once a named one is made; None without."""
+        return self._proposals.proposer
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -98,8 +96,8 @@ class Engine:
     def describe(self) -> dict:
         """Device, kernels, search backend, backbone and proposer (what bench/throughput.py reports)."""
         runtime = getattr(self.backbone, "runtime", None)
-        proposer = self._proposer() if self.proposer is not None else None
-        where = self.device if self._on_device(proposer) else "the host"
+        proposer = self._proposals.resolved() if self.proposer is not None else None
+        where = self.device if self._proposals.on_device(proposer) else "the host"
         return {"device": self.device, "kernels": self.kernels.__name__, "search": self.index.describe(),
                 "proposer": _describe_proposer(proposer, where),
                 "decode": "nvjpeg (torchvision) on " + self._decode_device if self._decode_device else "host",
@@ -168,7 +166,8 @@ class Engine:
             batch.features = checked_features(self.backbone, batch.images, on_device=self.device != "cpu")
         batch.given = [p is not None for p in batch.proposals]
         with self.times("proposer"):
-            batch.proposals = self._propose(batch.images, batch.proposals, batch.features, batch.positions)
+            batch.proposals = self._proposals(batch.images, batch.proposals, batch.features, batch.positions,
+                                              self.backbone.stride, self.backbone.groups)
         with self.times("filter"):
             batch.candidates = [p.candidates(self.config.objectness_threshold, self.config.min_area)
                                 for p in batch.proposals]
@@ -259,60 +258,6 @@ class Engine:
                 start += len(r)
         with self.times("refine"):
             return [superpixel_classes(summed[i]) if i in summed else None for i in range(len(atoms))]
-
-    def _propose(self, images: list, proposals: list, features: list, positions: list) -> list[Proposals]:
-        """One Proposals per image: the given ones, the engine's proposer's for the images without: on a GPU engine
-        where the features are, when the proposer runs there (`runs_on_device`, Config.gpu_proposer), else on the
-        host (given the backbone's features, copied down, if it reads them)."""
-        missing = [i for i, p in enumerate(proposals) if p is None]
-        if missing:
-            proposer = self._proposer()
-            uses_features = getattr(proposer, "uses_features", False)
-            if self._on_device(proposer):
-                made = proposer.propose_on_device([images[i] for i in missing], [features[i] for i in missing],
-                                                  self.backbone.stride, self.backbone.groups)
-            else:
-                maps = host_all([features[i] for i in missing]) if uses_features else [None] * len(missing)
-                made = self._run_proposer(proposer, [images[i] for i in missing], maps, uses_features)
-            if len(made) != len(missing):
-                raise ModelError(f"proposer {getattr(proposer, 'name', '?')} returned {len(made)} proposal "
-                                 f"sets for {len(missing)} images")
-            proposals = list(proposals)
-            for i, p in zip(missing, made):
-                proposals[i] = p
-        for i, image, p in zip(positions, images, proposals):
-            if not isinstance(p, Proposals):
-                raise InputError(f"proposals[{i}]: expected engine.Proposals, got {type(p).__name__}")
-            if p.shape != image.shape[:2]:
-                raise InputError(f"proposals[{i}]: atoms of shape {p.shape}, the image is {image.shape[:2]}")
-        return proposals
-
-    def _run_proposer(self, proposer, images: list, maps: list, uses_features: bool) -> list:
-        """A host proposer over a batch: in one call on the CPU device (whose cores the other stages use), one image
-        per worker of the host pool when the device computes the rest, so that the host keeps up with it."""
-        def call(images, maps):
-            shared = dict(features=maps, stride=self.backbone.stride, groups=self.backbone.groups)
-            return proposer.propose(images, **(shared if uses_features else {}))
-
-        if self._host_pool is None or len(images) < 2:
-            return call(images, maps)
-        futures = [self._host_pool.submit(call, [image], [f]) for image, f in zip(images, maps)]
-        return [future.result()[0] for future in futures]
-
-    def _on_device(self, proposer) -> bool:
-        """Whether `proposer` runs where the features are: a GPU engine's proposer with `propose_on_device`."""
-        return self.device != "cpu" and getattr(proposer, "runs_on_device", False)
-
-    def _proposer(self):
-        if self.proposer is None:
-            raise InputError("no proposals given and this engine has no proposer: pass proposals=[...] or construct "
-                             "the Engine with a proposer")
-        with self._proposer_lock:
-            if isinstance(self.proposer, str):
-                from .models.embedded import resolve_proposer
-
-                self.proposer = resolve_proposer(self.proposer, self.config, on_device=self.device != "cpu")
-        return self.proposer
 
     def _threads(self, proposals: list[Proposals]) -> int:
         """OpenMP threads for the CPU kernels on a batch: Config.num_threads when set, else all for large images and

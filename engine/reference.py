@@ -149,6 +149,17 @@ def mask_nms_raster_batch(atoms, members, classes, scores, iou_threshold: float,
     return keep, label_maps, owners
 
 
+def top_k(scores, k: int, offsets=None, num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """engine.ops.top_k's twin: each row plus the offsets (in float32), sorted whole by the rule (engine.topk's
+    top_k_reference: higher first, equal values lower column first, NaN last), its first k kept."""
+    from .topk import top_k_reference
+
+    scores = np.asarray(scores, np.float32)
+    if offsets is not None:
+        scores = scores + np.asarray(offsets, np.float32)[None, :]
+    return top_k_reference(scores, min(int(k), scores.shape[1]))
+
+
 def vote(similarities, neighbour_labels, num_classes: int, method: str = "count", class_counts=None,
          num_threads: int = 0, temperature: float = VOTE_TEMPERATURE, shares: bool = False) -> tuple:
     """engine.ops.vote's twin, from the rule: per query, per class among its K neighbours the count, the summed

@@ -2,7 +2,8 @@
 scores lowest id (bank row) first. A result then depends neither on how the bank is cut into chunks nor on
 threading, and every exact path returns the same rows in the same order.
 
-- `top_k`: NumPy, for FlatIndex's blocks and their merge and for the re-rank of an approximate index's shortlist;
+- `top_k`: NumPy, for the merge of FlatIndex's blocks and for the re-rank of an approximate index's shortlist (each
+  block's own selection is the compiled engine.ops.top_k, one pass a row, when engine._C is built);
 - `top_k_torch`: the same rule for torch tensors on any device (TorchIndex);
 - `topk_inner_product`: the exact top-k of queries against a bank, a chunk of bank rows at a time, with either;
 - `top_k_reference`: the plain full sort the others are tested against (ExactIndex searches with it).
@@ -76,18 +77,31 @@ def topk_inner_product(queries, vectors, k: int, chunk_rows: int = 1 << 18, offs
     float32 scores and int64 rows of the same kind, best first, equal scores lowest row first. offsets: (M,) added
     to every query's score of each row (engine.bank.hubness), of the same kind, or None."""
     if isinstance(queries, np.ndarray):
-        select, concatenate = top_k, np.concatenate
+        select, concatenate, first = top_k, np.concatenate, _top_k_host
     else:
         import torch
 
-        select, concatenate = top_k_torch, torch.cat
+        select, concatenate, first = top_k_torch, torch.cat, _top_k_offset
     best = select(queries @ vectors[:0].T, 0)  # the answer for an empty bank
     for start in range(0, int(vectors.shape[0]), chunk_rows):
-        scores = queries @ vectors[start:start + chunk_rows].T
-        if offsets is not None:
-            scores = scores + offsets[None, start:start + chunk_rows]
-        values, rows = select(scores, k)
+        values, rows = first(queries @ vectors[start:start + chunk_rows].T, k,
+                             None if offsets is None else offsets[start:start + chunk_rows], select)
         if start:
             values, rows = select(concatenate([best[0], values], 1), k, concatenate([best[1], rows + start], 1))
         best = values, rows
     return best
+
+
+def _top_k_offset(scores, k: int, offsets, select):
+    """`select` (top_k or top_k_torch) of `scores` plus `offsets` (one per column) when given."""
+    return select(scores if offsets is None else scores + offsets[None, :], k)
+
+
+def _top_k_host(scores: np.ndarray, k: int, offsets, select):
+    """top_k of host scores plus offsets: the compiled selection (engine.ops.top_k, one pass a row, the offsets
+    added on the way) when engine._C is built, else NumPy's partial selection."""
+    from . import ops
+
+    if ops._C is None:
+        return _top_k_offset(scores, k, offsets, select)
+    return ops.top_k(scores, k, offsets)

@@ -506,7 +506,7 @@ def test_one_call_per_op_per_batch_whatever_the_images_and_proposals(make_engine
     eng = make_engine(config=Config(batch_size=images))
     results = eng.segment_batch([image for image, _ in data], proposals)
     assert len(results) == images
-    assert counting.calls == {"soft_mask_pool": 1, "vote": 1, "mask_nms_raster": 1}
+    assert counting.calls == {"soft_mask_pool": 1, "top_k": 1, "vote": 1, "mask_nms_raster": 1}
 
 
 def test_any_error_reading_one_item_is_recorded_and_the_batch_goes_on(make_engine, toy, rng, tmp_path, monkeypatch,

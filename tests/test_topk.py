@@ -1,13 +1,15 @@
 """engine.topk: the one exact top-k of every exact search (highest score first, equal scores lowest id first).
 The plain full sort against a loop written from the rule; `top_k`, `top_k_torch` and `topk_inner_product` against
 the full sort on fresh random scores, on scores full of exact ties, with ids of their own, and at the edges (k above
-the number of entries, no entries, no rows, k = 0)."""
+the number of entries, no entries, no rows, k = 0); the compiled selection (engine.ops.top_k, which FlatIndex's
+blocks use) against its twin engine.reference.top_k and the loop, with offsets, NaN and infinities."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from engine import ops, reference
 from engine.topk import top_k, top_k_reference, top_k_torch, topk_inner_product
 
 torch = pytest.importorskip("torch")
@@ -104,3 +106,57 @@ def test_topk_inner_product_whatever_the_chunks(rng, bank_rows, chunk_rows):
         assert_same(topk_inner_product(queries, vectors, k, chunk_rows), want)
         got = topk_inner_product(torch.from_numpy(queries), torch.from_numpy(vectors), k, chunk_rows)
         assert_same((got[0].numpy(), got[1].numpy()), want)
+
+
+@pytest.mark.parametrize("make", [tied_scores, random_scores])
+@pytest.mark.parametrize("rows,width,k", SHAPES)
+def test_compiled_top_k_equals_the_full_sort(rng, make, rows, width, k):
+    if ops._C is None:
+        pytest.skip("engine._C is not built")
+    scores = make(rng, rows, width)
+    got = ops.top_k(scores, k)
+    assert got[0].dtype == np.float32 and got[1].dtype == np.int64 and got[1].shape == (rows, min(k, width))
+    assert_same(got, loop_top_k(scores, k))
+    # offsets (the hubness penalty) in quarters: the sums stay exact and tie across columns
+    offsets = rng.integers(-2, 2, width).astype(np.float32) / 4
+    assert_same(ops.top_k(scores, k, offsets), loop_top_k(scores + offsets[None, :], k))
+    assert_same(reference.top_k(scores, k, offsets), loop_top_k(scores + offsets[None, :], k))
+
+
+def test_compiled_top_k_puts_nan_last_and_keeps_infinities(rng):
+    if ops._C is None:
+        pytest.skip("engine._C is not built")
+    for _ in range(20):
+        scores = tied_scores(rng, 6, 40)
+        scores[rng.random(scores.shape) < 0.3] = np.nan
+        scores[rng.random(scores.shape) < 0.2] = -np.inf
+        scores[rng.random(scores.shape) < 0.1] = np.inf
+        scores[0] = np.nan  # a row with no number at all
+        for k in (1, 10, 40):
+            assert_same(ops.top_k(scores, k), reference.top_k(scores, k))
+
+
+def test_compiled_top_k_refuses_bad_shapes():
+    if ops._C is None:
+        pytest.skip("engine._C is not built")
+    from engine.errors import InputError
+
+    with pytest.raises(InputError, match="scores must be"):
+        ops.top_k(np.zeros(5, np.float32), 2)
+    with pytest.raises(InputError, match="offsets must be"):
+        ops.top_k(np.zeros((2, 5), np.float32), 2, np.zeros(4, np.float32))
+
+
+def test_flat_search_selects_alike_with_and_without_the_compiled_selection(rng, monkeypatch):
+    unique = rng.integers(-2, 3, (20, 8)).astype(np.float32)
+    vectors = unique[rng.integers(0, len(unique), 200)]
+    queries = rng.integers(-2, 3, (13, 8)).astype(np.float32)
+    offsets = rng.integers(-2, 2, 200).astype(np.float32) / 4
+    for chunk_rows in (7, 1 << 16):
+        want = top_k_reference(queries @ vectors.T + offsets[None, :], 15)
+        compiled = topk_inner_product(queries, vectors, 15, chunk_rows, offsets)
+        with monkeypatch.context() as patch:
+            patch.setattr(ops, "_C", None)
+            numpy_only = topk_inner_product(queries, vectors, 15, chunk_rows, offsets)
+        assert_same(compiled, want)
+        assert_same(numpy_only, want)

@@ -6,6 +6,7 @@ spec:
 
 - soft_mask_pool(_batch)   SMFA: soft-masked feature aggregation, one L2-normalised vector per region
 - mask_nms_raster(_batch)  class-specific greedy mask NMS + confidence-priority rasterisation
+- top_k                    the exact search's selection of each query's K best bank rows (CPU)
 - vote                     the retrieval vote over each query's K neighbours
 - merge_regions            the embedded proposer's agglomerative merging of adjacent regions (CPU)
 - slic_superpixels(_batch)  SLIC superpixels of Lab images (the embedded proposer's leaves, on either device)
@@ -20,7 +21,7 @@ signatures (host arrays only), so a caller picks an implementation by module (`E
 
 from ._core import _C  # noqa: F401 (the extension itself: tests count its calls, info reads it)
 from ._core import build_info, check_regions, cuda_launches
-from .naming import mask_nms_raster, mask_nms_raster_batch, soft_mask_pool, soft_mask_pool_batch, vote
+from .naming import mask_nms_raster, mask_nms_raster_batch, soft_mask_pool, soft_mask_pool_batch, top_k, vote
 from .proposer import (MergeTree, check_merge_inputs, merge_regions, merge_regions_rac, merge_regions_rac_batch,
                        slic_grid, slic_superpixels, slic_superpixels_batch)
 

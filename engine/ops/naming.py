@@ -1,4 +1,5 @@
-"""The faces of the naming kernels: SMFA (soft_mask_pool), mask NMS with rasterisation, and the vote."""
+"""The faces of the naming kernels: SMFA (soft_mask_pool), the search's top-k selection, mask NMS with rasterisation,
+and the vote."""
 
 from __future__ import annotations
 
@@ -125,6 +126,24 @@ def mask_nms_raster_batch(atoms: Sequence, members: Sequence, classes: Any, scor
                            address(scores), 0 if ids is None else address(ids), address(keep), iou_threshold,
                            background, drop_class, num_threads)
     return keep, label_maps, owners
+
+
+def top_k(scores: Any, k: int, offsets: Any = None, num_threads: int = 0):
+    """The k best entries of each row of host `scores` (Q, n), with `offsets` (n,) added to every row first (the
+    bank's hubness penalty) when given: (Q, min(k, n)) float32 values and int64 columns, best first, equal values
+    the lower column first, NaN after every number (engine.topk's rule). One pass over each row, on the CPU only
+    (a GPU search selects with torch.topk)."""
+    op = "top_k"
+    k = _int(op, "k", k, minimum=0)
+    num_threads = _int(op, "num_threads", num_threads, minimum=0)
+    scores = np.ascontiguousarray(host(scores), dtype=np.float32)
+    if scores.ndim != 2:
+        raise InputError(f"{op}: scores must be (Q, n), got shape {scores.shape}")
+    if offsets is not None:
+        offsets = np.ascontiguousarray(host(offsets), dtype=np.float32)
+        if offsets.shape != scores.shape[1:]:
+            raise InputError(f"{op}: offsets must be ({scores.shape[1]},), got shape {offsets.shape}")
+    return _lib().top_k(scores, offsets, min(k, scores.shape[1]), num_threads)
 
 
 def vote(similarities: Any, neighbour_labels: Any, num_classes: int, method: str = "count",
