@@ -203,6 +203,24 @@ def bench_vote(queries: int, k: int, num_classes: int, method: str = "count", re
     )
 
 
+def bench_top_k(queries: int, bank: int, k: int, repeats: int = 5, num_threads: int = 0, seed: int = 0) -> BenchRow:
+    """The exact search's selection over a (queries, bank) score block plus the hubness offsets: NumPy's partial
+    selection (engine.topk.top_k, what FlatIndex runs without engine._C) against the compiled one pass a row."""
+    from engine.topk import top_k
+
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((queries, bank)).astype(np.float32)
+    offsets = -np.abs(rng.standard_normal(bank)).astype(np.float32) * 0.05
+    want = top_k(scores + offsets[None, :], k)
+    got = ops.top_k(scores, k, offsets, num_threads=num_threads)
+    np.testing.assert_array_equal(got[1], want[1])
+    return BenchRow(
+        op="top_k (NumPy selection)", size=f"Q{queries} n{bank} K{k}",
+        reference_ms=median_ms(lambda: top_k(scores + offsets[None, :], k), repeats),
+        compiled_ms=median_ms(lambda: ops.top_k(scores, k, offsets, num_threads=num_threads), repeats),
+    )
+
+
 def bench_merge_regions(leaves: int, dim: int, repeats: int = 5, seed: int = 0) -> BenchRow:
     """The proposer's merging over the superpixels of a 384x512 image (a grid-like region graph)."""
     rng = np.random.default_rng(seed)
@@ -356,6 +374,8 @@ VOC_BATCH = [(375, 500), (500, 375), (333, 500), (500, 333), (375, 500), (366, 5
 POOL_BATCH_CASES = [(16, 680, 150)]
 # (queries, K, num_classes): about 8 images' proposals, VOC's 21 classes
 VOTE_CASES = [(1200, 25, 21)]
+# (queries, bank vectors, K): a batch of 4 street scenes' proposals against the CamVid ground-truth bank
+TOP_K_CASES = [(320, 28_687, 15)]
 # (bank size, dim, queries)
 SEARCH_CASES = [
     (100_000, 208, 200),
@@ -366,7 +386,7 @@ SEARCH_CASES = [
 def run_kernel_bench(repeats: int = 5, num_threads: int = 0, quick: bool = False, pool_cases=None,
                      nms_cases=None) -> list[BenchRow]:
     """Times every case; `quick` keeps the N=50 single-image cases only (for a smoke run inside a larger
-    benchmark), and the batched and vote rows."""
+    benchmark), and the batched, vote and top-k rows."""
     pool_cases = POOL_CASES if pool_cases is None else pool_cases
     nms_cases = NMS_CASES if nms_cases is None else nms_cases
     if quick:
@@ -378,6 +398,7 @@ def run_kernel_bench(repeats: int = 5, num_threads: int = 0, quick: bool = False
     rows += [bench_soft_mask_pool_batch(*case, repeats=repeats, num_threads=num_threads) for case in POOL_BATCH_CASES]
     rows += [bench_vote(*case, method=method, repeats=repeats, num_threads=num_threads) for case in VOTE_CASES
              for method in ("count", "softmax")]
+    rows += [bench_top_k(*case, repeats=repeats, num_threads=num_threads) for case in TOP_K_CASES]
     return rows
 
 

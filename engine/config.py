@@ -57,8 +57,9 @@ class Config:
                                        "Raising it purifies boundaries more but erases thin objects.")
     erosion: str = knob("adaptive", '"fixed" is the paper\'s erosion; "adaptive" shrinks the erosion for a region it '
                                     "would erase whole, so thin classes (poles, pedestrians) keep bank vectors.")
-    min_area: int = knob(300, "regions (bank masks after erosion, region entries, and inference proposals) smaller "
-                              "than this many pixels are dropped.")
+    min_area: int = knob(300, "regions (bank masks after erosion, region entries, inference proposals, and the "
+                              "superpixels the superpixel vote searches on their own) smaller than this many pixels "
+                              "are dropped.")
     outlier_ratio: float = knob(0.25, "fraction of each foreground class's prototypes farthest from the class mean "
                                       "that is dropped.")
     background_outlier_ratio: float = knob(0.0, "the same for background prototypes (the paper never filters "
@@ -115,11 +116,11 @@ class Config:
                                        "the class of the one region that painted it (engine.retrieval). False = "
                                        "the paper's painting alone. Proposals given to segment_batch are painted "
                                        "as given.")
-    unsure_margin: float = knob(0.0, "the superpixel vote also searches a superpixel on its own, and adds its "
+    unsure_margin: float = knob(0.2, "the superpixel vote also searches a superpixel on its own, and adds its "
                                      "query's shares to the sum, where the two largest summed shares are within this "
-                                     "fraction of the sum (and where no region covers it): its own evidence decides "
-                                     "where the regions around it disagree. 0 = never; 1 = every superpixel. Each "
-                                     "such superpixel is one more query.")
+                                     "fraction of the sum, or where no region covers it (superpixels smaller than "
+                                     "min_area excepted): its own evidence decides where the regions around it "
+                                     "disagree, for one more query each. 0 = never; 1 = every superpixel.")
     boundary_radius: int = knob(8, "after painting, each class boundary is snapped to the image's edges by a guided "
                                     "filter of this window radius (pixels) over the class indicators, guided by the "
                                     "grey image (engine.boundaries): the embedded proposer's regions are unions of "

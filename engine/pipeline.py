@@ -244,11 +244,13 @@ class Engine:
     def _superpixel_vote(self, batch: Batch, atoms: list, members: list, shares: list, threads: int) -> list:
         """Each image's atom classes by the superpixel vote (engine.retrieval), None where its proposals were given
         (members None): the candidates' shares summed per atom, plus each unsure atom's own query's shares
-        (Config.unsure_margin; one more search for the batch's unsure atoms)."""
+        (Config.unsure_margin; atoms of Config.min_area pixels or more; one more search for the batch's)."""
         with self.times("refine"):
             summed = {i: atom_shares(m, s) for i, (m, s) in enumerate(zip(members, shares)) if m is not None}
         if summed and self.config.unsure_margin > 0:
-            asked = {i: unsure_atoms(s, self.config.unsure_margin) for i, s in summed.items()}
+            areas = {i: contiguous(batch.proposals[i].atom_areas(), np.int64, place(s)) for i, s in summed.items()}
+            asked = {i: unsure_atoms(s, self.config.unsure_margin, areas[i], self.config.min_area)
+                     for i, s in summed.items()}
             rows = [atom_rows(a) for a in asked.values()]
             _, _, own = self._search([batch.features[i] for i in asked], [atoms[i] for i in asked], rows, threads,
                                      scores=True)

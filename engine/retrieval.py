@@ -16,8 +16,9 @@ The superpixel vote (Config.superpixel_vote), for the engine's proposer's region
 scores of step 1, divided by their sum, are added over every proposal that contains a superpixel (atom), and the atom
 takes the class with the largest sum. A superpixel is then named by all the regions around it, small and large,
 rather than by the one region that painted it. Where that sum is unsure (its top two classes within
-Config.unsure_margin) or no region covers the superpixel, the superpixel is also searched on its own and its query's
-shares are added: its own evidence decides between the regions around it, at the cost of a few more queries.
+Config.unsure_margin) or no region covers the superpixel, the superpixel is also searched on its own, unless it is
+smaller than Config.min_area, and its query's shares are added: its own evidence decides between the regions around
+it, at the cost of a few more queries.
 """
 
 from __future__ import annotations
@@ -52,19 +53,21 @@ def atom_shares(members, shares):
     return contiguous(members, np.float32, where).T @ contiguous(shares, np.float32, where)
 
 
-def unsure_atoms(summed, margin: float):
+def unsure_atoms(summed, margin: float, areas=None, min_area: int = 0):
     """(n_atoms,) bool: the atoms whose summed shares (`atom_shares`) leave the vote unsure, their two largest within
-    `margin` of each other as fractions of the atom's total, and the atoms with no share (no candidate covers them).
-    With one class only those."""
+    `margin` of each other as fractions of the atom's total, and the atoms with no share (no candidate covers them);
+    with one class only those. With `areas` ((n_atoms,) pixels, where `summed` is), none smaller than `min_area`."""
     total = summed.sum(1)
     if summed.shape[1] < 2:
-        return total == 0
-    fractions = summed / (total + (total == 0))[:, None]
-    classes = contiguous(np.arange(summed.shape[1]), np.int64, place(summed))[None, :]
-    first = classes == fractions.argmax(1)[:, None]
-    second = classes == (fractions - first * _OUT_OF_RANGE).argmax(1)[:, None]
-    gap = (fractions * first).sum(1) - (fractions * second).sum(1)
-    return (gap <= margin) | (total == 0)
+        unsure = total == 0
+    else:
+        fractions = summed / (total + (total == 0))[:, None]
+        classes = contiguous(np.arange(summed.shape[1]), np.int64, place(summed))[None, :]
+        first = classes == fractions.argmax(1)[:, None]
+        second = classes == (fractions - first * _OUT_OF_RANGE).argmax(1)[:, None]
+        gap = (fractions * first).sum(1) - (fractions * second).sum(1)
+        unsure = (gap <= margin) | (total == 0)
+    return unsure if areas is None else unsure & (areas >= min_area)
 
 
 def atom_rows(asked):

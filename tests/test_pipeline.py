@@ -730,8 +730,10 @@ def test_unsure_superpixels_are_searched_on_their_own(make_engine, toy, rng, mon
         voting.segment_batch(images)
         assert len(searched) == (2 if margin else 1)  # one more search for the whole batch
         config, num_classes = voting.config, len(toy.CLASSES)
-        asked = [unsure_loop(superpixel_sum(members, shares), margin) if margin else None
-                 for members, shares in summed]
+        assert config.min_area <= 300 and images[0].shape[0] * images[0].shape[1] // 16 >= 300  # blocks are asked
+        areas = [_NestedBlocksProposer().propose([image])[0].atom_areas() for image in images]
+        asked = [unsure_loop(superpixel_sum(members, shares), margin, area, config.min_area) if margin else None
+                 for (members, shares), area in zip(summed, areas)]
         own = np.zeros((0, num_classes))
         if margin:
             sims, rows = searched[1]

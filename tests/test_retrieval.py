@@ -240,17 +240,15 @@ def superpixel_loop(members, shares, own=None):
     return np.array(out)
 
 
-def unsure_loop(summed, margin):
+def unsure_loop(summed, margin, areas=None, min_area=0):
     """Per atom: its summed shares as fractions of their total, sorted; unsure when the top two are within `margin`
-    or it has no share at all (with one class: only then)."""
+    or it has no share at all (with one class: only then), and, with `areas`, it has at least `min_area` pixels."""
     out = []
-    for row in summed.astype(np.float64):
+    for atom, row in enumerate(summed.astype(np.float64)):
         total = row.sum()
-        if total == 0:
-            out.append(True)
-            continue
-        top = np.sort(row / total)[::-1]
-        out.append(len(top) > 1 and top[0] - top[1] <= margin)
+        top = np.sort(row / total)[::-1] if total else None
+        unsure = total == 0 or (len(top) > 1 and top[0] - top[1] <= margin)
+        out.append(unsure and (areas is None or areas[atom] >= min_area))
     return np.array(out, bool)
 
 
@@ -290,6 +288,8 @@ def test_unsure_atoms_match_loop_on_random_inputs(rng, margin):
         got = unsure_atoms(summed, margin)
         assert got.dtype == np.bool_ and got.shape == (atoms,)
         np.testing.assert_array_equal(got, unsure_loop(summed, margin))
+        areas = rng.integers(0, 600, atoms)
+        np.testing.assert_array_equal(unsure_atoms(summed, margin, areas, 300), unsure_loop(summed, margin, areas, 300))
 
 
 def test_unsure_atoms_edge_cases():
@@ -299,6 +299,8 @@ def test_unsure_atoms_edge_cases():
     assert unsure_atoms(summed, 1.0).all()
     assert unsure_atoms(np.array([[3.0], [0.0]], np.float32), 1.0).tolist() == [False, True]  # one class
     assert unsure_atoms(np.zeros((0, 4), np.float32), 0.3).shape == (0,)  # no atoms
+    areas = np.array([10, 300, 299, 5000, 0])
+    assert unsure_atoms(summed, 1.0, areas, 300).tolist() == [False, True, False, True, False]  # too small: not asked
 
 
 def test_atom_rows_are_the_asked_atoms_alone():
