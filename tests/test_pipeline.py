@@ -678,6 +678,7 @@ def test_superpixel_vote_repaints_each_atom_by_the_regions_that_contain_it(make_
     painted = paper.segment_batch(images)
     voting = make_engine(proposer=_NestedBlocksProposer())
     assert voting.config.superpixel_vote
+    voting.config = dataclasses.replace(voting.config, unsure_margin=0.0)  # the sum alone (the next test: the rest)
     searched, summed, voted = _record_vote(voting, monkeypatch)
     results = voting.segment_batch(images)
     sims, rows = (np.concatenate(parts) for parts in zip(*searched))  # one search a batch
@@ -761,7 +762,7 @@ def test_unpainted_pixels_are_filled_only_without_a_background_class(toy_bank, t
                                 hubness=toy_bank.hubness[toy_bank.labels != 0])
     image, label = toy.scene(rng, classes=(1, 3))
     proposer = _TruthProposer([(image, label)])  # the grey background is no region: it stays unpainted
-    exact = Config(boundary_radius=0)
+    exact = Config(boundary_radius=0, unsure_margin=0.0)  # unsure_margin would name it by its own query
 
     def segment(bank, config, **kwargs):
         return Engine(bank, backbone=toy.ColorBackbone(), config=config, proposer=proposer).segment_batch([image],
