@@ -803,11 +803,13 @@ def test_a_centred_bank_keeps_its_center_and_an_old_bank_loads_uncentred(saved_b
                         bank.config.replace(center_bank=False))
     old = plain.save(tmp_path / "old")
     rewrite_manifest(old, lambda m: (m.pop("centered"), m["config"].pop("center_bank"),
-                                     m["config"].pop("superpixel_vote")))
+                                     m["config"].pop("superpixel_vote"), m["config"].pop("unsure_margin")))
     loaded = FeatureBank.load(old)
     assert loaded.center is None and not loaded.config.center_bank
-    assert not loaded.config.superpixel_vote  # it paints as the engine that built it did
-    assert FeatureBank.load(plain.save(tmp_path / "new")).config.superpixel_vote  # a bank that says so keeps it
+    # it paints as the engine that built it did
+    assert not loaded.config.superpixel_vote and loaded.config.unsure_margin == 0
+    new = FeatureBank.load(plain.save(tmp_path / "new")).config
+    assert new.superpixel_vote and new.unsure_margin == 0.2  # a bank that says so keeps it
     assert loaded.center_queries(queries) is queries
     with pytest.raises(BankError, match="center"):
         FeatureBank(bank.vectors, bank.labels, bank.class_names, bank.backbone, bank.config, center=bank.center[:2])

@@ -1,20 +1,12 @@
 // CPU launcher of the vote: vote_query over the queries in an OpenMP loop.
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "cpu_parallel.h"
 #include "vote/vote.h"
 
 namespace moduseg {
 
 void vote_cpu(const VoteArgs& args, int num_threads) {
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(static) num_threads(threads) if (args.queries * args.k > 65536)
-#else
-  (void)num_threads;
-#endif
-  for (int64_t q = 0; q < args.queries; ++q) vote_query(args, q);
+  parallel_for(args.queries, args.queries * args.k > 65536, num_threads,
+               [&args](int64_t q) { vote_query(args, q); });
 }
 
 }  // namespace moduseg
