@@ -863,3 +863,24 @@ def test_batched_ops_call_the_extension_once_per_batch(extension, rng, num_image
     classes, _ = ops.vote(rng.random((total, 25)), rng.integers(-1, 21, (total, 25)), 21)
     assert extension.calls == {"soft_mask_pool": 1, "mask_nms_raster": 1, "vote": 1} and classes.shape == (total,)
     assert extension.real.cuda_launches() == launches  # host arrays: the CPU launchers, no CUDA kernel
+
+
+def test_a_source_tree_that_shadows_the_installed_engine_is_named(tmp_path, monkeypatch):
+    """Python started in a checkout imports its source tree, which has no compiled _C, before the installed engine:
+    the error says so and where the installed one is, instead of only "not built"."""
+    from engine.ops import _core
+
+    installed = tmp_path / "site-packages" / "engine"
+    installed.mkdir(parents=True)
+
+    class Installed:
+        def locate_file(self, name):
+            return tmp_path / "site-packages" / name
+
+    monkeypatch.setattr(_core, "_C", None)
+    monkeypatch.setattr(_core, "distribution", lambda name: Installed())
+    with pytest.raises(ImportError, match="is not built"):  # the installed copy has no kernels either
+        _core._lib()
+    (installed / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    with pytest.raises(ImportError, match=f"shadows the installed engine in {installed}"):
+        _core._lib()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import operator
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,11 +32,31 @@ MAX_GROUPS = 16
 
 def _lib():
     if _C is None:
+        installed = shadowed_install()
+        if installed:
+            raise ImportError(
+                f"engine._C (the compiled kernels) is not in {Path(__file__).parents[1]}: that is a source tree "
+                f"(Python was started in its checkout, whose folder comes first on sys.path) and shadows the "
+                f"installed engine in {installed}. Run from another folder, or build in place: `pip install "
+                "--no-build-isolation -Ceditable.mode=inplace -e .`")
         raise ImportError(
             "engine._C (the compiled kernels) is not built: run `pip install .` or, for development, "
             f"`pip install --no-build-isolation -Ceditable.mode=inplace -e .` ({_IMPORT_ERROR})"
         )
     return _C
+
+
+def shadowed_install() -> str | None:
+    """The folder of an installed engine with its compiled kernels when the `engine` imported is another copy (a
+    checkout's source tree), else None."""
+    try:
+        installed = Path(distribution("moduseg-engine").locate_file("engine"))
+    except (PackageNotFoundError, TypeError):
+        return None
+    here = Path(__file__).resolve().parents[1]
+    if not installed.is_dir() or installed.resolve() == here or not any(installed.glob("_C*")):
+        return None
+    return str(installed)
 
 
 # ----------------------------------------------------------------------------------------------------- validation
