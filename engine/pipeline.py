@@ -248,16 +248,19 @@ class Engine:
         with self.times("refine"):
             summed = {i: atom_shares(m, s) for i, (m, s) in enumerate(zip(members, shares)) if m is not None}
         if summed and self.config.unsure_margin > 0:
-            areas = {i: contiguous(batch.proposals[i].atom_areas(), np.int64, place(s)) for i, s in summed.items()}
-            asked = {i: unsure_atoms(s, self.config.unsure_margin, areas[i], self.config.min_area)
-                     for i, s in summed.items()}
-            rows = [atom_rows(a) for a in asked.values()]
+            with self.times("refine"):
+                areas = {i: contiguous(batch.proposals[i].atom_areas(), np.int64, place(s))
+                         for i, s in summed.items()}
+                asked = {i: unsure_atoms(s, self.config.unsure_margin, areas[i], self.config.min_area)
+                         for i, s in summed.items()}
+                rows = [atom_rows(a) for a in asked.values()]
             _, _, own = self._search([batch.features[i] for i in asked], [atoms[i] for i in asked], rows, threads,
                                      scores=True)
-            start = 0
-            for i, r in zip(asked, rows):
-                summed[i][asked[i]] += own[start:start + len(r)]
-                start += len(r)
+            with self.times("refine"):
+                start = 0
+                for i, r in zip(asked, rows):
+                    summed[i][asked[i]] += own[start:start + len(r)]
+                    start += len(r)
         with self.times("refine"):
             return [superpixel_classes(summed[i]) if i in summed else None for i in range(len(atoms))]
 
