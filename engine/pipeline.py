@@ -89,6 +89,10 @@ class Engine:
         """The engine's proposer (engine.proposing): the object, once a named one is made; None without."""
         return self._proposals.proposer
 
+    @proposer.setter
+    def proposer(self, proposer) -> None:
+        self._proposals.proposer = proposer
+
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.bank.class_names

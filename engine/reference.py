@@ -182,7 +182,8 @@ def vote(similarities, neighbour_labels, num_classes: int, method: str = "count"
         raise InputError(f"vote: temperature must be a finite number > 0, got {temperature}")
     queries, k = similarities.shape
     if queries == 0:
-        return (np.zeros(0, np.int32), np.zeros(0, np.float32)) + ((np.zeros((0, num_classes), np.float32),) * shares)
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+        return empty + (np.zeros((0, num_classes), np.float32),) if shares else empty
     valid = (neighbour_labels >= 0) & (neighbour_labels < num_classes)
     labels = np.where(valid, neighbour_labels, 0)
     rows = np.repeat(np.arange(queries), k)

@@ -812,3 +812,16 @@ def test_a_centred_bank_is_searched_with_queries_centred_on_its_mean(toy, rng):
     plain_engine.index.search = lambda queries, k: searched.append(queries) or search(queries, k)
     plain_engine.segment(image, Proposals.from_masks(masks, np.ones(len(masks))))
     np.testing.assert_allclose(searched[1], pooled, atol=1e-5)
+
+
+def test_the_proposer_can_be_replaced_after_construction(make_engine, toy, rng):
+    """Engine.proposer stays assignable, as it was before the batch's proposals moved to engine.proposing."""
+    image = toy.scene(rng, classes=(1, 3))[0]
+    eng = make_engine(proposer=None)
+    with pytest.raises(InputError, match="no proposer"):
+        eng.segment(image)
+    nested = _NestedBlocksProposer()
+    eng.proposer = nested
+    assert eng.proposer is nested
+    result = eng.segment(image)
+    assert result.label_map.shape == image.shape[:2]
