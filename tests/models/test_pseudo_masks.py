@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from engine.errors import InputError
-from engine.models.pseudo_masks import EmbeddedPseudoMasker, LeafDecision, _shrunk_map
+from engine.models.pseudo_masks import (EmbeddedPseudoMasker, ImageRegions, LeafDecision, NegativePool,
+                                        _shrunk_map)
 
 
 class ToyFocus:
@@ -152,3 +153,81 @@ def test_pixel_level_decision_splits_a_superpixel_by_saliency(masker, scenes):
     ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (48, 1))
     assert _shrunk_map(ramp).shape == (12, 16)
     assert np.abs(_shrunk_map(ramp) / 255.0 - ramp[::4, ::4]).max() < 0.03
+
+
+def _unit_rows(rng, n, dim):
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_negative_pool_matches_a_loop_and_has_no_evidence_for_a_class_in_every_image():
+    """NegativePool.nearest_absent against its definition, superpixel by superpixel: the largest similarity to a
+    pooled superpixel whose image's labels lack the class; None where a class is in every pooled image."""
+    rng = np.random.default_rng(21)
+    labels = [[1, 2], [2], [1, 3], [3], [2, 3]]
+    samples = [(_unit_rows(rng, int(rng.integers(1, 6)), 8), classes) for classes in labels]
+    pool = NegativePool.reduce(samples, 4, 8)
+    assert pool.features.shape == (sum(len(f) for f, _ in samples), 8) and pool.present.shape == (len(pool.features), 4)
+    queries = _unit_rows(rng, 7, 8)
+    got = pool.nearest_absent(queries, [1, 3])
+    for i, q in enumerate(queries):
+        for j, c in enumerate([1, 3]):
+            want = max(float(q @ row) for f, classes in samples if c not in classes for row in f)
+            assert abs(got[i, j] - want) < 1e-5
+    everywhere = NegativePool.reduce([(f, [*c, 1]) for f, c in samples], 4, 8)
+    assert everywhere.nearest_absent(queries, [1, 2]) is None and everywhere.nearest_absent(queries, []) is None
+    empty = NegativePool.reduce([], 4, 8)
+    assert empty.features.shape == (0, 8) and empty.nearest_absent(queries, [1]) is None
+
+
+def test_negative_pool_answers_are_remembered_per_array_and_not_pickled():
+    import pickle
+
+    rng = np.random.default_rng(22)
+    pool = NegativePool.reduce([(_unit_rows(rng, 4, 6), [1]), (_unit_rows(rng, 3, 6), [2])], 3, 6)
+    queries = _unit_rows(rng, 5, 6)
+    first = pool.nearest_absent(queries, [1, 2])
+    assert pool.nearest_absent(queries, [1, 2]) is first  # the same image asked again: not recomputed
+    assert pool.nearest_absent(queries.copy(), [1, 2]) is not first  # another array: computed
+    assert np.array_equal(pool.nearest_absent(queries, [2]), first[:, 1:])  # other classes: computed again
+    copy = pickle.loads(pickle.dumps(pool))
+    assert copy._asked == {} and np.array_equal(copy.nearest_absent(queries, [1, 2]), first)
+
+
+def test_negative_sample_rows_spread_over_the_superpixels():
+    rows = NegativePool.sample_rows(400, 45)
+    assert len(rows) == 45 and rows[0] == 0 and rows[-1] == 399 and np.all(np.diff(rows) > 0)
+    assert np.array_equal(NegativePool.sample_rows(5, 45), np.arange(5))
+    assert len(NegativePool.sample_rows(0, 45)) == 0 and len(NegativePool.sample_rows(10, 0)) == 0
+
+
+def test_class_scores_lose_the_similarity_to_the_nearest_negative():
+    """The class choice: similarity - contrast x foreground mean - negative_weight x nearest_absent, per class."""
+    rng = np.random.default_rng(23)
+    features = _unit_rows(rng, 6, 8)
+    r = ImageRegions(saliency=np.array([0.9, 0.8, 0.1, 0.7, 0.2, 0.6], np.float32), features=features,
+                     area=np.ones(6), classes=[1, 2])
+    pool = NegativePool.reduce([(_unit_rows(rng, 5, 8), [1]), (_unit_rows(rng, 5, 8), [2])], 3, 8)
+    similarity = features @ _unit_rows(rng, 2, 8).T
+    masker = EmbeddedPseudoMasker(backbone=object(), focus=object(), contrast=0.5, negative_weight=0.7)
+    foreground = r.saliency >= masker.fg_threshold
+    want = similarity - 0.5 * similarity[foreground].mean(axis=0) - 0.7 * pool.nearest_absent(features, [1, 2])
+    assert np.allclose(masker._class_scores(r, similarity, pool), want)
+    assert np.allclose(masker._class_scores(r, similarity, None), want + 0.7 * pool.nearest_absent(features, [1, 2]))
+
+
+def test_negatives_zero_is_the_masker_without_the_pool(masker, scenes):
+    """negatives=0 makes no sample pass and no pool; with the pool the solve still equals assign (tested above)."""
+    data = scenes(3, seed=12, classes=(1, 2)) + scenes(2, seed=13, classes=(1,))
+    labels = [[1, 2], [1, 2], [1, 2], [1], [1]]
+    off = EmbeddedPseudoMasker(backbone=masker.backbone, focus=masker.focus, n_superpixels=120, negatives=0)
+    regions = [off.prepare(image, classes, keep_labels=False) for (image, _), classes in zip(data, labels)]
+    steps = []
+
+    def per_image(name, **state):
+        steps.append(name)
+        assert name == "sample" or state.get("pool") is None
+        return [off.step(name, r, **state) for r in regions]
+
+    off.solve(per_image, [1, 2], regions[0].features.shape[1])
+    assert "sample" not in steps and len(steps) == off.passes() == masker.passes() - 1
