@@ -5,8 +5,8 @@ than a small val split holds. Folds: one image each on voc2012-mini (leave one o
 
     python bench/defaults.py --data ../shared/data/camvid [--masks gt|pseudo] [--proposals auto|gt]
         [--backbone effnet-lite2/multilayer] [--set top_k=5 --set region_purity=0.5 ...]
-        [--proposer levels=100,50 --proposer superpixel_scale=0.5 ...] [--device-proposer [--device-knob
-        slic_compactness=5 ...]] [--no-heldout] [--json out.json]
+        [--proposer levels=100,50 --proposer superpixel_scale=0.5 ...] [--masker negatives=0 ...]
+        [--device-proposer [--device-knob slic_compactness=5 ...]] [--no-heldout] [--json out.json]
 
 Train masks serve only the ground-truth bank (oracle rows) and the held-out folds' scoring, as the data's README
 allows; val masks only score. Features are computed once per image (engine.report.CachedBackbone).
@@ -36,7 +36,7 @@ from engine.data import VOCDataset  # noqa: E402
 from engine.eval import ConfusionMatrix  # noqa: E402
 from engine.models import create_backbone  # noqa: E402
 from engine.models.embedded import create_proposer  # noqa: E402
-from engine.models.pseudo_masks import pseudo_mask_samples  # noqa: E402
+from engine.models.pseudo_masks import EmbeddedPseudoMasker, pseudo_mask_samples  # noqa: E402
 from engine.registry import DEFAULT_BACKBONE  # noqa: E402
 from engine.report import CachedBackbone  # noqa: E402
 
@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--set", action="append", default=[], help="a Config field, e.g. top_k=5")
     parser.add_argument("--proposer", action="append", default=[], help="an EmbeddedProposer knob, e.g. levels=100,50")
+    parser.add_argument("--masker", action="append", default=[],
+                        help="an EmbeddedPseudoMasker knob (--masks pseudo), e.g. negatives=0")
     parser.add_argument("--device-proposer", action="store_true",
                         help="segment with the GPU engine's proposer, its steps on torch CPU tensors")
     parser.add_argument("--device-knob", action="append", default=[],
@@ -106,7 +108,8 @@ def main(argv=None) -> int:
     truth = list(train)
     bank_samples = truth
     if args.masks == "pseudo":
-        bank_samples = list(pseudo_mask_samples(train, config, backbone=backbone, progress=False))
+        masker = EmbeddedPseudoMasker(backbone, num_threads=config.num_threads, **assignments(args.masker))
+        bank_samples = list(pseudo_mask_samples(train, config, masker=masker, progress=False))
 
     def engine_for(use: np.ndarray) -> Engine:
         bank = FeatureBank.build([s for s, u in zip(bank_samples, use) if u], backbone, train.class_names, config,

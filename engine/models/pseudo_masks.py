@@ -115,8 +115,9 @@ class NegativePool:
         return r.features[cls.sample_rows(len(r.area), share)], list(r.classes)
 
     @classmethod
-    def reduce(cls, samples, n_classes: int, dim: int) -> NegativePool:
-        """The pool from each image's (sampled features, classes), concatenated in the order given."""
+    def reduce(cls, samples, n_classes: int, dim: int, limit: int | None = None) -> NegativePool:
+        """The pool from each image's (sampled features, classes), concatenated in the order given; at most `limit`
+        of them, evenly spaced (a set of more images than `limit` gives one superpixel an image, then fewer)."""
         samples = list(samples)
         features = [f for f, _ in samples]
         present = np.zeros((sum(len(f) for f in features), n_classes), bool)
@@ -124,8 +125,12 @@ class NegativePool:
         for f, classes in samples:
             present[start:start + len(f), list(classes)] = True
             start += len(f)
-        return cls(np.concatenate(features).astype(np.float32) if features else np.zeros((0, dim), np.float32),
+        pool = cls(np.concatenate(features).astype(np.float32) if features else np.zeros((0, dim), np.float32),
                    present)
+        if limit is not None and len(present) > limit:
+            rows = cls.sample_rows(len(present), limit)
+            pool = cls(pool.features[rows], present[rows])
+        return pool
 
     def nearest_absent(self, features: np.ndarray, classes: Sequence[int]) -> np.ndarray | None:
         """(n, len(classes)): each superpixel's similarity to its nearest pooled superpixel from an image without
@@ -304,9 +309,10 @@ class EmbeddedPseudoMasker:
         initial = run("initial")
         protos = self.reduce_prototypes(initial, classes, dim)
         pool = None
-        if self.negatives > 0:  # the pool's share of each image: as many superpixels as fill `negatives`
+        if self.negatives > 0:  # each image's share: as many superpixels as fill `negatives` (one, past that)
             share = -(-self.negatives // max(len(initial), 1))
-            pool = NegativePool.reduce(run("sample", share=share), max(classes, default=0) + 1, dim)
+            pool = NegativePool.reduce(run("sample", share=share), max(classes, default=0) + 1, dim,
+                                       limit=self.negatives if len(initial) > self.negatives else None)
         for _ in range(max(self.iterations, 1)):
             protos = self.reduce_prototypes(run("iteration", protos=protos, pool=pool), classes, dim, protos)
         centres = self.background_centres(run("pool"), dim)

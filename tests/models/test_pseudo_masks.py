@@ -176,6 +176,9 @@ def test_negative_pool_matches_a_loop_and_has_no_evidence_for_a_class_in_every_i
             assert abs(got[i, j] - want) < 1e-5
     everywhere = NegativePool.reduce([(f, [*c, 1]) for f, c in samples], 4, 8)
     assert everywhere.nearest_absent(queries, [1, 2]) is None and everywhere.nearest_absent(queries, []) is None
+    capped = NegativePool.reduce(samples, 4, 8, limit=5)  # evenly spaced rows of the whole pool
+    rows = NegativePool.sample_rows(len(pool.features), 5)
+    assert np.array_equal(capped.features, pool.features[rows]) and np.array_equal(capped.present, pool.present[rows])
     empty = NegativePool.reduce([], 4, 8)
     assert empty.features.shape == (0, 8) and empty.nearest_absent(queries, [1]) is None
 
@@ -216,8 +219,9 @@ def test_class_scores_lose_the_similarity_to_the_nearest_negative():
     assert np.allclose(masker._class_scores(r, similarity, None), want + 0.7 * pool.nearest_absent(features, [1, 2]))
 
 
-def test_negatives_zero_is_the_masker_without_the_pool(masker, scenes):
-    """negatives=0 makes no sample pass and no pool; with the pool the solve still equals assign (tested above)."""
+def test_negatives_zero_is_the_masker_without_the_pool_and_the_pool_is_capped(masker, scenes):
+    """negatives=0 makes no sample pass and no pool (with the pool the solve equals assign: tested above); the pool
+    holds no more than `negatives` superpixels once the images outnumber it."""
     data = scenes(3, seed=12, classes=(1, 2)) + scenes(2, seed=13, classes=(1,))
     labels = [[1, 2], [1, 2], [1, 2], [1], [1]]
     off = EmbeddedPseudoMasker(backbone=masker.backbone, focus=masker.focus, n_superpixels=120, negatives=0)
@@ -231,3 +235,14 @@ def test_negatives_zero_is_the_masker_without_the_pool(masker, scenes):
 
     off.solve(per_image, [1, 2], regions[0].features.shape[1])
     assert "sample" not in steps and len(steps) == off.passes() == masker.passes() - 1
+    # more images than `negatives`: one superpixel from each, then evenly spaced rows of those, `negatives` in all
+    few = EmbeddedPseudoMasker(backbone=masker.backbone, focus=masker.focus, n_superpixels=120, negatives=3)
+    pools = []
+
+    def keep_pool(name, **state):
+        pools.append(state.get("pool"))
+        return [few.step(name, r, **state) for r in regions]
+
+    few.solve(keep_pool, [1, 2], regions[0].features.shape[1])
+    pool = next(p for p in pools if p is not None)
+    assert len(pool.features) == 3 and np.array_equal(pool.features[0], regions[0].features[0])
