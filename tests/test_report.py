@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from engine import Config
-from engine.report import SHEET_COLUMNS, CachedBackbone, markdown, plan_rows, run_report, write_sheet
+from engine.report import (SHEET_COLUMNS, CachedBackbone, CachedProposer, markdown, plan_rows, run_report,
+                           write_sheet)
 
 
 def test_plan_rows_cover_the_papers_table():
@@ -38,6 +39,38 @@ def test_cached_backbone_runs_each_image_once(toy, rng):
     np.testing.assert_array_equal(again[0], first[1])
     assert (cached.id, cached.dim, cached.stride, cached.groups) == (inner.id, inner.dim, inner.stride, inner.groups)
     assert cached.describe() == inner.describe()
+
+
+def test_cached_proposer_runs_each_image_once_and_the_engine_treats_its_proposals_as_its_own(toy, toy_bank, rng):
+    """The report's rows share one proposal pass per image, and each row's engine segments as with its own proposer
+    (the superpixel vote runs over them: proposals given to segment_batch would be painted as given)."""
+    import dataclasses
+
+    from engine import Engine
+    from engine.models.embedded import create_proposer
+
+    inner, calls = create_proposer(Config()), []
+
+    class Counting:
+        name, uses_features = inner.name, inner.uses_features
+
+        def propose(self, images, **features):
+            calls.append(len(images))
+            return inner.propose(images, **features)
+
+    cached = CachedProposer(Counting())
+    images = [toy.scene(rng)[0] for _ in range(3)]
+    config = dataclasses.replace(toy_bank.config, boundary_radius=0)
+
+    def segment(proposer, batch):
+        return Engine(toy_bank, backbone=toy.ColorBackbone(), proposer=proposer, config=config).segment_batch(batch)
+
+    own = segment(inner, images)
+    first, again = segment(cached, images), segment(cached, images[::-1])
+    assert sum(calls) == 3 and (cached.name, cached.uses_features) == (inner.name, inner.uses_features)
+    for a, b, c in zip(own, first, again[::-1]):
+        np.testing.assert_array_equal(a.label_map, b.label_map)
+        np.testing.assert_array_equal(a.label_map, c.label_map)
 
 
 @pytest.mark.slow
