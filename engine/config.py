@@ -131,7 +131,7 @@ class Config:
     gpu_proposer: bool = knob(True, "on a CUDA device the embedded proposer runs there: SLIC superpixels and rounds "
                                     "of merges of mutual nearest pairs (engine.ops.proposer's kernels), with nothing "
                                     "per image on the host. Against the host's watershed and closest-pair merging "
-                                    "(mIoU, docs/decisions.md): 1.3 below on VOC with a ground truth bank, 1.7 below "
+                                    "(mIoU, docs/decisions.md): 1.3 below on VOC with a ground truth bank, 1.2 below "
                                     "with a pseudo mask bank, 1.2 above on CamVid. False keeps "
                                     "the host's proposer on a GPU engine (in a thread pool). The CPU always uses the "
                                     "host's.")
