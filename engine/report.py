@@ -45,12 +45,7 @@ class CachedBackbone(Backbone):
         self._cache: dict[bytes, np.ndarray] = {}
 
     def features(self, images):
-        keys = [_digest(image) for image in images]
-        missing = [i for i, key in enumerate(keys) if key not in self._cache]
-        if missing:
-            for i, feature_map in zip(missing, self.inner.features([images[i] for i in missing])):
-                self._cache[keys[i]] = feature_map
-        return [self._cache[key] for key in keys]
+        return _memoised(self._cache, images, lambda missing: self.inner.features([images[i] for i in missing]))
 
     def describe(self) -> dict:
         return self.inner.describe()
@@ -67,14 +62,13 @@ class CachedProposer(Proposer):
         self._cache: dict[bytes, object] = {}
 
     def propose(self, images, **features):
-        keys = [_digest(image) for image in images]
-        missing = [i for i, key in enumerate(keys) if key not in self._cache]
-        if missing:
-            if "features" in features:
-                features = {**features, "features": [features["features"][i] for i in missing]}
-            for i, proposals in zip(missing, self.inner.propose([images[i] for i in missing], **features)):
-                self._cache[keys[i]] = proposals
-        return [self._cache[key] for key in keys]
+        def made(missing: list) -> list:
+            given = dict(features)
+            if "features" in given:  # the engine's feature maps, of the images not proposed yet
+                given["features"] = [given["features"][i] for i in missing]
+            return self.inner.propose([images[i] for i in missing], **given)
+
+        return _memoised(self._cache, images, made)
 
 
 @dataclass
@@ -366,6 +360,17 @@ def markdown(report: dict) -> str:
         lines += ["", f"Sheet: `{result['sheet']['file']}` (image / ground truth / {result['sheet']['row']}); "
                       f"{result['seconds']} s.", ""]
     return "\n".join(lines)
+
+
+def _memoised(cache: dict, images, compute) -> list:
+    """Each image's value from `cache`, keyed by the image's content; `compute(indices)` makes the values of the
+    images (by index into `images`) not yet in it, in one call."""
+    keys = [_digest(image) for image in images]
+    missing = [i for i, key in enumerate(keys) if key not in cache]
+    if missing:
+        for i, value in zip(missing, compute(missing)):
+            cache[keys[i]] = value
+    return [cache[key] for key in keys]
 
 
 def _digest(image: np.ndarray) -> bytes:
