@@ -61,9 +61,15 @@ struct Span {
   int64_t first, count;
 };
 
-struct SlotTable {
+// One launch's slots, of any of the launchers' slot types.
+template <typename Slot>
+struct LaunchTable {
   int64_t count = 0;
-  ImageSlot slot[kSlotsPerLaunch];
+  Slot slot[kSlotsPerLaunch];
+};
+
+// The table of the ops on regions (SMFA, NMS and painting), whose slots are ImageSlots.
+struct SlotTable : LaunchTable<ImageSlot> {
 
   // The slices of the batch's regions, patches and pixels that this chunk's images hold.
   Span regions() const { return span(slot[0].region_offset, last().region_offset + last().count); }
@@ -76,11 +82,11 @@ struct SlotTable {
 };
 
 // Calls launch(table) for consecutive chunks of at most kSlotsPerLaunch images; the slots keep the whole batch's
-// offsets, so each chunk's kernels index the batch's arrays directly.
-template <typename Launch>
-void for_each_chunk(const ImageSlot* slots, int64_t num_images, Launch launch) {
+// offsets, so each chunk's kernels index the batch's arrays directly. Table: SlotTable, or LaunchTable<Slot>.
+template <typename Table, typename Slot, typename Launch>
+void for_each_chunk(const Slot* slots, int64_t num_images, Launch launch) {
   for (int64_t first = 0; first < num_images; first += kSlotsPerLaunch) {
-    SlotTable table;
+    Table table;
     table.count = num_images - first < kSlotsPerLaunch ? num_images - first : kSlotsPerLaunch;
     for (int64_t b = 0; b < table.count; ++b) table.slot[b] = slots[first + b];
     launch(table);

@@ -60,7 +60,7 @@ void mask_nms_raster_cuda(ImageSlot* slots, int64_t num_images, const NmsArgs& a
                      order.as<int32_t>()};
   if (totals.atoms)
     cuda_check(cudaMemsetAsync(s.atom_area, 0, totals.atoms * sizeof(int32_t), stream), "cudaMemsetAsync");
-  for_each_chunk(slots, num_images, [&](const SlotTable& table) {
+  for_each_chunk<SlotTable>(slots, num_images, [&](const SlotTable& table) {
     const Span pixels = table.pixels(), regions = table.regions();
     count_kernel<<<blocks_for(pixels.count, 256), 256, 0, stream>>>(table, pixels.first, pixels.count, s);
     launched("mask_nms_raster: count_kernel");

@@ -1,10 +1,7 @@
 // CPU launcher of the merging rounds: merge_image with one lane per image, the images in an OpenMP loop.
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "cpu_parallel.h"
 #include "rac_merge/rac_merge.h"
 
 namespace moduseg {
@@ -23,16 +20,10 @@ void rac_merge_cpu(MergeSlot* slots, int64_t num_images, const MergeArgs& args, 
                        best_other.data(),   merged_into.data(), node_of_leaf.data(), edge_key.data(),
                        pair.data(),         pair_distance.data(), sorted.data(),     found.data(),
                        total_area.data()};
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (num_images > 1)
-#else
-  (void)num_threads;
-#endif
-  for (int64_t b = 0; b < num_images; ++b) {
+  parallel_for_each(num_images, num_images > 1, num_threads, [&](int64_t b) {
     SerialTeam team;
     merge_image(team, slots[b], args, s);
-  }
+  });
 }
 
 }  // namespace moduseg

@@ -10,10 +10,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct MergeTable {
-  int64_t count = 0;
-  MergeSlot slot[kSlotsPerLaunch];
-};
+using MergeTable = LaunchTable<MergeSlot>;
 
 __global__ void merge_kernel(const __grid_constant__ MergeTable table, MergeArgs args, MergeScratch s) {
   __shared__ double reduce[kThreads];
@@ -42,13 +39,10 @@ void rac_merge_cuda(MergeSlot* slots, int64_t num_images, const MergeArgs& args,
                        node_of_leaf.as<int32_t>(), edge_key.as<uint64_t>(),  pair.as<int32_t>(),
                        pair_distance.as<double>(), sorted.as<int32_t>(),     found.as<int32_t>(),
                        total_area.as<double>()};
-  for (int64_t first = 0; first < num_images; first += kSlotsPerLaunch) {
-    MergeTable table;
-    table.count = num_images - first < kSlotsPerLaunch ? num_images - first : kSlotsPerLaunch;
-    for (int64_t b = 0; b < table.count; ++b) table.slot[b] = slots[first + b];
+  for_each_chunk<MergeTable>(slots, num_images, [&](const MergeTable& table) {
     merge_kernel<<<static_cast<unsigned>(table.count), kThreads, 0, stream>>>(table, args, s);
     launched("rac_merge: merge_kernel");
-  }
+  });
 }
 
 }  // namespace moduseg

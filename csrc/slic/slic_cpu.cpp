@@ -1,10 +1,7 @@
 // CPU launcher of SLIC: slic_image with one lane per image, the images in an OpenMP loop.
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "cpu_parallel.h"
 #include "slic/slic.h"
 
 namespace moduseg {
@@ -15,16 +12,10 @@ void slic_cpu(SlicSlot* slots, int64_t num_images, int32_t iterations, int num_t
   std::vector<double> centre(static_cast<size_t>(centres) * 5);
   std::vector<int32_t> assign(static_cast<size_t>(pixels)), piece(assign.size()), size(assign.size());
   const SlicScratch s{centre.data(), assign.data(), piece.data(), size.data()};
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (num_images > 1)
-#else
-  (void)num_threads;
-#endif
-  for (int64_t b = 0; b < num_images; ++b) {
+  parallel_for_each(num_images, num_images > 1, num_threads, [&](int64_t b) {
     SerialTeam team;
     slic_image(team, slots[b], iterations, s);
-  }
+  });
 }
 
 }  // namespace moduseg

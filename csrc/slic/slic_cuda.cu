@@ -10,10 +10,7 @@ namespace {
 
 constexpr int kThreads = 512;
 
-struct SlicTable {
-  int64_t count = 0;
-  SlicSlot slot[kSlotsPerLaunch];
-};
+using SlicTable = LaunchTable<SlicSlot>;
 
 __global__ void slic_kernel(const __grid_constant__ SlicTable table, int32_t iterations, SlicScratch s) {
   __shared__ double reduce[kThreads];
@@ -32,13 +29,10 @@ void slic_cuda(SlicSlot* slots, int64_t num_images, int32_t iterations, int devi
   StreamBuffer centre(centres * 5 * sizeof(double), stream), assign(pixels * sizeof(int32_t), stream);
   StreamBuffer piece(pixels * sizeof(int32_t), stream), size(pixels * sizeof(int32_t), stream);
   const SlicScratch s{centre.as<double>(), assign.as<int32_t>(), piece.as<int32_t>(), size.as<int32_t>()};
-  for (int64_t first = 0; first < num_images; first += kSlotsPerLaunch) {
-    SlicTable table;
-    table.count = num_images - first < kSlotsPerLaunch ? num_images - first : kSlotsPerLaunch;
-    for (int64_t b = 0; b < table.count; ++b) table.slot[b] = slots[first + b];
+  for_each_chunk<SlicTable>(slots, num_images, [&](const SlicTable& table) {
     slic_kernel<<<static_cast<unsigned>(table.count), kThreads, 0, stream>>>(table, iterations, s);
     launched("slic: slic_kernel");
-  }
+  });
 }
 
 }  // namespace moduseg

@@ -53,7 +53,7 @@ void soft_mask_pool_cuda(ImageSlot* slots, int64_t num_images, const SmfaArgs& a
   // enough threads that each holds at most kPerLane dimensions, in whole warps
   int threads = static_cast<int>((args.dim + kPerLane - 1) / kPerLane);
   threads = threads < 32 ? 32 : (threads + 31) / 32 * 32;
-  for_each_chunk(slots, num_images, [&](const SlotTable& table) {
+  for_each_chunk<SlotTable>(slots, num_images, [&](const SlotTable& table) {
     const Span patches = table.patches(), regions = table.regions();
     if (regions.count == 0) return;  // nothing to pool in this chunk
     overlaps_kernel<<<blocks_for(patches.count, 128), 128, 0, stream>>>(
