@@ -7,6 +7,7 @@
 #include <omp.h>
 #endif
 
+#include "cpu_parallel.h"
 #include "smfa/smfa.h"
 
 namespace moduseg {
@@ -26,10 +27,7 @@ Overlaps patch_overlaps_cpu(const ImageSlot* slots, int64_t num_images, const Sm
   Overlaps o;
   o.found.resize(patches);
   o.start.resize(patches);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-#endif
-  for (int64_t c = 0; c < chunks; ++c) {
+  parallel_for_each(chunks, true, threads, [&](int64_t c) {
     std::vector<int32_t> atom(args.capacity), count(args.capacity);
     for (int64_t patch = c * chunk; patch < std::min(patches, (c + 1) * chunk); ++patch) {
       const ImageSlot& img = slots[find_image(slots, num_images, patch, [](const ImageSlot& s) {
@@ -41,7 +39,7 @@ Overlaps patch_overlaps_cpu(const ImageSlot* slots, int64_t num_images, const Sm
       atoms[c].insert(atoms[c].end(), atom.begin(), atom.begin() + found);
       pixels[c].insert(pixels[c].end(), count.begin(), count.begin() + found);
     }
-  }
+  });
   int64_t base = 0;
   for (int64_t c = 0; c < chunks; ++c) {
     for (int64_t patch = c * chunk; patch < std::min(patches, (c + 1) * chunk); ++patch) o.start[patch] += base;
